@@ -1,0 +1,152 @@
+"""Catalogs: model name -> ModelSpec, GPU name -> HardwareSpec; users add their own from YAML/JSON.
+
+The GPU table is ``hardware.csv`` beside this file, a verbatim copy of the project's datasheet
+facts (shared/data/hardware.csv; a test keeps the two identical).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from ..errors import ConfigError, UnknownNameError
+from ..fileio import load_mapping
+from ..specs import GB, GiB, HardwareSpec, ModelSpec
+
+_LLAMA3 = dict(vocab=128256, head_dim=128, kv_heads=8, max_context=131072)
+
+# name -> config, as in gpt-fast's model table (shapes from each model's config.json)
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec("llama-3.1-8b", layers=32, hidden=4096, heads=32, intermediate=14336, **_LLAMA3),
+        ModelSpec("llama-3.1-70b", layers=80, hidden=8192, heads=64, intermediate=28672, **_LLAMA3),
+        ModelSpec("llama-3.3-70b", layers=80, hidden=8192, heads=64, intermediate=28672, **_LLAMA3),
+        ModelSpec("llama-3.1-405b", layers=126, hidden=16384, heads=128, intermediate=53248, **_LLAMA3),
+        ModelSpec("llama-3.2-1b", layers=16, hidden=2048, heads=32, intermediate=8192, tied_embeddings=True,
+                  vocab=128256, head_dim=64, kv_heads=8),
+        ModelSpec("llama-3.2-3b", layers=28, hidden=3072, heads=24, intermediate=8192, tied_embeddings=True,
+                  vocab=128256, head_dim=128, kv_heads=8),
+    ]
+}
+
+# Host memory per GPU node where a catalog note says it; otherwise HardwareSpec's default.
+_HOST_MEMORY = {"GH200-96GB": 480 * GB}
+# Short names people type.
+_ALIASES = {
+    "a100": "A100-SXM4-40GB", "a100-40gb": "A100-SXM4-40GB", "a100-80gb": "A100-SXM4-80GB",
+    "h100": "H100-SXM5-80GB", "h100-sxm": "H100-SXM5-80GB", "h100-pcie": "H100-PCIe-80GB",
+    "h200": "H200-SXM-141GB", "gh200": "GH200-96GB", "b200": "B200-180GB",
+    "mi300x": "MI300X-192GB", "l40s": "L40S-48GB",
+}
+
+_user_models: dict[str, ModelSpec] = {}
+_user_gpus: dict[str, HardwareSpec] = {}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower()
+
+
+@lru_cache(maxsize=1)
+def _datasheet_gpus() -> dict[str, HardwareSpec]:
+    text = resources.files(__package__).joinpath("hardware.csv").read_text()
+    out = {}
+    for row in csv.DictReader(text.splitlines()):
+        name = row["gpu"]
+        out[name] = HardwareSpec(
+            name=name,
+            memory_bytes=float(row["memory_GB"]) * GiB,  # HBM "GB" on datasheets are binary
+            hbm_bw=float(row["hbm_TBps"]) * 1e12,
+            peak_flops=float(row["bf16_dense_TFLOPs"]) * 1e12,
+            host_link=row["host_link"],
+            host_link_bw=float(row["host_link_GBps_per_dir"]) * GB,
+            gpu_link=row["gpu_link"],
+            gpu_link_bw=float(row["gpu_link_GBps_per_dir"] or 0) * GB,
+            host_memory_bytes=_HOST_MEMORY.get(name, 512 * GiB),
+            # NVLink-C2C is cache-coherent and far closer to its spec than PCIe DMA
+            h2d_efficiency=0.9 if "C2C" in row["host_link"] else 0.82,
+            note=row["note"],
+        )
+    return out
+
+
+def model_names() -> list[str]:
+    return sorted({**MODELS, **_user_models})
+
+
+def gpu_names() -> list[str]:
+    return sorted({**_datasheet_gpus(), **_user_gpus})
+
+
+def get_model(name: str | ModelSpec) -> ModelSpec:
+    if isinstance(name, ModelSpec):
+        return name
+    table = {_key(k): v for k, v in {**MODELS, **_user_models}.items()}
+    try:
+        return table[_key(name)]
+    except KeyError:
+        raise UnknownNameError("model", name, model_names()) from None
+
+
+def get_gpu(name: str | HardwareSpec) -> HardwareSpec:
+    if isinstance(name, HardwareSpec):
+        return name
+    table = {_key(k): v for k, v in {**_datasheet_gpus(), **_user_gpus}.items()}
+    k = _key(name)
+    k = _key(_ALIASES.get(k, k))
+    try:
+        return table[k]
+    except KeyError:
+        raise UnknownNameError("GPU", name, gpu_names() + sorted(_ALIASES)) from None
+
+
+def _build(cls, name: str, fields: dict, source: str, base=None):
+    if not isinstance(fields, dict):
+        raise ConfigError(name, fields, "a mapping of field: value", source=source)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}", fields[unknown[0]], f"one of {sorted(known - {'name'})}",
+                          source=source)
+    try:
+        if base is not None:
+            return dataclasses.replace(base, name=name, **fields)
+        return cls(name=name, **fields)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(name, fields, f"all required fields of {cls.__name__} ({e})", source=source) from None
+    except ConfigError as e:
+        raise ConfigError(e.field, e.value, e.expected, source=source) from None
+
+
+def load_catalog_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """Add models and GPUs from a YAML/JSON file; returns the names added.
+
+    Format::
+
+        models:
+          my-model: {layers: 40, hidden: 5120, heads: 40, kv_heads: 8, head_dim: 128,
+                     intermediate: 13824, vocab: 32000}
+          llama-3.1-70b-fp8: {base: llama-3.1-70b, weight_bytes: 1}
+        gpus:
+          my-gpu: {memory_bytes: 8.6e10, hbm_bw: 3.35e12, peak_flops: 9.89e14, host_link_bw: 6.4e10}
+    """
+    data = load_mapping(path)
+    src = str(path)
+    extra = sorted(set(data) - {"models", "gpus"})
+    if extra:
+        raise ConfigError(extra[0], data[extra[0]], "top-level keys 'models' and/or 'gpus'", source=src)
+    added_m, added_g = [], []
+    for name, fields in (data.get("models") or {}).items():
+        fields = dict(fields) if isinstance(fields, dict) else fields
+        base = get_model(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
+        _user_models[name] = _build(ModelSpec, name, fields, src, base)
+        added_m.append(name)
+    for name, fields in (data.get("gpus") or {}).items():
+        fields = dict(fields) if isinstance(fields, dict) else fields
+        base = get_gpu(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
+        _user_gpus[name] = _build(HardwareSpec, name, fields, src, base)
+        added_g.append(name)
+    return added_m, added_g

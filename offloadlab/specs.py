@@ -1,0 +1,179 @@
+"""The shared vocabulary's hardware and model descriptions.
+
+Units inside are seconds, bytes, FLOP and FLOP/s; GB/ms appear only at the edges (printing, files).
+Every derived quantity (bytes per layer, per KV token, FLOPs per step) is computed here, once,
+and used by both the simulator and the runtime.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+GiB = 1024**3
+GB = 1e9
+
+
+def _check_positive(obj, *names: str, integer: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not v > 0:
+            kind = "a positive integer" if integer else "a positive number"
+            raise ConfigError(f"{type(obj).__name__}.{n}", v, kind)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama-style decoder: ``layers`` identical blocks of GQA attention and a SwiGLU MLP."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool = False
+    weight_bytes: float = 2.0  # bytes per parameter (bf16 = 2, fp8 = 1)
+    kv_bytes: float = 2.0  # bytes per KV-cache element
+    max_context: int = 131072
+
+    def __post_init__(self):
+        _check_positive(self, "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
+                        "max_context", integer=True)
+        _check_positive(self, "weight_bytes", "kv_bytes")
+        if self.heads % self.kv_heads:
+            raise ConfigError("ModelSpec.kv_heads", self.kv_heads, f"a divisor of heads={self.heads}")
+
+    # ---- parameters, in vLLM's order inside a decoder layer (fused qkv and gate_up) ----
+    @property
+    def layer_param_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return (
+            ("self_attn.qkv_proj.weight", (q + 2 * kv, self.hidden)),
+            ("self_attn.o_proj.weight", (self.hidden, q)),
+            ("mlp.gate_up_proj.weight", (2 * self.intermediate, self.hidden)),
+            ("mlp.down_proj.weight", (self.hidden, self.intermediate)),
+            ("input_layernorm.weight", (self.hidden,)),
+            ("post_attention_layernorm.weight", (self.hidden,)),
+        )
+
+    @property
+    def layer_param_bytes(self) -> tuple[int, ...]:
+        """Bytes of each parameter of one layer, in ``layer_param_shapes`` order."""
+        out = []
+        for _, shape in self.layer_param_shapes:
+            n = 1
+            for d in shape:
+                n *= d
+            out.append(int(n * self.weight_bytes))
+        return tuple(out)
+
+    @property
+    def layer_params(self) -> int:
+        return sum(_numel(s) for _, s in self.layer_param_shapes)
+
+    @property
+    def layer_matmul_params(self) -> int:
+        """Parameters that take part in GEMMs (everything but the norms)."""
+        return sum(_numel(s) for _, s in self.layer_param_shapes if len(s) == 2)
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(self.layer_param_bytes)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def non_layer_params(self) -> int:
+        """Embedding, LM head (unless tied) and the final norm: never offloaded."""
+        lm_head = 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.embedding_params + lm_head + self.hidden
+
+    @property
+    def non_layer_bytes(self) -> int:
+        return int(self.non_layer_params * self.weight_bytes)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.non_layer_params
+
+    @property
+    def weight_total_bytes(self) -> int:
+        return self.layers * self.layer_bytes + self.non_layer_bytes
+
+    # ---- KV cache ----
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        return int(2 * self.kv_heads * self.head_dim * self.kv_bytes)  # K and V
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.layers * self.kv_bytes_per_token_layer
+
+    # ---- work of one layer ----
+    def layer_linear_flops(self, tokens: int) -> float:
+        """FLOPs of the four GEMMs of one layer for ``tokens`` new tokens."""
+        return 2.0 * self.layer_matmul_params * tokens
+
+    def layer_attention_flops(self, new: int, context: int) -> float:
+        """Causal attention FLOPs (QK^T and PV) of one sequence with ``new`` tokens after ``context``."""
+        # token j of the new ones attends to context + j + 1 keys
+        keys = new * context + new * (new + 1) / 2
+        return 4.0 * self.heads * self.head_dim * keys
+
+    def activation_bytes_per_token(self) -> int:
+        """Live activation bytes per batched token at the peak of one layer (residual, qkv, MLP)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        elems = 2 * self.hidden + q + 2 * kv + 3 * self.intermediate
+        return int(elems * 2)  # activations in 16-bit
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One GPU and its link to the host, from datasheets (or a user's file)."""
+
+    name: str
+    memory_bytes: float
+    hbm_bw: float  # bytes/s
+    peak_flops: float  # dense bf16 FLOP/s
+    host_link_bw: float  # bytes/s per direction, spec figure
+    host_link: str = "PCIe"
+    h2d_efficiency: float = 0.82  # measured pinned H2D / spec (80-85% typical, see hardware.csv notes)
+    host_link_latency: float = 10e-6  # seconds per transfer
+    host_memory_bytes: float = 512 * GiB
+    gpu_link: str = ""
+    gpu_link_bw: float = 0.0
+    gpus_per_node: int = 1
+    note: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes")
+        if not (0 < self.h2d_efficiency <= 1):
+            raise ConfigError(f"HardwareSpec.h2d_efficiency", self.h2d_efficiency, "a number in (0, 1]")
+        if self.host_link_latency < 0:
+            raise ConfigError("HardwareSpec.host_link_latency", self.host_link_latency, "a number >= 0 seconds")
+        _check_positive(self, "gpus_per_node", integer=True)
+
+    @property
+    def h2d_bw(self) -> float:
+        """Sustained pinned host->device bandwidth, bytes/s."""
+        return self.host_link_bw * self.h2d_efficiency
+
+    def replace(self, **changes) -> "HardwareSpec":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,198 @@
+"""Cost models: how long one decoder layer, the LM head and one host->device copy take.
+
+Two implementations of one small interface (``layer``, ``head``, ``transfer``, ``copy_slowdown``):
+- ``Roofline``: from the HardwareSpec alone. Each kernel of a layer takes
+  max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency), a launch floor); the host
+  spends ``eager_launch_per_layer`` launching a layer's kernels, or almost nothing when decode steps
+  replay a CUDA graph (vLLM's default for decode batches up to 256 sequences).
+- ``Calibrated``: a measured Profile. Copy time from the measured bandwidth curve; layer GPU
+  time = roofline x the measured/roofline ratio at the nearest measured shape; host launch time
+  from the launch-bound measurements.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..profile import Profile
+from ..specs import HardwareSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one forward step computes, summed over its sequences.
+
+    ``pairs`` counts causal query-key pairs (attention work); ``kv_tokens`` counts cached plus new
+    tokens whose K/V are read; ``decode_only`` is true when every sequence adds one token.
+    """
+
+    seqs: int
+    tokens: int
+    pairs: float
+    kv_tokens: int
+    decode_only: bool
+
+    @classmethod
+    def uniform(cls, batch: int, new: int, context: int) -> "StepShape":
+        """``batch`` sequences, each adding ``new`` tokens after ``context`` cached ones."""
+        for name, v, lo in (("batch", batch, 1), ("new_tokens", new, 1), ("context", context, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(name, v, f"an integer >= {lo}")
+        pairs = batch * (new * context + new * (new + 1) / 2)
+        return cls(batch, batch * new, pairs, batch * (context + new), new == 1)
+
+    @classmethod
+    def of(cls, seqs: list[tuple[int, int]]) -> "StepShape":
+        """From (new tokens, context) per sequence."""
+        tokens = pairs = kv = 0
+        for new, ctx in seqs:
+            tokens += new
+            pairs += new * ctx + new * (new + 1) / 2
+            kv += ctx + new
+        return cls(len(seqs), tokens, pairs, kv, tokens == len(seqs))
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    gpu: float  # seconds of GPU work for one layer
+    host: float  # seconds the host spends launching it
+    tail: float  # GPU seconds of its last kernel (what is left after the host's last launch)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    model: ModelSpec
+    hw: HardwareSpec
+    matmul_eff: float = 0.7  # of peak dense FLOP/s reached by large GEMMs
+    attention_eff: float = 0.5  # of peak reached by attention kernels
+    memory_eff: float = 0.8  # of HBM bandwidth reached by memory-bound kernels
+    kernel_floor: float = 4e-6  # shortest kernel, seconds
+    kernels_per_layer: int = 12
+    eager_launch_per_layer: float = 0.25e-3  # host seconds per layer in eager mode
+    graph_launch_per_layer: float = 5e-6  # host seconds per layer when a CUDA graph is replayed
+    cuda_graphs: bool = True
+    max_graph_batch: int = 256
+    copy_slowdown: float = 1.0
+
+    def __post_init__(self):
+        for f in ("matmul_eff", "attention_eff", "memory_eff"):
+            v = getattr(self, f)
+            if not 0 < v <= 1:
+                raise ConfigError(f, v, "an efficiency in (0, 1]")
+        if not self.copy_slowdown >= 1:
+            raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1")
+
+    def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
+        return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
+                   self.kernel_floor)
+
+    def gpu_time(self, s: StepShape) -> float:
+        m = self.model
+        act = 2  # activation bytes per element
+        q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+        gemms = 0.0
+        for name, shape in m.layer_param_shapes:
+            if len(shape) != 2:
+                continue
+            out_f, in_f = shape
+            gemms += self._kernel(2.0 * out_f * in_f * s.tokens,
+                                  out_f * in_f * m.weight_bytes + s.tokens * (in_f + out_f) * act, self.matmul_eff)
+        attn = self._kernel(4.0 * q * s.pairs,
+                            s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act, self.attention_eff)
+        # norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations
+        elementwise_bytes = s.tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
+        n_elem = self.kernels_per_layer - 5
+        elem = max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
+        return gemms + attn + elem
+
+    def launch_time(self, s: StepShape) -> float:
+        graph = self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
+        return self.graph_launch_per_layer if graph else self.eager_launch_per_layer
+
+    def layer(self, s: StepShape) -> LayerCost:
+        return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor)
+
+    def head(self, s: StepShape) -> float:
+        """GPU seconds for the final norm and LM head on the last token of each sequence."""
+        m = self.model
+        return self._kernel(2.0 * m.vocab * m.hidden * s.seqs,
+                            m.vocab * m.hidden * m.weight_bytes + s.seqs * m.vocab * 4, self.matmul_eff)
+
+    def transfer(self, nbytes: float) -> float:
+        """Seconds for one pinned host->device copy of ``nbytes``."""
+        return self.hw.host_link_latency + nbytes / self.hw.h2d_bw
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Roofline corrected by a measured Profile (see module docstring)."""
+
+    roofline: Roofline
+    profile: Profile
+    _points: tuple = field(init=False, repr=False, compare=False)
+    _launch: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        rf, prof = self.roofline, self.profile
+        pts = [(StepShape.uniform(b, t, c), sec) for b, t, c, sec in prof.layer_times]
+        # launch-bound measurements: the roofline says the GPU would be done in under half the time,
+        # so the in-stack time is the host's launch time and says nothing about the GPU's.
+        launch_bound = [rf.gpu_time(s) < 0.5 * sec for s, sec in pts]
+        launch = prof.launch_per_layer
+        if launch is None:
+            bound = [sec for (s, sec), lb in zip(pts, launch_bound) if lb]
+            launch = statistics.median(bound) if bound else rf.eager_launch_per_layer
+        points = []
+        for (s, sec), lb in zip(pts, launch_bound):
+            r = rf.gpu_time(s)
+            ratio = 1.0 if lb else sec / r
+            host = sec if lb else launch
+            points.append((math.log(s.tokens), math.log(max(s.kv_tokens, 1)), ratio, host))
+        object.__setattr__(self, "_points", tuple(points))
+        object.__setattr__(self, "_launch", launch)
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.roofline.model
+
+    @property
+    def copy_slowdown(self) -> float:
+        return self.profile.copy_slowdown
+
+    def _nearest(self, s: StepShape):
+        lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
+        return min(self._points, key=lambda p: (p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2) if self._points else None
+
+    def layer(self, s: StepShape) -> LayerCost:
+        r = self.roofline.gpu_time(s)
+        p = self._nearest(s)
+        if p is None:
+            return LayerCost(r, self._launch, self.roofline.kernel_floor)
+        return LayerCost(r * p[2], p[3], self.roofline.kernel_floor)
+
+    def head(self, s: StepShape) -> float:
+        return self.roofline.head(s)
+
+    def transfer(self, nbytes: float) -> float:
+        """Interpolate the measured bandwidth in log(size); beyond the table, its end values."""
+        h2d = self.profile.h2d
+        sizes = [b for b, _ in h2d]
+        i = bisect.bisect_left(sizes, nbytes)
+        if i == 0:
+            bw = h2d[0][1]
+        elif i == len(h2d):
+            bw = h2d[-1][1]
+        else:
+            (s0, b0), (s1, b1) = h2d[i - 1], h2d[i]
+            w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
+            bw = b0 + w * (b1 - b0)
+        return nbytes / bw
+
+
+def cost_model(model: ModelSpec, hw: HardwareSpec, profile: Profile | None = None, **roofline_kw):
+    """The default cost model: the roofline, calibrated by ``profile`` when one is given."""
+    rf = Roofline(model, hw, **roofline_kw)
+    return Calibrated(rf, profile) if profile is not None else rf

@@ -1,0 +1,76 @@
+"""GPU and host memory arithmetic, as vLLM does it at start-up.
+
+KV cache = gpu_memory_utilization x GPU memory - resident weights - staging buffers
+           - activation peak (vLLM's profiling run at max_num_batched_tokens) - fixed overhead.
+Every number is derived from the ModelSpec and the Placement; nothing is typed in twice.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import DoesNotFitError
+from ..policy import Placement
+from ..specs import GiB, HardwareSpec, ModelSpec
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    gpu_memory: float
+    capacity: float  # gpu_memory_utilization x GPU memory
+    weights_resident: float
+    staging: float
+    activations: float
+    overhead: float
+    kv_cache: float
+    kv_tokens: int  # KV-cache capacity in tokens (whole blocks)
+    block_size: int
+    host_offloaded: float  # pinned host bytes holding offloaded weights
+    host_capacity: float
+
+    @property
+    def kv_blocks(self) -> int:
+        return self.kv_tokens // self.block_size
+
+    @property
+    def free(self) -> float:
+        """Bytes of the GPU outside vLLM's budget (1 - gpu_memory_utilization)."""
+        return self.gpu_memory - self.capacity
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_blocks"] = self.kv_blocks
+        return d
+
+
+def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int) -> float:
+    """Peak activation bytes of one step: one layer's live tensors plus fp32 logits of each sequence."""
+    return max_batched_tokens * model.activation_bytes_per_token() + max_seqs * model.vocab * 4
+
+
+def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
+                max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
+                overhead: float = 0.5 * GiB) -> MemoryPlan:
+    """Lay out GPU memory; raise DoesNotFitError naming what does not fit."""
+    capacity = gpu_memory_utilization * hw.memory_bytes
+    resident = model.weight_total_bytes - placement.offloaded_bytes
+    staging = placement.staging_bytes
+    act = activation_peak(model, max_batched_tokens, max_seqs)
+    kv = capacity - resident - staging - act - overhead
+    per_token = model.kv_bytes_per_token
+    kv_tokens = max(int(kv // (per_token * block_size)), 0) * block_size
+    plan = MemoryPlan(gpu_memory=hw.memory_bytes, capacity=capacity, weights_resident=resident, staging=staging,
+                      activations=act, overhead=overhead, kv_cache=kv, kv_tokens=kv_tokens, block_size=block_size,
+                      host_offloaded=placement.offloaded_bytes, host_capacity=hw.host_memory_bytes)
+    if plan.host_offloaded > hw.host_memory_bytes:
+        raise DoesNotFitError(
+            f"offloaded weights {plan.host_offloaded / GiB:.1f} GiB exceed host memory "
+            f"{hw.host_memory_bytes / GiB:.1f} GiB of {hw.name}")
+    need = max_model_len  # vLLM refuses to start unless one max-length sequence fits in the KV cache
+    if kv_tokens < need:
+        raise DoesNotFitError(
+            f"{model.name} on {hw.name} with this policy does not fit: {capacity / GiB:.2f} GiB usable "
+            f"(gpu_memory_utilization={gpu_memory_utilization}) - weights {resident / GiB:.2f} - staging "
+            f"{staging / GiB:.2f} - activations {act / GiB:.2f} - overhead {overhead / GiB:.2f} leaves "
+            f"{max(kv, 0) / GiB:.2f} GiB = {kv_tokens} KV tokens, fewer than max_model_len={max_model_len}; "
+            f"offload more, lower max_model_len, or raise gpu_memory_utilization")
+    return plan

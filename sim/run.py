@@ -1,0 +1,109 @@
+"""The simulator's public entry points: one forward step, or a whole served workload."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..catalog import get_gpu, get_model
+from ..errors import ConfigError
+from ..policy import NoOffload, Policy
+from ..profile import Profile
+from ..specs import HardwareSpec, ModelSpec
+from ..trace import Span, Trace
+from .costs import StepShape, cost_model
+from .memory import MemoryPlan, plan_memory
+from .metrics import request_frame, summarize
+from .serving import EngineConfig, ServingLoop
+from .step import StepModel, StepResult
+from .workload import Workload
+
+
+def _resolve(model, gpu, policy, profile, cost_kw):
+    m, hw = get_model(model), get_gpu(gpu)
+    policy = policy if policy is not None else NoOffload()
+    if isinstance(profile, str):
+        profile = Profile.load(profile)
+    placement = policy.place(m)
+    return m, hw, policy, placement, cost_model(m, hw, profile, **(cost_kw or {}))
+
+
+def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
+                  batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | None = None,
+                  cost_kw: dict | None = None) -> StepResult:
+    """One forward pass of ``batch`` sequences adding ``new_tokens`` after ``context`` cached ones.
+
+    Returns the step time, per-lane busy seconds, compute-stream stall and the per-layer Trace.
+    """
+    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw)
+    shape = StepShape.uniform(batch, new_tokens, context)
+    res = StepModel(placement, cost, quantum=1e-9).run(shape, trace=True)
+    res.trace.meta.update(model=m.name, gpu=hw.name, policy=policy.label, batch=batch, new_tokens=new_tokens,
+                          context=context)
+    return res
+
+
+@dataclass
+class RunResult:
+    """A simulated serving run: per-request rows, the summary, memory and the step trace."""
+
+    summary: dict
+    requests: pd.DataFrame
+    memory: MemoryPlan
+    config: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list, repr=False)  # (start, end, kind, batch size) per step
+
+    @property
+    def trace(self) -> Trace:
+        """One span per engine step on the "engine" lane, plus the per-request records."""
+        spans = [Span("engine", "step", t0, t1, step=i, name=f"{kind} x{size}")
+                 for i, (t0, t1, kind, size) in enumerate(self.steps)]
+        meta = {"source": "sim", **{k: v for k, v in self.config.items() if not isinstance(v, bool)}}
+        reqs = self.requests.astype(object).where(self.requests.notna(), None).to_dict("records")
+        return Trace(spans=spans, requests=reqs, meta=meta)
+
+    def row(self) -> dict:
+        """The run as one tidy row: its inputs, then its outputs (seconds, bytes)."""
+        mem = {f"mem_{k}": v for k, v in self.memory.as_dict().items()}
+        return {**self.config, **self.summary, **mem}
+
+
+def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None, workload: Workload,
+             engine: EngineConfig = EngineConfig(), *, profile: Profile | str | None = None,
+             cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
+    """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
+    wall = time.perf_counter()
+    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw)
+    for r in workload.requests:
+        if r.prompt_len + r.output_len > engine.max_model_len:
+            raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
+                              f"at most max_model_len={engine.max_model_len}")
+        if not engine.chunked_prefill and r.prompt_len + r.output_len > engine.max_num_batched_tokens:
+            raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
+                              f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
+                              "without chunked prefill (a preempted request is recomputed in one step)")
+    mem = plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
+                      max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
+                      max_model_len=engine.max_model_len, block_size=engine.block_size,
+                      overhead=engine.overhead_bytes)
+    sm = StepModel(placement, cost)
+    loop = ServingLoop(sm, engine, mem.kv_tokens, trace_steps=trace_steps)
+    loop.run(list(workload.requests))
+    reqs = request_frame(loop.seqs)
+    summary = summarize(reqs)
+    makespan = summary["makespan_s"]
+    summary.update({f"util_{lane}": b / makespan for lane, b in loop.busy.items()})
+    summary.update(
+        compute_stall_s=loop.stall,
+        steps=sum(loop.n_steps.values()), **{f"{k}_steps": v for k, v in loop.n_steps.items()},
+        step_sims=sm.simulated, simpy_events=sm.events + (next(loop.env._eid) if hasattr(loop.env, "_eid") else 0),
+        wall_s=time.perf_counter() - wall,
+    )
+    config = dict(model=m.name, gpu=hw.name, policy=policy.label, policy_kind=policy.kind,
+                  offloaded_layers=len(placement.offloaded_layers), offloaded_bytes=placement.offloaded_bytes,
+                  workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
+                  gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
+                  max_num_batched_tokens=engine.max_num_batched_tokens,
+                  h2d_GBps=(hw.h2d_bw / 1e9), profile=bool(profile))
+    return RunResult(summary, reqs, mem, config, loop.steps)

@@ -1,0 +1,281 @@
+"""A vLLM-like serving loop on top of the step model.
+
+Requests arrive (a SimPy process feeding a Store); the engine loop schedules one batch at a time
+and advances the clock by the simulated step time. Scheduling follows vLLM:
+- without chunked prefill (vLLM V0's default): a step is either a prefill of newly admitted
+  requests (whole prompts, up to ``max_num_batched_tokens`` and ``max_num_seqs``, while KV blocks
+  last) or a decode of every running request; prefills go first;
+- with chunked prefill (vLLM V1): each step spends its token budget on running decodes first,
+  then on prompt chunks;
+- KV blocks (``block_size`` tokens) are allocated as tokens are computed; when a decode needs a
+  block and none is free, the most recently admitted request is preempted and recomputed later.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import simpy
+
+from ..errors import ConfigError
+from .costs import StepShape
+from .step import StepModel
+from .workload import Request
+
+
+WATERMARK = 0.01  # vLLM V0's block watermark: admission leaves this fraction of KV blocks free
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    block_size: int = 16
+    chunked_prefill: bool = False
+    mode: str = "prefill+decode"  # or "prefill-only": every request stops after its first token
+    overhead_bytes: float = 0.5 * 1024**3  # CUDA context, cuBLAS workspaces, CUDA graphs
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "a fraction in (0, 1]")
+        for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f, v, "an integer >= 1")
+        if self.mode not in ("prefill+decode", "prefill-only"):
+            raise ConfigError("mode", self.mode, "'prefill+decode' or 'prefill-only'")
+        if not self.overhead_bytes >= 0:
+            raise ConfigError("overhead_bytes", self.overhead_bytes, "bytes >= 0")
+
+
+class _Seq:
+    __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted")
+
+    def __init__(self, req: Request, output_len: int):
+        self.req, self.output_len = req, output_len
+        self.generated = self.computed = self.blocks = self.preempted = 0
+        self.first = self.finish = math.nan
+
+    @property
+    def known(self) -> int:  # tokens whose KV must exist before the next sample
+        return self.req.prompt_len + self.generated
+
+    @property
+    def uncomputed(self) -> int:
+        return self.known - self.computed
+
+
+class ServingLoop:
+    """Runs a workload through the scheduler; ``steps`` and ``seqs`` hold the outcome."""
+
+    def __init__(self, step_model: StepModel, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
+                 fast_forward: bool = True):
+        self.sm, self.cfg, self.trace_steps, self.fast_forward = step_model, engine, trace_steps, fast_forward
+        self.total_blocks = kv_tokens // engine.block_size
+        self.free_blocks = self.total_blocks
+        self.env = simpy.Environment()
+        self.arrived = simpy.Store(self.env)
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self.seqs: list[_Seq] = []
+        self.steps: list[tuple[float, float, str, int]] = []  # (start, end, kind, batch size)
+        self.busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+        self.stall = 0.0
+        self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
+        self.preemptions = 0
+
+    # ---- blocks ----
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.cfg.block_size)
+
+    def _grow(self, s: _Seq, tokens: int) -> bool:
+        if tokens <= s.blocks * self.cfg.block_size:
+            return True
+        need = self._blocks_for(tokens) - s.blocks
+        if need > self.free_blocks:
+            return False
+        self.free_blocks -= need
+        s.blocks += need
+        return True
+
+    def _admissible(self, s: _Seq) -> bool:
+        """vLLM V0 admits a prompt only if 1% of all blocks stay free afterwards (its watermark)."""
+        need = self._blocks_for(s.known) - s.blocks
+        return self.free_blocks - need >= WATERMARK * self.total_blocks
+
+    def _release(self, s: _Seq) -> None:
+        self.free_blocks += s.blocks
+        s.blocks = 0
+
+    def _preempt_last(self) -> _Seq:
+        victim = self.running.pop()
+        self._release(victim)
+        victim.computed = 0
+        victim.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+        return victim
+
+    # ---- scheduling ----
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        """Pick (sequence, new tokens) for the next step."""
+        cfg = self.cfg
+        if not cfg.chunked_prefill:
+            batch, tokens = [], 0
+            while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
+                s = self.waiting[0]
+                n = s.uncomputed
+                if tokens + n > cfg.max_num_batched_tokens or not self._admissible(s) or not self._grow(s, s.known):
+                    break
+                self.waiting.popleft()
+                batch.append((s, n))
+                tokens += n
+            if batch:
+                self.running.extend(s for s, _ in batch)
+                return batch
+            return self._decodes(cfg.max_num_batched_tokens)[0]
+        batch, budget = self._decodes(cfg.max_num_batched_tokens)
+        for s in self.running:  # continue partial prefills
+            if budget and s.uncomputed > 1:
+                n = min(s.uncomputed, budget)
+                if self._grow(s, s.computed + n):
+                    batch.append((s, n))
+                    budget -= n
+        while self.waiting and budget and len(self.running) < cfg.max_num_seqs:
+            s = self.waiting[0]
+            n = min(s.uncomputed, budget)
+            if not self._grow(s, s.computed + n):
+                break
+            self.waiting.popleft()
+            self.running.append(s)
+            batch.append((s, n))
+            budget -= n
+        return batch
+
+    def _decodes(self, budget: int) -> tuple[list[tuple[_Seq, int]], int]:
+        """One token for every running request whose prompt is done, preempting when blocks run out."""
+        batch = []
+        i = 0
+        while i < len(self.running) and budget:
+            s = self.running[i]
+            if s.req.prompt_len + s.generated - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
+                i += 1
+                continue
+            while not self._grow(s, s.known):
+                victim = self._preempt_last()
+                if victim is s:
+                    break
+            else:
+                batch.append((s, 1))
+                budget -= 1
+                i += 1
+                continue
+            break  # s itself was preempted: it was the last running request
+        return batch, budget
+
+    # ---- the loop ----
+    def run(self, requests: list[Request]) -> None:
+        out_len = (lambda r: 1) if self.cfg.mode == "prefill-only" else (lambda r: r.output_len)
+        self.seqs = [_Seq(r, out_len(r)) for r in requests]
+        self._order = sorted(self.seqs, key=lambda s: (s.req.arrival, s.req.id))
+        self._next = 0  # index in _order of the next request to arrive
+        self.env.process(self._arrivals())
+        self.env.process(self._engine())
+        self.env.run()
+
+    def _arrivals(self):
+        for s in self._order:
+            if s.req.arrival > self.env.now:
+                yield self.env.timeout(s.req.arrival - self.env.now)
+            self._next += 1
+            yield self.arrived.put(s)
+
+    def _next_arrival(self) -> float:
+        return self._order[self._next].req.arrival if self._next < len(self._order) else math.inf
+
+    def _record(self, res, t0: float, t1: float, kind: str, size: int) -> None:
+        for lane, b in res.busy.items():
+            self.busy[lane] += b
+        self.stall += res.stall
+        self.n_steps[kind] += 1
+        if self.trace_steps:
+            self.steps.append((t0, t1, kind, size))
+
+    def _engine(self):
+        env = self.env
+        self.done = 0
+        while self.done < len(self.seqs):
+            while self.arrived.items:
+                self.waiting.append((yield self.arrived.get()))
+            batch = self._schedule()
+            if not batch:
+                if self.running:  # nothing fits and nothing can be preempted into room
+                    raise RuntimeError("scheduler stalled with running requests")  # a bug, never user input
+                self.waiting.append((yield self.arrived.get()))
+                continue
+            if self.fast_forward and all(k == 1 for _, k in batch) and len(batch) == len(self.running):
+                yield from self._decode_run()
+                continue
+            shape = StepShape.of([(k, s.computed) for s, k in batch])
+            res = self.sm.run(shape)
+            t0 = env.now
+            yield env.timeout(res.time)
+            kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k in batch) else "mixed")
+            self._record(res, t0, env.now, kind, len(batch))
+            for s, k in batch:
+                s.computed += k
+                if s.uncomputed == 0:  # the whole known sequence is in the KV cache: sample a token
+                    self._sample(s, env.now)
+
+    def _sample(self, s: _Seq, now: float) -> None:
+        s.generated += 1
+        if math.isnan(s.first):
+            s.first = now
+        if s.generated >= s.output_len:
+            s.finish = now
+            self._release(s)
+            self.running.remove(s)
+            self.done += 1
+
+    def _decode_run(self):
+        """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
+
+        The batch cannot change until a request finishes, a request arrives, or a block runs out;
+        until then the scheduler would pick the same requests every step, so the loop needs no
+        per-request work per step. Blocks for the first step were already allocated by _schedule.
+        """
+        env, bs = self.env, self.cfg.block_size
+        run = self.running
+        B = len(run)
+        n = min(s.output_len - s.generated for s in run)
+        # fewest steps after which some request needs a block that is not free
+        def blocks_needed(m):  # extra blocks for m steps (step j reads known + j - 1 tokens)
+            return sum(max(0, -(-(s.known + m - 1) // bs) - s.blocks) for s in run)
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if blocks_needed(mid) <= self.free_blocks:
+                lo = mid
+            else:
+                hi = mid - 1
+        n = lo
+        kv0 = sum(s.known for s in run)  # KV tokens read by the first step (context + the new one)
+        arrival = self._next_arrival()
+        t, steps = env.now, 0
+        while steps < n:
+            kv = kv0 + B * steps
+            res = self.sm.run(StepShape(B, B, kv, kv, True))
+            self._record(res, t, t + res.time, "decode", B)
+            t += res.time
+            steps += 1
+            if t >= arrival:
+                break
+        yield env.timeout(t - env.now)
+        for s in list(run):
+            self._grow(s, s.known + steps - 1)
+            s.computed += steps
+            s.generated += steps - 1
+            self._sample(s, env.now)

@@ -1,0 +1,580 @@
+"""Workloads: the requests a serving run receives (prompt length, output length, arrival time).
+
+A workload is built in two independent steps:
+
+1. *lengths* -- :func:`fixed`, :func:`longbench_multi_news`, :func:`from_dataset_stats` or
+   :func:`from_file` give a :class:`Workload` whose requests all arrive at ``t = 0``;
+2. *arrivals* -- :func:`all_at_once` or :func:`poisson` give an array of times that
+   :meth:`Workload.with_arrivals` attaches to it.
+
+:func:`make_workload` does both from the CLI's arguments. Every random draw comes from
+``numpy.random.default_rng(seed)``, so the same arguments and seed give identical requests.
+
+Dataset statistics come from ``workloads.csv`` in :mod:`offloadlab.catalog` (a verbatim copy of
+the project's ``shared/data/workloads.csv``); none of its numbers is repeated in this module.
+Times are in seconds, lengths in tokens.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+from ..fileio import atomic_write_text
+
+__all__ = [
+    "Request",
+    "Workload",
+    "fixed",
+    "longbench_multi_news",
+    "from_dataset_stats",
+    "from_file",
+    "all_at_once",
+    "poisson",
+    "make_workload",
+    "dataset_names",
+    "dataset_stats",
+]
+
+#: z such that P(Z <= z) = 0.9 for a standard normal Z (the 90th percentile).
+Z90 = 1.2815515655446004
+#: Shortest prompt the multi_news synthesis produces (a summarisation prompt is never tiny).
+MULTI_NEWS_MIN_PROMPT = 16
+#: Fitted dataset lengths are capped at this multiple of the dataset's published p99.
+P99_CAP_FACTOR = 1.5
+#: Columns of a workload file; ``id`` and ``arrival`` are optional.
+FILE_COLUMNS = ("id", "prompt_len", "output_len", "arrival")
+
+_MULTI_NEWS = "longbench_multi_news"
+_MULTI_NEWS_ALIASES = ("multi_news", _MULTI_NEWS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The packaged dataset table
+# ----------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _catalog_rows() -> dict[str, dict[str, str]]:
+    text = resources.files("offloadlab.catalog").joinpath("workloads.csv").read_text()
+    return {row["dataset"]: row for row in csv.DictReader(io.StringIO(text))}
+
+
+def dataset_names() -> list[str]:
+    """Names of the datasets in the packaged ``workloads.csv``, in file order."""
+    return list(_catalog_rows())
+
+
+def dataset_stats(dataset: str) -> dict[str, float | None]:
+    """One row of ``workloads.csv`` as numbers (``None`` where the table has no figure)."""
+    rows = _catalog_rows()
+    if dataset not in rows:
+        raise ConfigError("dataset", dataset, f"one of {dataset_names()}")
+    out: dict[str, float | None] = {}
+    for key, text in rows[dataset].items():
+        if key in ("dataset", "note"):
+            continue
+        out[key] = float(text) if text.strip() else None
+    return out
+
+
+def _multi_news_default(key: str) -> float:
+    value = dataset_stats(_MULTI_NEWS)[key]
+    assert value is not None, f"workloads.csv: {_MULTI_NEWS}.{key} is empty"
+    return value
+
+
+# The paper's published figures, read from the catalog (defaults of longbench_multi_news).
+MULTI_NEWS_REQUESTS = int(_multi_news_default("requests"))
+MULTI_NEWS_PROMPT_MEAN = _multi_news_default("prompt_mean")
+MULTI_NEWS_MAX_OUTPUT = int(_multi_news_default("output_p99"))  # the published max output
+#: Requests a synthetic workload has when the caller gives no ``n`` (the paper's count).
+DEFAULT_N = MULTI_NEWS_REQUESTS
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------------------
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_int(field: str, v: object, minimum: int, source: str | None = None) -> int:
+    if not _is_int(v) or v < minimum:
+        raise ConfigError(field, v, f"an integer >= {minimum}", source=source)
+    return int(v)
+
+
+def _check_seed(seed: object) -> int:
+    return _check_int("seed", seed, 0)
+
+
+def _check_rate(rate: object) -> float:
+    if not _is_real(rate) or not math.isfinite(rate) or not rate > 0:
+        raise ConfigError("rate", rate, "a finite number of requests per second > 0")
+    return float(rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entities
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request: ``prompt_len`` tokens to prefill, ``output_len`` tokens to decode.
+
+    ``arrival`` is when it reaches the server, in seconds from the start of the run.
+    """
+
+    id: int
+    prompt_len: int
+    output_len: int
+    arrival: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "id", _check_int("Request.id", self.id, 0))
+        object.__setattr__(self, "prompt_len", _check_int("Request.prompt_len", self.prompt_len, 1))
+        object.__setattr__(self, "output_len", _check_int("Request.output_len", self.output_len, 1))
+        a = self.arrival
+        if not _is_real(a) or not math.isfinite(a) or a < 0:
+            raise ConfigError("Request.arrival", a, "a finite number of seconds >= 0")
+        object.__setattr__(self, "arrival", float(a))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_len + self.output_len
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A named, non-empty set of requests, kept sorted by ``(arrival, id)``; ids are unique."""
+
+    name: str
+    requests: tuple[Request, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("Workload.name", self.name, "a non-empty string")
+        reqs = tuple(self.requests)
+        if not reqs:
+            raise ConfigError("Workload.requests", reqs, "at least one request")
+        for r in reqs:
+            if not isinstance(r, Request):
+                raise ConfigError("Workload.requests", r, "Request objects")
+        ids = [r.id for r in reqs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ConfigError("Workload.requests.id", dup, "ids unique within a workload")
+        object.__setattr__(self, "requests", tuple(sorted(reqs, key=lambda r: (r.arrival, r.id))))
+
+    # ---- views --------------------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        """Number of requests."""
+        return len(self.requests)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.requests)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per request, in arrival order: ``id, prompt_len, output_len, arrival``."""
+        return pd.DataFrame(
+            {
+                "id": np.array([r.id for r in self.requests], dtype=np.int64),
+                "prompt_len": np.array([r.prompt_len for r in self.requests], dtype=np.int64),
+                "output_len": np.array([r.output_len for r in self.requests], dtype=np.int64),
+                "arrival": np.array([r.arrival for r in self.requests], dtype=np.float64),
+            }
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Summary statistics: counts, mean/p50/p90/p99/max of both lengths, token totals.
+
+        Percentiles use numpy's default (linear interpolation). ``duration_s`` is the last
+        arrival time (0 for an all-at-once workload).
+        """
+        prompts = np.array([r.prompt_len for r in self.requests], dtype=np.int64)
+        outputs = np.array([r.output_len for r in self.requests], dtype=np.int64)
+        out: dict[str, Any] = {"name": self.name, "requests": self.n}
+        for label, x in (("prompt", prompts), ("output", outputs)):
+            out[f"{label}_mean"] = float(x.mean())
+            for q in (50, 90, 99):
+                out[f"{label}_p{q}"] = float(np.percentile(x, q))
+            out[f"{label}_max"] = int(x.max())
+        out["prompt_tokens"] = int(prompts.sum())
+        out["output_tokens"] = int(outputs.sum())
+        out["total_tokens"] = out["prompt_tokens"] + out["output_tokens"]
+        out["duration_s"] = float(self.requests[-1].arrival)
+        return out
+
+    # ---- derived workloads ---------------------------------------------------------------------
+    def with_arrivals(self, arrivals: Sequence[float] | np.ndarray) -> Workload:
+        """The same requests with new arrival times.
+
+        ``arrivals[i]`` goes to the request with the i-th smallest id (for generated workloads,
+        the request whose id is ``i``). The result is re-sorted by ``(arrival, id)``.
+        """
+        a = np.asarray(arrivals, dtype=np.float64)
+        if a.ndim != 1 or len(a) != self.n:
+            raise ConfigError("arrivals", f"array of shape {a.shape}", f"{self.n} arrival times, one per request")
+        bad = np.flatnonzero(~np.isfinite(a) | (a < 0))
+        if bad.size:
+            raise ConfigError(f"arrivals[{bad[0]}]", float(a[bad[0]]), "a finite number of seconds >= 0")
+        by_id = sorted(self.requests, key=lambda r: r.id)
+        return Workload(self.name, tuple(
+            Request(r.id, r.prompt_len, r.output_len, float(t)) for r, t in zip(by_id, a)
+        ))
+
+    def head(self, n: int) -> Workload:
+        """The first ``n`` requests in arrival order (all of them if ``n >= self.n``)."""
+        n = _check_int("n", n, 1)
+        return Workload(self.name, self.requests[:n])
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the requests atomically; JSONL if ``path`` ends in ``.jsonl``, CSV otherwise.
+
+        Columns/keys are ``id, prompt_len, output_len, arrival``; arrivals are written with full
+        precision, so :func:`from_file` reads back an equal workload (named after the file).
+        """
+        p = Path(path)
+        if p.suffix.lower() in (".jsonl", ".ndjson"):
+            text = "".join(
+                json.dumps({"id": r.id, "prompt_len": r.prompt_len, "output_len": r.output_len,
+                            "arrival": r.arrival}) + "\n"
+                for r in self.requests
+            )
+        else:
+            lines = [",".join(FILE_COLUMNS)]
+            lines += [f"{r.id},{r.prompt_len},{r.output_len},{r.arrival!r}" for r in self.requests]
+            text = "\n".join(lines) + "\n"
+        return atomic_write_text(p, text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Length generators (every request arrives at t = 0)
+# ----------------------------------------------------------------------------------------------
+def _build(name: str, prompts: np.ndarray, outputs: np.ndarray) -> Workload:
+    return Workload(name, tuple(
+        Request(i, int(p), int(o), 0.0) for i, (p, o) in enumerate(zip(prompts, outputs))
+    ))
+
+
+def fixed(n: int, prompt_len: int, output_len: int) -> Workload:
+    """``n`` identical requests of ``prompt_len`` prompt and ``output_len`` output tokens."""
+    n = _check_int("n", n, 1)
+    p = _check_int("prompt_len", prompt_len, 1)
+    o = _check_int("output_len", output_len, 1)
+    return _build(f"fixed-{p}x{o}", np.full(n, p), np.full(n, o))
+
+
+def longbench_multi_news(
+    n: int = MULTI_NEWS_REQUESTS,
+    seed: int = 0,
+    prompt_mean: float = MULTI_NEWS_PROMPT_MEAN,
+    output_len: int = MULTI_NEWS_MAX_OUTPUT,
+    sigma: float = 0.5,
+    max_prompt: int | None = None,
+) -> Workload:
+    """The paper's LongBench multi_news workload, synthesized from its published figures.
+
+    Only three figures are published (defaults, read from ``workloads.csv``): 200 requests,
+    an average prompt of 2,113 and a maximum output of 512 tokens. Everything else is an
+    ASSUMPTION, stated here so that results can be read with it in mind:
+
+    * prompt lengths are lognormal with shape ``sigma`` (default 0.5, i.e. a coefficient of
+      variation of about 0.53: news-article bundles vary, but not by orders of magnitude) and
+      ``mu = ln(prompt_mean) - sigma**2 / 2`` so that the *distribution* mean equals
+      ``prompt_mean``; samples are rounded and clipped to ``[16, max_prompt]`` (no upper clip
+      when ``max_prompt`` is None). The sample mean of 200 requests is within a few percent of
+      ``prompt_mean`` (its standard error is about 4 %);
+    * the published average (2,113) is in *words*; it is used as a token count as published;
+    * every request decodes exactly ``output_len`` tokens (default 512, the published cap),
+      i.e. generation is assumed to run to the limit -- the worst case for decode time.
+    """
+    n = _check_int("n", n, 1)
+    seed = _check_seed(seed)
+    if not _is_real(prompt_mean) or not math.isfinite(prompt_mean) or prompt_mean < MULTI_NEWS_MIN_PROMPT:
+        raise ConfigError("prompt_mean", prompt_mean, f"a number of tokens >= {MULTI_NEWS_MIN_PROMPT}")
+    output_len = _check_int("output_len", output_len, 1)
+    if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
+        raise ConfigError("sigma", sigma, "a finite number >= 0 (lognormal shape)")
+    if max_prompt is not None:
+        max_prompt = _check_int("max_prompt", max_prompt, MULTI_NEWS_MIN_PROMPT)
+    mu = math.log(prompt_mean) - sigma**2 / 2
+    rng = np.random.default_rng(seed)
+    prompts = np.rint(rng.lognormal(mu, sigma, size=n))
+    prompts = np.clip(prompts, MULTI_NEWS_MIN_PROMPT, max_prompt if max_prompt is not None else None)
+    return _build(_MULTI_NEWS, prompts.astype(np.int64), np.full(n, output_len))
+
+
+def _lognormal_fit(dataset: str, which: str) -> tuple[float, float, int]:
+    """``(mu, sigma, cap)`` of the lognormal through a dataset's p50 and p90 of ``which``."""
+    stats = dataset_stats(dataset)
+    p50, p90, p99 = (stats[f"{which}_p{q}"] for q in (50, 90, 99))
+    if p50 is None or p90 is None or p99 is None or not 0 < p50 <= p90:
+        raise ConfigError(f"{dataset}.{which}_p50/p90/p99", (p50, p90, p99),
+                          "published percentiles with 0 < p50 <= p90 in workloads.csv")
+    mu = math.log(p50)
+    sigma = (math.log(p90) - math.log(p50)) / Z90
+    return mu, sigma, int(math.ceil(P99_CAP_FACTOR * p99))
+
+
+def from_dataset_stats(dataset: str, n: int, seed: int = 0) -> Workload:
+    """Synthesize ``n`` requests whose lengths follow one dataset of ``workloads.csv``.
+
+    Prompt and output lengths are drawn independently, each from the lognormal through the
+    dataset's published p50 and p90 (``mu = ln p50``, ``sigma = (ln p90 - ln p50) / z90``,
+    ``z90 = 1.2816``), rounded, and clipped to ``[1, ceil(1.5 * p99)]``. The fit reproduces the
+    median and p90; the tail is a lognormal's, so a dataset whose p99 is far beyond it (e.g.
+    arxiv_summarization's outputs) is thinner-tailed here than in reality. The cap at 1.5 x p99
+    only removes the lognormal's rare extreme draws; for sharegpt_8k (filtered to <= 8k tokens)
+    the fitted tail still puts about 6 % of prompts above the published p99, up to the cap.
+    Because only p50/p90 are matched, sample means differ from the table's means (by roughly
+    -30 % to +17 % across the datasets). Prompt/output correlation is ignored.
+
+    ``longbench_multi_news`` has no percentiles; it is delegated to :func:`longbench_multi_news`.
+    """
+    if not isinstance(dataset, str) or dataset not in _catalog_rows():
+        if isinstance(dataset, str) and dataset in _MULTI_NEWS_ALIASES:
+            dataset = _MULTI_NEWS
+        else:
+            raise ConfigError("dataset", dataset, f"one of {dataset_names()}")
+    n = _check_int("n", n, 1)
+    seed = _check_seed(seed)
+    if dataset == _MULTI_NEWS:
+        return longbench_multi_news(n=n, seed=seed)
+    rng = np.random.default_rng(seed)
+    lengths = []
+    for which in ("prompt", "output"):
+        mu, sigma, cap = _lognormal_fit(dataset, which)
+        lengths.append(np.clip(np.rint(rng.lognormal(mu, sigma, size=n)), 1, cap).astype(np.int64))
+    return _build(dataset, *lengths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading workload files
+# ----------------------------------------------------------------------------------------------
+def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | None, Any]]:
+    """Yield ``(row, record, error, raw)`` per data row (1-based; blank lines are skipped).
+
+    ``record`` is None for a malformed row; ``error`` then says what was expected and ``raw`` is
+    the row as read.
+    """
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8-sig")
+    if suffix in (".jsonl", ".ndjson"):
+        row = 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            row += 1
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield row, None, f"a JSON object per line ({e.msg})", line
+                continue
+            if isinstance(rec, dict):
+                yield row, rec, None, line
+            else:
+                yield row, None, "a JSON object per line", line
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        for row, rec in enumerate(reader, start=1):
+            if None in rec:
+                n_fields = len(reader.fieldnames or [])
+                raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
+                yield row, None, f"{n_fields} comma-separated fields, as in the header", ",".join(raw)
+                continue
+            yield row, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}, None, None
+
+
+def _parse_int(raw: Any, minimum: int) -> int | None:
+    if isinstance(raw, str):
+        try:
+            raw = int(raw, 10)
+        except ValueError:
+            return None
+    return int(raw) if _is_int(raw) and raw >= minimum else None
+
+
+def _parse_arrival(raw: Any) -> float | None:
+    if isinstance(raw, str):
+        try:
+            raw = float(raw)
+        except ValueError:
+            return None
+    if not _is_real(raw) or not math.isfinite(raw) or raw < 0:
+        return None
+    return float(raw)
+
+
+def from_file(path: str | Path) -> Workload:
+    """Read requests from a CSV (header row) or JSONL (``.jsonl``/``.ndjson``, one object a line).
+
+    Required columns/keys: ``prompt_len`` and ``output_len`` (integers >= 1). Optional:
+    ``arrival`` (seconds >= 0; all 0 when absent) and ``id`` (unique integers >= 0; the row order
+    0, 1, ... when absent). Optional fields are present in every row or in none. Other columns are
+    ignored. Any problem raises :class:`ConfigError` naming the file, the row (1-based, counting
+    data rows, not the header or blank lines) and the field. The workload is named after the file.
+    """
+    p = Path(path)
+    src = str(p)
+    if not p.is_file():
+        raise ConfigError("path", src, "an existing CSV or JSONL workload file")
+    requests: list[Request] = []
+    has: dict[str, bool] = {}
+    seen_ids: set[int] = set()
+    for row, rec, error, raw_row in _records(p):
+        where = f"{src}, row {row}"
+        if rec is None:
+            shown = raw_row if len(raw_row) <= 60 else raw_row[:57] + "..."
+            raise ConfigError("row", shown, error or "a well-formed row", source=where)
+        if not has:
+            has = {k: k in rec for k in ("id", "arrival")}
+        values: dict[str, Any] = {}
+        for field in FILE_COLUMNS:
+            optional = field in has
+            if optional and has[field] != (field in rec):
+                raise ConfigError(field, rec.get(field), "present in every row or in none (as in row 1)", source=where)
+            if field not in rec:
+                if optional:
+                    continue
+                found = ", ".join(map(str, rec)) or "none"
+                raise ConfigError(field, None, f"a {'column' if p.suffix.lower() == '.csv' else 'key'} "
+                                  f"named {field!r} (found: {found})", source=where)
+            raw = rec[field]
+            if field == "arrival":
+                value = _parse_arrival(raw)
+                expected = "a finite number of seconds >= 0"
+            else:
+                minimum = 0 if field == "id" else 1
+                value = _parse_int(raw, minimum)
+                expected = f"an integer >= {minimum}"
+            if value is None:
+                raise ConfigError(field, raw, expected, source=where)
+            values[field] = value
+        rid = values.get("id", row - 1)
+        if rid in seen_ids:
+            raise ConfigError("id", rid, "ids unique within the file", source=where)
+        seen_ids.add(rid)
+        requests.append(Request(rid, values["prompt_len"], values["output_len"], values.get("arrival", 0.0)))
+    if not requests:
+        raise ConfigError("rows", 0, "at least one request (the file has no data rows)", source=src)
+    return Workload(p.stem or "file", tuple(requests))
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrival processes
+# ----------------------------------------------------------------------------------------------
+def all_at_once(n: int) -> np.ndarray:
+    """``n`` arrivals at ``t = 0`` (an offline batch)."""
+    return np.zeros(_check_int("n", n, 1), dtype=np.float64)
+
+
+def poisson(n: int, rate: float, seed: int = 0) -> np.ndarray:
+    """``n`` arrival times of a Poisson process of ``rate`` requests/s started at ``t = 0``.
+
+    Gaps are independent exponentials of mean ``1 / rate``; the times are their cumulative sum
+    (so the first request arrives after one gap, and times never decrease).
+    """
+    n = _check_int("n", n, 1)
+    rate = _check_rate(rate)
+    rng = np.random.default_rng(_check_seed(seed))
+    return np.cumsum(rng.exponential(1.0 / rate, size=n))
+
+
+def _arrival_seed(seed: int) -> int:
+    """A seed for arrivals derived from ``seed`` but independent of the lengths' stream."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI's builder
+# ----------------------------------------------------------------------------------------------
+def _looks_like_path(kind: str) -> bool:
+    p = Path(kind)
+    return p.suffix.lower() in (".csv", ".jsonl", ".ndjson") or p.exists() or "/" in kind or "\\" in kind
+
+
+def make_workload(
+    kind: str | Path,
+    n: int | None = None,
+    seed: int = 0,
+    rate: float | None = None,
+    **kw: Any,
+) -> Workload:
+    """Build a workload from a kind name, as the CLI does.
+
+    ``kind`` is one of:
+
+    * ``"multi_news"`` / ``"longbench_multi_news"`` -- :func:`longbench_multi_news`; ``kw`` may set
+      ``prompt_mean``, ``output_len``, ``sigma``, ``max_prompt``;
+    * ``"fixed"`` -- :func:`fixed`; ``kw`` must set ``prompt_len`` and ``output_len``;
+    * a dataset of ``workloads.csv`` (e.g. ``"sharegpt_8k"``) -- :func:`from_dataset_stats`;
+    * a path to a CSV/JSONL file -- :func:`from_file`; ``n`` keeps its first ``n`` requests.
+
+    ``n`` defaults to the paper's 200 for synthetic kinds and to the whole file for files.
+    ``rate=None`` means every request arrives at ``t = 0`` (a file keeps its own arrivals);
+    otherwise arrivals are :func:`poisson` at ``rate`` requests/s with a seed derived from
+    ``seed`` (independent of the lengths' random stream).
+    """
+    if n is not None:
+        n = _check_int("n", n, 1)
+    seed = _check_seed(seed)
+    if rate is not None:
+        rate = _check_rate(rate)
+
+    def allow(*names: str) -> None:
+        extra = sorted(set(kw) - set(names))
+        if extra:
+            raise ConfigError(extra[0], kw[extra[0]], f"no such option for workload {str(kind)!r}"
+                              + (f" (options: {', '.join(names)})" if names else ""))
+
+    name = str(kind).strip() if isinstance(kind, (str, Path)) else kind
+    known = ["multi_news", "fixed", *[d for d in dataset_names() if d != _MULTI_NEWS]]
+    if not isinstance(name, str) or not name:
+        raise ConfigError("workload", kind, f"one of {known} or a path to a CSV/JSONL file")
+    key = name.lower()
+    from_trace = False
+    if key in _MULTI_NEWS_ALIASES:
+        allow("prompt_mean", "output_len", "sigma", "max_prompt")
+        wl = longbench_multi_news(n=n or DEFAULT_N, seed=seed, **kw)
+    elif key == "fixed":
+        allow("prompt_len", "output_len")
+        for req in ("prompt_len", "output_len"):
+            if req not in kw:
+                raise ConfigError(req, None, "an integer >= 1 (required by workload 'fixed')")
+        wl = fixed(n or DEFAULT_N, kw["prompt_len"], kw["output_len"])
+    elif key in _catalog_rows():
+        allow()
+        wl = from_dataset_stats(key, n or DEFAULT_N, seed=seed)
+    elif isinstance(kind, Path) or _looks_like_path(name):
+        allow()
+        wl = from_file(name)
+        if n is not None:
+            if n > wl.n:
+                raise ConfigError("n", n, f"at most the {wl.n} requests in the file", source=name)
+            wl = wl.head(n)
+        from_trace = True
+    else:
+        raise ConfigError("workload", kind, f"one of {known} or a path to a CSV/JSONL file")
+
+    if rate is not None:
+        return wl.with_arrivals(poisson(wl.n, rate, _arrival_seed(seed)))
+    return wl if from_trace else wl.with_arrivals(all_at_once(wl.n))
