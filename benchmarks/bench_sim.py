@@ -1,0 +1,51 @@
+"""Simulator speed: the paper scenario per policy and mode, and scaling with the request count.
+
+Prints wall-clock seconds of the simulation itself (one core; the process start-up and imports are
+not counted), SimPy events, step simulations (distinct steps run in SimPy) and engine steps.
+Run:  python benchmarks/bench_sim.py [--scale 200,2000,20000]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from offloadlab.paper import PAPER_ENGINE, PAPER_GPU, PAPER_MODEL, paper_policies
+from offloadlab.sim import EngineConfig, longbench_multi_news, simulate
+
+
+def one(policy, wl, mode, repeat=3):
+    eng = EngineConfig(**{**PAPER_ENGINE.__dict__, "mode": mode})
+    best = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        r = simulate(PAPER_MODEL, PAPER_GPU, policy, wl, eng, trace_steps=False)
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return best, r.summary
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", default="200,2000,20000")
+    a = ap.parse_args()
+    wl = longbench_multi_news(200, seed=0)
+    print(f"paper scenario: {PAPER_MODEL} on {PAPER_GPU}, 200 multi_news-like requests, 512 output tokens")
+    print(f"{'mode':15s} {'policy':20s} {'wall s':>8s} {'SimPy events':>13s} {'step sims':>10s} {'steps':>7s}")
+    for mode in ("prefill-only", "prefill+decode"):
+        for pol in paper_policies():
+            dt, s = one(pol, wl, mode)
+            print(f"{mode:15s} {pol.label:20s} {dt:8.3f} {s['simpy_events']:13d} {s['step_sims']:10d} {s['steps']:7d}")
+    print("\nscaling (prefill+decode, interval k=2):")
+    print(f"{'requests':>9s} {'wall s':>8s} {'s/request':>10s} {'SimPy events':>13s} {'step sims':>10s} {'steps':>8s}")
+    pol = paper_policies()[2]
+    for n in (int(x) for x in a.scale.split(",")):
+        dt, s = one(pol, longbench_multi_news(n, seed=0), "prefill+decode", repeat=1 if n > 2000 else 3)
+        print(f"{n:9d} {dt:8.3f} {dt / n:10.5f} {s['simpy_events']:13d} {s['step_sims']:10d} {s['steps']:8d}")
+    print("\nscaling with output length (200 requests, interval k=2):")
+    for out in (128, 512, 2048):
+        dt, s = one(pol, longbench_multi_news(200, seed=0, output_len=out), "prefill+decode")
+        print(f"  output {out:5d}: {dt:.3f} s, {s['steps']} steps, {s['step_sims']} step sims")
+
+
+if __name__ == "__main__":
+    main()

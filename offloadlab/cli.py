@@ -1,0 +1,199 @@
+"""The ``offloadlab`` command line: paper, run, step, memory, list.
+
+Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import OffloadLabError
+from .specs import GiB
+
+
+def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
+    p.add_argument("--model", default="llama-3.1-8b", help="catalog name (see `offloadlab list`)")
+    p.add_argument("--gpu", default="A100-SXM4-40GB", help="catalog name or alias (see `offloadlab list`)")
+    if policy:
+        p.add_argument("--policy", default="interval:2",
+                       help="none | vllm:GIB | interval:K[,BUFFERS] | prefetch:G,N,S (default interval:2)")
+    p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
+    p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
+
+
+def _engine(a):
+    from .sim import EngineConfig
+
+    return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
+                        max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
+                        chunked_prefill=a.chunked_prefill, mode=a.mode)
+
+
+def _fmt_results(df: pd.DataFrame) -> str:
+    cols = {"mode": "mode", "policy": "policy", "offloaded_layers": "offl.layers",
+            "throughput_rps": "req/s", "output_tok_s": "out tok/s", "ttft_mean_s": "TTFT mean s",
+            "ttft_p99_s": "TTFT p99 s", "tpot_mean_s": "TPOT mean ms", "tpot_p99_s": "TPOT p99 ms",
+            "mem_kv_tokens": "KV tokens", "preemptions": "preempt", "util_compute": "compute util",
+            "util_link": "link util"}
+    t = df[[c for c in cols if c in df]].rename(columns=cols).copy()
+    for c in ("TPOT mean ms", "TPOT p99 ms"):
+        if c in t:
+            t[c] = t[c] * 1e3
+    return t.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}")
+
+
+def cmd_paper(a) -> None:
+    from .fileio import atomic_write, atomic_write_text
+    from .paper import PAPER_ENGINE, memory_table, run_paper, speedups
+    from .plots import paper_figure
+
+    out = Path(a.out)
+    res = run_paper(a.model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
+    mem = memory_table(a.model, a.gpu)
+    sp = speedups(res)
+    print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
+          f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
+          f"512 output tokens), all arriving at t=0; costs: {'profile ' + a.profile if a.profile else 'roofline'}\n")
+    print(_fmt_results(res))
+    print("\nInterval offload vs vLLM's copy-path offload of the same bytes:")
+    print(sp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("\nGPU memory (GiB) per policy (paper Fig. 5):")
+    print(mem.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    atomic_write_text(out / "paper_results.csv", res.to_csv(index=False))
+    atomic_write_text(out / "paper_memory.csv", mem.to_csv(index=False))
+    fig = paper_figure(res, mem, f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
+    atomic_write(out / "paper.png", lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
+
+
+def cmd_run(a) -> None:
+    from .fileio import atomic_write_text
+    from .policy import parse_policy
+    from .sim import make_workload, simulate
+
+    wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate)
+    r = simulate(a.model, a.gpu, parse_policy(a.policy), wl, _engine(a), profile=a.profile)
+    print(_fmt_results(pd.DataFrame([r.row()])))
+    m = r.memory
+    print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
+          f"{m.activations / GiB:.2f}, KV cache {m.kv_cache / GiB:.2f} GiB ({m.kv_tokens} tokens); "
+          f"host pinned {m.host_offloaded / GiB:.2f} GiB; simulated in {r.summary['wall_s']:.3f} s")
+    if a.json:
+        atomic_write_text(a.json, json.dumps(r.row(), indent=1, default=float))
+    if a.requests_csv:
+        atomic_write_text(a.requests_csv, r.requests.to_csv(index=False))
+    if a.trace:
+        r.trace.save_chrome(a.trace)
+
+
+def cmd_step(a) -> None:
+    from .policy import parse_policy
+    from .sim import simulate_step
+
+    r = simulate_step(a.model, a.gpu, parse_policy(a.policy), batch=a.batch, new_tokens=a.new_tokens,
+                      context=a.context, profile=a.profile)
+    print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
+          f"{r.events} SimPy events")
+    for lane, b in r.busy.items():
+        print(f"  {lane:8s} busy {b * 1e3:9.3f} ms ({b / r.time:6.1%})")
+    if a.trace:
+        r.trace.save_chrome(a.trace)
+        print(f"wrote {a.trace} (open in ui.perfetto.dev)")
+
+
+def cmd_memory(a) -> None:
+    from .catalog import get_gpu, get_model
+    from .policy import parse_policy
+    from .sim import plan_memory
+
+    m, hw, e = get_model(a.model), get_gpu(a.gpu), _engine(a)
+    pl = parse_policy(a.policy).place(m)
+    mem = plan_memory(m, hw, pl, gpu_memory_utilization=e.gpu_memory_utilization,
+                      max_batched_tokens=e.max_num_batched_tokens, max_seqs=e.max_num_seqs,
+                      max_model_len=e.max_model_len, block_size=e.block_size, overhead=e.overhead_bytes)
+    for k, v in mem.as_dict().items():
+        print(f"{k:18s} {v / GiB:10.2f} GiB" if isinstance(v, float) else f"{k:18s} {v:10d}")
+
+
+def cmd_list(a) -> None:
+    from .catalog import get_gpu, get_model, gpu_names, model_names
+
+    print("models:")
+    for n in model_names():
+        m = get_model(n)
+        print(f"  {n:22s} {m.params / 1e9:7.2f} B params, {m.layers:3d} layers, {m.layer_bytes / 1e9:.3f} GB/layer")
+    print("GPUs:")
+    for n in gpu_names():
+        g = get_gpu(n)
+        print(f"  {n:22s} {g.memory_bytes / GiB:5.0f} GiB, {g.hbm_bw / 1e12:.2f} TB/s, "
+              f"{g.peak_flops / 1e12:5.0f} TFLOP/s, {g.host_link} {g.h2d_bw / 1e9:.0f} GB/s H2D")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="offloadlab", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("paper", help="the paper's scenario: table and plot")
+    _common(p, policy=False)
+    p.set_defaults(gpu="A100-SXM4-40GB")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/paper")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_paper)
+    p = sub.add_parser("run", help="serve a workload")
+    _common(p)
+    _engine_args(p)
+    p.add_argument("--workload", default="multi_news", help="multi_news, a workloads.csv dataset, or a CSV/JSONL file")
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s); default all at t=0")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the result row as JSON")
+    p.add_argument("--requests-csv", help="write per-request rows as CSV")
+    p.add_argument("--trace", help="write the step trace as Chrome/Perfetto JSON")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("step", help="one forward step: time, lanes, trace")
+    _common(p)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=2048)
+    p.add_argument("--context", type=int, default=0)
+    p.add_argument("--trace", help="write the per-layer trace as Chrome/Perfetto JSON")
+    p.set_defaults(fn=cmd_step)
+    p = sub.add_parser("memory", help="GPU memory layout for a policy")
+    _common(p)
+    _engine_args(p)
+    p.set_defaults(fn=cmd_memory)
+    p = sub.add_parser("list", help="known models and GPUs")
+    p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+    p.set_defaults(fn=cmd_list)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "catalog", None):
+            from .catalog import load_catalog_file
+
+            load_catalog_file(args.catalog)
+        args.fn(args)
+    except OffloadLabError as e:
+        print(f"offloadlab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
