@@ -108,9 +108,12 @@ class Roofline:
         elem = max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
         return gemms + attn + elem
 
+    def replays_graph(self, s: StepShape) -> bool:
+        """vLLM captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs."""
+        return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
+
     def launch_time(self, s: StepShape) -> float:
-        graph = self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
-        return self.graph_launch_per_layer if graph else self.eager_launch_per_layer
+        return self.graph_launch_per_layer if self.replays_graph(s) else self.eager_launch_per_layer
 
     def layer(self, s: StepShape) -> LayerCost:
         return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor)
@@ -167,11 +170,15 @@ class Calibrated:
         return min(self._points, key=lambda p: (p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2) if self._points else None
 
     def layer(self, s: StepShape) -> LayerCost:
-        r = self.roofline.gpu_time(s)
+        """GPU time scaled by the nearest measurement; host time measured (eager), unless the step
+        replays a CUDA graph (``roofline.cuda_graphs``), which the eager measurements do not cover."""
+        rf = self.roofline
+        r = rf.gpu_time(s)
         p = self._nearest(s)
-        if p is None:
-            return LayerCost(r, self._launch, self.roofline.kernel_floor)
-        return LayerCost(r * p[2], p[3], self.roofline.kernel_floor)
+        gpu, host = (r, self._launch) if p is None else (r * p[2], p[3])
+        if rf.replays_graph(s):
+            host = rf.graph_launch_per_layer
+        return LayerCost(gpu, host, rf.kernel_floor)
 
     def head(self, s: StepShape) -> float:
         return self.roofline.head(s)

@@ -1,0 +1,83 @@
+"""The command line: the main job runs and writes its outputs; bad input is one line and exit 2."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from offloadlab.cli import main
+
+
+def test_paper_writes_table_csvs_and_plot(tmp_path, capsys):
+    assert main(["paper", "--requests", "20", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "interval k=2 buf=2" in out and "vllm" in out
+    res = pd.read_csv(tmp_path / "paper_results.csv")
+    assert len(res) == 6 and set(res["mode"]) == {"prefill-only", "prefill+decode"}
+    assert (tmp_path / "paper.png").read_bytes()[:4] == b"\x89PNG"
+    mem = pd.read_csv(tmp_path / "paper_memory.csv")
+    assert mem["kv_cache_GiB"].iloc[0] < mem["kv_cache_GiB"].max()  # offload frees room for the KV cache
+
+
+def test_run_writes_json_trace_and_requests(tmp_path, capsys):
+    args = ["run", "--policy", "interval:4,2", "--workload", "multi_news", "--requests", "10",
+            "--json", str(tmp_path / "r.json"), "--trace", str(tmp_path / "t.json"),
+            "--requests-csv", str(tmp_path / "q.csv")]
+    assert main(args) == 0
+    row = json.loads((tmp_path / "r.json").read_text())
+    assert row["requests"] == 10 and row["offloaded_layers"] == 8
+    chrome = json.loads((tmp_path / "t.json").read_text())
+    assert any(e["ph"] == "X" for e in chrome["traceEvents"])
+    assert len(pd.read_csv(tmp_path / "q.csv")) == 10
+
+
+def test_step_prints_lanes(capsys):
+    assert main(["step", "--gpu", "h100", "--policy", "vllm:4", "--new-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "step time" in out and "link" in out
+
+
+def test_list_names_catalog_entries(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-3.1-405b" in out and "GH200-96GB" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "--gpu", "H900"], "unknown GPU 'H900'; known:"),
+    (["run", "--model", "llama-9"], "unknown model 'llama-9'; known:"),
+    (["run", "--policy", "interval:0"], "k (group size)=0"),
+    (["run", "--policy", "interval:2,0"], "staging buffers=0"),
+    (["run", "--policy", "vllm:100"], "cpu_offload_gb=100.0"),
+    (["run", "--policy", "warp:3"], "policy='warp:3'"),
+    (["run", "--model", "llama-3.1-70b", "--policy", "none"], "does not fit"),
+    (["run", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization=1.5"),
+    (["run", "--rate", "-1"], "rate"),
+    (["memory", "--model", "llama-3.1-405b", "--gpu", "a100", "--policy", "interval:2"], "does not fit"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_malformed_workload_and_catalog_files(tmp_path, capsys):
+    wl = tmp_path / "w.csv"
+    wl.write_text("prompt_len,output_len\n100,10\nabc,5\n")
+    assert main(["run", "--workload", str(wl)]) == 2
+    err = capsys.readouterr().err
+    assert "w.csv" in err and "row 2" in err and "prompt_len" in err
+    cat = tmp_path / "c.yaml"
+    cat.write_text("models:\n  tiny: {layers: 2, hiden: 64}\n")
+    assert main(["list", "--catalog", str(cat)]) == 2
+    assert "hiden" in capsys.readouterr().err
+    cat.write_text("models: [unclosed\n")
+    assert main(["list", "--catalog", str(cat)]) == 2
+    assert "c.yaml" in capsys.readouterr().err
+
+
+def test_console_script_exits_nonzero_without_traceback():
+    p = subprocess.run([sys.executable, "-m", "offloadlab.cli", "run", "--gpu", "nope"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "unknown GPU" in p.stderr

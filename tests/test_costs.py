@@ -1,0 +1,156 @@
+"""Cost models and Profiles: hand-computed roofline numbers, calibration from the probe file."""
+import json
+import math
+
+import pytest
+
+from offloadlab import ConfigError, Profile, get_gpu, get_model, interval
+from offloadlab.policy import Placement
+from offloadlab.sim import Roofline, StepShape, cost_model, simulate_layers
+
+M8 = get_model("llama-3.1-8b")
+H100 = get_gpu("h100")
+
+
+def test_step_shape_counts_causal_pairs_by_hand():
+    # 2 sequences: (new=3 after 5 cached) -> keys 6+7+8 = 21; (new=1 after 10) -> 11
+    s = StepShape.of([(3, 5), (1, 10)])
+    assert (s.seqs, s.tokens, s.pairs, s.kv_tokens, s.decode_only) == (2, 4, 32, 19, False)
+    assert StepShape.uniform(4, 1, 100) == StepShape.of([(1, 100)] * 4)
+    assert StepShape.uniform(4, 1, 100).decode_only
+
+
+@pytest.mark.parametrize("field,value", [("batch", 0), ("new_tokens", 0), ("context", -1)])
+def test_step_shape_rejects_bad_values(field, value):
+    args = {"batch": 1, "new_tokens": 1, "context": 0, field: value}
+    with pytest.raises(ConfigError, match=field):
+        StepShape.uniform(args["batch"], args["new_tokens"], args["context"])
+
+
+def test_roofline_large_prefill_is_compute_bound_by_hand():
+    rf = Roofline(M8, H100, matmul_eff=1.0, attention_eff=1.0, memory_eff=1.0, kernel_floor=0.0)
+    T = 8192
+    # GEMM FLOPs of one 8B layer: 2 * 218,103,808 matmul params * T; attention 4 * 4096 * T(T+1)/2
+    gemm = 2 * 218_103_808 * T / 989e12
+    attn = 4 * 4096 * (T * (T + 1) / 2) / 989e12
+    elem_bytes = T * 2 * (8 * 4096 + 2 * (4096 + 2 * 1024) + 3 * 14336)
+    t = rf.gpu_time(StepShape.uniform(1, T, 0))
+    assert t == pytest.approx(gemm + attn + elem_bytes / 3.35e12, rel=1e-6)
+
+
+def test_roofline_decode_reads_weights_and_kv_by_hand():
+    rf = Roofline(M8, H100, memory_eff=1.0, kernel_floor=0.0)
+    B, C = 64, 4096
+    weights = 218_103_808 * 2
+    kv = B * (C + 1) * 4096  # K and V of 8 heads x 128 x 2 bytes per token
+    t = rf.gpu_time(StepShape.uniform(B, 1, C))
+    # memory-bound: at least the weight and KV bytes over HBM bandwidth, and not far above
+    assert (weights + kv) / 3.35e12 < t < 1.1 * (weights + kv) / 3.35e12
+
+
+def test_more_tokens_never_cost_less():
+    rf = Roofline(M8, H100)
+    times = [rf.gpu_time(StepShape.uniform(1, t, 0)) for t in (1, 16, 256, 2048, 8192)]
+    assert times == sorted(times)
+
+
+def test_transfer_adds_latency_to_bandwidth():
+    rf = Roofline(M8, H100)
+    assert rf.transfer(M8.layer_bytes) == pytest.approx(10e-6 + M8.layer_bytes / (64e9 * 0.82))
+
+
+def test_cuda_graphs_only_for_decode_batches_up_to_the_capture_size():
+    rf = Roofline(M8, H100)
+    assert rf.layer(StepShape.uniform(8, 1, 100)).host == rf.graph_launch_per_layer
+    assert rf.layer(StepShape.uniform(512, 1, 100)).host == rf.eager_launch_per_layer
+    assert rf.layer(StepShape.uniform(1, 100, 0)).host == rf.eager_launch_per_layer
+    assert Roofline(M8, H100, cuda_graphs=False).layer(StepShape.uniform(8, 1, 100)).host == \
+        rf.eager_launch_per_layer
+
+
+@pytest.mark.parametrize("field", ["matmul_eff", "memory_eff", "attention_eff"])
+def test_roofline_rejects_bad_efficiency(field):
+    with pytest.raises(ConfigError, match=field):
+        Roofline(M8, H100, **{field: 0})
+
+
+# ---- Profile ----
+
+def test_profile_from_probe_reads_in_stack_times(probe_path):
+    d = json.loads(probe_path.read_text())
+    p = Profile.from_probe(probe_path)
+    resident = {(r["B"], r["T"], r["C"]): r["ms"] for r in d["forward"] if r["policy"] == "resident"}
+    got = {(b, t, c): s for b, t, c, s in p.layer_times}
+    for k, ms in resident.items():
+        assert got[k] == pytest.approx(ms / 1e3 / d["layers"])
+    assert p.h2d[0] == (1024**2, d["h2d_bandwidth"][0]["h2d_pinned_GBps"] * 1e9)
+
+
+def test_profile_save_load_round_trip(tmp_path, probe_path):
+    p = Profile.from_probe(probe_path)
+    path = p.save(tmp_path / "prof.json")
+    assert Profile.load(path) == p
+    assert not [f for f in tmp_path.iterdir() if f.name != "prof.json"]  # no temp files left
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda d: d.pop("schema"), "schema"),
+    (lambda d: d.update(schema="offloadlab.profile/99"), "schema"),
+    (lambda d: d.pop("h2d"), "h2d"),
+    (lambda d: d.update(h2d=[[1, -5]]), "h2d[0]"),
+    (lambda d: d.update(layer_times=[[1, 0, 0, 1.0]]), "layer_times[0]"),
+])
+def test_profile_load_errors_name_file_and_field(tmp_path, probe_path, edit, field):
+    d = json.loads(Profile.from_probe(probe_path).save(tmp_path / "p.json").read_text())
+    edit(d)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(ConfigError) as e:
+        Profile.load(bad)
+    assert "bad.json" in str(e.value) and field in str(e.value)
+
+
+def test_truncated_profile_is_a_clear_error(tmp_path, probe_path):
+    text = Profile.from_probe(probe_path).save(tmp_path / "p.json").read_text()
+    bad = tmp_path / "cut.json"
+    bad.write_text(text[: len(text) // 2])
+    with pytest.raises(ConfigError, match="cut.json"):
+        Profile.load(bad)
+
+
+def test_calibrated_copy_time_matches_measured_layer_copy(probe_path):
+    d = json.loads(probe_path.read_text())
+    cal = cost_model(M8, H100, Profile.from_probe(probe_path))
+    assert cal.transfer(d["layer_bytes"]) == pytest.approx(d["layer_copy_ms"] / 1e3, rel=0.03)
+
+
+def test_calibrated_reproduces_resident_rows_exactly(probe_path):
+    d = json.loads(probe_path.read_text())
+    cal = cost_model(M8, H100, Profile.from_probe(probe_path), cuda_graphs=False)
+    none = interval(M8.layers + 1).place(M8)
+    for r in d["forward"]:
+        if r["policy"] != "resident":
+            continue
+        res = simulate_layers(none, cal.layer(StepShape.uniform(r["B"], r["T"], r["C"])), 0.0, cal.transfer)
+        assert res.time * 1e3 == pytest.approx(r["ms"], rel=0.01)
+
+
+def test_calibrated_predicts_offload_rows_of_the_probe(probe_path):
+    """Calibrated from components and resident rows only, the step model predicts the offload rows
+    (the development set's fidelity target: MAPE <= 3%, no row off by more than 10%)."""
+    d = json.loads(probe_path.read_text())
+    cal = cost_model(M8, H100, Profile.from_probe(probe_path), cuda_graphs=False)
+    errs = []
+    for r in d["forward"]:
+        if r["policy"] == "sync_prefix":
+            pl = Placement(tuple(M8.layer_param_bytes if i < r["param"] else () for i in range(d["layers"])),
+                           M8.layer_bytes, "copy")
+        elif r["policy"] == "async_k":
+            pl = interval(r["param"], r["nbuf"]).place(M8)
+        else:
+            continue
+        res = simulate_layers(pl, cal.layer(StepShape.uniform(r["B"], r["T"], r["C"])), 0.0, cal.transfer)
+        errs.append(abs(res.time * 1e3 / r["ms"] - 1))
+    assert len(errs) == 36
+    assert sum(errs) / len(errs) <= 0.03
+    assert max(errs) <= 0.10
