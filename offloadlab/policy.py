@@ -139,6 +139,14 @@ class Prefetch:
         return Placement(layers, model.layer_bytes, "prefetch", slots=self.slots)
 
 
+def copy_prefix(model: ModelSpec, layers: int) -> Placement:
+    """The copy path with exactly layers 0..layers-1 offloaded, whole (the probe's ``sync_prefix``)."""
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= model.layers:
+        raise ConfigError("layers", layers, f"an integer in [0, {model.layers}]")
+    full = model.layer_param_bytes
+    return Placement(tuple(full if i < layers else () for i in range(model.layers)), model.layer_bytes, "copy")
+
+
 def interval(k: int, buffers: int = 2) -> Prefetch:
     """The paper's policy: layer i offloaded when i % k == k-1, ``buffers`` staging buffers."""
     return Prefetch(group=k, per_group=1, slots=buffers)

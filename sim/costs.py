@@ -5,13 +5,13 @@ Two implementations of one small interface (``layer``, ``head``, ``transfer``, `
   max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency), a launch floor); the host
   spends ``eager_launch_per_layer`` launching a layer's kernels, or almost nothing when decode steps
   replay a CUDA graph (vLLM's default for decode batches up to 256 sequences).
-- ``Calibrated``: a measured Profile. Copy time from the measured bandwidth curve; layer GPU
+- ``Calibrated``: a measured Profile. Copy time = latency + size / streaming rate, both read off
+  the measured bandwidth curve; layer GPU
   time = roofline x the measured/roofline ratio at the nearest measured shape; host launch time
   from the launch-bound measurements.
 """
 from __future__ import annotations
 
-import bisect
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -137,6 +137,8 @@ class Calibrated:
     profile: Profile
     _points: tuple = field(init=False, repr=False, compare=False)
     _launch: float = field(init=False, repr=False, compare=False)
+    _latency: float = field(init=False, repr=False, compare=False)
+    _rate: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         rf, prof = self.roofline, self.profile
@@ -156,6 +158,9 @@ class Calibrated:
             points.append((math.log(s.tokens), math.log(max(s.kv_tokens, 1)), ratio, host))
         object.__setattr__(self, "_points", tuple(points))
         object.__setattr__(self, "_launch", launch)
+        lat, rate = _link_model(prof.h2d)
+        object.__setattr__(self, "_latency", lat)
+        object.__setattr__(self, "_rate", rate)
 
     @property
     def model(self) -> ModelSpec:
@@ -184,19 +189,26 @@ class Calibrated:
         return self.roofline.head(s)
 
     def transfer(self, nbytes: float) -> float:
-        """Interpolate the measured bandwidth in log(size); beyond the table, its end values."""
-        h2d = self.profile.h2d
-        sizes = [b for b, _ in h2d]
-        i = bisect.bisect_left(sizes, nbytes)
-        if i == 0:
-            bw = h2d[0][1]
-        elif i == len(h2d):
-            bw = h2d[-1][1]
-        else:
-            (s0, b0), (s1, b1) = h2d[i - 1], h2d[i]
-            w = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-            bw = b0 + w * (b1 - b0)
-        return nbytes / bw
+        """Latency + size / streaming rate, both read off the measured bandwidth curve."""
+        return self._latency + nbytes / self._rate
+
+
+def _link_model(h2d: tuple[tuple[float, float], ...]) -> tuple[float, float]:
+    """(latency s, streaming rate B/s) of a measured bandwidth-by-size table.
+
+    Measured copy time t(n) = n / bw(n) is latency + n / rate: the rate is the slope between the
+    two largest transfers (where the link is saturated; copies queued back to back on a stream run
+    at it), the latency what the smallest transfer spends beyond n / rate.
+    """
+    pts = sorted((n, n / bw) for n, bw in h2d)
+    best_bw = max(bw for _, bw in h2d)
+    if len(pts) < 2:
+        return 0.0, best_bw
+    (n0, t0), (n1, t1) = pts[-2], pts[-1]
+    rate = (n1 - n0) / (t1 - t0) if t1 > t0 else best_bw
+    rate = max(rate, best_bw)  # never slower than a measured copy
+    n_min, t_min = pts[0]
+    return max(0.0, t_min - n_min / rate), rate
 
 
 def cost_model(model: ModelSpec, hw: HardwareSpec, profile: Profile | None = None, **roofline_kw):

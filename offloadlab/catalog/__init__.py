@@ -6,6 +6,7 @@ facts (shared/data/hardware.csv; a test keeps the two identical).
 from __future__ import annotations
 
 import csv
+import re
 import dataclasses
 from functools import lru_cache
 from importlib import resources
@@ -101,6 +102,30 @@ def get_gpu(name: str | HardwareSpec) -> HardwareSpec:
         return table[k]
     except KeyError:
         raise UnknownNameError("GPU", name, gpu_names() + sorted(_ALIASES)) from None
+
+
+def gpu_for_device(device_name: str) -> HardwareSpec:
+    """The catalog GPU a device name (as torch.cuda.get_device_name prints it) refers to.
+
+    "NVIDIA H100 80GB HBM3" -> H100-SXM5-80GB; "NVIDIA H100 PCIe" -> H100-PCIe-80GB;
+    "NVIDIA A100-SXM4-40GB" -> A100-SXM4-40GB. The family must match; memory size and form factor
+    (PCIe or not) break ties.
+    """
+    dev = device_name.upper().replace(" ", "-")
+    best, best_score = None, 0
+    for name, spec in {**_datasheet_gpus(), **_user_gpus}.items():
+        family, *rest = name.upper().split("-")
+        if not re.search(rf"(^|[^A-Z0-9]){family}($|[^A-Z0-9])", dev):
+            continue
+        score = 10
+        size = next((r for r in rest if r.endswith("GB")), "")
+        score += 2 if size and size in dev else 0
+        score += 1 if ("PCIE" in name.upper()) == ("PCIE" in dev) else -5
+        if score > best_score:
+            best, best_score = spec, score
+    if best is None:
+        raise UnknownNameError("GPU device", device_name, gpu_names())
+    return best
 
 
 def _build(cls, name: str, fields: dict, source: str, base=None):
