@@ -1,4 +1,4 @@
-"""The ``offloadlab`` command line: paper, run, step, memory, list.
+"""The ``offloadlab`` command line: paper, run, step, memory, validate, list.
 
 Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit status 2.
 """
@@ -128,6 +128,34 @@ def cmd_memory(a) -> None:
         print(f"{k:18s} {v / GiB:10.2f} GiB" if isinstance(v, float) else f"{k:18s} {v:10d}")
 
 
+def cmd_validate(a) -> None:
+    from .fileio import atomic_write, atomic_write_text
+    from .plots import predicted_vs_measured
+    from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
+
+    files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
+    frames = []
+    for f in files:
+        probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
+        df = predict_probe(probe)
+        s = error_summary(df)
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+              f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "error"]
+        print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
+        w = s["worst"]
+        print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
+              f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
+              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()) + "\n")
+        frames.append(df.assign(file=f))
+    if a.json:
+        atomic_write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
+    if a.plot:
+        fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
+        atomic_write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+        print(f"wrote {a.plot}")
+
+
 def cmd_list(a) -> None:
     from .catalog import get_gpu, get_model, gpu_names, model_names
 
@@ -175,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
+    p = sub.add_parser("validate", help="predict a probe file's rows from its components; compare")
+    p.add_argument("files", nargs="*", help="probe JSON files (default: the stored ones in validation/traces)")
+    p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
+    p.add_argument("--model", help="catalog model (default: the file's)")
+    p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
+    p.add_argument("--plot", help="write a predicted-vs-measured PNG")
+    p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+    p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("list", help="known models and GPUs")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_list)

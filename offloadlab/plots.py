@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 _COLORS = {"none": "#7f7f7f", "vllm": "#d62728", "prefetch": "#1f77b4"}
 
@@ -63,4 +64,25 @@ def timeline(trace, ax=None, title: str = ""):
     ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper right")
     if title:
         ax.set_title(title)
+    return fig
+
+
+def predicted_vs_measured(df: pd.DataFrame, title: str = ""):
+    """Scatter of predicted against measured step time (log-log), y = x and a +-10% band."""
+    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
+    markers = {"resident": "o", "sync_prefix": "s", "async_k": "^"}
+    for pol, g in df.groupby("policy"):
+        hollow = dict(facecolors="none", edgecolors="k") if pol == "resident" else {}
+        ax.scatter(g["measured_ms"], g["predicted_ms"], marker=markers.get(pol, "o"), alpha=0.8,
+                   label=f"{pol} (calibration)" if pol == "resident" else pol, **hollow)
+    lo, hi = df[["measured_ms", "predicted_ms"]].min().min() * 0.8, df[["measured_ms", "predicted_ms"]].max().max() * 1.2
+    xs = [lo, hi]
+    ax.plot(xs, xs, "k-", lw=0.8)
+    ax.fill_between(xs, [x * 0.9 for x in xs], [x * 1.1 for x in xs], color="k", alpha=0.07, label="±10%")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured (ms)",
+           ylabel="predicted (ms)", title=title)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=8)
     return fig

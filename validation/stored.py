@@ -1,0 +1,36 @@
+"""The stored measurements of validation/traces/ and their recorded tolerances."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StoredMeasurement:
+    path: Path
+    kind: str
+    gpu: str
+    tolerance: dict
+    provenance: dict
+
+
+def stored_measurements() -> list[StoredMeasurement]:
+    folder = Path(str(resources.files(__package__).joinpath("traces")))
+    index = folder / "index.yaml"
+    entries = yaml.safe_load(index.read_text()) or []
+    out = []
+    for i, e in enumerate(entries):
+        for key in ("file", "kind", "gpu", "tolerance"):
+            if key not in e:
+                raise ConfigError(f"[{i}].{key}", None, "present", source=str(index))
+        tol = e["tolerance"]
+        if not isinstance(tol, dict) or not {"mape", "max_abs_error"} <= set(tol):
+            raise ConfigError(f"[{i}].tolerance", tol, "{mape: x, max_abs_error: y}", source=str(index))
+        prov = {k: v for k, v in e.items() if k not in ("file", "kind", "gpu", "tolerance")}
+        out.append(StoredMeasurement(folder / e["file"], e["kind"], e["gpu"], tol, prov))
+    return out
