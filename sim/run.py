@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ..catalog import get_gpu, get_model
-from ..errors import ConfigError
+from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Policy
 from ..profile import Profile
 from ..specs import HardwareSpec, ModelSpec
@@ -15,7 +15,7 @@ from ..trace import Span, Trace
 from .costs import StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
-from .serving import EngineConfig, ServingLoop
+from .serving import WATERMARK, EngineConfig, ServingLoop
 from .step import StepModel, StepResult
 from .workload import Workload
 
@@ -87,6 +87,12 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                       max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                       max_model_len=engine.max_model_len, block_size=engine.block_size,
                       overhead=engine.overhead_bytes)
+    fits = int(mem.kv_blocks * (1 - WATERMARK)) * engine.block_size
+    for r in workload.requests:
+        if r.prompt_len + r.output_len > fits:
+            raise DoesNotFitError(
+                f"request {r.id}: prompt_len+output_len={r.prompt_len + r.output_len} tokens exceed the KV cache's "
+                f"{mem.kv_tokens} tokens less vLLM's 1% watermark ({fits}); vLLM would ignore it")
     sm = StepModel(placement, cost)
     loop = ServingLoop(sm, engine, mem.kv_tokens, trace_steps=trace_steps)
     loop.run(list(workload.requests))

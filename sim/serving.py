@@ -212,11 +212,12 @@ class ServingLoop:
                 self.waiting.append((yield self.arrived.get()))
             batch = self._schedule()
             if not batch:
-                if self.running:  # nothing fits and nothing can be preempted into room
-                    raise RuntimeError("scheduler stalled with running requests")  # a bug, never user input
+                if self.running or self._next >= len(self._order):  # nothing fits, nothing will arrive:
+                    raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # a bug
                 self.waiting.append((yield self.arrived.get()))
                 continue
-            if self.fast_forward and all(k == 1 for _, k in batch) and len(batch) == len(self.running):
+            if (self.fast_forward and len(batch) == len(self.running)
+                    and all(k == 1 and s.generated for s, k in batch)):  # pure decodes, first tokens out
                 yield from self._decode_run()
                 continue
             shape = StepShape.of([(k, s.computed) for s, k in batch])

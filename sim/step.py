@@ -47,6 +47,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     link = simpy.Resource(env, capacity=1)
     host_start = [env.event() for _ in range(L)]
     host_done = [env.event() for _ in range(L)]
+    host_done_at = [0.0] * L
     copy_done = {j: env.event() for j in prefetched}
     released = {j: env.event() for j in prefetched}
     spans: list[Span] = []
@@ -65,6 +66,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
             yield env.timeout(layer.host + issue)
             busy["host"] += env.now - t0
             span("host", "launch", t0, i)
+            host_done_at[i] = env.now
             host_done[i].succeed()
 
     def copy(seconds, lane, i):
@@ -103,7 +105,9 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
             yield env.timeout(layer.gpu * (copy_slowdown if state["copying"] else 1.0))
             if not host_done[i].processed:
                 yield host_done[i]
-                yield env.timeout(layer.tail)
+            late = host_done_at[i] + layer.tail - env.now  # the last kernel, launched late, still runs
+            if late > 0:
+                yield env.timeout(late)
             busy["compute"] += env.now - t0
             span("compute", "compute", t0, i)
             if i in released:

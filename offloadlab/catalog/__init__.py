@@ -128,10 +128,20 @@ def gpu_for_device(device_name: str) -> HardwareSpec:
     return best
 
 
+def _number(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def _build(cls, name: str, fields: dict, source: str, base=None):
     if not isinstance(fields, dict):
         raise ConfigError(name, fields, "a mapping of field: value", source=source)
-    known = {f.name for f in dataclasses.fields(cls)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    # YAML 1.1 (PyYAML) reads 8.6e10 as a string; numbers are what a spec's numeric fields mean
+    fields = {k: _number(v) if "float" in str(types.get(k)) and isinstance(v, str) else v for k, v in fields.items()}
+    known = set(types)
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}", fields[unknown[0]], f"one of {sorted(known - {'name'})}",
