@@ -50,11 +50,11 @@ class Placement:
     def staging_bytes(self) -> int:
         """GPU bytes the mechanism needs to bring offloaded weights back.
 
-        Prefetch: ``slots`` static buffers of one layer each. Copy path: the fresh device copies of
+        Prefetch: ``slots`` static buffers of one layer each (no more than there are offloaded layers). Copy path: the fresh device copies of
         one layer's offloaded parameters, alive while that layer runs (vLLM's profiling run sees them).
         """
         if self.mechanism == "prefetch" and self.offloaded_layers:
-            return self.slots * self.layer_bytes
+            return min(self.slots, len(self.offloaded_layers)) * self.layer_bytes  # no use for idle slots
         if self.mechanism == "copy" and self.offloaded_layers:
             return max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
         return 0

@@ -173,15 +173,16 @@ def load_catalog_file(path: str | Path) -> tuple[list[str], list[str]]:
     extra = sorted(set(data) - {"models", "gpus"})
     if extra:
         raise ConfigError(extra[0], data[extra[0]], "top-level keys 'models' and/or 'gpus'", source=src)
-    added_m, added_g = [], []
+    models, gpus = {}, {}
     for name, fields in (data.get("models") or {}).items():
         fields = dict(fields) if isinstance(fields, dict) else fields
         base = get_model(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
-        _user_models[name] = _build(ModelSpec, name, fields, src, base)
-        added_m.append(name)
+        models[name] = _build(ModelSpec, name, fields, src, base)
     for name, fields in (data.get("gpus") or {}).items():
         fields = dict(fields) if isinstance(fields, dict) else fields
         base = get_gpu(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
-        _user_gpus[name] = _build(HardwareSpec, name, fields, src, base)
-        added_g.append(name)
+        gpus[name] = _build(HardwareSpec, name, fields, src, base)
+    _user_models.update(models)  # all or nothing: only a file whose every entry is valid is added
+    _user_gpus.update(gpus)
+    added_m, added_g = list(models), list(gpus)
     return added_m, added_g
