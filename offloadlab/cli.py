@@ -115,15 +115,10 @@ def cmd_step(a) -> None:
 
 
 def cmd_memory(a) -> None:
-    from .catalog import get_gpu, get_model
     from .policy import parse_policy
-    from .sim import plan_memory
+    from .sim import serving_memory
 
-    m, hw, e = get_model(a.model), get_gpu(a.gpu), _engine(a)
-    pl = parse_policy(a.policy).place(m)
-    mem = plan_memory(m, hw, pl, gpu_memory_utilization=e.gpu_memory_utilization,
-                      max_batched_tokens=e.max_num_batched_tokens, max_seqs=e.max_num_seqs,
-                      max_model_len=e.max_model_len, block_size=e.block_size, overhead=e.overhead_bytes)
+    mem = serving_memory(a.model, a.gpu, parse_policy(a.policy), _engine(a))
     for k, v in mem.as_dict().items():
         print(f"{k:18s} {v / GiB:10.2f} GiB" if isinstance(v, float) else f"{k:18s} {v:10d}")
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from .catalog import get_gpu, get_model
 from .policy import NoOffload, VllmCopy, interval
-from .sim import EngineConfig, longbench_multi_news, plan_memory, simulate
+from .sim import EngineConfig, longbench_multi_news, serving_memory, simulate
 from .specs import GiB
 
 PAPER_MODEL = "llama-3.1-8b"
@@ -64,10 +64,7 @@ def memory_table(model=PAPER_MODEL, gpu=PAPER_GPU, engine: EngineConfig = PAPER_
     rows = []
     for p in pols:
         pl = p.place(m)
-        mem = plan_memory(m, hw, pl, gpu_memory_utilization=engine.gpu_memory_utilization,
-                          max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
-                          max_model_len=engine.max_model_len, block_size=engine.block_size,
-                          overhead=engine.overhead_bytes)
+        mem = serving_memory(m, hw, pl, engine)
         rows.append({"policy": p.label, "offloaded_layers": len(pl.offloaded_layers),
                      "offloaded_GiB": pl.offloaded_bytes / GiB, "weights_GiB": mem.weights_resident / GiB,
                      "staging_GiB": mem.staging / GiB, "activations_GiB": mem.activations / GiB,

@@ -1,6 +1,7 @@
 """The simulator's public entry points: one forward step, or a whole served workload."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -8,7 +9,7 @@ import pandas as pd
 
 from ..catalog import get_gpu, get_model
 from ..errors import ConfigError, DoesNotFitError
-from ..policy import NoOffload, Policy
+from ..policy import NoOffload, Placement, Policy
 from ..profile import Profile
 from ..specs import HardwareSpec, ModelSpec
 from ..trace import Span, Trace
@@ -23,14 +24,14 @@ from .workload import Workload
 def _resolve(model, gpu, policy, profile, cost_kw):
     m, hw = get_model(model), get_gpu(gpu)
     policy = policy if policy is not None else NoOffload()
-    if isinstance(profile, str):
+    if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
     placement = policy.place(m)
     return m, hw, policy, placement, cost_model(m, hw, profile, **(cost_kw or {}))
 
 
 def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
-                  batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | None = None,
+                  batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | os.PathLike | None = None,
                   cost_kw: dict | None = None) -> StepResult:
     """One forward pass of ``batch`` sequences adding ``new_tokens`` after ``context`` cached ones.
 
@@ -38,10 +39,22 @@ def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Polic
     """
     m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw)
     shape = StepShape.uniform(batch, new_tokens, context)
-    res = StepModel(placement, cost, quantum=1e-9).run(shape, trace=True)
+    res = StepModel(placement, cost, quantum=0.0).run(shape, trace=True)
     res.trace.meta.update(model=m.name, gpu=hw.name, policy=policy.label, batch=batch, new_tokens=new_tokens,
                           context=context)
     return res
+
+
+def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
+                   ) -> MemoryPlan:
+    """GPU memory layout of a deployment; ``placement`` is a Policy or its Placement."""
+    m, hw = get_model(model), get_gpu(gpu)
+    if not isinstance(placement, Placement):
+        placement = placement.place(m)
+    return plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
+                       max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
+                       max_model_len=engine.max_model_len, block_size=engine.block_size,
+                       overhead=engine.overhead_bytes)
 
 
 @dataclass
@@ -70,7 +83,7 @@ class RunResult:
 
 
 def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None, workload: Workload,
-             engine: EngineConfig = EngineConfig(), *, profile: Profile | str | None = None,
+             engine: EngineConfig = EngineConfig(), *, profile: Profile | str | os.PathLike | None = None,
              cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
     wall = time.perf_counter()
@@ -83,10 +96,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
                               "without chunked prefill (a preempted request is recomputed in one step)")
-    mem = plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
-                      max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
-                      max_model_len=engine.max_model_len, block_size=engine.block_size,
-                      overhead=engine.overhead_bytes)
+    mem = serving_memory(m, hw, placement, engine)
     fits = int(mem.kv_blocks * (1 - WATERMARK)) * engine.block_size
     for r in workload.requests:
         if r.prompt_len + r.output_len > fits:

@@ -129,8 +129,8 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
 
 def _bin(x: float, q: float) -> float:
     """Round ``x`` > 0 to the centre of its relative bin of width ``q`` (deterministic)."""
-    if x <= 0:
-        return 0.0
+    if x <= 0 or q == 0:
+        return max(x, 0.0)
     return math.exp(round(math.log(x) / q) * q)
 
 
@@ -138,7 +138,8 @@ class StepModel:
     """Step times for one (model, placement, cost model), memoized.
 
     Steps whose per-layer costs fall in the same relative bin (width ``quantum``, 0.2% by default: at most 0.1% off)
-    are identical steps: the second costs a dictionary look-up, not a SimPy run. This is how a whole
+    are identical steps: the second costs a dictionary look-up, not a SimPy run. ``quantum=0``
+    keys on the exact costs. This is how a whole
     workload of thousands of steps stays fast.
     """
 
