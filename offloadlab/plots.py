@@ -86,3 +86,15 @@ def predicted_vs_measured(df: pd.DataFrame, title: str = ""):
         axis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=8)
     return fig
+
+
+def compare_timelines(simulated, measured, title: str = ""):
+    """Two Gantt charts on one time axis: the simulated trace above, the measured one below."""
+    lanes = max(len(simulated.lanes()), len(measured.lanes()))
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(12, 1.2 * lanes + 1.5), constrained_layout=True)
+    for ax, trace, name in ((top, simulated, "simulated"), (bottom, measured, "measured")):
+        t0 = min((s.start for s in trace.spans), default=0.0)  # both start at 0
+        timeline(trace.shifted(-t0), ax=ax, title=name)
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -5,7 +5,8 @@ from its component measurements and ``resident`` rows only, and predicts every o
 ``traces/`` holds stored real measurements with their provenance and tolerances (index.yaml);
 the test suite replays each one, so a change that breaks fidelity cannot land.
 """
+from .compare import compare_traces, trace_metrics
 from .probe import ProbeFile, error_summary, predict_probe
 from .stored import StoredMeasurement, stored_measurements
 
-__all__ = ["ProbeFile", "StoredMeasurement", "error_summary", "predict_probe", "stored_measurements"]
+__all__ = ["compare_traces", "trace_metrics", "ProbeFile", "StoredMeasurement", "error_summary", "predict_probe", "stored_measurements"]
