@@ -5,7 +5,7 @@ The shared vocabulary lives here (``specs``, ``catalog``, ``policy``, ``profile`
 """
 from .catalog import get_gpu, get_model, gpu_names, load_catalog_file, model_names
 from .errors import ConfigError, DoesNotFitError, OffloadLabError, UnknownNameError
-from .policy import NoOffload, Placement, Prefetch, VllmCopy, interval, parse_policy
+from .policy import NoOffload, Placement, Prefetch, VllmCopy, VllmUva, interval, parse_policy
 from .profile import Profile
 from .specs import HardwareSpec, ModelSpec
 from .trace import Span, Trace

@@ -20,7 +20,10 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
     p.add_argument("--gpu", default="A100-SXM4-40GB", help="catalog name or alias (see `offloadlab list`)")
     if policy:
         p.add_argument("--policy", default="interval:2",
-                       help="none | vllm:GIB | interval:K[,BUFFERS] | prefetch:G,N,S (default interval:2)")
+                       help="none | vllm:GIB | uva:GIB | interval:K[,BUFFERS] | prefetch:G,N,S (default interval:2)")
+        p.add_argument("--vllm", metavar="FLAGS",
+                       help="a vLLM command line's offload flags instead of --policy, e.g. "
+                            "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
     p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
 
@@ -32,6 +35,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--chunked-prefill", action="store_true")
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
+
+
+def _policy(a):
+    if a.vllm:
+        from .vllm_flags import policy_from_vllm
+
+        return policy_from_vllm(a.vllm)
+    from .policy import parse_policy
+
+    return parse_policy(a.policy)
 
 
 def _engine(a):
@@ -81,16 +94,18 @@ def cmd_paper(a) -> None:
 
 def cmd_run(a) -> None:
     from .fileio import atomic_write_text
-    from .policy import parse_policy
     from .sim import make_workload, simulate
+    from .vllm_flags import format_vllm
 
     wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate)
-    r = simulate(a.model, a.gpu, parse_policy(a.policy), wl, _engine(a), profile=a.profile)
+    policy = _policy(a)
+    r = simulate(a.model, a.gpu, policy, wl, _engine(a), profile=a.profile)
+    print(f"policy: {policy.label}; deploy with: {format_vllm(policy)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
     m = r.memory
     print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
           f"{m.activations / GiB:.2f}, KV cache {m.kv_cache / GiB:.2f} GiB ({m.kv_tokens} tokens); "
-          f"host pinned {m.host_offloaded / GiB:.2f} GiB; simulated in {r.summary['wall_s']:.3f} s")
+          f"host: {m.host_offloaded / GiB:.2f} GiB offloaded, {m.host_pinned / GiB:.2f} GiB pinned; simulated in {r.summary['wall_s']:.3f} s")
     if a.json:
         atomic_write_text(a.json, json.dumps(r.row(), indent=1, default=float))
     if a.requests_csv:
@@ -100,10 +115,9 @@ def cmd_run(a) -> None:
 
 
 def cmd_step(a) -> None:
-    from .policy import parse_policy
     from .sim import simulate_step
 
-    r = simulate_step(a.model, a.gpu, parse_policy(a.policy), batch=a.batch, new_tokens=a.new_tokens,
+    r = simulate_step(a.model, a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
                       context=a.context, profile=a.profile)
     print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
           f"{r.events} SimPy events")
@@ -115,12 +129,12 @@ def cmd_step(a) -> None:
 
 
 def cmd_memory(a) -> None:
-    from .policy import parse_policy
     from .sim import serving_memory
 
-    mem = serving_memory(a.model, a.gpu, parse_policy(a.policy), _engine(a))
+    mem = serving_memory(a.model, a.gpu, _policy(a), _engine(a))
+    counts = ("kv_tokens", "block_size", "kv_blocks")
     for k, v in mem.as_dict().items():
-        print(f"{k:18s} {v / GiB:10.2f} GiB" if isinstance(v, float) else f"{k:18s} {v:10d}")
+        print(f"{k:18s} {v:10d}" if k in counts else f"{k:18s} {v / GiB:10.2f} GiB")
 
 
 def cmd_validate(a) -> None:

@@ -5,13 +5,18 @@
   parameters in order, offloading whole parameters while the offloaded total is below the budget;
   right before an offloaded layer runs, each of its parameters is copied with
   ``.to(device, non_blocking=True)`` on the compute stream.
+- ``VllmUva``: today's ``--cpu-offload-gb`` (UVA backend): the same choice of parameters, but
+  nothing is copied: kernels read the offloaded weights from pinned host memory over the host
+  link (zero-copy) in every forward pass.
 - ``Prefetch``: of every ``group`` layers the last ``per_group`` are offloaded; a copy stream
   prefetches them into ``slots`` static GPU staging buffers (slot = offloaded index % slots); a copy
   into a slot waits for the last reader of that slot. The paper's interval k with n buffers is
   ``Prefetch(group=k, per_group=1, slots=n)`` (``interval(k, n)``).
 
 ``policy.place(model)`` gives the ``Placement``: per layer, the parameter bytes that live in host
-memory. Embedding and LM head are never offloaded.
+memory. Embedding and LM head are never offloaded. ``params`` restricts any policy to parameters
+whose dotted name contains the given segments (vLLM's ``--cpu-offload-params``/``--offload-params``:
+"gate_up_proj" matches "mlp.gate_up_proj.weight", "gate" does not).
 """
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ class Placement:
 
     offloaded: tuple[tuple[int, ...], ...]
     layer_bytes: int
-    mechanism: str  # "none" | "copy" | "prefetch"
+    mechanism: str  # "none" | "copy" | "uva" | "prefetch"
     slots: int = 0
+    names: tuple[tuple[str, ...], ...] | None = None  # offloaded parameter names; None: a prefix in
+    #                                                   ModelSpec.layer_param_shapes order
 
     @property
     def layers(self) -> int:
@@ -47,14 +54,27 @@ class Placement:
         return sum(sum(p) for p in self.offloaded)
 
     @property
+    def host_pinned_bytes(self) -> int:
+        """Pinned host bytes: PyTorch's pinned allocator rounds each allocation up to a power of two.
+
+        Copy path and UVA pin each offloaded parameter; prefetch pins one flat tensor per layer.
+        """
+        sizes = ([self.layer_offloaded_bytes(i) for i in self.offloaded_layers] if self.mechanism == "prefetch"
+                 else [b for p in self.offloaded for b in p])
+        return sum(1 << (b - 1).bit_length() for b in sizes if b > 0)
+
+    @property
     def staging_bytes(self) -> int:
         """GPU bytes the mechanism needs to bring offloaded weights back.
 
-        Prefetch: ``slots`` static buffers of one layer each (no more than there are offloaded layers). Copy path: the fresh device copies of
-        one layer's offloaded parameters, alive while that layer runs (vLLM's profiling run sees them).
+        Prefetch: ``slots`` static buffers, each the size of the largest offloaded layer part (no
+        more buffers than offloaded layers). Copy path: the fresh device copies of one layer's
+        offloaded parameters, alive while that layer runs (vLLM's profiling run sees them).
+        UVA: none.
         """
         if self.mechanism == "prefetch" and self.offloaded_layers:
-            return min(self.slots, len(self.offloaded_layers)) * self.layer_bytes  # no use for idle slots
+            biggest = max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
+            return min(self.slots, len(self.offloaded_layers)) * biggest
         if self.mechanism == "copy" and self.offloaded_layers:
             return max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
         return 0
@@ -72,38 +92,86 @@ class NoOffload:
         return Placement(tuple(() for _ in range(model.layers)), model.layer_bytes, "none")
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """vLLM's segment match: the dotted ``pattern`` is a contiguous run of ``name``'s segments."""
+    segs, pat = name.split("."), pattern.split(".")
+    return any(segs[i:i + len(pat)] == pat for i in range(len(segs) - len(pat) + 1))
+
+
+def _selected(model: ModelSpec, params: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(name, bytes) of one layer's parameters that ``params`` selects (all when empty)."""
+    sel = [(n, b) for (n, _), b in zip(model.layer_param_shapes, model.layer_param_bytes)
+           if not params or any(_matches(n, p) for p in params)]
+    if not sel:
+        raise ConfigError("params", ",".join(params), f"segments of {[n for n, _ in model.layer_param_shapes]}")
+    return sel
+
+
+def _check_params(params) -> None:
+    if isinstance(params, str) or not all(isinstance(p, str) and p for p in params):
+        raise ConfigError("params", params, "a tuple of parameter name segments, e.g. ('gate_up_proj',)")
+
+
+def _budget_walk(model: ModelSpec, gib: float, params: tuple[str, ...], mechanism: str) -> Placement:
+    """vLLM's rule: layers 0, 1, 2, ..., parameters in order; offload while offloaded < budget."""
+    budget = gib * GiB
+    sel = _selected(model, params)
+    most = model.layers * sum(b for _, b in sel)
+    if budget > most:
+        raise ConfigError("cpu_offload_gb", gib, f"at most the {most / GiB:.2f} GiB of decoder-layer parameters "
+                          f"it may offload from {model.name} (embedding and LM head are never offloaded)")
+    done, sizes, names = 0, [], []
+    for _ in range(model.layers):
+        off = []
+        for name, nbytes in sel:  # vLLM: `if offloaded >= max: break`, then offload
+            if done >= budget:
+                break
+            off.append((name, nbytes))
+            done += nbytes
+        sizes.append(tuple(b for _, b in off))
+        names.append(tuple(n for n, _ in off))
+    return Placement(tuple(sizes), model.layer_bytes, mechanism, names=tuple(names))
+
+
 @dataclass(frozen=True)
 class VllmCopy:
     """vLLM's ``--cpu-offload-gb`` (GiB, as vLLM counts it) with the synchronous copy path."""
 
     cpu_offload_gb: float
+    params: tuple[str, ...] = ()
     kind = "vllm"
 
     def __post_init__(self):
         v = self.cpu_offload_gb
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError("cpu_offload_gb", v, "a number of GiB >= 0")
+        _check_params(self.params)
 
     @property
     def label(self) -> str:
-        return f"vllm {self.cpu_offload_gb:g}GiB"
+        return f"vllm {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
 
     def place(self, model: ModelSpec) -> Placement:
-        budget = self.cpu_offload_gb * GiB
-        if budget > model.layers * model.layer_bytes:
-            raise ConfigError("cpu_offload_gb", self.cpu_offload_gb,
-                              f"at most the decoder layers' {model.layers * model.layer_bytes / GiB:.2f} GiB "
-                              f"of {model.name} (embedding and LM head are never offloaded)")
-        done, layers = 0, []
-        for _ in range(model.layers):
-            off = []
-            for nbytes in model.layer_param_bytes:  # vLLM: `if offloaded >= max: break`, then offload
-                if done >= budget:
-                    break
-                off.append(nbytes)
-                done += nbytes
-            layers.append(tuple(off))
-        return Placement(tuple(layers), model.layer_bytes, "copy")
+        return _budget_walk(model, self.cpu_offload_gb, self.params, "copy")
+
+
+@dataclass(frozen=True)
+class VllmUva:
+    """vLLM's ``--cpu-offload-gb`` with the UVA backend (zero-copy reads over the host link)."""
+
+    cpu_offload_gb: float
+    params: tuple[str, ...] = ()
+    kind = "uva"
+
+    def __post_init__(self):
+        VllmCopy.__post_init__(self)
+
+    @property
+    def label(self) -> str:
+        return f"uva {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
+
+    def place(self, model: ModelSpec) -> Placement:
+        return _budget_walk(model, self.cpu_offload_gb, self.params, "uva")
 
 
 @dataclass(frozen=True)
@@ -113,6 +181,7 @@ class Prefetch:
     group: int
     per_group: int = 1
     slots: int = 2
+    params: tuple[str, ...] = ()
     kind = "prefetch"
 
     def __post_init__(self):
@@ -123,20 +192,25 @@ class Prefetch:
                 raise ConfigError(field, v, "an integer >= 1")
         if self.per_group > self.group:
             raise ConfigError("per_group", self.per_group, f"at most group={self.group}")
+        _check_params(self.params)
 
     @property
     def label(self) -> str:
+        sel = f" [{','.join(self.params)}]" if self.params else ""
         if self.per_group == 1:
-            return f"interval k={self.group} buf={self.slots}"
-        return f"prefetch g={self.group} n={self.per_group} s={self.slots}"
+            return f"interval k={self.group} buf={self.slots}{sel}"
+        return f"prefetch g={self.group} n={self.per_group} s={self.slots}{sel}"
 
     def is_offloaded(self, layer: int) -> bool:
         return layer % self.group >= self.group - self.per_group
 
     def place(self, model: ModelSpec) -> Placement:
-        full = model.layer_param_bytes
-        layers = tuple(full if self.is_offloaded(i) else () for i in range(model.layers))
-        return Placement(layers, model.layer_bytes, "prefetch", slots=self.slots)
+        sel = _selected(model, self.params)
+        sizes = tuple(b for _, b in sel)
+        names = tuple(n for n, _ in sel)
+        off = [self.is_offloaded(i) for i in range(model.layers)]
+        return Placement(tuple(sizes if o else () for o in off), model.layer_bytes, "prefetch", slots=self.slots,
+                         names=tuple(names if o else () for o in off))
 
 
 def copy_prefix(model: ModelSpec, layers: int) -> Placement:
@@ -152,13 +226,13 @@ def interval(k: int, buffers: int = 2) -> Prefetch:
     return Prefetch(group=k, per_group=1, slots=buffers)
 
 
-Policy = Union[NoOffload, VllmCopy, Prefetch]
+Policy = Union[NoOffload, VllmCopy, VllmUva, Prefetch]
 
-_SYNTAX = "none | vllm:GIB | interval:K[,BUFFERS] | prefetch:G,N,S"
+_SYNTAX = "none | vllm:GIB | uva:GIB | interval:K[,BUFFERS] | prefetch:G,N,S"
 
 
 def parse_policy(text: str) -> Policy:
-    """Parse the CLI form: ``none``, ``vllm:6.5``, ``interval:2`` or ``interval:2,4``, ``prefetch:4,1,2``."""
+    """Parse the CLI form: ``none``, ``vllm:6.5``, ``uva:6.5``, ``interval:2`` or ``interval:2,4``, ``prefetch:4,1,2``."""
     name, _, args = text.strip().partition(":")
     parts = [a for a in args.split(",") if a.strip()] if args else []
     try:
@@ -166,6 +240,8 @@ def parse_policy(text: str) -> Policy:
             return NoOffload()
         if name == "vllm" and len(parts) == 1:
             return VllmCopy(float(parts[0]))
+        if name == "uva" and len(parts) == 1:
+            return VllmUva(float(parts[0]))
         if name == "interval" and len(parts) in (1, 2):
             return interval(*(int(p) for p in parts))
         if name == "prefetch" and len(parts) == 3:

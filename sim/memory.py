@@ -24,7 +24,8 @@ class MemoryPlan:
     kv_cache: float
     kv_tokens: int  # KV-cache capacity in tokens (whole blocks)
     block_size: int
-    host_offloaded: float  # pinned host bytes holding offloaded weights
+    host_offloaded: float  # bytes of offloaded weights
+    host_pinned: float  # pinned host bytes holding them (allocations rounded up to powers of two)
     host_capacity: float
 
     @property
@@ -60,10 +61,12 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
     kv_tokens = max(int(kv // (per_token * block_size)), 0) * block_size
     plan = MemoryPlan(gpu_memory=hw.memory_bytes, capacity=capacity, weights_resident=resident, staging=staging,
                       activations=act, overhead=overhead, kv_cache=kv, kv_tokens=kv_tokens, block_size=block_size,
-                      host_offloaded=placement.offloaded_bytes, host_capacity=hw.host_memory_bytes)
-    if plan.host_offloaded > hw.host_memory_bytes:
+                      host_offloaded=placement.offloaded_bytes, host_pinned=placement.host_pinned_bytes,
+                      host_capacity=hw.host_memory_bytes)
+    if plan.host_pinned > hw.host_memory_bytes:
         raise DoesNotFitError(
-            f"offloaded weights {plan.host_offloaded / GiB:.1f} GiB exceed host memory "
+            f"offloaded weights take {plan.host_pinned / GiB:.1f} GiB of pinned host memory "
+            f"({plan.host_offloaded / GiB:.1f} GiB rounded up by the pinned allocator), more than the "
             f"{hw.host_memory_bytes / GiB:.1f} GiB of {hw.name}")
     need = max_model_len  # vLLM refuses to start unless one max-length sequence fits in the KV cache
     if kv_tokens < need:

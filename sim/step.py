@@ -6,7 +6,8 @@ Lanes (SimPy processes and resources):
   once its copy's CUDA event fired; on vLLM's copy path the per-parameter copies run here too;
 - copy: the prefetch copy stream, filling ``slots`` staging buffers in order; a copy into a slot
   waits for the event recorded after the last layer that read that slot;
-- link: the host link (a Resource shared by every transfer).
+- link: the host link (a Resource shared by every transfer). With UVA (zero-copy) an offloaded
+  layer's kernels hold the link while they run: the layer takes max(gpu, its bytes over the link).
 
 A compute span cannot end before the host launched the layer's last kernel: it ends at
 max(start + gpu, host_done + tail). While a copy is in flight, compute runs ``copy_slowdown``
@@ -42,6 +43,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     env = simpy.Environment()
     L = placement.layers
     copy_path = placement.mechanism == "copy"
+    uva = placement.mechanism == "uva"
     prefetched = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     slots = placement.slots
     link = simpy.Resource(env, capacity=1)
@@ -102,7 +104,16 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                 state["stall"] += env.now - t0
                 span("compute", "wait", t0, i)
             t0 = env.now
-            yield env.timeout(layer.gpu * (copy_slowdown if state["copying"] else 1.0))
+            gpu = layer.gpu * (copy_slowdown if state["copying"] else 1.0)
+            if uva and placement.offloaded[i]:
+                # zero-copy: the kernels stream the offloaded weights over the host link as they run
+                with link.request() as req:
+                    yield req
+                    reading = sum(transfer(b) for b in placement.offloaded[i])
+                    yield env.timeout(max(gpu, reading))
+                    busy["link"] += reading
+            else:
+                yield env.timeout(gpu)
             if not host_done[i].processed:
                 yield host_done[i]
             late = host_done_at[i] + layer.tail - env.now  # the last kernel, launched late, still runs

@@ -1,0 +1,95 @@
+"""vLLM's offload flags in and out: a deployment's command line <-> a Policy.
+
+Flags (vLLM >= 0.17; vllm/config/offload.py): ``--cpu-offload-gb G`` with
+``--cpu-offload-params a,b`` (UVA by default, the 0.7 copy path when
+``VLLM_WEIGHT_OFFLOADING_DISABLE_UVA=1``), ``--offload-backend {auto,uva,prefetch}``, and for
+prefetch ``--offload-group-size g --offload-num-in-group n --offload-prefetch-step s
+--offload-params a,b``. ``auto`` means prefetch when a group size is set, else UVA when
+``--cpu-offload-gb`` > 0. Combinations vLLM rejects are rejected here too, with the same reasons.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from .errors import ConfigError
+from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
+
+DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit; a bad flag is a ConfigError like any other input
+        raise ConfigError("vllm flags", message, "vLLM offload flags (see offloadlab.vllm_flags)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vllm", add_help=False)
+    p.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    p.add_argument("--cpu-offload-params", default="")
+    p.add_argument("--offload-backend", choices=["auto", "uva", "prefetch"], default="auto")
+    p.add_argument("--offload-group-size", type=int, default=0)
+    p.add_argument("--offload-num-in-group", type=int, default=None)
+    p.add_argument("--offload-prefetch-step", type=int, default=1)
+    p.add_argument("--offload-params", default="")
+    return p
+
+
+def _names(csv: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in csv.split(",") if x.strip())
+
+
+def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -> Policy:
+    """The Policy a vLLM command line deploys (``args`` may start with NAME=VALUE environment
+    assignments, like a shell line). Flags other than the offload ones are ignored."""
+    argv = shlex.split(args) if isinstance(args, str) else list(args)
+    env = dict(env or {})
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):  # leading NAME=VALUE: environment
+        k, _, v = argv.pop(0).partition("=")
+        env[k] = v
+    a, _ = _parser().parse_known_args(argv)
+    if a.cpu_offload_gb < 0:
+        raise ConfigError("--cpu-offload-gb", a.cpu_offload_gb, ">= 0")
+    backend = a.offload_backend
+    if backend == "auto":
+        backend = "prefetch" if a.offload_group_size > 0 else "uva"
+    if backend == "prefetch":
+        g, n, s = a.offload_group_size, 1 if a.offload_num_in_group is None else a.offload_num_in_group, \
+            a.offload_prefetch_step
+        if g < 1:
+            raise ConfigError("--offload-group-size", g, ">= 1 with --offload-backend prefetch")
+        if n < 1 or n > g:
+            raise ConfigError("--offload-num-in-group", n, f"in [1, --offload-group-size={g}]")
+        if s < 1:
+            raise ConfigError("--offload-prefetch-step", s, ">= 1 when prefetch offloading is enabled")
+        return Prefetch(g, n, s, params=_names(a.offload_params))
+    if a.offload_num_in_group is not None and a.offload_group_size == 0:
+        raise ConfigError("--offload-num-in-group", a.offload_num_in_group,
+                          "no value without --offload-group-size (prefetch offloading is off)")
+    if a.cpu_offload_gb == 0:
+        return NoOffload()
+    params = _names(a.cpu_offload_params)
+    if env.get(DISABLE_UVA, "0") not in ("", "0"):
+        return VllmCopy(a.cpu_offload_gb, params=params)
+    return VllmUva(a.cpu_offload_gb, params=params)
+
+
+def vllm_args(policy: Policy) -> tuple[list[str], dict[str, str]]:
+    """The vLLM flags (and environment) that deploy ``policy``."""
+    if isinstance(policy, NoOffload):
+        return [], {}
+    if isinstance(policy, Prefetch):
+        out = ["--offload-backend", "prefetch", "--offload-group-size", str(policy.group),
+               "--offload-num-in-group", str(policy.per_group), "--offload-prefetch-step", str(policy.slots)]
+        return out + (["--offload-params", ",".join(policy.params)] if policy.params else []), {}
+    out = ["--cpu-offload-gb", str(policy.cpu_offload_gb)]
+    out += ["--cpu-offload-params", ",".join(policy.params)] if policy.params else []
+    if isinstance(policy, VllmCopy):
+        return out, {DISABLE_UVA: "1"}
+    return out + ["--offload-backend", "uva"], {}
+
+
+def format_vllm(policy: Policy) -> str:
+    """The command-line fragment, environment first: ``VLLM_...=1 vllm serve MODEL --cpu-offload-gb 8``."""
+    args, env = vllm_args(policy)
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve MODEL", *args])

@@ -1,0 +1,98 @@
+"""vLLM offload flags <-> Policy, UVA and parameter filters in the simulator."""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offloadlab import ConfigError, get_gpu, get_model
+from offloadlab.cli import main
+from offloadlab.policy import NoOffload, Prefetch, VllmCopy, VllmUva, interval
+from offloadlab.sim import simulate_step
+from offloadlab.vllm_flags import format_vllm, policy_from_vllm, vllm_args
+
+M8 = get_model("llama-3.1-8b")
+PARAMS = st.sampled_from([(), ("gate_up_proj",), ("mlp",), ("self_attn.qkv_proj", "down_proj")])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(
+    st.just(NoOffload()),
+    st.builds(VllmCopy, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
+    st.builds(VllmUva, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
+    st.integers(1, 8).flatmap(lambda g: st.builds(Prefetch, st.just(g), st.integers(1, g), st.integers(1, 4), PARAMS)),
+))
+def test_flags_round_trip(policy):
+    args, env = vllm_args(policy)
+    assert policy_from_vllm(args, env) == policy
+    assert policy_from_vllm(format_vllm(policy)) == policy  # the shell line, environment first
+
+
+def test_auto_backend_and_defaults_follow_vllm():
+    assert policy_from_vllm("--cpu-offload-gb 8") == VllmUva(8.0)
+    assert policy_from_vllm("--cpu-offload-gb 8", env={"VLLM_WEIGHT_OFFLOADING_DISABLE_UVA": "1"}) == VllmCopy(8.0)
+    assert policy_from_vllm("--offload-group-size 2") == Prefetch(2, 1, 1)  # vLLM's defaults: n=1, s=1
+    assert policy_from_vllm("vllm serve meta-llama/Llama-3.1-8B --max-model-len 8192") == NoOffload()
+    assert policy_from_vllm("--offload-group-size 2 --offload-prefetch-step 2") == interval(2, 2)
+
+
+@pytest.mark.parametrize("flags,field", [
+    ("--offload-group-size 2 --offload-num-in-group 3", "--offload-num-in-group"),
+    ("--offload-group-size 4 --offload-prefetch-step 0", "--offload-prefetch-step"),
+    ("--offload-num-in-group 2", "--offload-num-in-group"),
+    ("--offload-backend prefetch", "--offload-group-size"),
+    ("--cpu-offload-gb -1", "--cpu-offload-gb"),
+    ("--offload-backend magic", "vllm flags"),
+    ("--offload-group-size two", "vllm flags"),
+])
+def test_combinations_vllm_rejects(flags, field):
+    with pytest.raises(ConfigError, match=field):
+        policy_from_vllm(flags)
+
+
+def test_offload_larger_than_the_model_is_rejected_at_placement():
+    with pytest.raises(ConfigError, match="cpu_offload_gb"):
+        policy_from_vllm("--cpu-offload-gb 100").place(M8)
+    # a parameter filter shrinks what may be offloaded: gate_up is 234,881,024 bytes x 32 layers = 7 GiB
+    with pytest.raises(ConfigError, match="7.00 GiB"):
+        VllmUva(7.5, params=("gate_up_proj",)).place(M8)
+    with pytest.raises(ConfigError, match="params"):
+        VllmUva(1, params=("gate",)).place(M8)  # segments match whole, like vLLM's
+
+
+def test_parameter_filter_offloads_only_matching_parameters():
+    pl = Prefetch(4, 1, 2, params=("mlp",)).place(M8)
+    mlp = 2 * 14336 * 4096 * 2 + 4096 * 14336 * 2
+    assert all(pl.names[i] == ("mlp.gate_up_proj.weight", "mlp.down_proj.weight") for i in pl.offloaded_layers)
+    assert pl.offloaded_bytes == 8 * mlp and pl.staging_bytes == 2 * mlp
+    uva = VllmUva(1.0, params=("down_proj",)).place(M8)
+    assert {n for names in uva.names for n in names} == {"mlp.down_proj.weight"}
+
+
+def test_pinned_host_memory_is_rounded_to_powers_of_two():
+    pl = VllmCopy(0.4).place(get_model("llama-3.1-8b"))  # layer 0: qkv, o, gate_up, down (and the norms)
+    sizes = pl.offloaded[0]
+    assert pl.host_pinned_bytes == sum(1 << (b - 1).bit_length() for b in sizes)
+    # 50.3 MB -> 64 MiB, 33.5 MB stays 32 MiB, 235 MB -> 256 MiB, 117 MB -> 128 MiB
+    assert pl.host_pinned_bytes >= 1.15 * pl.offloaded_bytes
+    flat = interval(2).place(M8)  # one flat 436 MB tensor per layer -> 512 MiB each
+    assert flat.host_pinned_bytes == 16 * 512 * 1024**2
+
+
+def test_uva_reads_weights_over_the_link_every_step():
+    # decode: the GPU is done in well under a millisecond per layer, so UVA layers are link-bound
+    uva = simulate_step("llama-3.1-8b", "h100", VllmUva(6.5), batch=8, new_tokens=1, context=1024)
+    none = simulate_step("llama-3.1-8b", "h100", NoOffload(), batch=8, new_tokens=1, context=1024)
+    link_time = 16 * M8.layer_bytes / get_gpu("h100").h2d_bw
+    assert uva.time == pytest.approx(none.time + link_time, rel=0.05)
+    assert uva.busy["link"] == pytest.approx(link_time, rel=0.01) and uva.busy["copy"] == 0
+    # a long prefill computes longer than it reads: UVA costs (almost) nothing
+    pre_uva = simulate_step("llama-3.1-8b", "h100", VllmUva(6.5), new_tokens=16384)
+    pre_none = simulate_step("llama-3.1-8b", "h100", NoOffload(), new_tokens=16384)
+    assert pre_uva.time == pytest.approx(pre_none.time, rel=0.01)
+
+
+def test_cli_accepts_vllm_flags(capsys):
+    assert main(["run", "--requests", "5", "--vllm", "--offload-group-size 4 --offload-prefetch-step 2"]) == 0
+    out = capsys.readouterr().out
+    assert "interval k=4 buf=2" in out and "--offload-group-size 4" in out
+    assert main(["run", "--vllm", "--offload-group-size 2 --offload-num-in-group 3"]) == 2
+    assert "--offload-num-in-group=3" in capsys.readouterr().err
