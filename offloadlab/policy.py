@@ -37,6 +37,7 @@ class Placement:
     slots: int = 0
     names: tuple[tuple[str, ...], ...] | None = None  # offloaded parameter names; None: a prefix in
     #                                                   ModelSpec.layer_param_shapes order
+    wrap: bool = False  # prefetch continues across steps (see Prefetch.wrap)
 
     @property
     def layers(self) -> int:
@@ -182,6 +183,8 @@ class Prefetch:
     per_group: int = 1
     slots: int = 2
     params: tuple[str, ...] = ()
+    wrap: bool = False  # vLLM's prefetch backend: the next step's first copies start as soon as their
+    #                     slots are free (preload), instead of at the step's start (the paper's design)
     kind = "prefetch"
 
     def __post_init__(self):
@@ -193,10 +196,14 @@ class Prefetch:
         if self.per_group > self.group:
             raise ConfigError("per_group", self.per_group, f"at most group={self.group}")
         _check_params(self.params)
+        if not isinstance(self.wrap, bool):
+            raise ConfigError("wrap", self.wrap, "True or False")
 
     @property
     def label(self) -> str:
         sel = f" [{','.join(self.params)}]" if self.params else ""
+        if self.wrap:
+            return f"vllm-prefetch g={self.group} n={self.per_group} s={self.slots}{sel}"
         if self.per_group == 1:
             return f"interval k={self.group} buf={self.slots}{sel}"
         return f"prefetch g={self.group} n={self.per_group} s={self.slots}{sel}"
@@ -210,7 +217,7 @@ class Prefetch:
         names = tuple(n for n, _ in sel)
         off = [self.is_offloaded(i) for i in range(model.layers)]
         return Placement(tuple(sizes if o else () for o in off), model.layer_bytes, "prefetch", slots=self.slots,
-                         names=tuple(names if o else () for o in off))
+                         names=tuple(names if o else () for o in off), wrap=self.wrap)
 
 
 def copy_prefix(model: ModelSpec, layers: int) -> Placement:

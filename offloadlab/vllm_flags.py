@@ -62,7 +62,7 @@ def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -
             raise ConfigError("--offload-num-in-group", n, f"in [1, --offload-group-size={g}]")
         if s < 1:
             raise ConfigError("--offload-prefetch-step", s, ">= 1 when prefetch offloading is enabled")
-        return Prefetch(g, n, s, params=_names(a.offload_params))
+        return Prefetch(g, n, s, params=_names(a.offload_params), wrap=True)
     if a.offload_num_in_group is not None and a.offload_group_size == 0:
         raise ConfigError("--offload-num-in-group", a.offload_num_in_group,
                           "no value without --offload-group-size (prefetch offloading is off)")
@@ -75,7 +75,8 @@ def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -
 
 
 def vllm_args(policy: Policy) -> tuple[list[str], dict[str, str]]:
-    """The vLLM flags (and environment) that deploy ``policy``."""
+    """The vLLM flags (and environment) that deploy ``policy`` (a Prefetch deploys as vLLM's prefetch
+    backend, which also prefetches across steps: ``policy_from_vllm`` gives it back with wrap=True)."""
     if isinstance(policy, NoOffload):
         return [], {}
     if isinstance(policy, Prefetch):

@@ -15,6 +15,7 @@ times slower (copies compete for HBM).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -38,95 +39,118 @@ COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter cop
 
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
-                    trace: bool = False) -> StepResult:
-    """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head)."""
+                    trace: bool = False, wrap: bool = False) -> StepResult:
+    """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
+
+    ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
+    ``slots`` offloaded layers of the next step as soon as their slots are free). Two identical
+    steps are simulated back to back and the second is reported; its first copies may have started
+    during the first (negative start times in the trace).
+    """
     env = simpy.Environment()
     L = placement.layers
+    P = 2 if wrap and placement.mechanism == "prefetch" and placement.offloaded_layers else 1
     copy_path = placement.mechanism == "copy"
     uva = placement.mechanism == "uva"
-    prefetched = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+    offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+    prefetched = [p * L + j for p in range(P) for j in offloaded]  # global layer index, pass-major
     slots = placement.slots
     link = simpy.Resource(env, capacity=1)
-    host_start = [env.event() for _ in range(L)]
-    host_done = [env.event() for _ in range(L)]
-    host_done_at = [0.0] * L
-    copy_done = {j: env.event() for j in prefetched}
-    released = {j: env.event() for j in prefetched}
+    host_start = [env.event() for _ in range(P * L)]
+    host_done = [env.event() for _ in range(P * L)]
+    host_done_at = [0.0] * (P * L)
+    pass_done = [env.event() for _ in range(P)]
+    pass_end = [0.0] * P
+    copy_done = {g: env.event() for g in prefetched}
+    released = {g: env.event() for g in prefetched}
     spans: list[Span] = []
     busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
-    state = {"copying": 0, "stall": 0.0, "events": 0}
+    state = {"copying": 0, "stall": 0.0}
 
-    def span(lane, kind, t0, i=-1):
-        if trace:
-            spans.append(Span(lane, kind, t0, env.now, layer=i))
+    def record(lane, kind, t0, g, seconds=None):
+        """Account a span of the reported (last) pass."""
+        if g // L != P - 1 and not (g == P * L):  # g == P*L: the last pass's LM head
+            return
+        dt = env.now - t0 if seconds is None else seconds
+        if kind == "wait":
+            state["stall"] += dt
+        elif lane != "link":
+            busy[lane] += dt
+        if trace and lane != "link":
+            spans.append(Span(lane, kind, t0, env.now, layer=g % L if g < P * L else L))
 
     def host():
-        for i in range(L):
-            host_start[i].succeed()
-            t0 = env.now
-            issue = len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0
-            yield env.timeout(layer.host + issue)
-            busy["host"] += env.now - t0
-            span("host", "launch", t0, i)
-            host_done_at[i] = env.now
-            host_done[i].succeed()
+        for p in range(P):
+            if p:
+                yield pass_done[p - 1]  # the next step is launched after the last one's tokens are back
+            for i in range(L):
+                g = p * L + i
+                host_start[g].succeed()
+                t0 = env.now
+                issue = len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0
+                yield env.timeout(layer.host + issue)
+                record("host", "launch", t0, g)
+                host_done_at[g] = env.now
+                host_done[g].succeed()
 
-    def copy(seconds, lane, i):
+    def copy(seconds, lane, g):
         with link.request() as req:
             yield req
             t0 = env.now
             state["copying"] += 1
             yield env.timeout(seconds)
             state["copying"] -= 1
-            busy[lane] += seconds
-            busy["link"] += seconds
-            span(lane, "copy", t0, i)
+            record(lane, "copy", t0, g)
+            if g // L == P - 1:
+                busy["link"] += seconds
 
     def copier():
-        for m, j in enumerate(prefetched):
+        for m, g in enumerate(prefetched):
             if m >= slots:
                 prev = prefetched[m - slots]
                 if not released[prev].processed:
                     yield released[prev]
-            yield from copy(transfer(placement.layer_offloaded_bytes(j)), "copy", j)
-            copy_done[j].succeed()
+            yield from copy(transfer(placement.layer_offloaded_bytes(g % L)), "copy", g)
+            copy_done[g].succeed()
 
     def compute():
-        for i in range(L):
-            if not host_start[i].processed:
-                yield host_start[i]
-            if copy_path and placement.offloaded[i]:
-                # the layer's per-parameter copies, back to back on the compute stream: one span
-                yield from copy(sum(transfer(b) for b in placement.offloaded[i]), "compute", i)
-            if i in copy_done and not copy_done[i].processed:
+        for p in range(P):
+            for i in range(L):
+                g = p * L + i
+                if not host_start[g].processed:
+                    yield host_start[g]
+                if copy_path and placement.offloaded[i]:
+                    # the layer's per-parameter copies, back to back on the compute stream: one span
+                    yield from copy(sum(transfer(b) for b in placement.offloaded[i]), "compute", g)
+                if g in copy_done and not copy_done[g].processed:
+                    t0 = env.now
+                    yield copy_done[g]
+                    record("compute", "wait", t0, g)
                 t0 = env.now
-                yield copy_done[i]
-                state["stall"] += env.now - t0
-                span("compute", "wait", t0, i)
+                gpu = layer.gpu * (copy_slowdown if state["copying"] else 1.0)
+                if uva and placement.offloaded[i]:
+                    # zero-copy: the kernels stream the offloaded weights over the host link as they run
+                    with link.request() as req:
+                        yield req
+                        reading = sum(transfer(b) for b in placement.offloaded[i])
+                        yield env.timeout(max(gpu, reading))
+                        if p == P - 1:
+                            busy["link"] += reading
+                else:
+                    yield env.timeout(gpu)
+                if not host_done[g].processed:
+                    yield host_done[g]
+                late = host_done_at[g] + layer.tail - env.now  # the last kernel, launched late, still runs
+                if late > 0:
+                    yield env.timeout(late)
+                record("compute", "compute", t0, g)
+                if g in released:
+                    released[g].succeed()
             t0 = env.now
-            gpu = layer.gpu * (copy_slowdown if state["copying"] else 1.0)
-            if uva and placement.offloaded[i]:
-                # zero-copy: the kernels stream the offloaded weights over the host link as they run
-                with link.request() as req:
-                    yield req
-                    reading = sum(transfer(b) for b in placement.offloaded[i])
-                    yield env.timeout(max(gpu, reading))
-                    busy["link"] += reading
-            else:
-                yield env.timeout(gpu)
-            if not host_done[i].processed:
-                yield host_done[i]
-            late = host_done_at[i] + layer.tail - env.now  # the last kernel, launched late, still runs
-            if late > 0:
-                yield env.timeout(late)
-            busy["compute"] += env.now - t0
-            span("compute", "compute", t0, i)
-            if i in released:
-                released[i].succeed()
-        t0 = env.now
-        yield env.timeout(head)
-        busy["compute"] += head
-        span("compute", "compute", t0, L)
+            yield env.timeout(head)
+            record("compute", "compute", t0, P * L if p == P - 1 else 0)
+            pass_end[p] = env.now
+            pass_done[p].succeed()
 
     env.process(host())
     if prefetched:
@@ -134,8 +158,10 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     done = env.process(compute())
     env.run(until=done)
     events = next(env._eid) if hasattr(env, "_eid") else 0  # SimPy's own event counter
-    tr = Trace(spans=spans, meta={"source": "sim"}) if trace else None
-    return StepResult(env.now, busy, state["stall"], events, tr)
+    start = pass_end[P - 2] if P > 1 else 0.0
+    tr = Trace(spans=[dataclasses.replace(sp, start=sp.start - start, end=sp.end - start) for sp in spans],
+               meta={"source": "sim"}) if trace else None
+    return StepResult(env.now - start, busy, state["stall"], events, tr)
 
 
 def _bin(x: float, q: float) -> float:
@@ -169,7 +195,8 @@ class StepModel:
         key = (layer, head)
         if not trace and key in self._cache:
             return self._cache[key]
-        res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace)
+        res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
+                              wrap=self.placement.wrap)
         self.simulated += 1
         self.events += res.events
         if not trace:

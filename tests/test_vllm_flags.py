@@ -18,7 +18,8 @@ PARAMS = st.sampled_from([(), ("gate_up_proj",), ("mlp",), ("self_attn.qkv_proj"
     st.just(NoOffload()),
     st.builds(VllmCopy, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
     st.builds(VllmUva, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
-    st.integers(1, 8).flatmap(lambda g: st.builds(Prefetch, st.just(g), st.integers(1, g), st.integers(1, 4), PARAMS)),
+    st.integers(1, 8).flatmap(lambda g: st.builds(Prefetch, st.just(g), st.integers(1, g), st.integers(1, 4), PARAMS,
+                                                  st.just(True))),
 ))
 def test_flags_round_trip(policy):
     args, env = vllm_args(policy)
@@ -29,9 +30,10 @@ def test_flags_round_trip(policy):
 def test_auto_backend_and_defaults_follow_vllm():
     assert policy_from_vllm("--cpu-offload-gb 8") == VllmUva(8.0)
     assert policy_from_vllm("--cpu-offload-gb 8", env={"VLLM_WEIGHT_OFFLOADING_DISABLE_UVA": "1"}) == VllmCopy(8.0)
-    assert policy_from_vllm("--offload-group-size 2") == Prefetch(2, 1, 1)  # vLLM's defaults: n=1, s=1
+    assert policy_from_vllm("--offload-group-size 2") == Prefetch(2, 1, 1, wrap=True)  # defaults: n=1, s=1
     assert policy_from_vllm("vllm serve meta-llama/Llama-3.1-8B --max-model-len 8192") == NoOffload()
-    assert policy_from_vllm("--offload-group-size 2 --offload-prefetch-step 2") == interval(2, 2)
+    # the paper's interval k=2 deploys as vLLM's prefetch backend, which also prefetches across steps
+    assert policy_from_vllm(format_vllm(interval(2, 2))) == Prefetch(2, 1, 2, wrap=True)
 
 
 @pytest.mark.parametrize("flags,field", [
@@ -93,6 +95,24 @@ def test_uva_reads_weights_over_the_link_every_step():
 def test_cli_accepts_vllm_flags(capsys):
     assert main(["run", "--requests", "5", "--vllm", "--offload-group-size 4 --offload-prefetch-step 2"]) == 0
     out = capsys.readouterr().out
-    assert "interval k=4 buf=2" in out and "--offload-group-size 4" in out
+    assert "vllm-prefetch g=4 n=1 s=2" in out and "--offload-group-size 4" in out
     assert main(["run", "--vllm", "--offload-group-size 2 --offload-num-in-group 3"]) == 2
     assert "--offload-num-in-group=3" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 5), n=st.integers(1, 5), s=st.integers(1, 3), layers=st.integers(2, 10),
+       gpu=st.floats(1e-4, 1e-2), host=st.floats(1e-5, 1e-2), bw=st.floats(1e8, 1e11), head=st.floats(0, 1e-2))
+def test_prefetching_across_steps_is_never_slower(g, n, s, layers, gpu, host, bw, head):
+    from offloadlab.sim import LayerCost, simulate_layers
+
+    n = min(n, g)
+    m = get_model("llama-3.2-1b").replace(layers=layers)
+    cost = LayerCost(gpu, host, 0.0)
+    tr = lambda b: 1e-5 + b / bw
+    plain = simulate_layers(Prefetch(g, n, s).place(m), cost, head, tr)
+    wrapped = simulate_layers(Prefetch(g, n, s, wrap=True).place(m), cost, head, tr, wrap=True)
+    assert wrapped.time <= plain.time * (1 + 1e-9)
+    assert wrapped.busy["copy"] == pytest.approx(plain.busy["copy"])  # the same copies, per step
+    # and never faster than its copies or its compute
+    assert wrapped.time >= max(plain.busy["copy"], layers * gpu + head) * (1 - 1e-9)
