@@ -1,4 +1,4 @@
-"""The ``offloadlab`` command line: paper, run, step, memory, validate, list.
+"""The ``offloadlab`` command line: paper, run, compare, step, memory, validate, list.
 
 Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit status 2.
 """
@@ -47,6 +47,15 @@ def _policy(a):
     return parse_policy(a.policy)
 
 
+def _workload(a):
+    from .sim import make_workload
+
+    wl, changed = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate).clipped(a.max_model_len)
+    if changed:
+        print(f"note: {changed} of {wl.n} requests shortened to fit --max-model-len {a.max_model_len}")
+    return wl
+
+
 def _engine(a):
     from .sim import EngineConfig
 
@@ -60,7 +69,7 @@ def _fmt_results(df: pd.DataFrame) -> str:
             "throughput_rps": "req/s", "output_tok_s": "out tok/s", "ttft_mean_s": "TTFT mean s",
             "ttft_p99_s": "TTFT p99 s", "tpot_mean_s": "TPOT mean ms", "tpot_p99_s": "TPOT p99 ms",
             "mem_kv_tokens": "KV tokens", "preemptions": "preempt", "util_compute": "compute util",
-            "util_link": "link util"}
+            "util_link": "link util", "bound": "bound"}
     t = df[[c for c in cols if c in df]].rename(columns=cols).copy()
     for c in ("TPOT mean ms", "TPOT p99 ms"):
         if c in t:
@@ -94,10 +103,10 @@ def cmd_paper(a) -> None:
 
 def cmd_run(a) -> None:
     from .fileio import atomic_write_text
-    from .sim import make_workload, simulate
+    from .sim import simulate
     from .vllm_flags import format_vllm
 
-    wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate)
+    wl = _workload(a)
     policy = _policy(a)
     r = simulate(a.model, a.gpu, policy, wl, _engine(a), profile=a.profile)
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy)}")
@@ -112,6 +121,38 @@ def cmd_run(a) -> None:
         atomic_write_text(a.requests_csv, r.requests.to_csv(index=False))
     if a.trace:
         r.trace.save_chrome(a.trace)
+
+
+def cmd_compare(a) -> None:
+    from .fileio import atomic_write_text
+    from .policy import parse_policy
+    from .sim import simulate
+    from .vllm_flags import format_vllm, policy_from_vllm
+
+    policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
+    if not policies:
+        policies = [parse_policy(p) for p in ("none", "vllm:8", "uva:8", "interval:2", "interval:4")]
+    wl = _workload(a)
+    rows = []
+    for p in policies:
+        try:
+            r = simulate(a.model, a.gpu, p, wl, _engine(a), profile=a.profile, trace_steps=False).row()
+        except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
+            r = {"policy": p.label, "error": str(e)}
+        rows.append({**r, "vllm_flags": format_vllm(p)})
+    df = pd.DataFrame(rows)
+    print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
+    ok = df[df["error"].isna()] if "error" in df else df
+    print(_fmt_results(ok) if len(ok) else "no policy fits")
+    if "error" in df:
+        print("\ndoes not run:")
+        for _, r in df[df["error"].notna()].iterrows():
+            print(f"  {r['policy']}: {r['error']}")
+    print("\nflags:")
+    for _, r in df.iterrows():
+        print(f"  {r['policy']:28s} {r['vllm_flags']}")
+    if a.csv:
+        atomic_write_text(a.csv, df.to_csv(index=False))
 
 
 def cmd_step(a) -> None:
@@ -201,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
     p.add_argument("--trace", help="write the step trace as Chrome/Perfetto JSON")
     p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("compare", help="several policies on one scenario: a table with bottlenecks and vLLM flags")
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--gpu", default="A100-SXM4-40GB")
+    p.add_argument("--policy", action="append", help="repeatable; default: none, vllm:8, uva:8, interval:2, interval:4")
+    p.add_argument("--vllm", action="append", metavar="FLAGS", help="repeatable: a vLLM command line's offload flags")
+    p.add_argument("--profile")
+    p.add_argument("--catalog")
+    _engine_args(p)
+    p.add_argument("--workload", default="multi_news")
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", help="write the table as CSV")
+    p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("step", help="one forward step: time, lanes, trace")
     _common(p)
     p.add_argument("--batch", type=int, default=1)

@@ -45,6 +45,16 @@ def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Polic
     return res
 
 
+def bottleneck(summary: dict) -> str:
+    """What limits a run, from its lanes' utilization: the host link (copy-bound), the host
+    launching kernels (launch-bound) or the GPU (compute-bound)."""
+    if summary["util_link"] >= 0.8:
+        return "copy-bound"
+    if summary["util_host"] >= summary["util_compute"]:
+        return "launch-bound"
+    return "compute-bound"
+
+
 def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
                    ) -> MemoryPlan:
     """GPU memory layout of a deployment; ``placement`` is a Policy or its Placement."""
@@ -110,6 +120,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     summary = summarize(reqs)
     makespan = summary["makespan_s"]
     summary.update({f"util_{lane}": b / makespan for lane, b in loop.busy.items()})
+    summary["bound"] = bottleneck(summary)
     summary.update(
         compute_stall_s=loop.stall,
         steps=sum(loop.n_steps.values()), **{f"{k}_steps": v for k, v in loop.n_steps.items()},

@@ -245,6 +245,21 @@ class Workload:
         n = _check_int("n", n, 1)
         return Workload(self.name, self.requests[:n])
 
+    def clipped(self, max_model_len: int) -> tuple[Workload, int]:
+        """Requests fitted into ``max_model_len`` tokens (output first capped at half of it, then the
+        prompt cut to the rest), and how many were changed. Fitted length tables such as sharegpt_8k's
+        have tails beyond a deployment's context; a server would reject those requests."""
+        max_model_len = _check_int("max_model_len", max_model_len, 2)
+        out, changed = [], 0
+        for r in self.requests:
+            if r.prompt_len + r.output_len <= max_model_len:
+                out.append(r)
+                continue
+            o = min(r.output_len, max_model_len // 2)
+            out.append(Request(r.id, min(r.prompt_len, max_model_len - o), o, r.arrival))
+            changed += 1
+        return Workload(self.name, tuple(out)), changed
+
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the requests atomically; JSONL if ``path`` ends in ``.jsonl``, CSV otherwise.

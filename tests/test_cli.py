@@ -81,3 +81,15 @@ def test_malformed_workload_and_catalog_files(tmp_path, capsys):
 def test_console_script_exits_nonzero_without_traceback():
     p = subprocess.run([sys.executable, "-m", "offloadlab.cli", "run", "--gpu", "nope"], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "unknown GPU" in p.stderr
+
+
+def test_compare_tabulates_policies_with_bounds_flags_and_misfits(tmp_path, capsys):
+    args = ["compare", "--requests", "10", "--policy", "none", "--policy", "interval:2",
+            "--vllm", "--cpu-offload-gb 4", "--policy", "vllm:100", "--csv", str(tmp_path / "c.csv")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "does not run:" in out and "cpu_offload_gb=100" in out
+    df = pd.read_csv(tmp_path / "c.csv")
+    assert list(df["policy"]) == ["none", "interval k=2 buf=2", "vllm 100GiB", "uva 4GiB"]  # --policy, then --vllm
+    assert set(df["bound"].dropna()) <= {"copy-bound", "launch-bound", "compute-bound"}
+    assert df.loc[1, "vllm_flags"].endswith("--offload-group-size 2 --offload-num-in-group 1 --offload-prefetch-step 2")

@@ -359,3 +359,15 @@ def test_unknown_kind_lists_known():
 def test_describe_is_json_serializable():
     d = make_workload("splitwise_conv", n=100, rate=1.0).describe()
     json.dumps(d)
+
+
+def test_clipped_fits_every_request_into_the_context():
+    from offloadlab.sim.workload import from_dataset_stats
+
+    wl = from_dataset_stats("sharegpt_8k", 2000, seed=1)
+    fit, changed = wl.clipped(8192)
+    long = [r for r in wl.requests if r.prompt_len + r.output_len > 8192]
+    assert changed == len(long) > 0
+    assert all(r.prompt_len + r.output_len <= 8192 and r.prompt_len >= 1 and r.output_len >= 1 for r in fit.requests)
+    short = {r.id: r for r in wl.requests if r.prompt_len + r.output_len <= 8192}
+    assert all(short[r.id] == r for r in fit.requests if r.id in short)  # the others are untouched
