@@ -110,6 +110,16 @@ class ServingLoop:
         self.free_blocks += s.blocks
         s.blocks = 0
 
+    def _grow_or_preempt(self, s: _Seq, tokens: int, batch: list[tuple[_Seq, int]]) -> bool:
+        """Allocate blocks for ``s``, preempting the most recently admitted requests (vLLM's recompute
+        policy) until they fit; a victim already in ``batch`` leaves it. False when ``s`` had to go."""
+        while not self._grow(s, tokens):
+            victim = self._preempt_last()
+            batch[:] = [(x, k) for x, k in batch if x is not victim]
+            if victim is s:
+                return False
+        return True
+
     def _preempt_last(self) -> _Seq:
         victim = self.running.pop()
         self._release(victim)
@@ -138,11 +148,19 @@ class ServingLoop:
                 return batch
             return self._decodes(cfg.max_num_batched_tokens)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
-        for s in self.running:  # continue partial prefills
-            if budget and s.uncomputed > 1:
+        i = 0
+        while i < len(self.running) and budget:  # continue partial prefills (preemption pops the end)
+            s = self.running[i]
+            i += 1
+            if s.uncomputed > 1:
                 n = min(s.uncomputed, budget)
-                if self._grow(s, s.computed + n):
-                    batch.append((s, n))
+                size = len(batch)
+                if not self._grow_or_preempt(s, s.computed + n, batch):
+                    break
+                batch.append((s, n))
+                if len(batch) != size + 1:  # preempted decodes gave their tokens back
+                    budget = cfg.max_num_batched_tokens - sum(k for _, k in batch)
+                else:
                     budget -= n
         while self.waiting and budget and len(self.running) < cfg.max_num_seqs:
             s = self.waiting[0]
@@ -164,16 +182,11 @@ class ServingLoop:
             if s.req.prompt_len + s.generated - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
                 i += 1
                 continue
-            while not self._grow(s, s.known):
-                victim = self._preempt_last()
-                if victim is s:
-                    break
-            else:
-                batch.append((s, 1))
-                budget -= 1
-                i += 1
-                continue
-            break  # s itself was preempted: it was the last running request
+            if not self._grow_or_preempt(s, s.known, batch):
+                break  # s itself was preempted: it was the last running request
+            batch.append((s, 1))
+            budget -= 1
+            i += 1
         return batch, budget
 
     # ---- the loop ----

@@ -469,3 +469,22 @@ def test_too_much_offload_for_host_memory_raises():
     plan(m, small_host, interval(2))  # 16 layers = 6.5 GiB: fits
     with pytest.raises(DoesNotFitError, match="host memory"):
         simulate(m, small_host, VllmCopy(9), fixed(1, 10, 10), EngineConfig())
+
+
+def test_chunked_prefill_preempts_instead_of_stalling():
+    """Two long prompts whose chunks together outgrow a small KV cache: the later one is preempted
+    and recomputed (vLLM's policy), not left holding blocks while the scheduler stalls."""
+    from offloadlab.sim.serving import ServingLoop
+    from offloadlab.sim.step import StepModel
+    from offloadlab.sim.costs import cost_model
+
+    m = get_model("llama-3.2-1b").replace(layers=2)
+    eng = EngineConfig(chunked_prefill=True, max_num_batched_tokens=64, max_model_len=192, max_num_seqs=4)
+    sm = StepModel(NoOffload().place(m), cost_model(m, get_gpu("h100")))
+    loop = ServingLoop(sm, eng, kv_tokens=256, trace_steps=True)
+    reqs = [Request(0, 150, 20, 0.0), Request(1, 150, 20, 0.0)]
+    loop.run(reqs)
+    assert all(s.generated == 20 for s in loop.seqs)
+    assert loop.preemptions >= 1 and loop.free_blocks == loop.total_blocks
+    for t0, t1, kind, n in loop.steps:
+        assert n >= 1
