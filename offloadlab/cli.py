@@ -1,4 +1,4 @@
-"""The ``offloadlab`` command line: paper, run, compare, step, memory, validate, list.
+"""The ``offloadlab`` command line: paper, run, compare, step, memory, validate, bench, list.
 
 Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit status 2.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import OffloadLabError
+from .errors import ConfigError, OffloadLabError
 from .specs import GiB
 
 
@@ -220,6 +220,16 @@ def cmd_list(a) -> None:
               f"{g.peak_flops / 1e12:5.0f} TFLOP/s, {g.host_link} {g.h2d_bw / 1e9:.0f} GB/s H2D")
 
 
+def cmd_bench(a) -> None:
+    try:
+        from .runtime import microbench
+    except ImportError as e:  # torch is the runtime extra
+        raise ConfigError("runtime", str(e), "torch installed: pip install -e '.[runtime]'") from None
+    rc = microbench.main(a.args)
+    if rc:
+        raise SystemExit(rc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="offloadlab", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -275,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a predicted-vs-measured PNG")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="microbenchmark options (bench --help lists them)")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("list", help="known models and GPUs")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_list)
