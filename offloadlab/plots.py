@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -95,6 +96,137 @@ def compare_timelines(simulated, measured, title: str = ""):
     for ax, trace, name in ((top, simulated, "simulated"), (bottom, measured, "measured")):
         t0 = min((s.start for s in trace.spans), default=0.0)  # both start at 0
         timeline(trace.shifted(-t0), ax=ax, title=name)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---- sweeps (offloadlab.sweep DataFrames) and per-request latency --------------------------------
+_UNITS = {"throughput_rps": ("throughput (requests/s)", 1.0), "output_tok_s": ("output tokens/s", 1.0),
+          "total_tok_s": ("tokens/s", 1.0), "ttft": ("TTFT (s)", 1.0), "tpot": ("TPOT (ms)", 1e3),
+          "e2e": ("end-to-end latency (s)", 1.0)}
+
+
+def _metric_label(metric: str) -> tuple[str, float]:
+    """Axis label and scale of a sweep column: seconds stay s except TPOT (ms), bytes become GiB."""
+    if metric in _UNITS:
+        return _UNITS[metric]
+    for base in ("ttft", "tpot", "e2e"):
+        if metric.startswith(base + "_") and metric.endswith("_s"):
+            stat = metric[len(base) + 1:-2]
+            label, scale = _UNITS[base]
+            return f"{stat} {label}", scale
+    if metric.startswith("mem_") and metric not in ("mem_kv_tokens", "mem_kv_blocks", "mem_block_size"):
+        return f"{metric[4:].replace('_', ' ')} (GiB)", 1 / 1024**3
+    return metric, 1.0
+
+
+def _tick(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def heatmap(df: pd.DataFrame, x: str, y: str, metric: str = "throughput_rps", *, agg: str = "mean", ax=None,
+            cmap: str = "viridis", annotate: bool = True, title: str = ""):
+    """A metric over two sweep axes (e.g. ``x="k", y="buffers"``): one cell per (x, y), ``agg`` of the rows in it.
+
+    Error rows (NaN metric) leave their cell blank. Units as in the other plots (TPOT in ms, bytes in GiB).
+    """
+    for col in (x, y, metric):
+        if col not in df.columns:
+            raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
+    label, scale = _metric_label(metric)
+    d = df[[x, y, metric]].copy()
+    d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
+    table = d.pivot_table(index=y, columns=x, values=metric, aggfunc=agg, dropna=False)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 2.5, 0.6 * len(table.index) + 1.8),
+                               constrained_layout=True)
+    else:
+        fig = ax.figure
+    values = table.to_numpy(dtype=float)
+    im = ax.imshow(values, origin="lower", aspect="auto", cmap=cmap)
+    ax.set_xticks(range(len(table.columns)), [_tick(v) for v in table.columns])
+    ax.set_yticks(range(len(table.index)), [_tick(v) for v in table.index])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    fig.colorbar(im, ax=ax, label=label)
+    if annotate:
+        finite = values[np.isfinite(values)]
+        mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                v = values[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=8,
+                            color="k" if v > mid else "w")
+    ax.set_title(title or label)
+    return fig
+
+
+def metric_vs_bandwidth(df: pd.DataFrame, metric: str = "throughput_rps", *, x: str = "host_link_GBps",
+                        by: str = "policy", agg: str = "mean", logx: bool = True, ax=None, title: str = ""):
+    """One line per ``by`` value (a policy by default): ``metric`` against host-link bandwidth (GB/s).
+
+    Rows sharing (``by``, ``x``) are combined with ``agg``; error rows are left out.
+    """
+    for col in (x, by, metric):
+        if col not in df.columns:
+            raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
+    label, scale = _metric_label(metric)
+    d = df[[by, x, metric]].copy()
+    d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
+    d = d.dropna(subset=[metric])
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+    else:
+        fig = ax.figure
+    kinds = dict(zip(df[by], df["policy_kind"])) if by == "policy" and "policy_kind" in df else {}
+    for name, g in d.groupby(by, sort=False):
+        s = g.groupby(x)[metric].agg(agg).sort_index()
+        color = _COLORS.get(kinds.get(name)) if kinds.get(name) in ("none", "vllm") else None
+        ax.plot(s.index.to_numpy(dtype=float), s.to_numpy(), marker="o", label=_tick(name), color=color)
+    if logx:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ticks = sorted(d[x].astype(float).unique())
+        ax.set_xticks(ticks, [_tick(t) for t in ticks])
+    ax.set_xlabel("host link bandwidth (GB/s per direction)" if x == "host_link_GBps" else x)
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title=by)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def latency_cdfs(runs, metrics=("ttft", "tpot"), title: str = ""):
+    """Empirical CDFs of per-request latencies, one line per policy, one panel per metric.
+
+    ``runs``: a mapping label -> RunResult (or its ``requests`` frame), or a list of RunResults
+    (labelled by their policy). Metrics are columns of ``RunResult.requests``: ttft, tpot, e2e
+    (TPOT in ms, the others in s); requests without a value (TPOT of a one-token output) are left out.
+    """
+    if not isinstance(runs, dict):
+        runs = {r.config.get("policy", str(i)): r for i, r in enumerate(runs)}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), constrained_layout=True, squeeze=False)
+    axes = axes[0]
+    for ax, metric in zip(axes, metrics):
+        label, scale = _metric_label(metric)
+        for name, run in runs.items():
+            reqs = run if isinstance(run, pd.DataFrame) else run.requests
+            v = np.sort(reqs[metric].dropna().to_numpy(dtype=float)) * scale
+            if v.size:
+                kind = getattr(run, "config", {}).get("policy_kind") if not isinstance(run, pd.DataFrame) else None
+                ax.step(np.concatenate([[v[0]], v]), np.arange(v.size + 1) / v.size, where="post", label=name,
+                        color=_COLORS.get(kind) if kind in ("none", "vllm") else None)
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     return fig

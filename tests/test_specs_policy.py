@@ -456,3 +456,13 @@ def test_catalog_file_is_all_or_nothing(tmp_path, clean_user_catalog):
     with pytest.raises(ConfigError, match="memory_bytes"):
         load_catalog_file(f)
     assert "fine-model" not in model_names()
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 16])
+def test_paper_compares_equal_offloaded_layers(k):
+    from offloadlab.paper import paper_policies
+
+    none, vllm, ours = paper_policies(k=k)
+    m = get_model("llama-3.1-8b")
+    assert len(vllm.place(m).offloaded_layers) == len(ours.place(m).offloaded_layers)
+    assert vllm.place(m).offloaded_bytes == pytest.approx(ours.place(m).offloaded_bytes, abs=2 * 4096 * 2)

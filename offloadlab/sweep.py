@@ -1,0 +1,535 @@
+"""Design-space sweeps: many simulated configurations in parallel, one tidy row each, cached on disk.
+
+    from offloadlab.sweep import grid, sweep
+    from offloadlab.sim import longbench_multi_news
+
+    configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], buffers=[1, 2],
+                   host_link_GBps=[16, 32, 64], gpu_memory_utilization=0.8)
+    df = sweep(configs, longbench_multi_news(200), cache_dir="results/cache/my_sweep")
+
+- ``SimConfig``: one simulation's inputs (model, GPU, policy, engine limits, an optional host-link
+  bandwidth override and an optional calibration profile). ``.key(workload)`` is a stable sha256
+  of every input (the resolved model and GPU specs, not just their names) and of the workload.
+- ``grid(**axes)``: the cartesian product of axis values, last axis varying fastest.
+- ``sweep(configs, workload, executor=None, cache_dir=None)``: a DataFrame with one row per config,
+  in input order: the input columns (``INPUT_COLUMNS``), every output column of
+  ``RunResult.row()`` except its wall-clock time, and ``error`` (None, or the message of the
+  exception the config raised, e.g. a DoesNotFitError: the sweep itself never fails on one).
+
+Parallel through any ``concurrent.futures.Executor``: a process pool by default, ``"serial"`` to
+run inline, an int for a pool of that many processes, or e.g. ``distributed.Client(...).get_executor()``
+for a Dask cluster. Configurations go to workers in chunks (a task is a list of configs), so a
+thousand short simulations are not dominated by inter-process traffic. Model, GPU and profile are
+resolved in the calling process, so user catalog entries and profile files need not exist on the
+workers.
+
+With ``cache_dir``, each finished configuration is written at once to ``cache_dir/<key>.json``
+(atomically), so an interrupted sweep resumes where it stopped. A cache entry also records a
+fingerprint of the simulator's source (``CODE_FINGERPRINT``): after the simulator changes, old
+entries are recomputed rather than reused. Errors are cached only when they come from the project's
+own checks (``OffloadLabError``: does not fit, bad value); anything else is retried next time.
+
+Deterministic: the same configs and workload give the same DataFrame, byte for byte, whether the
+rows were simulated serially, in a pool, on Dask, or read from the cache.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import typing
+import warnings
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pandas as pd
+
+from .catalog import get_gpu, get_model
+from .errors import ConfigError, OffloadLabError
+from .fileio import atomic_write_json
+from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
+from .profile import Profile
+from .sim import EngineConfig, Workload, simulate
+from .specs import HardwareSpec, ModelSpec
+
+__all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_front", "sweep",
+           "workload_fingerprint"]
+
+ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+INPUT_COLUMNS = ("model", "gpu", "policy", "policy_kind", "k", "per_group", "buffers", "cpu_offload_gb",
+                 "host_link_GBps", *ENGINE_FIELDS, "profile", "workload", "key")
+# Outputs of RunResult.row() that are not deterministic (wall-clock time): left out of sweep rows.
+_DROPPED_OUTPUTS = ("wall_s",)
+_INT_COLUMNS = ("k", "per_group", "buffers")
+
+
+# ------------------------------------------------------------------------------------------------
+# Canonical JSON, fingerprints
+# ------------------------------------------------------------------------------------------------
+def _canon(v: Any) -> Any:
+    """JSON-ready and canonical: 1 and 1.0 are the same number, tuples are lists, keys sorted later."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float) or hasattr(v, "__float__") and not isinstance(v, (list, tuple, dict)):
+        f = float(v)
+        if math.isfinite(f) and f.is_integer():
+            return int(f)
+        return f if math.isfinite(f) else repr(f)
+    if isinstance(v, Mapping):
+        return {str(k): _canon(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_canon(x) for x in v]
+    if dataclasses.is_dataclass(v):
+        return _spec_dict(v)
+    raise TypeError(f"cannot fingerprint {type(v).__name__} {v!r}")
+
+
+def _spec_dict(obj) -> dict:
+    """A dataclass's compared fields (free-text notes and provenance left out), canonical."""
+    return {f.name: _canon(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.compare}
+
+
+def _sha256(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def workload_fingerprint(workload: Workload) -> str:
+    """sha256 of a workload's name and every request's (id, prompt, output, exact arrival)."""
+    h = hashlib.sha256(workload.name.encode())
+    for r in workload.requests:
+        h.update(f"|{r.id},{r.prompt_len},{r.output_len},{float(r.arrival).hex()}".encode())
+    return h.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    """sha256 of the sources a simulated row depends on: the vocabulary, the catalog, sim/, this file."""
+    root = resources.files("offloadlab")
+    files = [root.joinpath(n) for n in ("__init__.py", "specs.py", "policy.py", "profile.py", "errors.py",
+                                        "trace.py", "fileio.py", "sweep.py")]
+    for pkg in ("offloadlab.catalog", "offloadlab.sim"):
+        files += sorted((p for p in resources.files(pkg).iterdir() if p.is_file() and p.name.endswith((".py", ".csv"))),
+                        key=lambda p: p.name)
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            data = f.read_bytes()
+        except (FileNotFoundError, OSError):
+            continue
+        h.update(f.name.encode() + b"\0" + data)
+    return h.hexdigest()[:16]
+
+
+CODE_FINGERPRINT = _code_fingerprint()
+
+
+# ------------------------------------------------------------------------------------------------
+# One configuration
+# ------------------------------------------------------------------------------------------------
+_PROFILES: dict[tuple, Profile] = {}
+
+
+def _load_profile(path: str) -> Profile:
+    """Profile.load, memoized per (path, size, mtime) so a sweep loads each file once."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("profile", str(path), "an existing Profile or probe file")
+    st = p.stat()
+    k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if k not in _PROFILES:
+        _PROFILES[k] = Profile.load(p)
+    return _PROFILES[k]
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The inputs of one simulated serving run.
+
+    ``model``/``gpu``: catalog names (or specs); ``policy``: a Policy or its CLI form
+    (``"interval:2,4"``); ``engine``: an EngineConfig or a dict of its fields; ``host_link_bw``:
+    overrides the GPU's host-link spec bandwidth (bytes/s per direction; the sustained H2D rate is
+    this times the GPU's ``h2d_efficiency``); ``profile``: a Profile or a path to a Profile/probe
+    file (calibrated costs instead of the datasheet roofline). ``SimConfig.build`` and ``replace``
+    also take EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers`` (interval policy) directly.
+    """
+
+    model: str | ModelSpec = "llama-3.1-8b"
+    gpu: str | HardwareSpec = "A100-SXM4-40GB"
+    policy: Any = NoOffload()
+    engine: EngineConfig = EngineConfig()
+    host_link_bw: float | None = None
+    profile: str | Profile | None = None
+
+    def __post_init__(self):
+        pol = self.policy
+        if pol is None:
+            pol = NoOffload()
+        elif isinstance(pol, str):
+            pol = parse_policy(pol)
+        kinds = typing.get_args(Policy)
+        if not isinstance(pol, kinds):
+            raise ConfigError("policy", pol, f"a Policy ({', '.join(k.__name__ for k in kinds)}) or its CLI form")
+        object.__setattr__(self, "policy", pol)
+        eng = self.engine
+        if isinstance(eng, Mapping):
+            unknown = sorted(set(eng) - set(ENGINE_FIELDS))
+            if unknown:
+                raise ConfigError("engine", unknown[0], f"an EngineConfig field: {', '.join(ENGINE_FIELDS)}")
+            eng = EngineConfig(**eng)
+        if not isinstance(eng, EngineConfig):
+            raise ConfigError("engine", eng, "an EngineConfig or a dict of its fields")
+        object.__setattr__(self, "engine", eng)
+        bw = self.host_link_bw
+        if bw is not None:
+            if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not (bw > 0 and math.isfinite(bw)):
+                raise ConfigError("host_link_bw", bw, "a positive number of bytes/s, or None for the GPU's spec")
+            object.__setattr__(self, "host_link_bw", float(bw))
+        prof = self.profile
+        if isinstance(prof, os.PathLike):
+            object.__setattr__(self, "profile", os.fspath(prof))
+        elif prof is not None and not isinstance(prof, (str, Profile)):
+            raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
+        # unknown names and unreadable profiles fail here, at construction, naming what is wrong
+        self.model_spec, self.hardware, self.profile_obj()  # noqa: B018
+
+    # ---- construction --------------------------------------------------------------------------
+    @classmethod
+    def build(cls, **fields) -> "SimConfig":
+        """Like the constructor, also taking EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers``."""
+        return cls()._with(fields)
+
+    def replace(self, **changes) -> "SimConfig":
+        """A copy with ``changes`` (same keywords as ``build``)."""
+        return self._with(changes)
+
+    def _with(self, changes: Mapping[str, Any]) -> "SimConfig":
+        own = {f.name for f in dataclasses.fields(self)}
+        extra = {"host_link_GBps", "k", "buffers"}
+        for name in changes:
+            if name not in own and name not in ENGINE_FIELDS and name not in extra:
+                raise ConfigError("config field", name, "one of " + ", ".join([*own, *sorted(extra), *ENGINE_FIELDS]))
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields.update({n: v for n, v in changes.items() if n in own})
+        if "host_link_GBps" in changes:
+            if "host_link_bw" in changes:
+                raise ConfigError("host_link_GBps", changes["host_link_GBps"], "not given together with host_link_bw")
+            gbps = changes["host_link_GBps"]
+            if gbps is not None and (isinstance(gbps, bool) or not isinstance(gbps, (int, float))):
+                raise ConfigError("host_link_GBps", gbps, "a positive number of GB/s, or None for the GPU's spec")
+            fields["host_link_bw"] = None if gbps is None else gbps * 1e9
+        if "k" in changes or "buffers" in changes:
+            if "policy" in changes:
+                raise ConfigError("k", changes.get("k"), "not given together with policy (k/buffers make interval(k, buffers))")
+            if "k" not in changes:
+                raise ConfigError("buffers", changes["buffers"], "given together with k (interval k with that many buffers)")
+            fields["policy"] = interval(changes["k"], changes.get("buffers", 2))
+        eng = {n: v for n, v in changes.items() if n in ENGINE_FIELDS}
+        if eng:
+            base = fields["engine"]
+            base = base if isinstance(base, EngineConfig) else EngineConfig(**base)
+            fields["engine"] = dataclasses.replace(base, **eng)
+        return SimConfig(**fields)
+
+    # ---- resolved inputs -----------------------------------------------------------------------
+    @property
+    def model_spec(self) -> ModelSpec:
+        return get_model(self.model)
+
+    @property
+    def hardware(self) -> HardwareSpec:
+        """The GPU spec, with the host-link override applied."""
+        hw = get_gpu(self.gpu)
+        return hw if self.host_link_bw is None else hw.replace(host_link_bw=self.host_link_bw)
+
+    def profile_obj(self) -> Profile | None:
+        if self.profile is None or isinstance(self.profile, Profile):
+            return self.profile
+        return _load_profile(self.profile)
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name: model | GPU | policy | host link | memory use | mode."""
+        hw, e = self.hardware, self.engine
+        parts = [self.model_spec.name, hw.name, self.policy.label, f"link {hw.host_link_bw / 1e9:g} GB/s",
+                 f"util {e.gpu_memory_utilization:g}", e.mode]
+        if e.chunked_prefill:
+            parts.append("chunked")
+        if self.profile is not None:
+            parts.append("profile " + (Path(self.profile).name if isinstance(self.profile, str) else "(object)"))
+        return " | ".join(parts)
+
+    def canonical(self) -> dict:
+        """Every input, resolved: full model and GPU specs, policy fields, engine fields, profile contents."""
+        prof = self.profile_obj()
+        return {
+            "model": _spec_dict(self.model_spec),
+            "gpu": _spec_dict(self.hardware),
+            "policy": {"kind": self.policy.kind, **_spec_dict(self.policy)},
+            "engine": _spec_dict(self.engine),
+            "profile": None if prof is None else _spec_dict(prof),
+        }
+
+    def key(self, workload: Workload | str | None = None) -> str:
+        """sha256 (hex) of the canonical inputs and of the workload's fingerprint (or a given fingerprint)."""
+        wfp = workload_fingerprint(workload) if isinstance(workload, Workload) else workload
+        return _sha256({"config": self.canonical(), "workload": wfp})
+
+    def inputs(self) -> dict:
+        """The input columns of this config's sweep row (without ``workload`` and ``key``)."""
+        p, hw = self.policy, self.hardware
+        prefetch = isinstance(p, Prefetch)
+        row = {"model": self.model_spec.name, "gpu": hw.name, "policy": p.label, "policy_kind": p.kind,
+               "k": p.group if prefetch else None, "per_group": p.per_group if prefetch else None,
+               "buffers": p.slots if prefetch else None,
+               "cpu_offload_gb": float(p.cpu_offload_gb) if hasattr(p, "cpu_offload_gb") else None,
+               "host_link_GBps": hw.host_link_bw / 1e9}
+        row.update({f: getattr(self.engine, f) for f in ENGINE_FIELDS})
+        row["profile"] = None if self.profile is None else (
+            self.profile if isinstance(self.profile, str) else "(Profile object)")
+        return row
+
+    def job(self) -> tuple:
+        """What a worker needs: resolved specs (user catalog entries need not exist on the worker)."""
+        return (self.model_spec, self.hardware, self.policy, self.engine, self.profile_obj())
+
+
+def grid(**axes) -> list[SimConfig]:
+    """Every combination of the axis values, as SimConfigs (the last axis varies fastest).
+
+    Axes are SimConfig fields (``model``, ``gpu``, ``policy``, ``engine``, ``host_link_bw``,
+    ``profile``), EngineConfig fields (``gpu_memory_utilization``, ``mode``, ``max_num_seqs``, ...),
+    ``host_link_GBps`` (GB/s; None = the GPU's spec) and ``k``/``buffers`` (interval(k, buffers)
+    policies; not together with ``policy``). A value that is a string or not a list/tuple/range is one
+    fixed value. ``len(grid(a=[1, 2], b=[3, 4, 5])) == 6``.
+    """
+    names = list(axes)
+    values = []
+    for n in names:
+        v = axes[n]
+        if isinstance(v, (list, tuple, range)) or (hasattr(v, "__iter__") and not isinstance(v, (str, bytes, Mapping))
+                                                   and not dataclasses.is_dataclass(v)):
+            v = list(v)
+        else:
+            v = [v]
+        values.append(v)
+    base = SimConfig()
+    return [base._with(dict(zip(names, combo))) for combo in itertools.product(*values)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+def _run_one(job: tuple, workload: Workload) -> tuple[dict | None, str | None, bool]:
+    """(outputs, error, cacheable) of one job; never raises for a config's own failure."""
+    model, hw, policy, engine, profile = job
+    try:
+        row = simulate(model, hw, policy, workload, engine, profile=profile, trace_steps=False).row()
+    except Exception as e:  # noqa: BLE001 - reported in the config's row
+        return None, f"{type(e).__name__}: {e}", isinstance(e, OffloadLabError)
+    out = {k: _plain(v) for k, v in row.items() if k not in _DROPPED_OUTPUTS}
+    return out, None, True
+
+
+def _run_chunk(jobs: list[tuple], workload: Workload) -> list[tuple[dict | None, str | None, bool]]:
+    """A worker task: several configurations, one round trip."""
+    return [_run_one(j, workload) for j in jobs]
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool: forked workers from a single-threaded parent (a script: fast, no main guard
+    needed), else workers from a fork server with offloadlab imported (forking a multi-threaded parent,
+    such as a Jupyter kernel or a Dask client, can deadlock; Python 3.14 made forkserver the default).
+    """
+    import multiprocessing as mp
+    import threading
+
+    methods = mp.get_all_start_methods()
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]  # tqdm's idle monitor
+    if "fork" in methods and not others:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+    ctx = None
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["offloadlab.sweep"])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def _workers(executor) -> int:
+    n = getattr(executor, "_max_workers", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    client = getattr(executor, "_client", None)  # distributed's ClientExecutor
+    if client is not None:
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - a guess is enough for chunking
+            pass
+    return os.cpu_count() or 1
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _read_cache(path: Path, key: str) -> tuple[dict | None, str | None] | None:
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("code") != CODE_FINGERPRINT:
+        return None
+    return entry.get("outputs"), entry.get("error")
+
+
+def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor: Executor | str | int | None = None,
+          cache_dir: str | os.PathLike | None = None, progress: bool = True, chunksize: int | None = None
+          ) -> pd.DataFrame:
+    """Simulate every config on ``workload``; one row per config, in input order.
+
+    ``executor``: None (a process pool with os.cpu_count() workers, created and shut down here),
+    ``"serial"`` (inline), an int (a process pool of that many workers) or any
+    concurrent.futures.Executor (left running; e.g. ``distributed.Client(...).get_executor()``).
+    ``cache_dir``: one JSON file per finished config, read back on the next call.
+    ``chunksize``: configs per task (default: about four tasks per worker, at most 16 configs each).
+    Duplicate configs are simulated once.
+    """
+    if isinstance(configs, SimConfig):
+        configs = [configs]
+    configs = list(configs)
+    for i, c in enumerate(configs):
+        if not isinstance(c, SimConfig):
+            raise ConfigError(f"configs[{i}]", c, "a SimConfig (see grid())")
+    if not isinstance(workload, Workload):
+        raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(200))")
+    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
+        raise ConfigError("chunksize", chunksize, "an integer >= 1 or None")
+    if isinstance(executor, str) and executor != "serial":
+        raise ConfigError("executor", executor, "None, 'serial', a number of processes or a concurrent.futures.Executor")
+    if isinstance(executor, bool) or (isinstance(executor, int) and executor < 1):
+        raise ConfigError("executor", executor, "a number of processes >= 1")
+
+    wfp = workload_fingerprint(workload)
+    keys = [c.key(wfp) for c in configs]
+    first: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    results: dict[str, tuple[dict | None, str | None]] = {}
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        for k in first:
+            hit = _read_cache(cache / f"{k}.json", k)
+            if hit is not None:
+                results[k] = hit
+    todo = [k for k in first if k not in results]
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(first), initial=len(first) - len(todo), disable=not progress, desc="sweep", unit="config")
+    if len(first) - len(todo):
+        bar.set_postfix(cached=len(first) - len(todo))
+
+    def finish(chunk_keys: list[str], outs: list[tuple[dict | None, str | None, bool]]) -> None:
+        for k, (out, err, cacheable) in zip(chunk_keys, outs):
+            results[k] = (out, err)
+            if cache is not None and cacheable:
+                atomic_write_json(cache / f"{k}.json", {"key": k, "code": CODE_FINGERPRINT,
+                                                        "config": configs[first[k]].label, "outputs": out,
+                                                        "error": err})
+        bar.update(len(chunk_keys))
+
+    jobs = {k: configs[first[k]].job() for k in todo}
+    serial = executor == "serial" or len(todo) <= 1
+    own = None
+    try:
+        if serial:
+            for chunk in _chunks(todo, chunksize or 1):
+                finish(chunk, _run_chunk([jobs[k] for k in chunk], workload))
+        else:
+            if executor is None or isinstance(executor, int):
+                own = executor = _process_pool(executor or os.cpu_count() or 1)
+            size = chunksize or max(1, min(16, math.ceil(len(todo) / (4 * _workers(executor)))))
+            futures, failed = {}, []
+            for chunk in _chunks(todo, size):
+                futures[executor.submit(_run_chunk, [jobs[k] for k in chunk], workload)] = chunk
+            try:
+                for fut in as_completed(futures):
+                    chunk = futures[fut]
+                    try:
+                        outs = fut.result()
+                    except Exception as e:  # noqa: BLE001 - a dead worker or an unpicklable task
+                        outs = [(None, f"{type(e).__name__}: {e}", False)] * len(chunk)
+                        failed.append(f"{type(e).__name__}: {e}")
+                    finish(chunk, outs)
+            finally:
+                for fut in futures:
+                    fut.cancel()
+            if failed:
+                warnings.warn(f"{len(failed)} of {len(futures)} tasks failed in the executor, not in the simulator "
+                              f"(first: {failed[0]}); their rows hold the error, and they are not cached, so the "
+                              "next run retries them", RuntimeWarning, stacklevel=2)
+    finally:
+        bar.close()
+        if own is not None:
+            own.shutdown(wait=True, cancel_futures=True)
+
+    rows = []
+    for c, k in zip(configs, keys):
+        out, err = results[k]
+        row = {**c.inputs(), "workload": workload.name, "key": k}
+        if out:
+            row.update({n: v for n, v in out.items() if n not in row})
+        row["error"] = err
+        rows.append(row)
+    return _frame(rows)
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    """Columns in a fixed order: inputs, outputs (as the first successful row has them), error."""
+    cols = list(INPUT_COLUMNS)
+    for r in rows:
+        if r["error"] is None:
+            cols += [c for c in r if c not in cols and c != "error"]
+            break
+    for r in rows:  # outputs only some rows have (none today; kept in a stable order)
+        cols += [c for c in r if c not in cols and c != "error"]
+    cols.append("error")
+    df = pd.DataFrame(rows, columns=cols)
+    for c in _INT_COLUMNS:
+        df[c] = df[c].astype("Int64")
+    df["cpu_offload_gb"] = df["cpu_offload_gb"].astype(float)
+    for c in ("profile", "error"):  # None where absent, not NaN
+        df[c] = pd.Series([r[c] for r in rows], index=df.index, dtype=object)
+    return df
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis helpers
+# ------------------------------------------------------------------------------------------------
+def pareto_front(df: pd.DataFrame, x: str, y: str, maximize: tuple[bool, bool] = (True, True)) -> pd.DataFrame:
+    """The rows no other row beats on both ``x`` and ``y`` (ties kept), sorted by ``x``.
+
+    ``maximize`` says per column whether more is better (default: both).
+    """
+    d = df.dropna(subset=[x, y])
+    sx = d[x] if maximize[0] else -d[x]
+    sy = d[y] if maximize[1] else -d[y]
+    order = sorted(range(len(d)), key=lambda i: (-sx.iloc[i], -sy.iloc[i]))
+    keep, best_y = [], -math.inf
+    for i in order:  # by x descending: a row is on the front when its y beats every row with more x
+        if sy.iloc[i] > best_y or (keep and sx.iloc[i] == sx.iloc[keep[-1]] and sy.iloc[i] == sy.iloc[keep[-1]]):
+            keep.append(i)
+            best_y = max(best_y, sy.iloc[i])
+    return d.iloc[sorted(keep)].sort_values(x, kind="stable")

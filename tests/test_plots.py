@@ -1,0 +1,95 @@
+"""The sweep and latency plots return Figures with the expected axes, labels and lines."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from offloadlab import NoOffload, VllmCopy, interval, plots  # noqa: E402
+from offloadlab.sim import longbench_multi_news, simulate  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def sweep_like() -> pd.DataFrame:
+    """A frame shaped like sweep()'s: k x buffers x bandwidth for interval, plus a vLLM baseline."""
+    rows = []
+    for bw in (16.0, 32.0, 64.0):
+        for k in (2, 4, 8):
+            for b in (1, 2):
+                rows.append({"policy": f"interval k={k} buf={b}", "policy_kind": "prefetch", "k": k, "buffers": b,
+                             "host_link_GBps": bw, "throughput_rps": bw / k + b / 10, "tpot_mean_s": k / bw / 10,
+                             "mem_kv_cache": 2.0**30 * (20 + 8 / k - b), "error": None})
+        rows.append({"policy": "vllm 6.5GiB", "policy_kind": "vllm", "k": None, "buffers": None, "host_link_GBps": bw,
+                     "throughput_rps": bw / 4, "tpot_mean_s": 1 / bw, "mem_kv_cache": 2.0**30 * 24, "error": None})
+    df = pd.DataFrame(rows)
+    df["k"], df["buffers"] = df["k"].astype("Int64"), df["buffers"].astype("Int64")
+    return df
+
+
+def test_heatmap_cells_labels_and_units():
+    df = sweep_like()
+    one = df[(df.host_link_GBps == 32) & (df.policy_kind == "prefetch")]
+    fig = plots.heatmap(one, "k", "buffers", "throughput_rps")
+    assert isinstance(fig, Figure)
+    ax, cbar = fig.axes  # the map and its colour bar
+    assert ax.get_xlabel() == "k" and ax.get_ylabel() == "buffers"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+    assert cbar.get_ylabel() == "throughput (requests/s)"
+    img = ax.get_images()[0].get_array()
+    assert img.shape == (2, 3) and img[0, 0] == pytest.approx(32 / 2 + 0.1)  # row = buffers 1, column = k 2
+    assert len(ax.texts) == 6
+    # TPOT shown in ms; several rows per cell are averaged; a missing cell stays blank
+    part = df[(df.policy_kind == "prefetch") & ~((df.k == 8) & (df.buffers == 2))]
+    fig = plots.heatmap(part, "k", "buffers", "tpot_mean_s", annotate=False)
+    ax = fig.axes[0]
+    arr = np.ma.filled(ax.get_images()[0].get_array(), np.nan)
+    assert arr[0, 0] == pytest.approx(np.mean([2 / bw / 10 * 1e3 for bw in (16, 32, 64)]))
+    assert np.isnan(arr[1, 2]) and fig.axes[1].get_ylabel() == "mean TPOT (ms)" and not ax.texts
+    with pytest.raises(KeyError, match="nope"):
+        plots.heatmap(df, "k", "nope")
+
+
+def test_metric_vs_bandwidth_one_line_per_policy():
+    df = sweep_like()
+    fig = plots.metric_vs_bandwidth(df, "throughput_rps")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == df["policy"].nunique() == 7
+    assert [line.get_label() for line in lines] == list(dict.fromkeys(df["policy"]))
+    assert list(lines[0].get_xdata()) == [16.0, 32.0, 64.0]
+    assert ax.get_xscale() == "log" and "host link bandwidth" in ax.get_xlabel()
+    assert ax.get_ylabel() == "throughput (requests/s)"
+    assert lines[-1].get_color() == "#d62728"  # vLLM in the paper figure's red
+    fig = plots.metric_vs_bandwidth(df, "mem_kv_cache", by="k", logx=False)
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "kv cache (GiB)" and ax.get_xscale() == "linear"
+    assert [line.get_label() for line in ax.get_lines()] == ["2", "4", "8"]  # the vLLM rows have no k
+
+
+def test_latency_cdfs_per_policy():
+    wl = longbench_multi_news(10, output_len=16)
+    runs = [simulate("llama-3.1-8b", "a100", p, wl, trace_steps=False) for p in (NoOffload(), VllmCopy(6.5), interval(2))]
+    fig = plots.latency_cdfs(runs)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    ttft, tpot = fig.axes
+    assert ttft.get_xlabel() == "TTFT (s)" and tpot.get_xlabel() == "TPOT (ms)"
+    assert [line.get_label() for line in ttft.get_lines()] == ["none", "vllm 6.5GiB", "interval k=2 buf=2"]
+    line = tpot.get_lines()[2]
+    assert line.get_ydata()[-1] == 1.0 and line.get_xdata()[-1] == pytest.approx(runs[2].requests["tpot"].max() * 1e3)
+    # a mapping of labels to request frames, any metrics
+    fig = plots.latency_cdfs({"a": runs[0].requests, "b": runs[1]}, metrics=("e2e",), title="t")
+    assert len(fig.axes) == 1 and [line.get_label() for line in fig.axes[0].get_lines()] == ["a", "b"]
+    assert fig.axes[0].get_xlabel() == "end-to-end latency (s)"
