@@ -7,6 +7,7 @@ and used by both the simulator and the runtime.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -64,22 +65,16 @@ class ModelSpec:
     @property
     def layer_param_bytes(self) -> tuple[int, ...]:
         """Bytes of each parameter of one layer, in ``layer_param_shapes`` order."""
-        out = []
-        for _, shape in self.layer_param_shapes:
-            n = 1
-            for d in shape:
-                n *= d
-            out.append(int(n * self.weight_bytes))
-        return tuple(out)
+        return tuple(int(math.prod(shape) * self.weight_bytes) for _, shape in self.layer_param_shapes)
 
     @property
     def layer_params(self) -> int:
-        return sum(_numel(s) for _, s in self.layer_param_shapes)
+        return sum(math.prod(s) for _, s in self.layer_param_shapes)
 
     @property
     def layer_matmul_params(self) -> int:
         """Parameters that take part in GEMMs (everything but the norms)."""
-        return sum(_numel(s) for _, s in self.layer_param_shapes if len(s) == 2)
+        return sum(math.prod(s) for _, s in self.layer_param_shapes if len(s) == 2)
 
     @property
     def layer_bytes(self) -> int:
@@ -135,13 +130,6 @@ class ModelSpec:
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ and raises DoesNotFitError with the numbers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +50,6 @@ ALIGN_BYTES = 256  # every parameter view in a flat buffer starts on this bounda
 # A layer (or the offloaded part of one) as one flat tensor
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 @dataclass(frozen=True)
 class FlatLayout:
     """Offsets of some parameters inside one flat buffer (in the given order, each start aligned)."""
@@ -70,13 +64,13 @@ class FlatLayout:
         offsets, n = [], 0
         for s in shapes:
             offsets.append(n)
-            n = -(-(n + _numel(s)) // align) * align
+            n = -(-(n + math.prod(s)) // align) * align
         return cls(tuple(map(tuple, shapes)), tuple(offsets), n)
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Views of ``flat`` (at least ``numel`` elements) shaped as the parameters."""
         assert flat.dim() == 1 and flat.numel() >= self.numel, f"flat buffer of {flat.numel()} < {self.numel}"
-        return tuple(flat[o:o + _numel(s)].view(s) for o, s in zip(self.offsets, self.shapes))
+        return tuple(flat[o:o + math.prod(s)].view(s) for o, s in zip(self.offsets, self.shapes))
 
 
 def offloaded_params(spec: ModelSpec, pl: Placement, i: int) -> tuple[int, ...]:
