@@ -67,17 +67,17 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
     state = {"copying": 0, "stall": 0.0}
 
-    def record(lane, kind, t0, g, seconds=None):
-        """Account a span of the reported (last) pass."""
-        if g // L != P - 1 and not (g == P * L):  # g == P*L: the last pass's LM head
+    def record(lane, kind, t0, g, layer=None):
+        """Account the span that just ended on ``lane`` if it belongs to the reported (last) pass.
+        ``g`` is the global layer index, pass * L + layer; ``layer`` overrides the layer (L: LM head)."""
+        if g // L != P - 1:
             return
-        dt = env.now - t0 if seconds is None else seconds
         if kind == "wait":
-            state["stall"] += dt
-        elif lane != "link":
-            busy[lane] += dt
-        if trace and lane != "link":
-            spans.append(Span(lane, kind, t0, env.now, layer=g % L if g < P * L else L))
+            state["stall"] += env.now - t0
+        else:
+            busy[lane] += env.now - t0
+        if trace:
+            spans.append(Span(lane, kind, t0, env.now, layer=g % L if layer is None else layer))
 
     def host():
         for p in range(P):
@@ -148,7 +148,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                     released[g].succeed()
             t0 = env.now
             yield env.timeout(head)
-            record("compute", "compute", t0, P * L if p == P - 1 else 0)
+            record("compute", "compute", t0, p * L, layer=L)  # the LM head
             pass_end[p] = env.now
             pass_done[p].succeed()
 
