@@ -35,6 +35,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, dest="tensor_parallel")
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
 
 
@@ -62,7 +63,7 @@ def _engine(a):
 
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
-                        chunked_prefill=a.chunked_prefill, mode=a.mode)
+                        chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel)
 
 
 def _fmt_results(df: pd.DataFrame) -> str:

@@ -41,6 +41,7 @@ class ModelSpec:
     weight_bytes: float = 2.0  # bytes per parameter (bf16 = 2, fp8 = 1)
     kv_bytes: float = 2.0  # bytes per KV-cache element
     max_context: int = 131072
+    tensor_parallel: int = 1  # > 1: this spec is one GPU's shard (see ``shard``)
 
     def __post_init__(self):
         _check_positive(self, "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
@@ -131,6 +132,23 @@ class ModelSpec:
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
 
+    def shard(self, tp: int) -> "ModelSpec":
+        """One GPU's part under tensor parallelism over ``tp`` GPUs, as vLLM splits a Llama:
+        attention heads, MLP columns and the vocabulary (embedding, LM head) divided by ``tp``; KV
+        heads divided too, or replicated (one per GPU) when there are fewer than ``tp``; norms whole."""
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ConfigError("tensor_parallel", tp, "an integer >= 1")
+        if tp == 1:
+            return self
+        if self.tensor_parallel != 1:
+            raise ConfigError("tensor_parallel", tp, f"a split of a whole model, not of {self.name}, already a shard")
+        if self.heads % tp or self.intermediate % tp or (self.kv_heads >= tp and self.kv_heads % tp):
+            raise ConfigError("tensor_parallel", tp, f"a divisor of {self.name}'s {self.heads} heads, "
+                              f"{self.intermediate} MLP columns and {self.kv_heads} KV heads")
+        return dataclasses.replace(self, name=f"{self.name}/tp{tp}", heads=self.heads // tp,
+                                   kv_heads=max(self.kv_heads // tp, 1), intermediate=self.intermediate // tp,
+                                   vocab=-(-self.vocab // tp), tensor_parallel=tp)
+
 
 @dataclass(frozen=True)
 class HardwareSpec:
@@ -148,6 +166,7 @@ class HardwareSpec:
     gpu_link: str = ""
     gpu_link_bw: float = 0.0
     gpus_per_node: int = 1
+    gpus_per_host_link: int = 1  # GPUs behind one PCIe switch / socket link, sharing its bandwidth
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -156,7 +175,7 @@ class HardwareSpec:
             raise ConfigError(f"HardwareSpec.h2d_efficiency", self.h2d_efficiency, "a number in (0, 1]")
         if self.host_link_latency < 0:
             raise ConfigError("HardwareSpec.host_link_latency", self.host_link_latency, "a number >= 0 seconds")
-        _check_positive(self, "gpus_per_node", integer=True)
+        _check_positive(self, "gpus_per_node", "gpus_per_host_link", integer=True)
 
     @property
     def h2d_bw(self) -> float:

@@ -7,7 +7,7 @@ loop), ``workload`` (request generators), ``metrics`` (latency and throughput su
 """
 from .costs import Calibrated, LayerCost, Roofline, StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
-from .run import RunResult, serving_memory, simulate, simulate_step
+from .run import RunResult, per_gpu, serving_memory, simulate, simulate_step
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
 from .workload import Request, Workload, longbench_multi_news, make_workload
@@ -15,5 +15,5 @@ from .workload import Request, Workload, longbench_multi_news, make_workload
 __all__ = [
     "Calibrated", "EngineConfig", "LayerCost", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
     "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "plan_memory",
-    "serving_memory", "simulate", "simulate_layers", "simulate_step",
+    "per_gpu", "serving_memory", "simulate", "simulate_layers", "simulate_step",
 ]

@@ -76,6 +76,7 @@ class Roofline:
     cuda_graphs: bool = True
     max_graph_batch: int = 256
     copy_slowdown: float = 1.0
+    allreduce_latency: float = 5e-6  # seconds per ring hop
 
     def __post_init__(self):
         for f in ("matmul_eff", "attention_eff", "memory_eff"):
@@ -106,7 +107,17 @@ class Roofline:
         elementwise_bytes = s.tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
         n_elem = self.kernels_per_layer - 5
         elem = max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
-        return gemms + attn + elem
+        return gemms + attn + elem + 2 * self.allreduce_time(s.tokens)
+
+    def allreduce_time(self, tokens: int) -> float:
+        """One ring all-reduce of the hidden states across the tensor-parallel GPUs (two per layer:
+        after attention and after the MLP), over NVLink, or over PCIe when the GPU has none."""
+        tp = self.model.tensor_parallel
+        if tp == 1:
+            return 0.0
+        nbytes = tokens * self.model.hidden * 2
+        bw = self.hw.gpu_link_bw or self.hw.host_link_bw
+        return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * self.allreduce_latency
 
     def replays_graph(self, s: StepShape) -> bool:
         """vLLM captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs."""

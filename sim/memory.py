@@ -24,7 +24,7 @@ class MemoryPlan:
     kv_cache: float
     kv_tokens: int  # KV-cache capacity in tokens (whole blocks)
     block_size: int
-    host_offloaded: float  # bytes of offloaded weights
+    host_offloaded: float  # bytes of offloaded weights (all the node's GPUs together)
     host_pinned: float  # pinned host bytes holding them (allocations rounded up to powers of two)
     host_capacity: float
 
@@ -50,8 +50,9 @@ def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int) ->
 
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
                 max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
-                overhead: float = 0.5 * GiB) -> MemoryPlan:
-    """Lay out GPU memory; raise DoesNotFitError naming what does not fit."""
+                overhead: float = 0.5 * GiB, gpus: int = 1) -> MemoryPlan:
+    """Lay out one GPU's memory; raise DoesNotFitError naming what does not fit. ``gpus`` GPUs of
+    a node (tensor parallelism) pin their offloaded shards in the same host memory."""
     capacity = gpu_memory_utilization * hw.memory_bytes
     resident = model.weight_total_bytes - placement.offloaded_bytes
     staging = placement.staging_bytes
@@ -61,7 +62,7 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
     kv_tokens = max(int(kv // (per_token * block_size)), 0) * block_size
     plan = MemoryPlan(gpu_memory=hw.memory_bytes, capacity=capacity, weights_resident=resident, staging=staging,
                       activations=act, overhead=overhead, kv_cache=kv, kv_tokens=kv_tokens, block_size=block_size,
-                      host_offloaded=placement.offloaded_bytes, host_pinned=placement.host_pinned_bytes,
+                      host_offloaded=gpus * placement.offloaded_bytes, host_pinned=gpus * placement.host_pinned_bytes,
                       host_capacity=hw.host_memory_bytes)
     if plan.host_pinned > hw.host_memory_bytes:
         raise DoesNotFitError(

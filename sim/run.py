@@ -21,23 +21,35 @@ from .step import StepModel, StepResult
 from .workload import Workload
 
 
-def _resolve(model, gpu, policy, profile, cost_kw):
+def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1
+            ) -> tuple[ModelSpec, HardwareSpec, HardwareSpec]:
+    """(one GPU's model shard, the GPU, the GPU as its copies see it): under tensor parallelism
+    every GPU copies its shard at once, so GPUs behind one host link share its bandwidth."""
     m, hw = get_model(model), get_gpu(gpu)
+    if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool) and tensor_parallel > hw.gpus_per_node:
+        raise ConfigError("tensor_parallel", tensor_parallel, f"at most the {hw.gpus_per_node} GPUs of a {hw.name} node")
+    shard = m.shard(tensor_parallel)
+    share = min(shard.tensor_parallel, hw.gpus_per_host_link)
+    return shard, hw, hw.replace(host_link_bw=hw.host_link_bw / share) if share > 1 else hw
+
+
+def _resolve(model, gpu, policy, profile, cost_kw, tensor_parallel=1):
+    m, hw, link_hw = per_gpu(model, gpu, tensor_parallel)
     policy = policy if policy is not None else NoOffload()
     if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
-    placement = policy.place(m)
-    return m, hw, policy, placement, cost_model(m, hw, profile, **(cost_kw or {}))
+    placement = policy.place(m)  # vLLM's offload budgets are per GPU
+    return m, hw, policy, placement, cost_model(m, link_hw, profile, **(cost_kw or {}))
 
 
 def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
                   batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | os.PathLike | None = None,
-                  cost_kw: dict | None = None) -> StepResult:
+                  cost_kw: dict | None = None, tensor_parallel: int = 1) -> StepResult:
     """One forward pass of ``batch`` sequences adding ``new_tokens`` after ``context`` cached ones.
 
     Returns the step time, per-lane busy seconds, compute-stream stall and the per-layer Trace.
     """
-    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw)
+    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, tensor_parallel)
     shape = StepShape.uniform(batch, new_tokens, context)
     res = StepModel(placement, cost, quantum=0.0).run(shape, trace=True)
     res.trace.meta.update(model=m.name, gpu=hw.name, policy=policy.label, batch=batch, new_tokens=new_tokens,
@@ -57,14 +69,15 @@ def bottleneck(summary: dict) -> str:
 
 def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
                    ) -> MemoryPlan:
-    """GPU memory layout of a deployment; ``placement`` is a Policy or its Placement."""
-    m, hw = get_model(model), get_gpu(gpu)
+    """One GPU's memory layout in a deployment (with tensor parallelism, every GPU's is the same);
+    ``placement`` is a Policy or its Placement (of the per-GPU shard)."""
+    m, hw, _ = per_gpu(model, gpu, engine.tensor_parallel)
     if not isinstance(placement, Placement):
         placement = placement.place(m)
     return plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
                        max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                        max_model_len=engine.max_model_len, block_size=engine.block_size,
-                       overhead=engine.overhead_bytes)
+                       overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
 
 
 @dataclass
@@ -97,7 +110,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
              cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
     wall = time.perf_counter()
-    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw)
+    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, engine.tensor_parallel)
     for r in workload.requests:
         if r.prompt_len + r.output_len > engine.max_model_len:
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
@@ -106,7 +119,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
                               "without chunked prefill (a preempted request is recomputed in one step)")
-    mem = serving_memory(m, hw, placement, engine)
+    mem = serving_memory(model, gpu, placement, engine)
     fits = int(mem.kv_blocks * (1 - WATERMARK)) * engine.block_size
     for r in workload.requests:
         if r.prompt_len + r.output_len > fits:
@@ -127,10 +140,14 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
         step_sims=sm.simulated, simpy_events=sm.events + (next(loop.env._eid) if hasattr(loop.env, "_eid") else 0),
         wall_s=time.perf_counter() - wall,
     )
-    config = dict(model=m.name, gpu=hw.name, policy=policy.label, policy_kind=policy.kind,
-                  offloaded_layers=len(placement.offloaded_layers), offloaded_bytes=placement.offloaded_bytes,
+    tp = engine.tensor_parallel
+    summary["output_tok_s_per_gpu"] = summary["output_tok_s"] / tp
+    config = dict(model=get_model(model).name, gpu=hw.name, tensor_parallel=tp, policy=policy.label,
+                  policy_kind=policy.kind, offloaded_layers=len(placement.offloaded_layers),
+                  offloaded_bytes=placement.offloaded_bytes,  # per GPU
                   workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
                   max_num_batched_tokens=engine.max_num_batched_tokens,
-                  h2d_GBps=(hw.h2d_bw / 1e9), profile=bool(profile))
+                  h2d_GBps=per_gpu(model, gpu, tp)[2].h2d_bw / 1e9,  # each GPU's share of its host link
+                  profile=bool(profile))
     return RunResult(summary, reqs, mem, config, loop.steps)

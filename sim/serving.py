@@ -37,11 +37,12 @@ class EngineConfig:
     chunked_prefill: bool = False
     mode: str = "prefill+decode"  # or "prefill-only": every request stops after its first token
     overhead_bytes: float = 0.5 * 1024**3  # CUDA context, cuBLAS workspaces, CUDA graphs
+    tensor_parallel: int = 1  # GPUs of one node sharing every layer (vLLM's --tensor-parallel-size)
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "a fraction in (0, 1]")
-        for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+        for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tensor_parallel"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f, v, "an integer >= 1")

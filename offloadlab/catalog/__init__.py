@@ -35,6 +35,12 @@ MODELS: dict[str, ModelSpec] = {
 
 # Host memory per GPU node where a catalog note says it; otherwise HardwareSpec's default.
 _HOST_MEMORY = {"GH200-96GB": 480 * GB}
+# The node each GPU usually comes in (ASSUMPTIONS, not datasheet facts; override in a catalog file):
+# (GPUs per node, GPUs sharing one host link). 8-GPU HGX boards put two GPUs behind each PCIe switch;
+# the paper's Polaris node has 4 A100-40GB on one host, each on its own x16 link; GH200 is one
+# superchip per NVLink-C2C link.
+_NODES = {"A100-SXM4-40GB": (4, 1), "GH200-96GB": (1, 1), "L40S-48GB": (8, 2), "H100-PCIe-80GB": (8, 2)}
+_DEFAULT_NODE = (8, 2)
 # Short names people type.
 _ALIASES = {
     "a100": "A100-SXM4-40GB", "a100-40gb": "A100-SXM4-40GB", "a100-80gb": "A100-SXM4-80GB",
@@ -69,6 +75,8 @@ def _datasheet_gpus() -> dict[str, HardwareSpec]:
             host_memory_bytes=_HOST_MEMORY.get(name, 512 * GiB),
             # NVLink-C2C is cache-coherent and far closer to its spec than PCIe DMA
             h2d_efficiency=0.9 if "C2C" in row["host_link"] else 0.82,
+            gpus_per_node=_NODES.get(name, _DEFAULT_NODE)[0],
+            gpus_per_host_link=_NODES.get(name, _DEFAULT_NODE)[1],
             note=row["note"],
         )
     return out
