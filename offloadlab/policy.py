@@ -135,12 +135,13 @@ def _budget_walk(model: ModelSpec, gib: float, params: tuple[str, ...], mechanis
 
 
 @dataclass(frozen=True)
-class VllmCopy:
-    """vLLM's ``--cpu-offload-gb`` (GiB, as vLLM counts it) with the synchronous copy path."""
+class _Budget:
+    """vLLM's ``--cpu-offload-gb`` (GiB per GPU, as vLLM counts it) and ``--cpu-offload-params``."""
 
     cpu_offload_gb: float
     params: tuple[str, ...] = ()
-    kind = "vllm"
+    kind = ""  # "vllm" (copy path) or "uva"
+    mechanism = ""
 
     def __post_init__(self):
         v = self.cpu_offload_gb
@@ -150,29 +151,26 @@ class VllmCopy:
 
     @property
     def label(self) -> str:
-        return f"vllm {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
+        return f"{self.kind} {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
 
     def place(self, model: ModelSpec) -> Placement:
-        return _budget_walk(model, self.cpu_offload_gb, self.params, "copy")
+        return _budget_walk(model, self.cpu_offload_gb, self.params, self.mechanism)
 
 
 @dataclass(frozen=True)
-class VllmUva:
-    """vLLM's ``--cpu-offload-gb`` with the UVA backend (zero-copy reads over the host link)."""
+class VllmCopy(_Budget):
+    """The 0.7 copy path: per-parameter synchronous copies on the compute stream before each layer."""
 
-    cpu_offload_gb: float
-    params: tuple[str, ...] = ()
+    kind = "vllm"
+    mechanism = "copy"
+
+
+@dataclass(frozen=True)
+class VllmUva(_Budget):
+    """The UVA backend (today's default): zero-copy reads over the host link in every forward pass."""
+
     kind = "uva"
-
-    def __post_init__(self):
-        VllmCopy.__post_init__(self)
-
-    @property
-    def label(self) -> str:
-        return f"uva {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
-
-    def place(self, model: ModelSpec) -> Placement:
-        return _budget_walk(model, self.cpu_offload_gb, self.params, "uva")
+    mechanism = "uva"
 
 
 @dataclass(frozen=True)
