@@ -1,4 +1,4 @@
-"""The ``offloadlab`` command line: paper, run, compare, step, memory, validate, bench, list.
+"""The ``offloadlab`` command line: paper, run, compare, optimize, step, memory, validate, bench, list.
 
 Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit status 2.
 """
@@ -157,6 +157,26 @@ def cmd_compare(a) -> None:
         atomic_write_text(a.csv, df.to_csv(index=False))
 
 
+def cmd_optimize(a) -> None:
+    from .fileio import atomic_write_text
+    from .optimize import optimize
+
+    wl = _workload(a)
+    mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
+    r = optimize(a.model, a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
+                 max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
+                 executor="serial" if a.jobs == 1 else a.jobs, cache_dir=a.cache_dir, profile=a.profile,
+                 progress=not a.quiet)
+    print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
+          f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
+    print("top 10 feasible:")
+    print(_fmt_results(r.top(10)))
+    print(f"\nchoice: {r.policy.label}\n\n{r.explanation}\n\ndeploy with: {r.vllm_flags}")
+    if a.csv:
+        atomic_write_text(a.csv, r.table.to_csv(index=False))
+        print(f"wrote {a.csv}")
+
+
 def cmd_step(a) -> None:
     from .sim import simulate_step
 
@@ -268,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", help="write the table as CSV")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("optimize", help="search offload policies for the best throughput under constraints; explain")
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--gpu", default="A100-SXM4-40GB")
+    p.add_argument("--profile")
+    p.add_argument("--catalog")
+    _engine_args(p)
+    p.add_argument("--workload", default="multi_news")
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="throughput_rps",
+                   help="a result column: throughput_rps (default), output_tok_s, ttft_p99_s, tpot_p99_s, ...")
+    p.add_argument("--min-kv-tokens", type=int, default=None, help="keep only policies whose KV cache holds this many")
+    p.add_argument("--max-ttft-p99", type=float, default=None, metavar="S", help="TTFT p99 limit, seconds")
+    p.add_argument("--max-tpot-p99", type=float, default=None, metavar="S", help="TPOT p99 limit, seconds")
+    p.add_argument("--mechanisms", default="prefetch,uva,vllm", help="comma-separated: prefetch, uva, vllm")
+    p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
+    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--csv", help="write every candidate's row (feasible, reason, vllm_flags) as CSV")
+    p.set_defaults(fn=cmd_optimize)
     p = sub.add_parser("step", help="one forward step: time, lanes, trace")
     _common(p)
     p.add_argument("--batch", type=int, default=1)
