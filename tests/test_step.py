@@ -255,7 +255,9 @@ def test_more_host_bandwidth_is_never_slower(case, factor, less_latency):
     placement, cost, head, lat, bw, sd = case
     slow = simulate_layers(placement, cost, head, link(lat, bw), sd).time
     fast = simulate_layers(placement, cost, head, link(lat * less_latency, bw * factor), sd).time
-    assert fast <= slow * (1 + 1e-9) + EPS
+    # slack: the two runs sum different float durations (seen: 1.6e-8 relative); a behavioural
+    # regression (a compute span slowed by a copy it now overlaps) costs a whole span
+    assert fast <= slow * (1 + 1e-7) + EPS
 
 
 @SETTINGS
