@@ -39,6 +39,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
 
 
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default="multi_news", help="multi_news, a workloads.csv dataset, or a CSV/JSONL file")
+    p.add_argument("--requests", type=int, default=None)
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s); default all at t=0")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _policy(a):
     if a.vllm:
         from .vllm_flags import policy_from_vllm
@@ -266,38 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
-    p.add_argument("--workload", default="multi_news", help="multi_news, a workloads.csv dataset, or a CSV/JSONL file")
-    p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s); default all at t=0")
-    p.add_argument("--seed", type=int, default=0)
+    _workload_args(p)
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
     p.add_argument("--trace", help="write the step trace as Chrome/Perfetto JSON")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("compare", help="several policies on one scenario: a table with bottlenecks and vLLM flags")
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--gpu", default="A100-SXM4-40GB")
+    _common(p, policy=False)
     p.add_argument("--policy", action="append", help="repeatable; default: none, vllm:8, uva:8, interval:2, interval:4")
     p.add_argument("--vllm", action="append", metavar="FLAGS", help="repeatable: a vLLM command line's offload flags")
-    p.add_argument("--profile")
-    p.add_argument("--catalog")
     _engine_args(p)
-    p.add_argument("--workload", default="multi_news")
-    p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("optimize", help="search offload policies for the best throughput under constraints; explain")
-    p.add_argument("--model", default="llama-3.1-8b")
-    p.add_argument("--gpu", default="A100-SXM4-40GB")
-    p.add_argument("--profile")
-    p.add_argument("--catalog")
+    _common(p, policy=False)
     _engine_args(p)
-    p.add_argument("--workload", default="multi_news")
-    p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    _workload_args(p)
     p.add_argument("--objective", default="throughput_rps",
                    help="a result column: throughput_rps (default), output_tok_s, ttft_p99_s, tpot_p99_s, ...")
     p.add_argument("--min-kv-tokens", type=int, default=None, help="keep only policies whose KV cache holds this many")

@@ -127,18 +127,24 @@ def _tick(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def _scaled(df: pd.DataFrame, keys: tuple[str, ...], metric: str) -> tuple[str, pd.DataFrame]:
+    """(axis label, the ``keys`` and ``metric`` columns with the metric numeric and in display units)."""
+    for col in (*keys, metric):
+        if col not in df.columns:
+            raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
+    label, scale = _metric_label(metric)
+    d = df[[*keys, metric]].copy()
+    d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
+    return label, d
+
+
 def heatmap(df: pd.DataFrame, x: str, y: str, metric: str = "throughput_rps", *, agg: str = "mean", ax=None,
             cmap: str = "viridis", annotate: bool = True, title: str = ""):
     """A metric over two sweep axes (e.g. ``x="k", y="buffers"``): one cell per (x, y), ``agg`` of the rows in it.
 
     Error rows (NaN metric) leave their cell blank. Units as in the other plots (TPOT in ms, bytes in GiB).
     """
-    for col in (x, y, metric):
-        if col not in df.columns:
-            raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
-    label, scale = _metric_label(metric)
-    d = df[[x, y, metric]].copy()
-    d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
+    label, d = _scaled(df, (x, y), metric)
     table = d.pivot_table(index=y, columns=x, values=metric, aggfunc=agg, dropna=False)
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 2.5, 0.6 * len(table.index) + 1.8),
@@ -171,12 +177,7 @@ def metric_vs_bandwidth(df: pd.DataFrame, metric: str = "throughput_rps", *, x: 
 
     Rows sharing (``by``, ``x``) are combined with ``agg``; error rows are left out.
     """
-    for col in (x, by, metric):
-        if col not in df.columns:
-            raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
-    label, scale = _metric_label(metric)
-    d = df[[by, x, metric]].copy()
-    d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
+    label, d = _scaled(df, (by, x), metric)
     d = d.dropna(subset=[metric])
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
