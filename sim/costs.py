@@ -77,6 +77,7 @@ class Roofline:
     max_graph_batch: int = 256
     copy_slowdown: float = 1.0
     allreduce_latency: float = 5e-6  # seconds per ring hop
+    link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
 
     def __post_init__(self):
         for f in ("matmul_eff", "attention_eff", "memory_eff"):
@@ -85,6 +86,8 @@ class Roofline:
                 raise ConfigError(f, v, "an efficiency in (0, 1]")
         if not self.copy_slowdown >= 1:
             raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1")
+        if not self.link_share >= 1:
+            raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
 
     def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
@@ -136,8 +139,8 @@ class Roofline:
                             m.vocab * m.hidden * m.weight_bytes + s.seqs * m.vocab * 4, self.matmul_eff)
 
     def transfer(self, nbytes: float) -> float:
-        """Seconds for one pinned host->device copy of ``nbytes``."""
-        return self.hw.host_link_latency + nbytes / self.hw.h2d_bw
+        """Seconds for one pinned host->device copy of ``nbytes`` (its share of the host link)."""
+        return self.hw.host_link_latency + nbytes * self.link_share / self.hw.h2d_bw
 
 
 @dataclass(frozen=True)
@@ -156,14 +159,14 @@ class Calibrated:
         pts = [(StepShape.uniform(b, t, c), sec) for b, t, c, sec in prof.layer_times]
         # launch-bound measurements: the roofline says the GPU would be done in under half the time,
         # so the in-stack time is the host's launch time and says nothing about the GPU's.
-        launch_bound = [rf.gpu_time(s) < 0.5 * sec for s, sec in pts]
+        roof = [rf.gpu_time(s) for s, _ in pts]
+        launch_bound = [r < 0.5 * sec for r, (_, sec) in zip(roof, pts)]
         launch = prof.launch_per_layer
         if launch is None:
             bound = [sec for (s, sec), lb in zip(pts, launch_bound) if lb]
             launch = statistics.median(bound) if bound else rf.eager_launch_per_layer
         points = []
-        for (s, sec), lb in zip(pts, launch_bound):
-            r = rf.gpu_time(s)
+        for (s, sec), r, lb in zip(pts, roof, launch_bound):
             ratio = 1.0 if lb else sec / r
             host = sec if lb else launch
             points.append((math.log(s.tokens), math.log(max(s.kv_tokens, 1)), ratio, host))
@@ -200,8 +203,13 @@ class Calibrated:
         return self.roofline.head(s)
 
     def transfer(self, nbytes: float) -> float:
-        """Latency + size / streaming rate, both read off the measured bandwidth curve."""
-        return self._latency + nbytes / self._rate
+        """Latency + size / streaming rate, both read off the measured bandwidth curve (the rate
+        shared like the roofline's, ``roofline.link_share``)."""
+        return self._latency + nbytes * self.roofline.link_share / self._rate
+
+    @property
+    def link_share(self) -> float:
+        return self.roofline.link_share
 
 
 def _link_model(h2d: tuple[tuple[float, float], ...]) -> tuple[float, float]:

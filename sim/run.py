@@ -39,7 +39,9 @@ def _resolve(model, gpu, policy, profile, cost_kw, tensor_parallel=1):
     if isinstance(profile, (str, os.PathLike)):
         profile = Profile.load(profile)
     placement = policy.place(m)  # vLLM's offload budgets are per GPU
-    return m, hw, policy, placement, cost_model(m, link_hw, profile, **(cost_kw or {}))
+    # the share divides whatever the cost model's copy rate is, datasheet or measured
+    share = hw.host_link_bw / link_hw.host_link_bw
+    return m, hw, policy, placement, cost_model(m, hw, profile, **{"link_share": share, **(cost_kw or {})})
 
 
 def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
@@ -148,6 +150,6 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                   workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
                   max_num_batched_tokens=engine.max_num_batched_tokens,
-                  h2d_GBps=per_gpu(model, gpu, tp)[2].h2d_bw / 1e9,  # each GPU's share of its host link
+                  h2d_GBps=hw.h2d_bw / cost.link_share / 1e9,  # each GPU's share of its host link
                   profile=bool(profile))
     return RunResult(summary, reqs, mem, config, loop.steps)

@@ -78,3 +78,15 @@ def test_tensor_parallel_serving_scales_throughput():
     four = simulate("llama-3.1-8b", "h100", NoOffload(), wl, EngineConfig(tensor_parallel=4)).summary
     assert one["throughput_rps"] < four["throughput_rps"] < 4 * one["throughput_rps"]
     assert four["output_tok_s_per_gpu"] == pytest.approx(four["output_tok_s"] / 4)
+
+
+def test_measured_copy_rate_is_shared_too(probe_path):
+    """Calibrated costs split the measured host link among the GPUs behind it, as the roofline does."""
+    from offloadlab.sim import simulate_step
+
+    shard = get_model("llama-3.1-8b").shard(2)  # 2 GPUs of an HGX H100 share one PCIe switch
+    one = simulate_step("llama-3.1-8b", "h100", interval(2), new_tokens=64, profile=probe_path)
+    two = simulate_step("llama-3.1-8b", "h100", interval(2), new_tokens=64, profile=probe_path, tensor_parallel=2)
+    # each GPU copies half the bytes at half the rate: the same copy time per step
+    assert two.busy["copy"] == pytest.approx(one.busy["copy"] * shard.layer_bytes * 2 / get_model("llama-3.1-8b").layer_bytes,
+                                             rel=0.01)
