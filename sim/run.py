@@ -17,7 +17,7 @@ from .costs import StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
 from .serving import WATERMARK, EngineConfig, ServingLoop
-from .step import StepModel, StepResult
+from .step import StepModel, StepResult, events_processed
 from .workload import Workload
 
 
@@ -112,8 +112,8 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
              cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
     wall = time.perf_counter()
-    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, engine.tensor_parallel)
-    for r in workload.requests:
+    _, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, engine.tensor_parallel)
+    for r in workload.requests:  # the request's own limits first, then (below) the memory plan's
         if r.prompt_len + r.output_len > engine.max_model_len:
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_model_len={engine.max_model_len}")
@@ -139,7 +139,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     summary.update(
         compute_stall_s=loop.stall,
         steps=sum(loop.n_steps.values()), **{f"{k}_steps": v for k, v in loop.n_steps.items()},
-        step_sims=sm.simulated, simpy_events=sm.events + (next(loop.env._eid) if hasattr(loop.env, "_eid") else 0),
+        step_sims=sm.simulated, simpy_events=sm.events + events_processed(loop.env),
         wall_s=time.perf_counter() - wall,
     )
     tp = engine.tensor_parallel

@@ -157,11 +157,16 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
         env.process(copier())
     done = env.process(compute())
     env.run(until=done)
-    events = next(env._eid) if hasattr(env, "_eid") else 0  # SimPy's own event counter
+    events = events_processed(env)
     start = pass_end[P - 2] if P > 1 else 0.0
     tr = Trace(spans=[dataclasses.replace(sp, start=sp.start - start, end=sp.end - start) for sp in spans],
                meta={"source": "sim"}) if trace else None
     return StepResult(env.now - start, busy, state["stall"], events, tr)
+
+
+def events_processed(env: simpy.Environment) -> int:
+    """Events scheduled so far (SimPy's own counter; 0 if a SimPy version lacks it)."""
+    return next(env._eid) if hasattr(env, "_eid") else 0
 
 
 def _bin(x: float, q: float) -> float:
