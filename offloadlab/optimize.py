@@ -278,6 +278,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
         raise ConfigError("wrap", wrap, "True or False")
     base = SimConfig(model=model, gpu=gpu, engine=engine, profile=profile)  # bad names fail here
     model, gpu = base.model_spec, base.hardware
+    shard = per_gpu(model, gpu, engine.tensor_parallel)[0]  # what each GPU holds and offloads
     if candidates is None:
         pols = candidate_policies(model, gpu, engine, mechanisms=mechanisms, min_kv_tokens=min_kv_tokens, wrap=wrap)
     else:
@@ -332,8 +333,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
         other = df.loc[~df["error"].str.startswith("DoesNotFitError"), "error"].iloc[0]
         raise OffloadLabError(f"no candidate policy ran: {other}")
     if not len(fits):
-        most = max(range(len(pols)), key=lambda i: pols[i].place(per_gpu(model, gpu, engine.tensor_parallel)[0])
-                   .offloaded_bytes)
+        most = max(range(len(pols)), key=lambda i: pols[i].place(shard).offloaded_bytes)
         raise DoesNotFitError(
             f"{model.name} does not fit on {gpu.name} (tensor_parallel={engine.tensor_parallel}, "
             f"gpu_memory_utilization={engine.gpu_memory_utilization}) with any of {len(pols)} candidate policies; "
@@ -359,7 +359,6 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
     policy = pols[int(best["candidate"])]
 
     # references: the paper's interval k=2 (2 buffers), vLLM's copy path of the same bytes as the best
-    shard = per_gpu(model, gpu, engine.tensor_parallel)[0]
     k2 = interval(2, 2)
     same = policy if int(best["offloaded_bytes"]) > 0 else k2
     copy_gib = math.floor(same.place(shard).offloaded_bytes / GiB * 100) / 100
