@@ -36,7 +36,7 @@ from typing import Sequence
 import pandas as pd
 
 from .errors import ConfigError, DoesNotFitError, OffloadLabError
-from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, interval
+from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
 from .sim import EngineConfig, Workload, per_gpu, serving_memory
 from .specs import GiB
 from .sweep import SimConfig, sweep
@@ -361,7 +361,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
     # references: the paper's interval k=2 (2 buffers), vLLM's copy path of the same bytes as the best
     k2 = interval(2, 2)
     same = policy if int(best["offloaded_bytes"]) > 0 else k2
-    copy_gib = math.floor(same.place(shard).offloaded_bytes / GiB * 100) / 100
+    copy_gib = budget_for(same.place(shard).offloaded_bytes)
     ref_pols = {"the paper's interval k=2, 2 buffers": k2,
                 "vLLM's copy path of the same bytes" + ("" if same is policy else " as k=2"):
                     VllmCopy(policy.cpu_offload_gb, policy.params) if isinstance(policy, (VllmCopy, VllmUva))

@@ -8,12 +8,11 @@ are the defaults of EngineConfig and of the workload generator (lognormal prompt
 """
 from __future__ import annotations
 
-import math
 
 import pandas as pd
 
 from .catalog import get_gpu, get_model
-from .policy import NoOffload, VllmCopy, interval
+from .policy import NoOffload, VllmCopy, budget_for, interval
 from .sim import EngineConfig, longbench_multi_news, serving_memory, simulate
 from .specs import GiB
 
@@ -27,10 +26,7 @@ def paper_policies(model=PAPER_MODEL, k: int = 2, buffers: int = 2):
     """No offload; vLLM copy path offloading the same bytes as interval k; interval k."""
     m = get_model(model)
     ours = interval(k, buffers)
-    # rounded down to 0.01 GiB (less than a down_proj): a budget a hair above the bytes would make
-    # vLLM's walk take one more parameter, one below still ends inside the same last layer
-    same_bytes_gib = math.floor(ours.place(m).offloaded_bytes / GiB * 100) / 100
-    return [NoOffload(), VllmCopy(same_bytes_gib), ours]
+    return [NoOffload(), VllmCopy(budget_for(ours.place(m).offloaded_bytes)), ours]
 
 
 def run_paper(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int = 0, profile=None,

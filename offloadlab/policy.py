@@ -20,6 +20,7 @@ whose dotted name contains the given segments (vLLM's ``--cpu-offload-params``/`
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -155,6 +156,13 @@ class _Budget:
 
     def place(self, model: ModelSpec) -> Placement:
         return _budget_walk(model, self.cpu_offload_gb, self.params, self.mechanism)
+
+
+def budget_for(offloaded_bytes: int) -> float:
+    """The ``--cpu-offload-gb`` that makes vLLM's walk offload the same layers as ``offloaded_bytes``
+    of whole layers: rounded down to 0.01 GiB (less than a down_proj), since a budget a hair above
+    the bytes would take one more parameter, and one below still ends inside the same last layer."""
+    return math.floor(offloaded_bytes / GiB * 100) / 100
 
 
 @dataclass(frozen=True)
