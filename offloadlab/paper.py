@@ -8,7 +8,6 @@ are the defaults of EngineConfig and of the workload generator (lognormal prompt
 """
 from __future__ import annotations
 
-
 import pandas as pd
 
 from .catalog import get_gpu, get_model
