@@ -35,8 +35,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--chunked-prefill", action="store_true")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, dest="tensor_parallel")
+    _parallel_args(p)
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
+
+
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, dest="tensor_parallel")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, dest="pipeline_parallel")
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +75,8 @@ def _engine(a):
 
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
-                        chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel)
+                        chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
+                        pipeline_parallel=a.pipeline_parallel)
 
 
 def _fmt_results(df: pd.DataFrame) -> str:
@@ -188,7 +194,8 @@ def cmd_step(a) -> None:
     from .sim import simulate_step
 
     r = simulate_step(a.model, a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
-                      context=a.context, profile=a.profile)
+                      context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
+                      pipeline_parallel=a.pipeline_parallel)
     print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
           f"{r.events} SimPy events")
     for lane, b in r.busy.items():
@@ -306,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=2048)
     p.add_argument("--context", type=int, default=0)
+    _parallel_args(p)
     p.add_argument("--trace", help="write the per-layer trace as Chrome/Perfetto JSON")
     p.set_defaults(fn=cmd_step)
     p = sub.add_parser("memory", help="GPU memory layout for a policy")

@@ -103,7 +103,7 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
                        min_kv_tokens: int | None = None, wrap: bool = True) -> list[Policy]:
     """The candidate set the optimizer searches (see the module docstring); NoOffload first."""
     mechanisms = _check_mechanisms(mechanisms)
-    shard = per_gpu(model, gpu, engine.tensor_parallel)[0]  # vLLM's budgets are per GPU
+    shard = per_gpu(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)  # vLLM's budgets are per GPU
     L = shard.layers
     out: list[Policy] = [NoOffload()]
     if "prefetch" in mechanisms:
@@ -278,7 +278,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
         raise ConfigError("wrap", wrap, "True or False")
     base = SimConfig(model=model, gpu=gpu, engine=engine, profile=profile)  # bad names fail here
     model, gpu = base.model_spec, base.hardware
-    shard = per_gpu(model, gpu, engine.tensor_parallel)[0]  # what each GPU holds and offloads
+    shard = per_gpu(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)  # what a GPU holds, offloads
     if candidates is None:
         pols = candidate_policies(model, gpu, engine, mechanisms=mechanisms, min_kv_tokens=min_kv_tokens, wrap=wrap)
     else:
@@ -336,6 +336,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
         most = max(range(len(pols)), key=lambda i: pols[i].place(shard).offloaded_bytes)
         raise DoesNotFitError(
             f"{model.name} does not fit on {gpu.name} (tensor_parallel={engine.tensor_parallel}, "
+            f"pipeline_parallel={engine.pipeline_parallel}, "
             f"gpu_memory_utilization={engine.gpu_memory_utilization}) with any of {len(pols)} candidate policies; "
             f"offloading the most ({pols[most].label}): {df.loc[most, 'reason'].removeprefix('does not fit: ')}")
 

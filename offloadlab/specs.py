@@ -42,6 +42,8 @@ class ModelSpec:
     kv_bytes: float = 2.0  # bytes per KV-cache element
     max_context: int = 131072
     tensor_parallel: int = 1  # > 1: this spec is one GPU's shard (see ``shard``)
+    pipeline_parallel: int = 1  # > 1: this spec is one pipeline stage (see ``stages``)
+    stage: int = 0  # which stage, 0-based
 
     def __post_init__(self):
         _check_positive(self, "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
@@ -49,6 +51,9 @@ class ModelSpec:
         _check_positive(self, "weight_bytes", "kv_bytes")
         if self.heads % self.kv_heads:
             raise ConfigError("ModelSpec.kv_heads", self.kv_heads, f"a divisor of heads={self.heads}")
+        _check_positive(self, "tensor_parallel", "pipeline_parallel", integer=True)
+        if not 0 <= self.stage < self.pipeline_parallel:
+            raise ConfigError("ModelSpec.stage", self.stage, f"a stage in 0..{self.pipeline_parallel - 1}")
 
     # ---- parameters, in vLLM's order inside a decoder layer (fused qkv and gate_up) ----
     @property
@@ -86,10 +91,23 @@ class ModelSpec:
         return self.vocab * self.hidden
 
     @property
+    def has_embedding(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def has_head(self) -> bool:
+        """The final norm and LM head live on the last pipeline stage."""
+        return self.stage == self.pipeline_parallel - 1
+
+    @property
     def non_layer_params(self) -> int:
-        """Embedding, LM head (unless tied) and the final norm: never offloaded."""
-        lm_head = 0 if self.tied_embeddings else self.vocab * self.hidden
-        return self.embedding_params + lm_head + self.hidden
+        """Embedding (first stage), LM head and final norm (last stage; a tied head is the embedding,
+        held again by a last stage that is not also the first): never offloaded."""
+        embed = self.embedding_params if self.has_embedding else 0
+        head = 0
+        if self.has_head:
+            head = self.hidden + (0 if self.tied_embeddings and self.has_embedding else self.vocab * self.hidden)
+        return embed + head
 
     @property
     def non_layer_bytes(self) -> int:
@@ -140,14 +158,30 @@ class ModelSpec:
             raise ConfigError("tensor_parallel", tp, "an integer >= 1")
         if tp == 1:
             return self
-        if self.tensor_parallel != 1:
-            raise ConfigError("tensor_parallel", tp, f"a split of a whole model, not of {self.name}, already a shard")
+        if self.tensor_parallel != 1 or self.pipeline_parallel != 1:
+            raise ConfigError("tensor_parallel", tp, f"a split of a whole model, not of {self.name}, already a part")
         if self.heads % tp or self.intermediate % tp or (self.kv_heads >= tp and self.kv_heads % tp):
             raise ConfigError("tensor_parallel", tp, f"a divisor of {self.name}'s {self.heads} heads, "
                               f"{self.intermediate} MLP columns and {self.kv_heads} KV heads")
         return dataclasses.replace(self, name=f"{self.name}/tp{tp}", heads=self.heads // tp,
                                    kv_heads=max(self.kv_heads // tp, 1), intermediate=self.intermediate // tp,
                                    vocab=-(-self.vocab // tp), tensor_parallel=tp)
+
+    def stages(self, pp: int) -> tuple["ModelSpec", ...]:
+        """The ``pp`` pipeline stages, as vLLM splits the layers (``get_pp_indices``): evenly, the
+        remainder one layer each to the stages before the last, from the second-to-last backwards
+        (the last stage also runs the LM head). Apply to a whole model or to a tensor-parallel shard."""
+        if isinstance(pp, bool) or not isinstance(pp, int) or not 1 <= pp <= self.layers:
+            raise ConfigError("pipeline_parallel", pp, f"an integer in 1..{self.layers} (the layers of {self.name})")
+        if pp == 1:
+            return (self,)
+        if self.pipeline_parallel != 1:
+            raise ConfigError("pipeline_parallel", pp, f"a split of a whole model, not of {self.name}, already a stage")
+        sizes = [self.layers // pp] * pp
+        for i in range(2, self.layers % pp + 2):
+            sizes[-i] += 1
+        return tuple(dataclasses.replace(self, name=f"{self.name}/pp{pp}.{s}", layers=n, pipeline_parallel=pp, stage=s)
+                     for s, n in enumerate(sizes))
 
 
 @dataclass(frozen=True)
@@ -167,14 +201,18 @@ class HardwareSpec:
     gpu_link_bw: float = 0.0
     gpus_per_node: int = 1
     gpus_per_host_link: int = 1  # GPUs behind one PCIe switch / socket link, sharing its bandwidth
+    network_bw: float = 50 * GB  # bytes/s per GPU per direction between nodes (400 Gb/s InfiniBand NDR each)
+    network_latency: float = 5e-6  # seconds per message between nodes
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
-        _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes")
+        _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes",
+                        "network_bw")
         if not (0 < self.h2d_efficiency <= 1):
             raise ConfigError(f"HardwareSpec.h2d_efficiency", self.h2d_efficiency, "a number in (0, 1]")
-        if self.host_link_latency < 0:
-            raise ConfigError("HardwareSpec.host_link_latency", self.host_link_latency, "a number >= 0 seconds")
+        for f in ("host_link_latency", "network_latency"):
+            if not getattr(self, f) >= 0:
+                raise ConfigError(f"HardwareSpec.{f}", getattr(self, f), "a number >= 0 seconds")
         _check_positive(self, "gpus_per_node", "gpus_per_host_link", integer=True)
 
     @property

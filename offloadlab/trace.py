@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .fileio import atomic_write_text
 
 SCHEMA = "offloadlab.trace/1"
-KINDS = ("compute", "copy", "wait", "launch", "step")
+KINDS = ("compute", "copy", "wait", "launch", "step", "send")
 # Known lanes get fixed Chrome thread ids (1..5) in this order; other lanes follow, by first use.
 LANE_ORDER = ("host", "compute", "copy", "link", "engine")
 SPAN_FIELDS = ("lane", "kind", "start", "end", "layer", "step", "name", "gpu")

@@ -2,18 +2,19 @@
 
 Files, one concept each: ``costs`` (roofline and calibrated cost models), ``step`` (the SimPy
 model of one forward pass), ``memory`` (GPU/host memory layout), ``serving`` (vLLM-like scheduler
-loop), ``workload`` (request generators), ``metrics`` (latency and throughput summaries), ``run``
+loop), ``workload`` (request generators), ``parallel`` (tensor and pipeline parallel layout), ``metrics`` (latency and throughput summaries), ``run``
 (the entry points). Imports only the shared vocabulary; never torch.
 """
 from .costs import Calibrated, LayerCost, Roofline, StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
-from .run import RunResult, per_gpu, serving_memory, simulate, simulate_step
+from .parallel import Layout
+from .run import RunResult, layout, per_gpu, serving_memory, simulate, simulate_step
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [
-    "Calibrated", "EngineConfig", "LayerCost", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
-    "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "plan_memory",
-    "per_gpu", "serving_memory", "simulate", "simulate_layers", "simulate_step",
+    "Calibrated", "EngineConfig", "LayerCost", "Layout", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
+    "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "layout",
+    "plan_memory", "per_gpu", "serving_memory", "simulate", "simulate_layers", "simulate_step",
 ]

@@ -133,8 +133,11 @@ class Roofline:
         return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor)
 
     def head(self, s: StepShape) -> float:
-        """GPU seconds for the final norm and LM head on the last token of each sequence."""
+        """GPU seconds for the final norm and LM head on the last token of each sequence (none on a
+        pipeline stage without the head)."""
         m = self.model
+        if not m.has_head:
+            return 0.0
         return self._kernel(2.0 * m.vocab * m.hidden * s.seqs,
                             m.vocab * m.hidden * m.weight_bytes + s.seqs * m.vocab * 4, self.matmul_eff)
 

@@ -44,8 +44,10 @@ class MemoryPlan:
 
 
 def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int) -> float:
-    """Peak activation bytes of one step: one layer's live tensors plus fp32 logits of each sequence."""
-    return max_batched_tokens * model.activation_bytes_per_token() + max_seqs * model.vocab * 4
+    """Peak activation bytes of one step: one layer's live tensors plus fp32 logits of each sequence
+    (on the stage that holds the LM head)."""
+    logits = max_seqs * model.vocab * 4 if model.has_head else 0
+    return max_batched_tokens * model.activation_bytes_per_token() + logits
 
 
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,

@@ -1,6 +1,7 @@
 """The simulator's public entry points: one forward step, or a whole served workload."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,52 +12,82 @@ from ..catalog import get_gpu, get_model
 from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Placement, Policy
 from ..profile import Profile
-from ..specs import HardwareSpec, ModelSpec
+from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace
 from .costs import StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
-from .serving import WATERMARK, EngineConfig, ServingLoop
+from .parallel import Layout
+from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
 from .step import StepModel, StepResult, events_processed
 from .workload import Workload
 
 
-def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1
-            ) -> tuple[ModelSpec, HardwareSpec, HardwareSpec]:
-    """(one GPU's model shard, the GPU, the GPU as its copies see it): under tensor parallelism
-    every GPU copies its shard at once, so GPUs behind one host link share its bandwidth."""
-    m, hw = get_model(model), get_gpu(gpu)
-    if isinstance(tensor_parallel, int) and not isinstance(tensor_parallel, bool) and tensor_parallel > hw.gpus_per_node:
-        raise ConfigError("tensor_parallel", tensor_parallel, f"at most the {hw.gpus_per_node} GPUs of a {hw.name} node")
-    shard = m.shard(tensor_parallel)
-    share = min(shard.tensor_parallel, hw.gpus_per_host_link)
-    return shard, hw, hw.replace(host_link_bw=hw.host_link_bw / share) if share > 1 else hw
+def layout(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
+           pipeline_parallel: int = 1) -> Layout:
+    return Layout(get_model(model), get_gpu(gpu), tensor_parallel, pipeline_parallel)
 
 
-def _resolve(model, gpu, policy, profile, cost_kw, tensor_parallel=1):
-    m, hw, link_hw = per_gpu(model, gpu, tensor_parallel)
-    policy = policy if policy is not None else NoOffload()
-    if isinstance(profile, (str, os.PathLike)):
-        profile = Profile.load(profile)
-    placement = policy.place(m)  # vLLM's offload budgets are per GPU
-    # the share divides whatever the cost model's copy rate is, datasheet or measured
-    share = hw.host_link_bw / link_hw.host_link_bw
-    return m, hw, policy, placement, cost_model(m, hw, profile, **{"link_share": share, **(cost_kw or {})})
+def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
+            pipeline_parallel: int = 1) -> ModelSpec:
+    """What one GPU holds: its tensor-parallel shard of a stage (the stage with the most layers)."""
+    return max(layout(model, gpu, tensor_parallel, pipeline_parallel).stages, key=lambda m: m.layers)
+
+
+def _load(profile):
+    return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
+
+
+@dataclass(frozen=True)
+class _Stage:
+    model: ModelSpec  # one GPU's part of the stage
+    placement: Placement  # vLLM's offload budgets are per GPU: the policy placed on this part
+    cost: object
+
+
+def _resolve(lay: Layout, policy: Policy, profile, cost_kw) -> list[_Stage]:
+    """Each stage's placement and cost model; every GPU copies over its share of a host link, whatever
+    the cost model's copy rate is, datasheet or measured."""
+    profile = _load(profile)
+    kw = {"link_share": lay.link_share, **(cost_kw or {})}
+    return [_Stage(m, policy.place(m), cost_model(m, lay.hw, profile, **kw)) for m in lay.stages]
 
 
 def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
                   batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | os.PathLike | None = None,
-                  cost_kw: dict | None = None, tensor_parallel: int = 1) -> StepResult:
+                  cost_kw: dict | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> StepResult:
     """One forward pass of ``batch`` sequences adding ``new_tokens`` after ``context`` cached ones.
 
-    Returns the step time, per-lane busy seconds, compute-stream stall and the per-layer Trace.
+    Returns the step time, per-lane busy seconds (per GPU, averaged over pipeline stages), the
+    compute-stream stall and the per-layer Trace (under pipeline parallelism, stage s's spans carry
+    ``gpu`` = its first GPU, s x tensor_parallel; the stages run one after the other, with a
+    "send" span between them).
     """
-    m, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, tensor_parallel)
+    lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
+    policy = policy if policy is not None else NoOffload()
     shape = StepShape.uniform(batch, new_tokens, context)
-    res = StepModel(placement, cost, quantum=0.0).run(shape, trace=True)
-    res.trace.meta.update(model=m.name, gpu=hw.name, policy=policy.label, batch=batch, new_tokens=new_tokens,
-                          context=context)
-    return res
+    stages = _resolve(lay, policy, profile, cost_kw)
+    pp = len(stages)
+    t, stall, events, spans = 0.0, 0.0, 0, []
+    busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+    for i, st in enumerate(stages):
+        res = StepModel(st.placement, st.cost, quantum=0.0).run(shape, trace=True)
+        gpu = i * lay.tensor_parallel
+        spans += [dataclasses.replace(sp, gpu=gpu, start=sp.start + t, end=sp.end + t) for sp in res.trace.spans]
+        for lane, b in res.busy.items():
+            busy[lane] += b / pp
+        stall += res.stall / pp
+        events += res.events
+        t += res.time
+        if i < pp - 1:
+            send = lay.send_time(i, shape.tokens)
+            spans.append(Span("send", "send", t, t + send, layer=st.model.layers, gpu=gpu))
+            t += send
+    trace = Trace(spans=spans, meta={"source": "sim", "model": lay.model.name, "gpu": lay.hw.name,
+                                     "policy": policy.label, "batch": batch, "new_tokens": new_tokens,
+                                     "context": context, "tensor_parallel": tensor_parallel,
+                                     "pipeline_parallel": pipeline_parallel})
+    return StepResult(t, busy, stall, events, trace)
 
 
 def bottleneck(summary: dict) -> str:
@@ -69,17 +100,38 @@ def bottleneck(summary: dict) -> str:
     return "compute-bound"
 
 
-def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
-                   ) -> MemoryPlan:
-    """One GPU's memory layout in a deployment (with tensor parallelism, every GPU's is the same);
-    ``placement`` is a Policy or its Placement (of the per-GPU shard)."""
-    m, hw, _ = per_gpu(model, gpu, engine.tensor_parallel)
-    if not isinstance(placement, Placement):
-        placement = placement.place(m)
+def _plan(m: ModelSpec, hw: HardwareSpec, placement: Placement, engine: EngineConfig) -> MemoryPlan:
     return plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
                        max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                        max_model_len=engine.max_model_len, block_size=engine.block_size,
                        overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
+
+
+def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
+                   ) -> MemoryPlan:
+    """One GPU's memory layout in a deployment: with tensor parallelism every GPU's is the same;
+    with pipeline parallelism, the stage with the fewest KV tokens (every stage keeps the KV of
+    every token for its layers), with the pinned host memory of the fullest node. ``placement`` is
+    a Policy, or under tensor parallelism alone the Placement of the per-GPU shard."""
+    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)
+    if isinstance(placement, Placement):
+        if lay.pipeline_parallel > 1:
+            raise ConfigError("placement", placement, "a Policy (each pipeline stage places it on its own layers)")
+        placements = [placement]
+    else:
+        placements = [placement.place(m) for m in lay.stages]
+    plans = [_plan(m, lay.hw, p, engine) for m, p in zip(lay.stages, placements)]
+    if len(plans) == 1:
+        return plans[0]
+    offloaded = lay.host_pinned([p.offloaded_bytes for p in placements])
+    pinned = lay.host_pinned([p.host_pinned_bytes for p in placements])
+    node = max(range(lay.nodes), key=lambda n: pinned[n])
+    if pinned[node] > lay.hw.host_memory_bytes:
+        raise DoesNotFitError(
+            f"offloaded weights take {pinned[node] / GiB:.1f} GiB of pinned host memory on node {node} of "
+            f"{lay.describe()}, more than its {lay.hw.host_memory_bytes / GiB:.1f} GiB")
+    tightest = min(plans, key=lambda p: p.kv_tokens)
+    return dataclasses.replace(tightest, host_offloaded=offloaded[node], host_pinned=pinned[node])
 
 
 @dataclass
@@ -112,7 +164,10 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
              cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
     wall = time.perf_counter()
-    _, hw, policy, placement, cost = _resolve(model, gpu, policy, profile, cost_kw, engine.tensor_parallel)
+    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)
+    hw = lay.hw
+    policy = policy if policy is not None else NoOffload()
+    stages = _resolve(lay, policy, profile, cost_kw)
     for r in workload.requests:  # the request's own limits first, then (below) the memory plan's
         if r.prompt_len + r.output_len > engine.max_model_len:
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
@@ -121,15 +176,20 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
                               "without chunked prefill (a preempted request is recomputed in one step)")
-    mem = serving_memory(model, gpu, placement, engine)
-    fits = int(mem.kv_blocks * (1 - WATERMARK)) * engine.block_size
+    mem = serving_memory(model, gpu, policy, engine)
+    pp = lay.pipeline_parallel
+    fits = int(mem.kv_blocks // pp * (1 - WATERMARK)) * engine.block_size  # a virtual engine's share
     for r in workload.requests:
         if r.prompt_len + r.output_len > fits:
             raise DoesNotFitError(
                 f"request {r.id}: prompt_len+output_len={r.prompt_len + r.output_len} tokens exceed the KV cache's "
-                f"{mem.kv_tokens} tokens less vLLM's 1% watermark ({fits}); vLLM would ignore it")
-    sm = StepModel(placement, cost)
-    loop = ServingLoop(sm, engine, mem.kv_tokens, trace_steps=trace_steps)
+                f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) less vLLM's 1% watermark "
+                f"({fits}); vLLM would ignore it")
+    sms = [StepModel(st.placement, st.cost) for st in stages]
+    if pp == 1:
+        loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
+    else:
+        loop = PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
     loop.run(list(workload.requests))
     reqs = request_frame(loop.seqs)
     summary = summarize(reqs)
@@ -139,17 +199,18 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     summary.update(
         compute_stall_s=loop.stall,
         steps=sum(loop.n_steps.values()), **{f"{k}_steps": v for k, v in loop.n_steps.items()},
-        step_sims=sm.simulated, simpy_events=sm.events + events_processed(loop.env),
+        step_sims=sum(sm.simulated for sm in sms), simpy_events=sum(sm.events for sm in sms) + events_processed(loop.env),
         wall_s=time.perf_counter() - wall,
     )
-    tp = engine.tensor_parallel
-    summary["output_tok_s_per_gpu"] = summary["output_tok_s"] / tp
-    config = dict(model=get_model(model).name, gpu=hw.name, tensor_parallel=tp, policy=policy.label,
-                  policy_kind=policy.kind, offloaded_layers=len(placement.offloaded_layers),
-                  offloaded_bytes=placement.offloaded_bytes,  # per GPU
+    summary["output_tok_s_per_gpu"] = summary["output_tok_s"] / lay.gpus
+    placement = stages[0].placement
+    config = dict(model=lay.model.name, gpu=hw.name, tensor_parallel=lay.tensor_parallel, pipeline_parallel=pp,
+                  gpus=lay.gpus, policy=policy.label,
+                  policy_kind=policy.kind, offloaded_layers=sum(len(st.placement.offloaded_layers) for st in stages),
+                  offloaded_bytes=placement.offloaded_bytes,  # per GPU of the first stage
                   workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
                   max_num_batched_tokens=engine.max_num_batched_tokens,
-                  h2d_GBps=hw.h2d_bw / cost.link_share / 1e9,  # each GPU's share of its host link
+                  h2d_GBps=hw.h2d_bw / lay.link_share / 1e9,  # each GPU's share of its host link
                   profile=bool(profile))
     return RunResult(summary, reqs, mem, config, loop.steps)

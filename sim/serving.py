@@ -20,7 +20,7 @@ import simpy
 
 from ..errors import ConfigError
 from .costs import StepShape
-from .step import StepModel
+from .step import StepModel, StepResult
 from .workload import Request
 
 
@@ -38,11 +38,13 @@ class EngineConfig:
     mode: str = "prefill+decode"  # or "prefill-only": every request stops after its first token
     overhead_bytes: float = 0.5 * 1024**3  # CUDA context, cuBLAS workspaces, CUDA graphs
     tensor_parallel: int = 1  # GPUs of one node sharing every layer (vLLM's --tensor-parallel-size)
+    pipeline_parallel: int = 1  # stages of consecutive layers, one virtual engine each (--pipeline-parallel-size)
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "a fraction in (0, 1]")
-        for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tensor_parallel"):
+        for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tensor_parallel",
+                  "pipeline_parallel"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f, v, "an integer >= 1")
@@ -70,15 +72,23 @@ class _Seq:
 
 
 class ServingLoop:
-    """Runs a workload through the scheduler; ``steps`` and ``seqs`` hold the outcome."""
+    """Runs a workload through the scheduler; ``steps`` and ``seqs`` hold the outcome.
 
-    def __init__(self, step_model: StepModel, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
-                 fast_forward: bool = True):
-        self.sm, self.cfg, self.trace_steps, self.fast_forward = step_model, engine, trace_steps, fast_forward
+    With a ``pipeline`` (pipeline parallelism), this is one of vLLM's virtual engines: it shares
+    the SimPy ``env`` and the pipeline's stages with the others, and its requests come from a
+    ``Feed`` that ``serve_pipelined`` sets up.
+    """
+
+    def __init__(self, step_model: StepModel | None, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
+                 fast_forward: bool = True, *, env: simpy.Environment | None = None, pipeline: "Pipeline | None" = None):
+        self.sm, self.cfg, self.trace_steps = step_model, engine, trace_steps
+        self.pipeline = pipeline
+        self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
         self.total_blocks = kv_tokens // engine.block_size
         self.free_blocks = self.total_blocks
-        self.env = simpy.Environment()
+        self.env = env if env is not None else simpy.Environment()
         self.arrived = simpy.Store(self.env)
+        self.feed: Feed | None = None
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.seqs: list[_Seq] = []
@@ -87,6 +97,11 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
+        self.done = 0
+
+    @property
+    def unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.arrived.items)
 
     # ---- blocks ----
     def _blocks_for(self, tokens: int) -> int:
@@ -192,23 +207,18 @@ class ServingLoop:
 
     # ---- the loop ----
     def run(self, requests: list[Request]) -> None:
-        out_len = (lambda r: 1) if self.cfg.mode == "prefill-only" else (lambda r: r.output_len)
-        self.seqs = [_Seq(r, out_len(r)) for r in requests]
-        self._order = sorted(self.seqs, key=lambda s: (s.req.arrival, s.req.id))
-        self._next = 0  # index in _order of the next request to arrive
-        self.env.process(self._arrivals())
+        self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
+        self.feed = Feed(self.env, self.seqs, [self])
         self.env.process(self._engine())
         self.env.run()
 
-    def _arrivals(self):
-        for s in self._order:
-            if s.req.arrival > self.env.now:
-                yield self.env.timeout(s.req.arrival - self.env.now)
-            self._next += 1
-            yield self.arrived.put(s)
-
-    def _next_arrival(self) -> float:
-        return self._order[self._next].req.arrival if self._next < len(self._order) else math.inf
+    def _step(self, shape: StepShape):
+        """Run one step's forward pass (SimPy generator); returns its StepResult."""
+        if self.pipeline is not None:
+            return (yield from self.pipeline.step(shape))
+        res = self.sm.run(shape)
+        yield self.env.timeout(res.time)
+        return res
 
     def _record(self, res, t0: float, t1: float, kind: str, size: int) -> None:
         for lane, b in res.busy.items():
@@ -219,15 +229,16 @@ class ServingLoop:
             self.steps.append((t0, t1, kind, size))
 
     def _engine(self):
+        """Schedule and run steps until every request is served; waits (forever, once the feed is
+        dry: SimPy then stops) when there is nothing to do."""
         env = self.env
-        self.done = 0
-        while self.done < len(self.seqs):
+        while True:
             while self.arrived.items:
                 self.waiting.append((yield self.arrived.get()))
             batch = self._schedule()
             if not batch:
-                if self.running or self._next >= len(self._order):  # nothing fits, nothing will arrive:
-                    raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # a bug
+                if self.running or (self.waiting and not self.feed.more_coming()):  # nothing fits, nothing will
+                    raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # arrive: a bug
                 self.waiting.append((yield self.arrived.get()))
                 continue
             if (self.fast_forward and len(batch) == len(self.running)
@@ -235,9 +246,8 @@ class ServingLoop:
                 yield from self._decode_run()
                 continue
             shape = StepShape.of([(k, s.computed) for s, k in batch])
-            res = self.sm.run(shape)
             t0 = env.now
-            yield env.timeout(res.time)
+            res = yield from self._step(shape)
             kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k in batch) else "mixed")
             self._record(res, t0, env.now, kind, len(batch))
             for s, k in batch:
@@ -278,7 +288,7 @@ class ServingLoop:
                 hi = mid - 1
         n = lo
         kv0 = sum(s.known for s in run)  # KV tokens read by the first step (context + the new one)
-        arrival = self._next_arrival()
+        arrival = self.feed.next_arrival()
         t, steps = env.now, 0
         while steps < n:
             kv = kv0 + B * steps
@@ -294,3 +304,107 @@ class ServingLoop:
             s.computed += steps
             s.generated += steps - 1
             self._sample(s, env.now)
+
+
+def _output_len(r: Request, cfg: EngineConfig) -> int:
+    return 1 if cfg.mode == "prefill-only" else r.output_len
+
+
+class Feed:
+    """Requests arriving over time (a SimPy process), each handed on arrival to the engine with the
+    fewest unfinished requests (vLLM V0's choice among its virtual engines; the first on a tie)."""
+
+    def __init__(self, env: simpy.Environment, seqs: list[_Seq], engines: list[ServingLoop]):
+        self.env, self.engines = env, engines
+        self.order = sorted(seqs, key=lambda s: (s.req.arrival, s.req.id))
+        self.next = 0  # index in order of the next request to arrive
+        env.process(self._arrivals())
+
+    def _arrivals(self):
+        for s in self.order:
+            if s.req.arrival > self.env.now:
+                yield self.env.timeout(s.req.arrival - self.env.now)
+            self.next += 1
+            target = min(self.engines, key=lambda e: e.unfinished)
+            yield target.arrived.put(s)
+
+    def next_arrival(self) -> float:
+        return self.order[self.next].req.arrival if self.next < len(self.order) else math.inf
+
+    def more_coming(self) -> bool:
+        return self.next < len(self.order)
+
+
+class Pipeline:
+    """Pipeline-parallel stages, one SimPy resource each. A step holds a stage while that stage's
+    GPUs run its layers (the stage's own StepModel: its copies, its host link), then sends its
+    hidden states on; with one virtual engine per stage (vLLM), up to pp steps are in flight."""
+
+    def __init__(self, env: simpy.Environment, step_models: list[StepModel], send):
+        self.env, self.sms, self.send = env, step_models, send  # send(stage, tokens) -> seconds
+        self.stages = [simpy.Resource(env, capacity=1) for _ in step_models]
+
+    def step(self, shape: StepShape):
+        """One forward pass through every stage (SimPy generator); returns a StepResult whose busy
+        and stall seconds are per GPU, averaged over the stages."""
+        env, pp = self.env, len(self.sms)
+        t0 = env.now
+        busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+        stall, events = 0.0, 0
+        for i, (sm, stage) in enumerate(zip(self.sms, self.stages)):
+            with stage.request() as req:
+                yield req
+                res = sm.run(shape)
+                yield env.timeout(res.time)
+            for lane, b in res.busy.items():
+                busy[lane] += b / pp
+            stall += res.stall / pp
+            events += res.events
+            if i < pp - 1:
+                yield env.timeout(self.send(i, shape.tokens))
+        return StepResult(env.now - t0, busy, stall, events)
+
+
+class PipelinedServing:
+    """pp virtual engines over one Pipeline; the outcome summed like a ServingLoop's."""
+
+    def __init__(self, step_models: list[StepModel], send, engine: EngineConfig, kv_tokens: int,
+                 trace_steps: bool = True):
+        self.env = simpy.Environment()
+        self.pipeline = Pipeline(self.env, step_models, send)
+        pp = len(step_models)
+        # vLLM V0 gives each virtual engine's scheduler 1/pp of the KV blocks
+        per_engine = kv_tokens // engine.block_size // pp * engine.block_size
+        self.engines = [ServingLoop(None, engine, per_engine, trace_steps, env=self.env, pipeline=self.pipeline)
+                        for _ in range(pp)]
+        self.cfg = engine
+
+    def run(self, requests: list[Request]) -> None:
+        self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
+        feed = Feed(self.env, self.seqs, self.engines)
+        for e in self.engines:
+            e.feed = feed
+            self.env.process(e._engine())
+        self.env.run()
+        if any(e.unfinished for e in self.engines):
+            raise RuntimeError("pipeline stopped with requests unserved")  # a bug
+
+    @property
+    def steps(self) -> list:
+        return sorted(s for e in self.engines for s in e.steps)
+
+    @property
+    def busy(self) -> dict:
+        return {lane: sum(e.busy[lane] for e in self.engines) for lane in self.engines[0].busy}
+
+    @property
+    def stall(self) -> float:
+        return sum(e.stall for e in self.engines)
+
+    @property
+    def n_steps(self) -> dict:
+        return {k: sum(e.n_steps[k] for e in self.engines) for k in self.engines[0].n_steps}
+
+    @property
+    def preemptions(self) -> int:
+        return sum(e.preemptions for e in self.engines)

@@ -36,11 +36,13 @@ MODELS: dict[str, ModelSpec] = {
 # Host memory per GPU node where a catalog note says it; otherwise HardwareSpec's default.
 _HOST_MEMORY = {"GH200-96GB": 480 * GB}
 # The node each GPU usually comes in (ASSUMPTIONS, not datasheet facts; override in a catalog file):
-# (GPUs per node, GPUs sharing one host link). 8-GPU HGX boards put two GPUs behind each PCIe switch;
-# the paper's Polaris node has 4 A100-40GB on one host, each on its own x16 link; GH200 is one
-# superchip per NVLink-C2C link.
-_NODES = {"A100-SXM4-40GB": (4, 1), "GH200-96GB": (1, 1), "L40S-48GB": (8, 2), "H100-PCIe-80GB": (8, 2)}
-_DEFAULT_NODE = (8, 2)
+# (GPUs per node, GPUs sharing one host link, network GB/s per GPU between nodes). 8-GPU HGX boards
+# put two GPUs behind each PCIe switch and give each GPU a 400 Gb/s NIC; the paper's Polaris node
+# has 4 A100-40GB on one host, each on its own x16 link, and two 200 Gb/s Slingshot NICs for the
+# four; GH200 is one superchip per NVLink-C2C link with one 200 Gb/s NIC.
+_NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "L40S-48GB": (8, 2, 50),
+          "H100-PCIe-80GB": (8, 2, 50)}
+_DEFAULT_NODE = (8, 2, 50)
 # Short names people type.
 _ALIASES = {
     "a100": "A100-SXM4-40GB", "a100-40gb": "A100-SXM4-40GB", "a100-80gb": "A100-SXM4-80GB",
@@ -77,6 +79,7 @@ def _datasheet_gpus() -> dict[str, HardwareSpec]:
             h2d_efficiency=0.9 if "C2C" in row["host_link"] else 0.82,
             gpus_per_node=_NODES.get(name, _DEFAULT_NODE)[0],
             gpus_per_host_link=_NODES.get(name, _DEFAULT_NODE)[1],
+            network_bw=_NODES.get(name, _DEFAULT_NODE)[2] * GB,
             note=row["note"],
         )
     return out
