@@ -60,6 +60,7 @@ class LayerCost:
     gpu: float  # seconds of GPU work for one layer
     host: float  # seconds the host spends launching it
     tail: float  # GPU seconds of its last kernel (what is left after the host's last launch)
+    link_comm: float = 0.0  # seconds of ``gpu`` spent in all-reduces over the host link (no NVLink)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,11 @@ class Roofline:
         bw = self.hw.gpu_link_bw or self.hw.host_link_bw
         return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * self.allreduce_latency
 
+    def link_comm_time(self, s: StepShape) -> float:
+        """Seconds of a layer's all-reduces that cross the GPU's host (PCIe) link, competing with
+        its copies: all of them on a GPU without NVLink, none otherwise."""
+        return 0.0 if self.hw.gpu_link_bw else 2 * self.allreduce_time(s.tokens)
+
     def replays_graph(self, s: StepShape) -> bool:
         """vLLM captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs."""
         return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
@@ -130,7 +136,7 @@ class Roofline:
         return self.graph_launch_per_layer if self.replays_graph(s) else self.eager_launch_per_layer
 
     def layer(self, s: StepShape) -> LayerCost:
-        return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor)
+        return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor, self.link_comm_time(s))
 
     def head(self, s: StepShape) -> float:
         """GPU seconds for the final norm and LM head on the last token of each sequence (none on a
@@ -200,7 +206,7 @@ class Calibrated:
         gpu, host = (r, self._launch) if p is None else (r * p[2], p[3])
         if rf.replays_graph(s):
             host = rf.graph_launch_per_layer
-        return LayerCost(gpu, host, rf.kernel_floor)
+        return LayerCost(gpu, host, rf.kernel_floor, min(rf.link_comm_time(s), gpu))
 
     def head(self, s: StepShape) -> float:
         return self.roofline.head(s)

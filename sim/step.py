@@ -6,8 +6,10 @@ Lanes (SimPy processes and resources):
   once its copy's CUDA event fired; on vLLM's copy path the per-parameter copies run here too;
 - copy: the prefetch copy stream, filling ``slots`` staging buffers in order; a copy into a slot
   waits for the event recorded after the last layer that read that slot;
-- link: the host link (a Resource shared by every transfer). With UVA (zero-copy) an offloaded
-  layer's kernels hold the link while they run: the layer takes max(gpu, its bytes over the link).
+- link: the GPU's host link, shared equally by the transfers in flight (processor sharing): the
+  copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its bytes over the
+  link)) and, for tensor parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``,
+  run at the end of the layer), which slow a prefetch copy in flight and are slowed by it.
 
 A compute span cannot end before the host launched the layer's last kernel: it ends at
 max(start + gpu, host_done + tail). While a copy is in flight, compute runs ``copy_slowdown``
@@ -35,6 +37,44 @@ class StepResult:
     trace: Trace | None = field(default=None, compare=False)
 
 
+class SharedLink:
+    """A link shared equally by the transfers in flight (processor sharing), each given as its solo
+    seconds. A transfer runs in its own SimPy process (``transfer`` is ``yield from``-ed); when one
+    starts or ends, the others are interrupted to re-plan their end at the new rate."""
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self.left: dict = {}  # process -> solo seconds of its transfer still to go
+        self.last = 0.0
+
+    def _advance(self) -> None:
+        n, dt = len(self.left), self.env.now - self.last
+        if n and dt > 0:
+            for p in self.left:
+                self.left[p] -= dt / n
+        self.last = self.env.now
+
+    def _replan(self, skip) -> None:
+        for p in self.left:
+            if p is not skip:
+                p.interrupt()
+
+    def transfer(self, seconds: float):
+        me = self.env.active_process
+        self._advance()
+        self.left[me] = seconds
+        self._replan(me)
+        while True:
+            try:
+                yield self.env.timeout(max(self.left[me], 0.0) * len(self.left))
+                break
+            except simpy.Interrupt:
+                continue  # whoever interrupted has advanced everybody's progress
+        self._advance()
+        del self.left[me]
+        self._replan(None)
+
+
 COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter copy (vLLM's copy path)
 
 
@@ -55,7 +95,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     prefetched = [p * L + j for p in range(P) for j in offloaded]  # global layer index, pass-major
     slots = placement.slots
-    link = simpy.Resource(env, capacity=1)
+    link = SharedLink(env)
     host_start = [env.event() for _ in range(P * L)]
     host_done = [env.event() for _ in range(P * L)]
     host_done_at = [0.0] * (P * L)
@@ -94,15 +134,13 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                 host_done[g].succeed()
 
     def copy(seconds, lane, g):
-        with link.request() as req:
-            yield req
-            t0 = env.now
-            state["copying"] += 1
-            yield env.timeout(seconds)
-            state["copying"] -= 1
-            record(lane, "copy", t0, g)
-            if g // L == P - 1:
-                busy["link"] += seconds
+        t0 = env.now
+        state["copying"] += 1
+        yield from link.transfer(seconds)
+        state["copying"] -= 1
+        record(lane, "copy", t0, g)
+        if g // L == P - 1:
+            busy["link"] += seconds
 
     def copier():
         for m, g in enumerate(prefetched):
@@ -127,17 +165,19 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                     yield copy_done[g]
                     record("compute", "wait", t0, g)
                 t0 = env.now
-                gpu = layer.gpu * (copy_slowdown if state["copying"] else 1.0)
+                gpu = (layer.gpu - layer.link_comm) * (copy_slowdown if state["copying"] else 1.0)
                 if uva and placement.offloaded[i]:
                     # zero-copy: the kernels stream the offloaded weights over the host link as they run
-                    with link.request() as req:
-                        yield req
-                        reading = sum(transfer(b) for b in placement.offloaded[i])
-                        yield env.timeout(max(gpu, reading))
-                        if p == P - 1:
-                            busy["link"] += reading
+                    reading = sum(transfer(b) for b in placement.offloaded[i])
+                    yield env.all_of([env.timeout(gpu), env.process(link.transfer(reading))])
+                    if p == P - 1:
+                        busy["link"] += reading
                 else:
                     yield env.timeout(gpu)
+                if layer.link_comm:  # the layer's all-reduces, over the host link: shared with copies
+                    yield from link.transfer(layer.link_comm)
+                    if p == P - 1:
+                        busy["link"] += layer.link_comm
                 if not host_done[g].processed:
                     yield host_done[g]
                 late = host_done_at[g] + layer.tail - env.now  # the last kernel, launched late, still runs
@@ -193,7 +233,8 @@ class StepModel:
 
     def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
         c, q = self.cost.layer(shape), self.quantum
-        return LayerCost(_bin(c.gpu, q), _bin(c.host, q), _bin(c.tail, q)), _bin(self.cost.head(shape), q)
+        return (LayerCost(_bin(c.gpu, q), _bin(c.host, q), _bin(c.tail, q), _bin(c.link_comm, q)),
+                _bin(self.cost.head(shape), q))
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         layer, head = self.layer_cost(shape)

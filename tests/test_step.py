@@ -54,7 +54,9 @@ def layer_costs(draw) -> LayerCost:
     gpu = draw(st.floats(1e-4, 5e-3))
     host = draw(st.floats(1e-6, 5e-3))
     tail = draw(st.floats(0.0, 1.0)) * gpu  # the last kernel is part of the layer's GPU work
-    return LayerCost(gpu, host, tail)
+    # tensor parallelism without NVLink: part of the layer is all-reduces over the host link
+    comm = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5))) * gpu
+    return LayerCost(gpu, host, tail, comm)
 
 
 def link(lat: float, bw: float):
@@ -125,7 +127,8 @@ def test_busy_seconds_match_the_trace(case):
         traced = sum(s.end - s.start for s in spans(res, lane) if s.kind != "wait")
         assert res.busy[lane] == pytest.approx(traced, rel=1e-9, abs=EPS)
     assert res.stall == pytest.approx(sum(s.end - s.start for s in spans(res, "compute", "wait")), abs=EPS)
-    assert res.busy["link"] == pytest.approx(copy_seconds(placement, link(lat, bw)), rel=1e-9, abs=EPS)
+    link_work = copy_seconds(placement, link(lat, bw)) + placement.layers * cost.link_comm
+    assert res.busy["link"] == pytest.approx(link_work, rel=1e-9, abs=EPS)
     for lane in ("host", "compute", "copy", "link"):
         assert res.busy[lane] <= res.time + EPS
 
@@ -149,10 +152,14 @@ def test_prefetch_waits_for_copies_and_for_slot_readers(case):
     assert pref, "a Prefetch with group <= layers offloads something"
     copies = {s.layer: s for s in spans(res, "copy", "copy")}
     assert sorted(copies) == list(pref)
-    # one copy per offloaded layer, of the whole layer's offloaded bytes
+    # one copy per offloaded layer, of the whole layer's offloaded bytes; all-reduces sharing the link
+    # stretch it, by at most their own seconds
     for j in pref:
-        assert copies[j].end - copies[j].start == pytest.approx(lat + placement.layer_offloaded_bytes(j) / bw,
-                                                                rel=1e-9)
+        solo = lat + placement.layer_offloaded_bytes(j) / bw
+        took = copies[j].end - copies[j].start
+        if cost.link_comm == 0:
+            assert took == pytest.approx(solo, rel=1e-9)
+        assert solo * (1 - 1e-9) <= took <= solo + placement.layers * cost.link_comm + EPS
     # a layer never computes before its copy ended
     for j in pref:
         assert compute_span(res, j).start >= copies[j].end - EPS
@@ -210,7 +217,8 @@ def test_step_time_lower_bounds(case):
     res = simulate_layers(placement, cost, head, tr, sd)
     L = placement.layers
     assert res.time >= L * cost.gpu + head - EPS  # the compute stream is serial
-    assert res.time >= copy_seconds(placement, tr) - EPS  # the link is serial
+    # the link is shared, never faster than its solo rate: all its work takes at least its seconds
+    assert res.time >= copy_seconds(placement, tr) + L * cost.link_comm - EPS
     # the host launches every layer, and the last layer's last kernel runs after its launch
     host = L * cost.host + (sum(len(p) for p in placement.offloaded) * COPY_ISSUE
                             if placement.mechanism == "copy" else 0.0)
@@ -224,7 +232,7 @@ def test_prefetch_is_at_most_resident_plus_all_copies(case):
     tr = link(lat, bw)
     res = simulate_layers(placement, cost, head, tr, sd)
     # the resident run with every layer slowed down as if a copy were always in flight
-    slow = LayerCost(cost.gpu * sd, cost.host, cost.tail)
+    slow = LayerCost((cost.gpu - cost.link_comm) * sd + cost.link_comm, cost.host, cost.tail, cost.link_comm)
     bound = simulate_layers(resident(placement), slow, head, tr).time + copy_seconds(placement, tr)
     assert res.time <= bound * (1 + 1e-9) + 1e-9
     # and never faster than the resident run
@@ -457,3 +465,67 @@ def test_step_model_tiny_quantum_is_exact():
     p = Prefetch(3, 1, 2).place(m)
     exact = simulate_layers(p, cost.layer(shape), cost.head(shape), cost.transfer, cost.copy_slowdown)
     assert StepModel(p, cost, quantum=1e-12).run(shape).time == pytest.approx(exact.time, rel=1e-9)
+
+
+# ---------------------------------------------------------------- the shared host link
+def _flows(specs):
+    """Run transfers (start, solo seconds) on one SharedLink; their end times."""
+    import simpy
+
+    from offloadlab.sim.step import SharedLink
+
+    env = simpy.Environment()
+    link_ = SharedLink(env)
+    ends = [None] * len(specs)
+
+    def flow(i, start, seconds):
+        yield env.timeout(start)
+        yield from link_.transfer(seconds)
+        ends[i] = env.now
+
+    for i, (start, seconds) in enumerate(specs):
+        env.process(flow(i, start, seconds))
+    env.run()
+    return ends
+
+
+def test_hand_shared_link_processor_sharing():
+    assert _flows([(0, 2.0)]) == [2.0]
+    # together from 0: 1 s and 3 s -> the short one ends at 2 (half rate), the long one at 4
+    assert _flows([(0, 1.0), (0, 3.0)]) == pytest.approx([2.0, 4.0])
+    # 2 s from 0, 1 s from 1: both have 1 s of solo work left at t=1, at half rate both end at 3
+    assert _flows([(0, 2.0), (1, 1.0)]) == pytest.approx([3.0, 3.0])
+    # three at once then one leaves: 1, 2, 4 -> 3 (3 x 1), 5 (3 + 2 x 1), 7 (5 + 2)
+    assert _flows([(0, 1.0), (0, 2.0), (0, 4.0)]) == pytest.approx([3.0, 5.0, 7.0])
+
+
+def test_hand_all_reduce_over_pcie_shares_the_link_with_prefetch():
+    # HAND with half of each layer's second in all-reduces over the host link (no NVLink), k=2,
+    # copies of 3 s. L0 computes 0-0.5, all-reduces from 0.5 sharing with copy L1 (2.5 s left): the
+    # all-reduce ends at 1.5, copy L1 at 3.5. L1 3.5-4, all-reduce 4-5 with copy L3 (started 3.5,
+    # 2.5 left at 4), which ends at 7; L2 5-5.5, all-reduce 5.5-6.5, copy L3 ends 7.5; L3 7.5-8,
+    # all-reduce alone 8-8.5, head 8.5-9.
+    cost = LayerCost(gpu=1.0, host=0.1, tail=0.0, link_comm=0.5)
+    res = simulate_layers(interval(2, 2).place(tiny_model(4)), cost, 0.5, const_copy(3.0), trace=True)
+    assert res.time == pytest.approx(9.0)
+    assert [(s.layer, s.start, s.end) for s in spans(res, "copy")] == pytest.approx([(1, 0.0, 3.5), (3, 3.5, 7.5)])
+    assert res.busy["link"] == pytest.approx(6.0 + 4 * 0.5)
+    # the same all-reduces over NVLink leave the copies alone: the plain schedule (7.5 s)
+    nvlink = simulate_layers(interval(2, 2).place(tiny_model(4)), HAND, 0.5, const_copy(3.0))
+    assert nvlink.time == pytest.approx(7.5)
+
+
+def test_tensor_parallel_without_nvlink_slows_offload():
+    """L40S (PCIe only) with tp=2: the all-reduces compete with prefetch copies; the same GPU with an
+    NVLink of the same bandwidth does not contend, and the difference is at most the all-reduce time."""
+    from offloadlab.catalog import get_gpu, get_model
+    from offloadlab.sim import simulate_step
+
+    pcie = get_gpu("l40s")
+    nvl = pcie.replace(name="L40S+NVLink", gpu_link="NVLink", gpu_link_bw=pcie.host_link_bw)
+    kw = dict(new_tokens=4096, tensor_parallel=2)
+    a = simulate_step("llama-3.1-8b", pcie, interval(2), **kw)
+    b = simulate_step("llama-3.1-8b", nvl, interval(2), **kw)
+    comm = 32 * 2 * Roofline(get_model("llama-3.1-8b").shard(2), pcie).allreduce_time(4096)
+    assert b.time < a.time <= b.time + comm + 1e-9
+    assert a.busy["link"] == pytest.approx(b.busy["link"] + comm, rel=1e-9)
