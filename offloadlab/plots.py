@@ -231,3 +231,40 @@ def latency_cdfs(runs, metrics=("ttft", "tpot"), title: str = ""):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def by_gpu_count(table: pd.DataFrame, metric: str = "tok_s_per_gpu", *, panel: str = "model", line: str = "gpu",
+                 logy: bool = True, title: str = ""):
+    """The "before buying" view (``offloadlab.study.serve``'s table): one panel per ``panel`` value,
+    ``metric`` against the number of GPUs, one colour per ``line`` value; solid without offload,
+    dashed with the best offload policy (hollow markers)."""
+    label, d = _scaled(table, (panel, line, "gpus", "offload"), metric)
+    label = {"tok_s_per_gpu": "output tokens/s per GPU", "gpu_h_per_Mtok": "GPU-hours per million output tokens"
+             }.get(metric, label)
+    panels = list(dict.fromkeys(d[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), constrained_layout=True,
+                             sharey=True, squeeze=False)
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(d[line]))}
+    for ax, name in zip(axes[0], panels):
+        for (who, off), g in d[d[panel] == name].groupby([line, "offload"], sort=False):
+            g = g.dropna(subset=[metric]).sort_values("gpus")
+            ax.plot(g["gpus"], g[metric], ls="--" if off else "-", marker="o", color=colors[who],
+                    mfc="none" if off else colors[who], label=f"{who}{' + offload' if off else ''}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(d["gpus"].unique())
+        ax.set_xticks(ticks, [_tick(float(t)) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(title=str(name), xlabel="GPUs")
+        if logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(label)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    seen = dict(zip(labels, handles))
+    for ax in axes[0][:-1]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(seen.values(), seen.keys(), fontsize=7, loc="outside right upper")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -185,7 +185,12 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                 f"request {r.id}: prompt_len+output_len={r.prompt_len + r.output_len} tokens exceed the KV cache's "
                 f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) less vLLM's 1% watermark "
                 f"({fits}); vLLM would ignore it")
-    sms = [StepModel(st.placement, st.cost) for st in stages]
+    shared: dict = {}  # stages equal but for their name and place in the pipeline share one StepModel
+    for st in stages:
+        key = (st.placement, st.model.replace(name="", stage=0), st.model.has_embedding, st.model.has_head)
+        shared.setdefault(key, StepModel(st.placement, st.cost))
+    sms = [shared[(st.placement, st.model.replace(name="", stage=0), st.model.has_embedding, st.model.has_head)]
+           for st in stages]
     if pp == 1:
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     else:
@@ -199,7 +204,8 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     summary.update(
         compute_stall_s=loop.stall,
         steps=sum(loop.n_steps.values()), **{f"{k}_steps": v for k, v in loop.n_steps.items()},
-        step_sims=sum(sm.simulated for sm in sms), simpy_events=sum(sm.events for sm in sms) + events_processed(loop.env),
+        step_sims=sum(sm.simulated for sm in shared.values()),
+        simpy_events=sum(sm.events for sm in shared.values()) + events_processed(loop.env),
         wall_s=time.perf_counter() - wall,
     )
     summary["output_tok_s_per_gpu"] = summary["output_tok_s"] / lay.gpus

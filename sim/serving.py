@@ -351,10 +351,11 @@ class Pipeline:
         t0 = env.now
         busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
         stall, events = 0.0, 0
+        done: dict[int, StepResult] = {}  # stages sharing a StepModel (identical middle stages) share a result
         for i, (sm, stage) in enumerate(zip(self.sms, self.stages)):
             with stage.request() as req:
                 yield req
-                res = sm.run(shape)
+                res = done.get(id(sm)) or done.setdefault(id(sm), sm.run(shape))
                 yield env.timeout(res.time)
             for lane, b in res.busy.items():
                 busy[lane] += b / pp

@@ -93,3 +93,23 @@ def test_latency_cdfs_per_policy():
     fig = plots.latency_cdfs({"a": runs[0].requests, "b": runs[1]}, metrics=("e2e",), title="t")
     assert len(fig.axes) == 1 and [line.get_label() for line in fig.axes[0].get_lines()] == ["a", "b"]
     assert fig.axes[0].get_xlabel() == "end-to-end latency (s)"
+
+
+def test_by_gpu_count_panels_lines_and_styles():
+    rows = []
+    for model in ("70B", "405B"):
+        for gpu in ("H100", "H200"):
+            for n in (1, 2, 4, 8):
+                for off in (False, True):
+                    if model == "405B" and n < 4 and not off:
+                        continue  # does not fit without offload
+                    rows.append(dict(model=model, gpu=gpu, gpus=n, offload=off, tok_s_per_gpu=100.0 * n / (1 + off)))
+    fig = plots.by_gpu_count(pd.DataFrame(rows), "tok_s_per_gpu")
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["70B", "405B"]
+    assert axes[0].get_ylabel() == "output tokens/s per GPU"
+    lines = {ln.get_label(): ln for ln in axes[1].get_lines()}
+    assert set(lines) == {"H100", "H100 + offload", "H200", "H200 + offload"}
+    assert list(lines["H100"].get_xdata()) == [4, 8]  # only the counts that fit
+    assert lines["H100 + offload"].get_linestyle() == "--" and lines["H100"].get_linestyle() == "-"
+    assert lines["H100"].get_color() == lines["H100 + offload"].get_color() != lines["H200"].get_color()
