@@ -186,11 +186,8 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                 f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) less vLLM's 1% watermark "
                 f"({fits}); vLLM would ignore it")
     shared: dict = {}  # stages equal but for their name and place in the pipeline share one StepModel
-    for st in stages:
-        key = (st.placement, st.model.replace(name="", stage=0), st.model.has_embedding, st.model.has_head)
-        shared.setdefault(key, StepModel(st.placement, st.cost))
-    sms = [shared[(st.placement, st.model.replace(name="", stage=0), st.model.has_embedding, st.model.has_head)]
-           for st in stages]
+    sms = [shared.setdefault((st.placement, st.model.replace(name="", stage=0), st.model.has_embedding,
+                              st.model.has_head), StepModel(st.placement, st.cost)) for st in stages]
     if pp == 1:
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     else:

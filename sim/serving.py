@@ -76,7 +76,7 @@ class ServingLoop:
 
     With a ``pipeline`` (pipeline parallelism), this is one of vLLM's virtual engines: it shares
     the SimPy ``env`` and the pipeline's stages with the others, and its requests come from a
-    ``Feed`` that ``serve_pipelined`` sets up.
+    ``Feed`` that ``PipelinedServing`` sets up.
     """
 
     def __init__(self, step_model: StepModel | None, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
@@ -97,7 +97,6 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
-        self.done = 0
 
     @property
     def unfinished(self) -> int:
@@ -211,6 +210,8 @@ class ServingLoop:
         self.feed = Feed(self.env, self.seqs, [self])
         self.env.process(self._engine())
         self.env.run()
+        if self.unfinished:
+            raise RuntimeError("serving stopped with requests unserved")  # a bug
 
     def _step(self, shape: StepShape):
         """Run one step's forward pass (SimPy generator); returns its StepResult."""
@@ -263,7 +264,6 @@ class ServingLoop:
             s.finish = now
             self._release(s)
             self.running.remove(s)
-            self.done += 1
 
     def _decode_run(self):
         """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
