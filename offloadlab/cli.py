@@ -25,8 +25,18 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
                             "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                   help="as vLLM's: auto keeps the model's (bf16), fp8 stores one byte per KV element")
     p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+
+
+def _model(a):
+    """The catalog model, with an fp8 KV cache when --kv-cache-dtype asks for one."""
+    from .catalog import get_model
+
+    m = get_model(a.model)
+    return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -98,8 +108,8 @@ def cmd_paper(a) -> None:
     from .plots import paper_figure
 
     out = Path(a.out)
-    res = run_paper(a.model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
-    mem = memory_table(a.model, a.gpu)
+    res = run_paper(_model(a), a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
+    mem = memory_table(_model(a), a.gpu)
     sp = speedups(res)
     print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
           f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
@@ -123,7 +133,7 @@ def cmd_run(a) -> None:
 
     wl = _workload(a)
     policy = _policy(a)
-    r = simulate(a.model, a.gpu, policy, wl, _engine(a), profile=a.profile)
+    r = simulate(_model(a), a.gpu, policy, wl, _engine(a), profile=a.profile)
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
     m = r.memory
@@ -151,7 +161,7 @@ def cmd_compare(a) -> None:
     rows = []
     for p in policies:
         try:
-            r = simulate(a.model, a.gpu, p, wl, _engine(a), profile=a.profile, trace_steps=False).row()
+            r = simulate(_model(a), a.gpu, p, wl, _engine(a), profile=a.profile, trace_steps=False).row()
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p)})
@@ -176,7 +186,7 @@ def cmd_optimize(a) -> None:
 
     wl = _workload(a)
     mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
-    r = optimize(a.model, a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
+    r = optimize(_model(a), a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
                  executor="serial" if a.jobs == 1 else a.jobs, cache_dir=a.cache_dir, profile=a.profile,
                  progress=not a.quiet)
@@ -193,7 +203,7 @@ def cmd_optimize(a) -> None:
 def cmd_step(a) -> None:
     from .sim import simulate_step
 
-    r = simulate_step(a.model, a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
+    r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
                       context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
                       pipeline_parallel=a.pipeline_parallel)
     print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
@@ -208,7 +218,7 @@ def cmd_step(a) -> None:
 def cmd_memory(a) -> None:
     from .sim import serving_memory
 
-    mem = serving_memory(a.model, a.gpu, _policy(a), _engine(a))
+    mem = serving_memory(_model(a), a.gpu, _policy(a), _engine(a))
     counts = ("kv_tokens", "block_size", "kv_blocks")
     for k, v in mem.as_dict().items():
         print(f"{k:18s} {v:10d}" if k in counts else f"{k:18s} {v / GiB:10.2f} GiB")
@@ -253,7 +263,9 @@ def cmd_list(a) -> None:
     for n in gpu_names():
         g = get_gpu(n)
         print(f"  {n:22s} {g.memory_bytes / GiB:5.0f} GiB, {g.hbm_bw / 1e12:.2f} TB/s, "
-              f"{g.peak_flops / 1e12:5.0f} TFLOP/s, {g.host_link} {g.h2d_bw / 1e9:.0f} GB/s H2D")
+              f"{g.peak_flops / 1e12:5.0f} TFLOP/s, {g.host_link} {g.h2d_bw / 1e9:.0f} GB/s H2D; node: "
+              f"{g.gpus_per_node} GPU{'s' if g.gpus_per_node > 1 else ''} ({g.gpus_per_host_link} per host link), "
+              f"{g.host_memory_bytes / GiB:.0f} GiB host, {g.network_bw / 1e9:.1f} GB/s network per GPU")
 
 
 def cmd_bench(a) -> None:

@@ -41,7 +41,30 @@ def test_step_prints_lanes(capsys):
 def test_list_names_catalog_entries(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "llama-3.1-405b" in out and "GH200-96GB" in out
+    assert "llama-3.1-405b" in out and "GH200-96GB" in out and "llama-3.1-405b-fp8" in out
+    assert "A100-SXM4-40GB" in out and "node: 4 GPUs (1 per host link), 512 GiB host, 12.5 GB/s network" in out
+
+
+def _kv_tokens(out: str) -> int:
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("kv_tokens")))
+
+
+def test_fp8_kv_cache_doubles_the_tokens_that_fit(capsys):
+    args = ["memory", "--model", "llama-3.1-70b", "--gpu", "h100", "-tp", "2", "--policy", "none"]
+    assert main(args) == 0
+    bf16 = _kv_tokens(capsys.readouterr().out)
+    assert main(args + ["--kv-cache-dtype", "fp8"]) == 0
+    fp8 = _kv_tokens(capsys.readouterr().out)
+    assert fp8 // 16 == 2 * (bf16 // 16) or fp8 // 16 == 2 * (bf16 // 16) + 1  # whole blocks of the same bytes
+
+
+def test_pipeline_parallel_step_traces_every_stage(tmp_path, capsys):
+    trace = tmp_path / "pp.json"
+    assert main(["step", "--model", "llama-3.1-70b", "--gpu", "h100", "-pp", "2", "--new-tokens", "256",
+                 "--trace", str(trace)]) == 0
+    chrome = json.loads(trace.read_text())
+    assert {e["pid"] for e in chrome["traceEvents"] if e["ph"] == "X"} == {0, 1}  # one process per stage's GPU
+    assert any(e.get("name") == "send" or e.get("cat") == "send" for e in chrome["traceEvents"] if e["ph"] == "X")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -55,6 +78,9 @@ def test_list_names_catalog_entries(capsys):
     (["run", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization=1.5"),
     (["run", "--rate", "-1"], "rate"),
     (["memory", "--model", "llama-3.1-405b", "--gpu", "a100", "--policy", "interval:2"], "does not fit"),
+    (["run", "-pp", "0"], "pipeline_parallel=0"),
+    (["run", "--model", "llama-3.2-1b", "-pp", "17"], "pipeline_parallel=17: expected an integer in 1..16"),
+    (["step", "--gpu", "h100", "-tp", "16"], "tensor_parallel=16: expected at most the 8 GPUs"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, needle, capsys):
     assert main(args) == 2

@@ -466,3 +466,11 @@ def test_paper_compares_equal_offloaded_layers(k):
     m = get_model("llama-3.1-8b")
     assert len(vllm.place(m).offloaded_layers) == len(ours.place(m).offloaded_layers)
     assert vllm.place(m).offloaded_bytes == pytest.approx(ours.place(m).offloaded_bytes, abs=2 * 4096 * 2)
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-70b", "llama-3.1-405b"])
+def test_fp8_catalog_models_halve_the_weight_bytes_only(name):
+    bf16, fp8 = get_model(name), get_model(name + "-fp8")
+    assert fp8.params == bf16.params and fp8.layers == bf16.layers
+    assert fp8.layer_bytes * 2 == bf16.layer_bytes and fp8.weight_total_bytes * 2 == bf16.weight_total_bytes
+    assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token  # the KV cache dtype is a separate choice

@@ -26,6 +26,10 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-3.1-70b", layers=80, hidden=8192, heads=64, intermediate=28672, **_LLAMA3),
         ModelSpec("llama-3.3-70b", layers=80, hidden=8192, heads=64, intermediate=28672, **_LLAMA3),
         ModelSpec("llama-3.1-405b", layers=126, hidden=16384, heads=128, intermediate=53248, **_LLAMA3),
+        # Meta's FP8 releases (one byte per weight, KV cache in bf16); compute is still costed at the bf16 rate
+        ModelSpec("llama-3.1-70b-fp8", layers=80, hidden=8192, heads=64, intermediate=28672, weight_bytes=1, **_LLAMA3),
+        ModelSpec("llama-3.1-405b-fp8", layers=126, hidden=16384, heads=128, intermediate=53248, weight_bytes=1,
+                  **_LLAMA3),
         ModelSpec("llama-3.2-1b", layers=16, hidden=2048, heads=32, intermediate=8192, tied_embeddings=True,
                   vocab=128256, head_dim=64, kv_heads=8),
         ModelSpec("llama-3.2-3b", layers=28, hidden=3072, heads=24, intermediate=8192, tied_embeddings=True,
