@@ -194,7 +194,7 @@ def _explain(best: pd.Series, objective: str, refs: dict[str, pd.Series | str], 
     lines = [f"Best of {n_feasible} feasible candidates (of {n_total}) by {objective}: {best['policy']}, "
              f"{tp:.3g} req/s, {best['output_tok_s']:,.0f} output tok/s, TTFT p99 {_secs(best['ttft_p99_s'])}"
              + (f", TPOT p99 {_secs(best['tpot_p99_s'])}" if pd.notna(best.get("tpot_p99_s")) else "")
-             + f"; {int(best['offloaded_layers'])} layers ({best['offloaded_bytes'] / GiB:.2f} GiB) in host memory."]
+             + f"; {int(best['offloaded_layers'])} layers in host memory ({best['offloaded_bytes'] / GiB:.2f} GiB per GPU)."]
     link, comp, host = best["util_link"], best["util_compute"], best["util_host"]
     bound = best["bound"]
     if bound == "copy-bound":

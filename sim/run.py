@@ -209,7 +209,8 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     placement = stages[0].placement
     config = dict(model=lay.model.name, gpu=hw.name, tensor_parallel=lay.tensor_parallel, pipeline_parallel=pp,
                   gpus=lay.gpus, policy=policy.label,
-                  policy_kind=policy.kind, offloaded_layers=sum(len(st.placement.offloaded_layers) for st in stages),
+                  policy_kind=policy.kind,  # layers in host memory, all stages together:
+                  offloaded_layers=sum(len(st.placement.offloaded_layers) for st in stages),
                   offloaded_bytes=placement.offloaded_bytes,  # per GPU of the first stage
                   workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
