@@ -42,7 +42,8 @@ from .specs import GiB
 from .sweep import SimConfig, sweep
 from .vllm_flags import format_vllm
 
-__all__ = ["MECHANISMS", "OBJECTIVES", "NoFeasiblePolicyError", "OptimizeResult", "candidate_policies", "optimize"]
+__all__ = ["MECHANISMS", "OBJECTIVES", "NoFeasiblePolicyError", "OptimizeResult", "bound_reason", "candidate_policies",
+           "optimize"]
 
 MECHANISMS = ("prefetch", "uva", "vllm")
 # objective column -> True when more is better
@@ -188,6 +189,31 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "n/a"
 
 
+def bound_reason(row) -> str:
+    """What limits a simulated run, in words, from its sweep row (``bound`` and the lane utilizations)."""
+    link, comp, host = row["util_link"], row["util_compute"], row["util_host"]
+    bound = row["bound"]
+    if bound == "copy-bound":
+        gpu = {"uva": "its kernels reading the weights over it",
+               "vllm": f"the compute stream busy {comp:.0%} of the time, the copies on it included"
+               }.get(row["policy_kind"], f"the GPU computing {comp:.0%}")
+        why = (f"It is copy-bound: the host link is busy {link:.0%} of the run ({gpu}), so the "
+               "time goes to moving weights and a step costs about the same whatever its batch: what wins is the fewest "
+               "bytes copied per generated token (few bytes offloaded, or a KV cache big enough for large batches).")
+    elif bound == "launch-bound":
+        why = (f"It is launch-bound: the host launching kernels is busy {host:.0%} of the run against {comp:.0%} for "
+               f"the GPU (link {link:.0%}); copies are not the limit.")
+    elif row["offloaded_bytes"] == 0:
+        why = f"It is compute-bound: the GPU computes {comp:.0%} of the run, and nothing is copied."
+    elif row["policy_kind"] == "uva":
+        why = (f"It is compute-bound ({comp:.0%}), but its kernels read the offloaded weights over the host link in "
+               f"every pass (zero-copy, link busy {link:.0%}): that reading is part of the compute time.")
+    else:
+        why = (f"It is compute-bound: the GPU computes {comp:.0%} of the run and the link is busy only {link:.0%}, so "
+               "the copies hide behind compute.")
+    return why
+
+
 def _explain(best: pd.Series, objective: str, refs: dict[str, pd.Series | str], none_row: pd.Series | None,
              n_feasible: int, n_total: int, reasons: dict[str, int]) -> str:
     tp = best["throughput_rps"]
@@ -195,26 +221,7 @@ def _explain(best: pd.Series, objective: str, refs: dict[str, pd.Series | str], 
              f"{tp:.3g} req/s, {best['output_tok_s']:,.0f} output tok/s, TTFT p99 {_secs(best['ttft_p99_s'])}"
              + (f", TPOT p99 {_secs(best['tpot_p99_s'])}" if pd.notna(best.get("tpot_p99_s")) else "")
              + f"; {int(best['offloaded_layers'])} layers in host memory ({best['offloaded_bytes'] / GiB:.2f} GiB per GPU)."]
-    link, comp, host = best["util_link"], best["util_compute"], best["util_host"]
-    bound = best["bound"]
-    if bound == "copy-bound":
-        gpu = ("its kernels reading the weights over it" if best["policy_kind"] == "uva"
-               else f"the GPU computing {comp:.0%}")
-        why = (f"It is copy-bound: the host link is busy {link:.0%} of the run ({gpu}), so the "
-               "time goes to moving weights and a step costs about the same whatever its batch: what wins is the fewest "
-               "bytes copied per generated token (few bytes offloaded, or a KV cache big enough for large batches).")
-    elif bound == "launch-bound":
-        why = (f"It is launch-bound: the host launching kernels is busy {host:.0%} of the run against {comp:.0%} for "
-               f"the GPU (link {link:.0%}); copies are not the limit.")
-    elif best["offloaded_bytes"] == 0:
-        why = f"It is compute-bound: the GPU computes {comp:.0%} of the run, and nothing is copied."
-    elif best["policy_kind"] == "uva":
-        why = (f"It is compute-bound ({comp:.0%}), but its kernels read the offloaded weights over the host link in "
-               f"every pass (zero-copy, link busy {link:.0%}): that reading is part of the compute time.")
-    else:
-        why = (f"It is compute-bound: the GPU computes {comp:.0%} of the run and the link is busy only {link:.0%}, so "
-               "the copies hide behind compute.")
-    lines.append(why)
+    lines.append(bound_reason(best))
     for name, ref in refs.items():
         if isinstance(ref, str):
             lines.append(f"{name}: {ref}.")

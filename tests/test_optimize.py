@@ -107,3 +107,25 @@ def test_cli_optimize_bad_input(capsys, args):
     assert main(["optimize", "--requests", "5", "--quiet", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("offloadlab: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("row,words", [
+    (dict(bound="copy-bound", policy_kind="prefetch", util_link=0.97, util_compute=0.12, util_host=0.01,
+          offloaded_bytes=1), ["copy-bound", "busy 97%", "GPU computing 12%"]),
+    (dict(bound="copy-bound", policy_kind="vllm", util_link=0.9, util_compute=1.0, util_host=0.01,
+          offloaded_bytes=1), ["copy-bound", "compute stream busy 100%", "copies on it"]),
+    (dict(bound="copy-bound", policy_kind="uva", util_link=0.99, util_compute=0.99, util_host=0.01,
+          offloaded_bytes=1), ["kernels reading the weights over it"]),
+    (dict(bound="launch-bound", policy_kind="none", util_link=0.0, util_compute=0.3, util_host=0.8,
+          offloaded_bytes=0), ["launch-bound", "busy 80%", "30% for the GPU"]),
+    (dict(bound="compute-bound", policy_kind="none", util_link=0.0, util_compute=0.95, util_host=0.1,
+          offloaded_bytes=0), ["nothing is copied"]),
+    (dict(bound="compute-bound", policy_kind="prefetch", util_link=0.4, util_compute=0.95, util_host=0.1,
+          offloaded_bytes=1), ["copies hide behind compute", "busy only 40%"]),
+])
+def test_bound_reason_names_the_limit_and_its_numbers(row, words):
+    from offloadlab.optimize import bound_reason
+
+    text = bound_reason(row)
+    for w in words:
+        assert w in text, (w, text)
