@@ -8,7 +8,8 @@ Steps (each guarded: a failing step is recorded in summary.json and the next one
 3. probe files (the public format) for Llama-3.1-8B (32 layers) and
    Llama-3.1-70B truncated to fit                                  -> probe_*.json
 4. traced steps of the paper's policies (none, vLLM copy 6.5 GiB,
-   interval k=2 with 2 buffers), prefill and decode                 -> traces/*.json (+ .chrome.json)
+   interval k=2 with 2 buffers) and of today's vLLM mechanisms (UVA
+   6.5 GiB, prefetch g=2 n=1 s=2), prefill and decode               -> traces/*.json (+ .chrome.json)
 5. a small served workload per policy on the full 8B model         -> workload_*.csv
 6. Hugging Face accelerate's cpu_offload on the same stack, when
    accelerate is installed                                          -> in summary.json
@@ -34,7 +35,7 @@ import torch
 
 from offloadlab.catalog import get_model
 from offloadlab.fileio import atomic_write_json
-from offloadlab.policy import NoOffload, VllmCopy, interval
+from offloadlab.policy import NoOffload, Prefetch, VllmCopy, VllmUva, interval
 from offloadlab.specs import GiB
 
 from . import microbench, probe
@@ -43,6 +44,8 @@ from .generate import run_workload
 from .offload import build
 
 PAPER_POLICIES = (NoOffload(), VllmCopy(6.5), interval(2, 2))
+# traced beside them: vLLM's default backend for --cpu-offload-gb, and its prefetch backend (issue 8)
+TRACED_POLICIES = PAPER_POLICIES + (VllmUva(6.5), Prefetch(2, 1, 2, wrap=True))
 
 
 def _step(summary: dict, name: str, fn):
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
 
     def traces():
         done = []
-        for policy in PAPER_POLICIES:
+        for policy in TRACED_POLICIES:
             model = build(llama8, policy, dev, reserve_bytes=4 * GiB)
             for B, T, C in ((1, 2048, 0), (32, 1, 2048)):
                 tr = probe.traced_steps(model, B, T, C, steps=3, meta={"policy": policy.label, "gpu": dev.name()})
