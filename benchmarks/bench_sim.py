@@ -1,4 +1,5 @@
-"""Simulator speed: the paper scenario per policy and mode, and scaling with the request count.
+"""Simulator speed: the paper scenario per policy and mode, scaling with the request count, and
+multi-GPU deployments (tensor and pipeline parallel: pipelined runs cannot take decode steps in bulk).
 
 Prints wall-clock seconds of the simulation itself (one core; the process start-up and imports are
 not counted), SimPy events, step simulations (distinct steps run in SimPy) and engine steps.
@@ -7,18 +8,20 @@ Run:  python benchmarks/bench_sim.py [--scale 200,2000,20000]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from offloadlab.paper import PAPER_ENGINE, PAPER_GPU, PAPER_MODEL, paper_policies
+from offloadlab.policy import NoOffload, interval
 from offloadlab.sim import EngineConfig, longbench_multi_news, simulate
 
 
-def one(policy, wl, mode, repeat=3):
-    eng = EngineConfig(**{**PAPER_ENGINE.__dict__, "mode": mode})
+def one(policy, wl, mode, repeat=3, model=PAPER_MODEL, gpu=PAPER_GPU, **engine):
+    eng = dataclasses.replace(PAPER_ENGINE, mode=mode, **engine)
     best = None
     for _ in range(repeat):
         t = time.perf_counter()
-        r = simulate(PAPER_MODEL, PAPER_GPU, policy, wl, eng, trace_steps=False)
+        r = simulate(model, gpu, policy, wl, eng, trace_steps=False)
         dt = time.perf_counter() - t
         best = dt if best is None else min(best, dt)
     return best, r.summary
@@ -45,6 +48,17 @@ def main():
     for out in (128, 512, 2048):
         dt, s = one(pol, longbench_multi_news(200, seed=0, output_len=out), "prefill+decode")
         print(f"  output {out:5d}: {dt:.3f} s, {s['steps']} steps, {s['step_sims']} step sims")
+    print("\nmulti-GPU (200 requests, prefill+decode, gpu_memory_utilization 0.9):")
+    wl = longbench_multi_news(200, seed=0)
+    for model, gpu, pol, tp, pp in (("llama-3.1-70b", "h100", NoOffload(), 4, 1),
+                                    ("llama-3.1-405b", "h100", interval(2), 8, 1),
+                                    ("llama-3.1-70b", "h100", NoOffload(), 4, 2),
+                                    ("llama-3.1-70b", "gh200", NoOffload(), 1, 8),
+                                    ("llama-3.1-405b", "a100-40gb", interval(1), 4, 4)):
+        dt, s = one(pol, wl, "prefill+decode", model=model, gpu=gpu, tensor_parallel=tp, pipeline_parallel=pp,
+                    gpu_memory_utilization=0.9)
+        print(f"  {model} on {tp * pp}x {gpu} (tp {tp}, pp {pp}) {pol.label}: {dt:.3f} s, {s['steps']} steps, "
+              f"{s['step_sims']} step sims, {s['simpy_events']} SimPy events")
 
 
 if __name__ == "__main__":
