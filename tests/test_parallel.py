@@ -226,3 +226,20 @@ def test_pipeline_serving_is_deterministic_and_serves_everything():
     assert a.requests["finish"].notna().all() and (a.requests["output_len"] == 32).all()
     assert a.config["gpus"] == 4 and a.summary["output_tok_s_per_gpu"] == pytest.approx(a.summary["output_tok_s"] / 4)
     assert 0 < a.summary["util_compute"] <= 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(pp=st.integers(1, 4), chunked=st.booleans(),
+       reqs=st.lists(st.tuples(st.integers(1, 3000), st.integers(1, 64), st.floats(0, 2.0)), min_size=1, max_size=24))
+def test_pipelined_serving_serves_every_request_in_order_of_its_tokens(pp, chunked, reqs):
+    """Any workload on any pipeline depth: every request gets all its tokens, first token after arrival,
+    last after first, and no later than the run's end."""
+    from offloadlab.sim.workload import Request, Workload
+
+    wl = Workload("random", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)))
+    eng = EngineConfig(pipeline_parallel=pp, chunked_prefill=chunked, max_num_batched_tokens=4096)
+    r = simulate("llama-3.1-8b", "h100", interval(4), wl, eng)
+    q = r.requests
+    assert len(q) == len(reqs) and (q["output_len"] == [o for _, o, _ in reqs]).all()
+    assert (q["first_token"] > q["arrival"]).all() and (q["finish"] >= q["first_token"]).all()
+    assert q["finish"].max() <= r.summary["makespan_s"] + q["arrival"].min() + 1e-9
