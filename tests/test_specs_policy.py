@@ -56,11 +56,8 @@ def test_llama_8b_by_hand():
     assert m.layer_matmul_params == per_layer - 2 * 4096
 
 
-def test_llama_8b_layer_bytes_match_the_probe_file():
-    probe = SHARED_DATA / "h100_llama8b_probe.json"
-    if not probe.exists():
-        pytest.skip(f"{probe} not present")
-    data = json.loads(probe.read_text())
+def test_llama_8b_layer_bytes_match_the_probe_file(probe_path):
+    data = json.loads(probe_path.read_text())
     m = get_model(data["model"])
     assert m.layer_bytes == data["layer_bytes"]
     assert m.layers == data["layers"]
