@@ -142,13 +142,15 @@ class RunResult:
     requests: pd.DataFrame
     memory: MemoryPlan
     config: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list, repr=False)  # (start, end, kind, batch size) per step
+    # (start, end, kind, batch size) per step; a fifth field, the virtual engine, under pipeline parallelism
+    steps: list = field(default_factory=list, repr=False)
 
     @property
     def trace(self) -> Trace:
-        """One span per engine step on the "engine" lane, plus the per-request records."""
-        spans = [Span("engine", "step", t0, t1, step=i, name=f"{kind} x{size}")
-                 for i, (t0, t1, kind, size) in enumerate(self.steps)]
+        """One span per engine step on the "engine" lane (one lane per virtual engine under pipeline
+        parallelism: their steps overlap), plus the per-request records."""
+        spans = [Span("engine" if len(st) == 4 else f"engine {st[4]}", "step", st[0], st[1], step=i,
+                      name=f"{st[2]} x{st[3]}") for i, st in enumerate(self.steps)]
         meta = {"source": "sim", **{k: v for k, v in self.config.items() if not isinstance(v, bool)}}
         reqs = self.requests.astype(object).where(self.requests.notna(), None).to_dict("records")
         return Trace(spans=spans, requests=reqs, meta=meta)

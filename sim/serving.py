@@ -392,7 +392,8 @@ class PipelinedServing:
 
     @property
     def steps(self) -> list:
-        return sorted(s for e in self.engines for s in e.steps)
+        """(start, end, kind, batch size, virtual engine) of every step, by start."""
+        return sorted((*s, i) for i, e in enumerate(self.engines) for s in e.steps)
 
     @property
     def busy(self) -> dict:

@@ -226,6 +226,12 @@ def test_pipeline_serving_is_deterministic_and_serves_everything():
     assert a.requests["finish"].notna().all() and (a.requests["output_len"] == 32).all()
     assert a.config["gpus"] == 4 and a.summary["output_tok_s_per_gpu"] == pytest.approx(a.summary["output_tok_s"] / 4)
     assert 0 < a.summary["util_compute"] <= 1
+    # one trace lane per virtual engine; each engine's own steps never overlap
+    lanes = a.trace.to_frame().query("kind == 'step'").groupby("lane")
+    assert set(lanes.groups) == {"engine 0", "engine 1"}
+    for _, g in lanes:
+        g = g.sort_values("start")
+        assert (g["start"].to_numpy()[1:] >= g["end"].to_numpy()[:-1] - 1e-12).all()
 
 
 @settings(max_examples=25, deadline=None)
