@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
                             "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
                    help="as vLLM's: auto keeps the model's (bf16), fp8 stores one byte per KV element")
     p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
@@ -39,19 +39,52 @@ def _model(a):
     return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
 
 
+# Engine settings: default None here, so that EngineConfig holds the defaults and a --vllm command
+# line can set them (``_settle_engine``); the flag each is set by, for messages.
+ENGINE_FLAGS = {"gpu_memory_utilization": "--gpu-memory-utilization", "max_num_seqs": "--max-num-seqs",
+                "max_num_batched_tokens": "--max-num-batched-tokens", "max_model_len": "--max-model-len",
+                "chunked_prefill": "--chunked-prefill", "tensor_parallel": "--tensor-parallel-size",
+                "pipeline_parallel": "--pipeline-parallel-size", "kv_cache_dtype": "--kv-cache-dtype"}
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--chunked-prefill", action="store_true")
+    p.add_argument("--gpu-memory-utilization", type=float, help="default 0.9")
+    p.add_argument("--max-num-seqs", type=int, help="default 256")
+    p.add_argument("--max-num-batched-tokens", type=int, help="default 8192")
+    p.add_argument("--max-model-len", type=int, help="default 8192")
+    p.add_argument("--chunked-prefill", action="store_true", default=None)
     _parallel_args(p)
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, dest="tensor_parallel")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, dest="pipeline_parallel")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tensor_parallel", help="default 1")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, dest="pipeline_parallel", help="default 1")
+
+
+def _settle_engine(a) -> None:
+    """Fill the engine settings: this command line's, else the --vllm command line's (a vLLM deployment
+    brings its -tp, --max-model-len, ...), else EngineConfig's defaults; the two disagreeing is an error."""
+    import dataclasses
+
+    from .sim import EngineConfig
+    from .vllm_flags import engine_from_vllm
+
+    lines = a.vllm if isinstance(getattr(a, "vllm", None), list) else [a.vllm] if getattr(a, "vllm", None) else []
+    theirs: dict = {}
+    for line in lines:
+        for k, v in engine_from_vllm(line).items():
+            if theirs.setdefault(k, v) != v:
+                raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)} | {"kv_cache_dtype": "auto"}
+    for k, flag in ENGINE_FLAGS.items():
+        if not hasattr(a, k):
+            continue
+        mine, vllm = getattr(a, k), theirs.get(k)
+        if mine is not None and vllm is not None and mine != vllm:
+            raise ConfigError(flag, mine, f"what the --vllm command line says ({vllm}), or one of the two left out")
+        setattr(a, k, mine if mine is not None else vllm if vllm is not None else defaults[k])
+    a.block_size = theirs.get("block_size", defaults["block_size"])
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +119,7 @@ def _engine(a):
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
-                        pipeline_parallel=a.pipeline_parallel)
+                        pipeline_parallel=a.pipeline_parallel, block_size=a.block_size)
 
 
 def _fmt_results(df: pd.DataFrame) -> str:
@@ -134,7 +167,7 @@ def cmd_run(a) -> None:
     wl = _workload(a)
     policy = _policy(a)
     r = simulate(_model(a), a.gpu, policy, wl, _engine(a), profile=a.profile)
-    print(f"policy: {policy.label}; deploy with: {format_vllm(policy)}")
+    print(f"policy: {policy.label}; deploy with: {format_vllm(policy, _engine(a))}")
     print(_fmt_results(pd.DataFrame([r.row()])))
     m = r.memory
     print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
@@ -164,7 +197,7 @@ def cmd_compare(a) -> None:
             r = simulate(_model(a), a.gpu, p, wl, _engine(a), profile=a.profile, trace_steps=False).row()
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
-        rows.append({**r, "vllm_flags": format_vllm(p)})
+        rows.append({**r, "vllm_flags": format_vllm(p, _engine(a))})
     df = pd.DataFrame(rows)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
@@ -357,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             from .catalog import load_catalog_file
 
             load_catalog_file(args.catalog)
+        _settle_engine(args)
         args.fn(args)
     except OffloadLabError as e:
         print(f"offloadlab: error: {e}", file=sys.stderr)

@@ -333,7 +333,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
             reasons.append(None)
     df["feasible"] = [r is None for r in reasons]
     df["reason"] = pd.Series(reasons, index=df.index, dtype=object)
-    df["vllm_flags"] = [format_vllm(pols[i]) for i in df.index]
+    df["vllm_flags"] = [format_vllm(pols[i], engine) for i in df.index]
     failed = df["error"].map(lambda e: isinstance(e, str))
     fits = df[~failed]
     if not len(fits) and not df["error"].str.startswith("DoesNotFitError").all():
@@ -390,5 +390,5 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
                if r.startswith("TPOT") else "failed")
         reason_counts[key] = reason_counts.get(key, 0) + 1
     text = _explain(best, objective, ref_rows, none_row, int(df["feasible"].sum()), len(df), reason_counts)
-    return OptimizeResult(table=df, best=best, policy=policy, vllm_flags=format_vllm(policy), explanation=text,
+    return OptimizeResult(table=df, best=best, policy=policy, vllm_flags=format_vllm(policy, engine), explanation=text,
                           objective=objective, references=refs, candidates=pols)

@@ -1,4 +1,4 @@
-"""vLLM's offload flags in and out: a deployment's command line <-> a Policy.
+"""vLLM's offload flags in and out: a deployment's command line <-> a Policy (and its engine flags).
 
 Flags (vLLM >= 0.17; vllm/config/offload.py): ``--cpu-offload-gb G`` with
 ``--cpu-offload-params a,b`` (UVA by default, the 0.7 copy path when
@@ -6,6 +6,11 @@ Flags (vLLM >= 0.17; vllm/config/offload.py): ``--cpu-offload-gb G`` with
 prefetch ``--offload-group-size g --offload-num-in-group n --offload-prefetch-step s
 --offload-params a,b``. ``auto`` means prefetch when a group size is set, else UVA when
 ``--cpu-offload-gb`` > 0. Combinations vLLM rejects are rejected here too, with the same reasons.
+
+The engine flags of the same command line that the simulator models (``engine_from_vllm``):
+``--tensor-parallel-size/-tp``, ``--pipeline-parallel-size/-pp``, ``--gpu-memory-utilization``,
+``--max-model-len``, ``--max-num-seqs``, ``--max-num-batched-tokens``, ``--block-size``,
+``--[no-]enable-chunked-prefill`` and ``--kv-cache-dtype``; other flags are ignored.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vllm", add_help=False)
+    p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
     p.add_argument("--cpu-offload-gb", type=float, default=0.0)
     p.add_argument("--cpu-offload-params", default="")
     p.add_argument("--offload-backend", choices=["auto", "uva", "prefetch"], default="auto")
@@ -35,6 +40,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _engine_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tensor_parallel")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, dest="pipeline_parallel")
+    p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization")
+    p.add_argument("--max-model-len", type=int, dest="max_model_len")
+    p.add_argument("--max-num-seqs", type=int, dest="max_num_seqs")
+    p.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens")
+    p.add_argument("--block-size", type=int, dest="block_size")
+    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, dest="chunked_prefill")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], dest="kv_cache_dtype")
+    return p
+
+
+def _argv(args: str | list[str]) -> tuple[list[str], dict[str, str]]:
+    """(flags, environment) of a command line that may start with NAME=VALUE assignments."""
+    argv = shlex.split(args) if isinstance(args, str) else list(args)
+    env = {}
+    while argv and "=" in argv[0] and not argv[0].startswith("-"):
+        k, _, v = argv.pop(0).partition("=")
+        env[k] = v
+    return argv, env
+
+
+def engine_from_vllm(args: str | list[str]) -> dict:
+    """The engine settings a vLLM command line sets (EngineConfig field names, plus ``kv_cache_dtype``);
+    flags it does not set are left out, so the caller's defaults stand."""
+    a, _ = _engine_parser().parse_known_args(_argv(args)[0])
+    return {k: v for k, v in vars(a).items() if v is not None}
+
+
 def _names(csv: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in csv.split(",") if x.strip())
 
@@ -42,11 +78,8 @@ def _names(csv: str) -> tuple[str, ...]:
 def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -> Policy:
     """The Policy a vLLM command line deploys (``args`` may start with NAME=VALUE environment
     assignments, like a shell line). Flags other than the offload ones are ignored."""
-    argv = shlex.split(args) if isinstance(args, str) else list(args)
-    env = dict(env or {})
-    while argv and "=" in argv[0] and not argv[0].startswith("-"):  # leading NAME=VALUE: environment
-        k, _, v = argv.pop(0).partition("=")
-        env[k] = v
+    argv, line_env = _argv(args)  # leading NAME=VALUE: environment
+    env = {**(env or {}), **line_env}
     a, _ = _parser().parse_known_args(argv)
     if a.cpu_offload_gb < 0:
         raise ConfigError("--cpu-offload-gb", a.cpu_offload_gb, ">= 0")
@@ -90,7 +123,12 @@ def vllm_args(policy: Policy) -> tuple[list[str], dict[str, str]]:
     return out + ["--offload-backend", "uva"], {}
 
 
-def format_vllm(policy: Policy) -> str:
-    """The command-line fragment, environment first: ``VLLM_...=1 vllm serve MODEL --cpu-offload-gb 8``."""
+def format_vllm(policy: Policy, engine=None) -> str:
+    """The command-line fragment, environment first: ``VLLM_...=1 vllm serve MODEL --cpu-offload-gb 8``;
+    with an EngineConfig, its tensor and pipeline parallel sizes too (when above 1)."""
     args, env = vllm_args(policy)
-    return " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve MODEL", *args])
+    par = []
+    for flag, n in (("--tensor-parallel-size", getattr(engine, "tensor_parallel", 1)),
+                    ("--pipeline-parallel-size", getattr(engine, "pipeline_parallel", 1))):
+        par += [flag, str(n)] if n > 1 else []
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve MODEL", *par, *args])

@@ -119,3 +119,18 @@ def test_compare_tabulates_policies_with_bounds_flags_and_misfits(tmp_path, caps
     assert list(df["policy"]) == ["none", "interval k=2 buf=2", "vllm 100GiB", "uva 4GiB"]  # --policy, then --vllm
     assert set(df["bound"].dropna()) <= {"copy-bound", "launch-bound", "compute-bound"}
     assert df.loc[1, "vllm_flags"].endswith("--offload-group-size 2 --offload-num-in-group 1 --offload-prefetch-step 2")
+
+
+def test_vllm_command_line_brings_its_engine_flags(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    line = "vllm serve meta-llama/Llama-3.1-70B -tp 2 --max-model-len 4096 --cpu-offload-gb 8"
+    assert main(["run", "--model", "llama-3.1-70b", "--gpu", "h100", "--requests", "8", "--vllm", line,
+                 "--json", str(out)]) == 0
+    row = json.loads(out.read_text())
+    assert row["tensor_parallel"] == 2 and row["policy"] == "uva 8GiB"
+    assert "deploy with: vllm serve MODEL --tensor-parallel-size 2 --cpu-offload-gb 8.0" in capsys.readouterr().out
+    # the same setting on both command lines must agree; two vLLM lines of one comparison too
+    assert main(["run", "--model", "llama-3.1-70b", "--gpu", "h100", "-tp", "4", "--vllm", line]) == 2
+    assert "--tensor-parallel-size=4: expected what the --vllm command line says (2)" in capsys.readouterr().err
+    assert main(["compare", "--model", "llama-3.1-70b", "--gpu", "h100", "--vllm", line, "--vllm", "-tp 4"]) == 2
+    assert "the same in every --vllm line" in capsys.readouterr().err

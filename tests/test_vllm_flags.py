@@ -116,3 +116,28 @@ def test_prefetching_across_steps_is_never_slower(g, n, s, layers, gpu, host, bw
     assert wrapped.busy["copy"] == pytest.approx(plain.busy["copy"])  # the same copies, per step
     # and never faster than its copies or its compute
     assert wrapped.time >= max(plain.busy["copy"], layers * gpu + head) * (1 - 1e-9)
+
+
+def test_engine_flags_of_a_vllm_command_line():
+    from offloadlab.vllm_flags import engine_from_vllm
+
+    line = ("VLLM_WEIGHT_OFFLOADING_DISABLE_UVA=1 vllm serve meta-llama/Llama-3.1-70B -tp 4 --pipeline-parallel-size 2 "
+            "--gpu-memory-utilization 0.85 --max-model-len 16384 --max-num-seqs 128 --max-num-batched-tokens 4096 "
+            "--block-size 32 --enable-chunked-prefill --kv-cache-dtype fp8 --cpu-offload-gb 8 --swap-space 4")
+    assert engine_from_vllm(line) == dict(tensor_parallel=4, pipeline_parallel=2, gpu_memory_utilization=0.85,
+                                          max_model_len=16384, max_num_seqs=128, max_num_batched_tokens=4096,
+                                          block_size=32, chunked_prefill=True, kv_cache_dtype="fp8")
+    assert engine_from_vllm("--no-enable-chunked-prefill") == {"chunked_prefill": False}
+    assert engine_from_vllm("--cpu-offload-gb 8") == {}  # nothing set: the caller's defaults stand
+    assert engine_from_vllm("--max-model 4096") == {}  # no abbreviations: vLLM has flags sharing prefixes
+    with pytest.raises(ConfigError, match="vllm flags"):
+        engine_from_vllm("-tp four")
+
+
+def test_format_vllm_adds_the_parallel_sizes():
+    from offloadlab.sim import EngineConfig
+
+    pol = policy_from_vllm("--cpu-offload-gb 8")
+    assert format_vllm(pol, EngineConfig(tensor_parallel=4, pipeline_parallel=2)) == (
+        "vllm serve MODEL --tensor-parallel-size 4 --pipeline-parallel-size 2 --cpu-offload-gb 8.0 --offload-backend uva")
+    assert format_vllm(pol, EngineConfig()) == format_vllm(pol)
