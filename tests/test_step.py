@@ -531,3 +531,22 @@ def test_tensor_parallel_without_nvlink_slows_offload():
     comm = 32 * 2 * Roofline(get_model("llama-3.1-8b").shard(2), pcie).allreduce_time(4096)
     assert b.time < a.time <= b.time + comm + 1e-9
     assert a.busy["link"] == pytest.approx(b.busy["link"] + comm, rel=1e-9)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.floats(0.0, 5.0), st.floats(1e-3, 3.0)), min_size=1, max_size=8))
+def test_shared_link_is_work_conserving_and_never_faster_than_solo(flows):
+    """Processor sharing moves the same work as one transfer at a time: the last transfer ends when a
+    FIFO link would finish; none ends before its own solo time, and equal transfers started together
+    end together."""
+    ends = _flows(flows)
+    t = 0.0
+    for start, seconds in sorted(flows):
+        t = max(t, start) + seconds
+    assert max(ends) == pytest.approx(t, rel=1e-9, abs=1e-9)
+    for (start, seconds), end in zip(flows, ends):
+        assert end >= start + seconds - 1e-9
+    for (s1, w1), e1 in zip(flows, ends):
+        for (s2, w2), e2 in zip(flows, ends):
+            if s1 == s2 and w1 == w2:
+                assert e1 == pytest.approx(e2, abs=1e-9)
