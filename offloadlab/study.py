@@ -6,11 +6,11 @@
 
 A deployment of n GPUs is vLLM's usual layout: tensor parallelism over the GPUs of one node, and
 pipeline parallelism across nodes when n is larger (``deployment``). For each (model, GPU type, n)
-``can_serve`` decides from the memory plan alone whether it fits without offload, or with the
-paper's interval-k offload (two staging buffers) for which k, or not at all (and why). ``serve``
-simulates every fitting candidate (no offload, or each fitting k) with ``offloadlab.sweep`` and
-keeps the best throughput per deployment: offloading more frees KV cache for bigger batches,
-offloading less copies less, and the best k is where those balance.
+``can_serve`` decides from the memory plan alone whether it fits without offload, with the paper's
+interval-k offload (two staging buffers) for which k, or not at all (and why). ``serve`` simulates
+every fitting candidate (no offload and each fitting k) with ``offloadlab.sweep`` and keeps, per
+deployment, the best without offload and the best with it: offloading more frees KV cache for
+bigger batches, offloading less copies less, and the best k is where those balance.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .sim.run import layout
 from .specs import HardwareSpec, ModelSpec
 from .sweep import SimConfig, sweep
 
-KS = (1, 2, 3, 4, 6, 8)  # interval k tried when a deployment must offload
+KS = (1, 2, 3, 4, 6, 8)  # interval k tried for each deployment
 
 
 def deployment(gpu: str | HardwareSpec, gpus: int) -> tuple[int, int]:

@@ -134,3 +134,18 @@ def test_vllm_command_line_brings_its_engine_flags(tmp_path, capsys):
     assert "--tensor-parallel-size=4: expected what the --vllm command line says (2)" in capsys.readouterr().err
     assert main(["compare", "--model", "llama-3.1-70b", "--gpu", "h100", "--vllm", line, "--vllm", "-tp 4"]) == 2
     assert "the same in every --vllm line" in capsys.readouterr().err
+
+
+def test_engine_defaults_in_the_help_are_engine_configs():
+    """The CLI leaves engine defaults to EngineConfig (so a --vllm line can set them); its help names them."""
+    import re
+
+    from offloadlab.cli import build_parser
+    from offloadlab.sim import EngineConfig
+
+    sub = build_parser()._subparsers._group_actions[0].choices["run"]
+    helps = {a.dest: a.help for a in sub._actions}
+    eng = EngineConfig()
+    for dest in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                 "tensor_parallel", "pipeline_parallel"):
+        assert re.fullmatch(r"default (\S+)", helps[dest]).group(1) == f"{getattr(eng, dest):g}", dest
