@@ -233,6 +233,46 @@ def cmd_optimize(a) -> None:
         print(f"wrote {a.csv}")
 
 
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(name, text, "comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def cmd_study(a) -> None:
+    from .catalog import get_model
+    from .fileio import atomic_write_text
+    from .study import can_serve, serve
+
+    models = {m: get_model(m) for m in a.model or ["llama-3.1-70b", "llama-3.1-405b"]}
+    gpus = a.gpu or ["A100-SXM4-40GB", "H100-SXM5-80GB", "H200-SXM-141GB", "GH200-96GB", "B200-180GB"]
+    fit = can_serve(models, gpus, _ints(a.gpus, "--gpus"), _engine(a), ks=_ints(a.ks, "--ks"))
+    label = fit["fits"].map({"without offload": "yes", "only with offload": "offload", "no": "-"})
+    label = label.where(fit["fits"] != "only with offload", "k<=" + fit["max_k"].astype("Int64").astype(str))
+    print("fits (yes: without offload; k<=K: only with interval-K offload or more; -: not at all):\n")
+    print(fit.assign(fits_=label).pivot_table(index=["model", "gpu"], columns="gpus", values="fits_", aggfunc="first",
+                                              sort=False).fillna("").to_string())
+    first_no = fit[fit["fits"] == "no"].drop_duplicates(["model", "gpu"], keep="last")
+    if len(first_no):
+        print("\nlargest that do not fit, and why:")
+        for _, r in first_no.iterrows():
+            print(f"  {r['model']} on {r['gpus']}x {r['gpu']}: {r['reason']}")
+    out = fit.drop(columns=["policies", "spec", "hardware"])
+    if a.simulate:
+        wl = _workload(a)
+        out = serve(fit, wl, _engine(a), executor="serial" if a.jobs == 1 else a.jobs, cache_dir=a.cache_dir,
+                    progress=not a.quiet)
+        cols = {"model": "model", "gpu": "gpu", "gpus": "GPUs", "policy": "policy", "tok_s_per_gpu": "tok/s/GPU",
+                "gpu_h_per_Mtok": "GPU-h/Mtok", "ttft_p50_s": "TTFT p50 s", "tpot_p50_s": "TPOT p50 s",
+                "mem_kv_tokens": "KV tokens", "bound": "bound"}
+        print(f"\nserving {wl.name} ({wl.n} requests), best without and with offload per deployment:\n")
+        print(out[list(cols)].rename(columns=cols).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if a.csv:
+        atomic_write_text(a.csv, out.to_csv(index=False))
+        print(f"wrote {a.csv}")
+
+
 def cmd_step(a) -> None:
     from .sim import simulate_step
 
@@ -338,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("study", help="before buying: which node types and sizes serve a model, with or without "
+                                     "offload; --simulate for throughput, latency and GPU-hours per token")
+    p.add_argument("--model", action="append", help="repeatable (default: llama-3.1-70b and llama-3.1-405b)")
+    p.add_argument("--gpu", action="append", help="repeatable (default: A100-40GB, H100, H200, GH200, B200)")
+    p.add_argument("--gpus", default="1,2,4,8", help="GPU counts: TP inside a node, PP across nodes (default 1,2,4,8)")
+    p.add_argument("--ks", default="1,2,4,8", help="interval k tried (default 1,2,4,8)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
+    p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+    _engine_args(p)
+    _workload_args(p)
+    p.add_argument("--simulate", action="store_true", help="simulate every candidate that fits")
+    p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
+    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--csv", help="write the table as CSV")
+    p.set_defaults(fn=cmd_study)
     p = sub.add_parser("optimize", help="search offload policies for the best throughput under constraints; explain")
     _common(p, policy=False)
     _engine_args(p)

@@ -149,3 +149,20 @@ def test_engine_defaults_in_the_help_are_engine_configs():
     for dest in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                  "tensor_parallel", "pipeline_parallel"):
         assert re.fullmatch(r"default (\S+)", helps[dest]).group(1) == f"{getattr(eng, dest):g}", dest
+
+
+def test_study_tabulates_what_fits_and_simulates_on_request(tmp_path, capsys):
+    assert main(["study", "--model", "llama-3.1-405b", "--gpu", "h100", "--gpu", "h200", "--gpus", "2,4,8"]) == 0
+    out = capsys.readouterr().out
+    h100 = next(line for line in out.splitlines() if "H100-SXM5-80GB" in line).split()
+    h200 = next(line for line in out.splitlines() if "H200-SXM-141GB" in line).split()
+    assert h100[-3:] == ["-", "-", "k<=2"] and h200[-3:] == ["-", "k<=2", "yes"]  # columns 2, 4, 8 GPUs
+    assert "405b on 4x H100-SXM5-80GB: not even with interval k=1" in out and "pinned host memory" in out
+    csv = tmp_path / "s.csv"
+    assert main(["study", "--model", "llama-3.1-8b", "--gpu", "a100-40gb", "--gpus", "1", "--ks", "2",
+                 "--simulate", "--requests", "8", "--quiet", "--csv", str(csv)]) == 0
+    df = pd.read_csv(csv)
+    assert list(df["offload"]) == [False, True] and list(df["policy"]) == ["none", "interval k=2 buf=2"]
+    assert (df["tok_s_per_gpu"] > 0).all()
+    assert main(["study", "--gpus", "1,x"]) == 2
+    assert "--gpus='1,x': expected comma-separated integers" in capsys.readouterr().err
