@@ -166,8 +166,14 @@ def cmd_run(a) -> None:
 
     wl = _workload(a)
     policy = _policy(a)
-    r = simulate(_model(a), a.gpu, policy, wl, _engine(a), profile=a.profile)
-    print(f"policy: {policy.label}; deploy with: {format_vllm(policy, _engine(a))}")
+    eng = _engine(a)
+    r = simulate(_model(a), a.gpu, policy, wl, eng, profile=a.profile)
+    if eng.tensor_parallel * eng.pipeline_parallel > 1:
+        from .sim import layout
+
+        print("deployment: " + layout(_model(a), a.gpu, eng.tensor_parallel, eng.pipeline_parallel).describe()
+              + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
+    print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
     m = r.memory
     print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
