@@ -471,3 +471,20 @@ def test_fp8_catalog_models_halve_the_weight_bytes_only(name):
     assert fp8.params == bf16.params and fp8.layers == bf16.layers
     assert fp8.layer_bytes * 2 == bf16.layer_bytes and fp8.weight_total_bytes * 2 == bf16.weight_total_bytes
     assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token  # the KV cache dtype is a separate choice
+
+
+def test_a_user_node_in_yaml_drives_layout_and_host_limits(tmp_path, clean_user_catalog):
+    """A node a user describes (GPUs per node, per host link, host memory, network) is what the
+    parallel layout and the pinned-memory check use."""
+    from offloadlab.sim import EngineConfig, layout, serving_memory
+    from offloadlab.errors import DoesNotFitError
+
+    f = tmp_path / "nodes.yaml"
+    f.write_text("gpus:\n  h100-quad: {base: H100-SXM5-80GB, gpus_per_node: 4, gpus_per_host_link: 4,\n"
+                 "              host_memory_bytes: 1.0e11, network_bw: 2.5e10}\n")
+    load_catalog_file(f)
+    lay = layout("llama-3.1-70b", "h100-quad", 4, 2)
+    assert (lay.nodes, lay.link_share) == (2, 4)  # four GPUs copy through one host link
+    assert lay.send_time(0, 1000) == pytest.approx(5e-6 + 1000 * 8192 * 2 / 2.5e10)  # between nodes
+    with pytest.raises(DoesNotFitError, match="pinned host memory"):  # 100 GB of host per node
+        serving_memory("llama-3.1-70b", "h100-quad", interval(1), EngineConfig(tensor_parallel=4))
