@@ -336,34 +336,37 @@ class Feed:
 
 
 class Pipeline:
-    """Pipeline-parallel stages, one SimPy resource each. A step holds a stage while that stage's
-    GPUs run its layers (the stage's own StepModel: its copies, its host link), then sends its
-    hidden states on; with one virtual engine per stage (vLLM), up to pp steps are in flight."""
+    """Pipeline-parallel stages, each a FIFO server: a step holds a stage while that stage's GPUs run
+    its layers (the stage's own StepModel: its copies, its host link), then sends its hidden states
+    on; with one virtual engine per stage (vLLM), up to pp steps are in flight. Steps cannot overtake
+    each other (each stage serves in arrival order, so a step reaches every stage after the one
+    ahead of it), so a step's whole path is known when it starts: it reserves every stage then, and
+    waits once (equivalent to a SimPy Resource per stage, at a quarter of the events)."""
 
     def __init__(self, env: simpy.Environment, step_models: list[StepModel], send):
         self.env, self.sms, self.send = env, step_models, send  # send(stage, tokens) -> seconds
-        self.stages = [simpy.Resource(env, capacity=1) for _ in step_models]
+        self.free = [0.0] * len(step_models)  # when each stage finishes the steps reserved on it
 
     def step(self, shape: StepShape):
         """One forward pass through every stage (SimPy generator); returns a StepResult whose busy
         and stall seconds are per GPU, averaged over the stages."""
         env, pp = self.env, len(self.sms)
-        t0 = env.now
+        t0 = t = env.now
         busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
         stall, events = 0.0, 0
         done: dict[int, StepResult] = {}  # stages sharing a StepModel (identical middle stages) share a result
-        for i, (sm, stage) in enumerate(zip(self.sms, self.stages)):
-            with stage.request() as req:
-                yield req
-                res = done.get(id(sm)) or done.setdefault(id(sm), sm.run(shape))
-                yield env.timeout(res.time)
+        for i, sm in enumerate(self.sms):
+            res = done.get(id(sm)) or done.setdefault(id(sm), sm.run(shape))
+            t = max(t, self.free[i]) + res.time
+            self.free[i] = t
             for lane, b in res.busy.items():
                 busy[lane] += b / pp
             stall += res.stall / pp
             events += res.events
             if i < pp - 1:
-                yield env.timeout(self.send(i, shape.tokens))
-        return StepResult(env.now - t0, busy, stall, events)
+                t += self.send(i, shape.tokens)
+        yield env.timeout(t - t0)
+        return StepResult(t - t0, busy, stall, events)
 
 
 class PipelinedServing:
