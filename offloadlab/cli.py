@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import ConfigError, OffloadLabError
+from .vllm_flags import KV_CACHE_DTYPES
 from .specs import GiB
 
 
@@ -25,17 +26,32 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
                             "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
-                   help="as vLLM's: auto keeps the model's (bf16), fp8 stores one byte per KV element")
     p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
+    _catalog_args(p)
+
+
+def _catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="as vLLM's: auto keeps the model's (bf16), fp8 stores one byte per KV element")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
 
 
-def _model(a):
-    """The catalog model, with an fp8 KV cache when --kv-cache-dtype asks for one."""
+def _sweep_args(p: argparse.ArgumentParser, csv_help: str) -> None:
+    p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
+    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--csv", help=csv_help)
+
+
+def _executor(a):
+    return "serial" if a.jobs == 1 else a.jobs
+
+
+def _model(a, name: str | None = None):
+    """The catalog model (``--model``, or ``name``), with an fp8 KV cache when --kv-cache-dtype asks for one."""
     from .catalog import get_model
 
-    m = get_model(a.model)
+    m = get_model(name or a.model)
     return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
 
 
@@ -166,12 +182,12 @@ def cmd_run(a) -> None:
 
     wl = _workload(a)
     policy = _policy(a)
-    eng = _engine(a)
-    r = simulate(_model(a), a.gpu, policy, wl, eng, profile=a.profile)
+    model, eng = _model(a), _engine(a)
+    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
 
-        print("deployment: " + layout(_model(a), a.gpu, eng.tensor_parallel, eng.pipeline_parallel).describe()
+        print("deployment: " + layout(model, a.gpu, eng.tensor_parallel, eng.pipeline_parallel).describe()
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
@@ -196,14 +212,14 @@ def cmd_compare(a) -> None:
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
     if not policies:
         policies = [parse_policy(p) for p in ("none", "vllm:8", "uva:8", "interval:2", "interval:4")]
-    wl = _workload(a)
+    wl, model, eng = _workload(a), _model(a), _engine(a)
     rows = []
     for p in policies:
         try:
-            r = simulate(_model(a), a.gpu, p, wl, _engine(a), profile=a.profile, trace_steps=False).row()
+            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False).row()
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
-        rows.append({**r, "vllm_flags": format_vllm(p, _engine(a))})
+        rows.append({**r, "vllm_flags": format_vllm(p, eng)})
     df = pd.DataFrame(rows)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
@@ -227,7 +243,7 @@ def cmd_optimize(a) -> None:
     mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
     r = optimize(_model(a), a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
-                 executor="serial" if a.jobs == 1 else a.jobs, cache_dir=a.cache_dir, profile=a.profile,
+                 executor=_executor(a), cache_dir=a.cache_dir, profile=a.profile,
                  progress=not a.quiet)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
@@ -267,8 +283,7 @@ def cmd_study(a) -> None:
     out = fit.drop(columns=["policies", "spec", "hardware"])
     if a.simulate:
         wl = _workload(a)
-        out = serve(fit, wl, _engine(a), executor="serial" if a.jobs == 1 else a.jobs, cache_dir=a.cache_dir,
-                    progress=not a.quiet)
+        out = serve(fit, wl, _engine(a), executor=_executor(a), cache_dir=a.cache_dir, progress=not a.quiet)
         cols = {"model": "model", "gpu": "gpu", "gpus": "GPUs", "policy": "policy", "tok_s_per_gpu": "tok/s/GPU",
                 "gpu_h_per_Mtok": "GPU-h/Mtok", "ttft_p50_s": "TTFT p50 s", "tpot_p50_s": "TPOT p50 s",
                 "mem_kv_tokens": "KV tokens", "bound": "bound"}
@@ -390,15 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="append", help="repeatable (default: A100-40GB, H100, H200, GH200, B200)")
     p.add_argument("--gpus", default="1,2,4,8", help="GPU counts: TP inside a node, PP across nodes (default 1,2,4,8)")
     p.add_argument("--ks", default="1,2,4,8", help="interval k tried (default 1,2,4,8)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"])
-    p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
+    _catalog_args(p)
     _engine_args(p)
     _workload_args(p)
     p.add_argument("--simulate", action="store_true", help="simulate every candidate that fits")
-    p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
-    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--csv", help="write the table as CSV")
+    _sweep_args(p, "write the table as CSV")
     p.set_defaults(fn=cmd_study)
     p = sub.add_parser("optimize", help="search offload policies for the best throughput under constraints; explain")
     _common(p, policy=False)
@@ -410,10 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ttft-p99", type=float, default=None, metavar="S", help="TTFT p99 limit, seconds")
     p.add_argument("--max-tpot-p99", type=float, default=None, metavar="S", help="TPOT p99 limit, seconds")
     p.add_argument("--mechanisms", default="prefetch,uva,vllm", help="comma-separated: prefetch, uva, vllm")
-    p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
-    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--csv", help="write every candidate's row (feasible, reason, vllm_flags) as CSV")
+    _sweep_args(p, "write every candidate's row (feasible, reason, vllm_flags) as CSV")
     p.set_defaults(fn=cmd_optimize)
     p = sub.add_parser("step", help="one forward step: time, lanes, trace")
     _common(p)

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
 
 DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype values modelled
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +51,7 @@ def _engine_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens")
     p.add_argument("--block-size", type=int, dest="block_size")
     p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, dest="chunked_prefill")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"], dest="kv_cache_dtype")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, dest="kv_cache_dtype")
     return p
 
 

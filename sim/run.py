@@ -100,11 +100,24 @@ def bottleneck(summary: dict) -> str:
     return "compute-bound"
 
 
-def _plan(m: ModelSpec, hw: HardwareSpec, placement: Placement, engine: EngineConfig) -> MemoryPlan:
-    return plan_memory(m, hw, placement, gpu_memory_utilization=engine.gpu_memory_utilization,
-                       max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
-                       max_model_len=engine.max_model_len, block_size=engine.block_size,
-                       overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
+def _memory(lay: Layout, placements: list[Placement], engine: EngineConfig) -> MemoryPlan:
+    """One GPU's memory plan for ``lay`` with one placement per stage (see ``serving_memory``)."""
+    plans = [plan_memory(m, lay.hw, p, gpu_memory_utilization=engine.gpu_memory_utilization,
+                         max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
+                         max_model_len=engine.max_model_len, block_size=engine.block_size,
+                         overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
+             for m, p in zip(lay.stages, placements)]
+    if len(plans) == 1:
+        return plans[0]
+    offloaded = lay.host_pinned([p.offloaded_bytes for p in placements])
+    pinned = lay.host_pinned([p.host_pinned_bytes for p in placements])
+    node = max(range(lay.nodes), key=lambda n: pinned[n])
+    if pinned[node] > lay.hw.host_memory_bytes:
+        raise DoesNotFitError(
+            f"offloaded weights take {pinned[node] / GiB:.1f} GiB of pinned host memory on node {node} of "
+            f"{lay.describe()}, more than its {lay.hw.host_memory_bytes / GiB:.1f} GiB")
+    tightest = min(plans, key=lambda p: p.kv_tokens)
+    return dataclasses.replace(tightest, host_offloaded=offloaded[node], host_pinned=pinned[node])
 
 
 def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, engine: EngineConfig = EngineConfig()
@@ -117,21 +130,8 @@ def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, e
     if isinstance(placement, Placement):
         if lay.pipeline_parallel > 1:
             raise ConfigError("placement", placement, "a Policy (each pipeline stage places it on its own layers)")
-        placements = [placement]
-    else:
-        placements = [placement.place(m) for m in lay.stages]
-    plans = [_plan(m, lay.hw, p, engine) for m, p in zip(lay.stages, placements)]
-    if len(plans) == 1:
-        return plans[0]
-    offloaded = lay.host_pinned([p.offloaded_bytes for p in placements])
-    pinned = lay.host_pinned([p.host_pinned_bytes for p in placements])
-    node = max(range(lay.nodes), key=lambda n: pinned[n])
-    if pinned[node] > lay.hw.host_memory_bytes:
-        raise DoesNotFitError(
-            f"offloaded weights take {pinned[node] / GiB:.1f} GiB of pinned host memory on node {node} of "
-            f"{lay.describe()}, more than its {lay.hw.host_memory_bytes / GiB:.1f} GiB")
-    tightest = min(plans, key=lambda p: p.kv_tokens)
-    return dataclasses.replace(tightest, host_offloaded=offloaded[node], host_pinned=pinned[node])
+        return _memory(lay, [placement], engine)
+    return _memory(lay, [placement.place(m) for m in lay.stages], engine)
 
 
 @dataclass
@@ -178,7 +178,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
                               "without chunked prefill (a preempted request is recomputed in one step)")
-    mem = serving_memory(model, gpu, policy, engine)
+    mem = _memory(lay, [st.placement for st in stages], engine)  # the placements just made, not made again
     pp = lay.pipeline_parallel
     fits = int(mem.kv_blocks // pp * (1 - WATERMARK)) * engine.block_size  # a virtual engine's share
     for r in workload.requests:

@@ -398,17 +398,20 @@ class PipelinedServing:
         """(start, end, kind, batch size, virtual engine) of every step, by start."""
         return sorted((*s, i) for i, e in enumerate(self.engines) for s in e.steps)
 
+    def _summed(self, name: str) -> dict:
+        return {k: sum(getattr(e, name)[k] for e in self.engines) for k in getattr(self.engines[0], name)}
+
     @property
     def busy(self) -> dict:
-        return {lane: sum(e.busy[lane] for e in self.engines) for lane in self.engines[0].busy}
+        return self._summed("busy")
+
+    @property
+    def n_steps(self) -> dict:
+        return self._summed("n_steps")
 
     @property
     def stall(self) -> float:
         return sum(e.stall for e in self.engines)
-
-    @property
-    def n_steps(self) -> dict:
-        return {k: sum(e.n_steps[k] for e in self.engines) for k in self.engines[0].n_steps}
 
     @property
     def preemptions(self) -> int:
