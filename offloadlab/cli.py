@@ -263,11 +263,10 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def cmd_study(a) -> None:
-    from .catalog import get_model
     from .fileio import atomic_write_text
     from .study import can_serve, serve
 
-    models = {m: get_model(m) for m in a.model or ["llama-3.1-70b", "llama-3.1-405b"]}
+    models = {m: _model(a, m) for m in a.model or ["llama-3.1-70b", "llama-3.1-405b"]}
     gpus = a.gpu or ["A100-SXM4-40GB", "H100-SXM5-80GB", "H200-SXM-141GB", "GH200-96GB", "B200-180GB"]
     fit = can_serve(models, gpus, _ints(a.gpus, "--gpus"), _engine(a), ks=_ints(a.ks, "--ks"))
     label = fit["fits"].map({"without offload": "yes", "only with offload": "offload", "no": "-"})

@@ -166,3 +166,17 @@ def test_study_tabulates_what_fits_and_simulates_on_request(tmp_path, capsys):
     assert (df["tok_s_per_gpu"] > 0).all()
     assert main(["study", "--gpus", "1,x"]) == 2
     assert "--gpus='1,x': expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_study_honours_the_kv_cache_dtype(tmp_path, capsys):
+    """An fp8 KV cache halves the KV bytes per token: the study's memory plan must see it (it was
+    accepted and ignored before)."""
+    rows = {}
+    for dtype in ("auto", "fp8"):
+        csv = tmp_path / f"{dtype}.csv"
+        assert main(["study", "--model", "llama-3.1-8b", "--gpu", "a100-40gb", "--gpus", "1", "--ks", "2",
+                     "--kv-cache-dtype", dtype, "--simulate", "--requests", "4", "--quiet", "--csv", str(csv)]) == 0
+        rows[dtype] = pd.read_csv(csv).set_index("offload")
+    for off in (False, True):
+        assert rows["fp8"].loc[off, "mem_kv_tokens"] // 16 in (2 * (rows["auto"].loc[off, "mem_kv_tokens"] // 16),
+                                                               2 * (rows["auto"].loc[off, "mem_kv_tokens"] // 16) + 1)
