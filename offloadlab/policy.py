@@ -9,8 +9,8 @@
   nothing is copied: kernels read the offloaded weights from pinned host memory over the host
   link (zero-copy) in every forward pass.
 - ``Prefetch``: of every ``group`` layers the last ``per_group`` are offloaded; a copy stream
-  prefetches them into ``slots`` static GPU staging buffers (slot = offloaded index % slots); a copy
-  into a slot waits for the last reader of that slot. The paper's interval k with n buffers is
+  prefetches them into ``slots`` static GPU staging buffers; a copy into a slot waits for the last
+  reader of that slot (``Placement.schedule``: offloadlab/schedule.py). The paper's interval k with n buffers is
   ``Prefetch(group=k, per_group=1, slots=n)`` (``interval(k, n)``).
 
 ``policy.place(model)`` gives the ``Placement``: per layer, the parameter bytes that live in host
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .errors import ConfigError
+from .schedule import SlotSchedule
 from .specs import GiB, ModelSpec
 
 
@@ -64,6 +65,12 @@ class Placement:
         sizes = ([self.layer_offloaded_bytes(i) for i in self.offloaded_layers] if self.mechanism == "prefetch"
                  else [b for p in self.offloaded for b in p])
         return sum(1 << (b - 1).bit_length() for b in sizes if b > 0)
+
+    @property
+    def schedule(self) -> SlotSchedule:
+        """The staging-slot schedule of a prefetch placement (slot per offloaded layer, what each copy waits for)."""
+        assert self.mechanism == "prefetch", f"only prefetch placements stage layers, not {self.mechanism!r}"
+        return SlotSchedule(len(self.offloaded_layers), self.slots, self.wrap)
 
     @property
     def staging_bytes(self) -> int:

@@ -4,6 +4,7 @@
 
 Steps (each guarded: a failing step is recorded in summary.json and the next one runs):
 1. the CUDA tests (pytest -m gpu tests/test_runtime*.py)           -> pytest_gpu.txt
+   and the race checker's recording on CUDA streams (runtime/races.py)-> races.json
 2. the microbenchmark: a Profile for Llama-3.1-8B layers           -> profile_llama-3.1-8b.json
 3. probe files (the public format) for Llama-3.1-8B (32 layers) and
    Llama-3.1-70B truncated to fit                                  -> probe_*.json
@@ -154,6 +155,31 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"pytest exit {r.returncode}: {r.stdout.strip().splitlines()[-1:]}")
             return {"tail": r.stdout.strip().splitlines()[-1]}
         _step(summary, "cuda_tests", tests)
+
+    def race_check():
+        # the staging-slot schedule on real CUDA streams: the recorded ops must show no race, and wrap
+        # policies whose offloaded count is not a multiple of the slots must give the resident logits
+        from .races import record, recording_device
+
+        spec = llama8.replace(layers=6)
+        prompts = [[int(x) for x in torch.randint(0, spec.vocab, (64,), generator=torch.Generator().manual_seed(b))]
+                   for b in range(2)]
+        ref = record(build(spec, NoOffload(), recording_device(dev)), prompts, 3).logits
+        res = {}
+        for policy in (interval(2, 2), Prefetch(1, 1, 4, wrap=True), Prefetch(3, 2, 3, wrap=True),
+                       Prefetch(2, 1, 2, wrap=True), VllmCopy(2.0), VllmUva(2.0)):
+            got = record(build(spec, policy, recording_device(dev)), prompts, 3)
+            diff = max(float((a - b).abs().max()) for a, b in zip(got.logits, ref))
+            res[policy.label] = {"ops": len(got.ops), "races": [str(r) for r in got.races[:5]],
+                                 "n_races": len(got.races), "max_abs_logit_diff": diff}
+            del got
+            torch.cuda.empty_cache()
+        atomic_write_json(out / "races.json", res)
+        bad = {k: v for k, v in res.items() if v["n_races"] or v["max_abs_logit_diff"] > 0}
+        if bad:
+            raise RuntimeError(f"races or logits off the resident model: {sorted(bad)}")
+        return {"policies": sorted(res)}
+    _step(summary, "race_check", race_check)
 
     def bench():
         prof = microbench.run(llama8, dev, layers=8, reps=reps)

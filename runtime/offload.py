@@ -11,12 +11,12 @@ provider is one of:
   memory and the kernels read them there over the host link (a CUDA view of pinned memory via
   ``__cuda_array_interface__``); nothing is copied.
 - ``PrefetchRing`` (``Prefetch``, ``interval``): each offloaded layer (its offloaded parameters,
-  with ``params``) is ONE flat pinned tensor; a dedicated copy stream fills a ring of ``slots``
-  preallocated device staging buffers (offloaded layer m goes to slot m % slots), up to ``slots``
-  copies ahead. The compute stream waits on the copy's event before the layer; the copy into a
-  slot waits on the event recorded after the last layer that read it. Nothing is allocated inside
-  the layer loop. ``wrap=True`` (vLLM's prefetch backend) issues the next step's first copies as
-  soon as their slots are free instead of at the next step's start.
+  with ``params``) is ONE flat pinned tensor; a dedicated copy stream fills static device staging
+  slots as ``placement.schedule`` says (offloadlab/schedule.py: the slot of each offloaded layer,
+  the read each copy waits for). The compute stream waits on the copy's event before the layer; the
+  copy into a slot waits on the event recorded after the last layer that read it. Nothing is
+  allocated inside the layer loop. ``wrap=True`` (vLLM's prefetch backend) issues the next step's
+  first copies during this step, once their slots' last readers have been issued.
 
 A placement's ``names`` (``params`` on a policy) choose which parameters of a layer are offloaded;
 without them, a prefix in ``ModelSpec.layer_param_shapes`` order.
@@ -156,25 +156,27 @@ class Uva(Resident):
 
 
 class PrefetchRing:
-    """Flat pinned layers, a copy stream, a ring of staging buffers, one event per copy and per release.
+    """Flat pinned layers, a copy stream, static staging slots, one event per copy and per release.
 
-    ``wrap`` (vLLM's prefetch backend): after the step's last readers of a slot, the copy for the
-    next step's layer of that slot is issued at once instead of at the next step's start."""
+    Which slot each offloaded layer computes from, and which read each copy into a slot waits for,
+    is ``placement.schedule`` (offloadlab/schedule.py), the schedule the simulator follows too.
+    ``wrap`` (vLLM's prefetch backend): the next step's first copies are issued during this step,
+    each once the last reader of its slot has been issued."""
 
     mechanism = "prefetch"
 
     def __init__(self, layers: nn.ModuleList, placement: Placement, dev: Device, host: dict[int, torch.Tensor],
                  layouts: dict[int, FlatLayout], offloaded: list[tuple[int, ...]], dtype: torch.dtype):
-        self.layers, self.dev, self.wrap = layers, dev, placement.wrap
-        self.order = placement.offloaded_layers  # offloaded layer ids; the m-th goes to slot m % slots
+        self.layers, self.dev = layers, dev
+        self.order = placement.offloaded_layers  # offloaded layer ids, in the schedule's numbering
+        self.schedule = placement.schedule
         self.index = {layer: m for m, layer in enumerate(self.order)}
         self.host = [host[j] for j in self.order]  # flat pinned tensors
-        self.slots = min(placement.slots, len(self.order))
         numel = max(layouts[j].numel for j in self.order)
-        self.buffers = [torch.empty(numel, device=dev.torch_device, dtype=dtype) for _ in range(self.slots)]
+        self.buffers = [torch.empty(numel, device=dev.torch_device, dtype=dtype) for _ in range(self.schedule.ring)]
         self.weights = []  # per offloaded layer: the tuple it computes with (resident params + slot views)
         for m, j in enumerate(self.order):
-            staged = dict(zip(offloaded[j], layouts[j].views(self.buffers[m % self.slots])))
+            staged = dict(zip(offloaded[j], layouts[j].views(self.buffers[self.schedule.slot(m)])))
             self.weights.append(tuple(staged.get(k, p) for k, p in enumerate(layers[j].weights())))
         self.sizes = [layouts[j].numel for j in self.order]
         self.copy_stream = dev.stream()
@@ -184,12 +186,12 @@ class PrefetchRing:
         self.issued = 0  # copies issued since the step began (tests and asserts)
 
     def _issue(self, m: int, tracer, step_offset: int = 0) -> None:
-        slot, n = m % self.slots, len(self.order)
+        after = self.schedule.waits_for(m)
         with self.dev.use_stream(self.copy_stream):
-            if step_offset or m >= self.slots:  # wait for the slot's last reader
-                self.copy_stream.wait_event(self.freed[(m - self.slots) % n])
+            if after is not None and (after[0] == 0 or step_offset):  # the slot's last reader
+                self.copy_stream.wait_event(self.freed[after[1]])
             t0 = tracer.stamp(self.copy_stream)
-            self.buffers[slot][:self.sizes[m]].copy_(self.host[m], non_blocking=True)
+            self.buffers[self.schedule.slot(m)][:self.sizes[m]].copy_(self.host[m], non_blocking=True)
             t1 = tracer.stamp(self.copy_stream)
             self.copied[m].record(self.copy_stream)
         tracer.span("copy", "copy", self.order[m], t0, t1, step=tracer.step + step_offset)
@@ -201,9 +203,9 @@ class PrefetchRing:
             return
         # the previous step's layers may still read the slots: the first copies wait for them
         self.copy_stream.wait_stream(self.dev.current_stream())
-        for m in range(self.slots):
+        for m in self.schedule.first_copies():
             self._issue(m, tracer)
-        self.primed = self.wrap
+        self.primed = self.schedule.wrap
 
     def acquire(self, i: int, tracer) -> tuple[torch.Tensor, ...]:
         m = self.index.get(i)
@@ -219,10 +221,11 @@ class PrefetchRing:
         if m is None:
             return
         self.freed[m].record(self.dev.current_stream())
-        if m + self.slots < len(self.order):
-            self._issue(m + self.slots, tracer)
-        elif self.wrap:  # the next step's copy into this slot
-            self._issue(m + self.slots - len(self.order), tracer, step_offset=1)
+        nxt = self.schedule.after_read(m)
+        if nxt is not None:
+            self._issue(nxt, tracer)
+        for w in self.schedule.wrapped_after(m):  # the next step's copies into slots now read for good
+            self._issue(w, tracer, step_offset=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Lanes (SimPy processes and resources):
 - host: Python launching each layer's kernels (and, on vLLM's copy path, issuing its copies);
 - compute: the compute stream; a layer's kernels run once launched and, for prefetched layers,
   once its copy's CUDA event fired; on vLLM's copy path the per-parameter copies run here too;
-- copy: the prefetch copy stream, filling ``slots`` staging buffers in order; a copy into a slot
-  waits for the event recorded after the last layer that read that slot;
+- copy: the prefetch copy stream, filling the staging slots in order; a copy into a slot waits for
+  the event recorded after the last layer that read that slot (``Placement.schedule``, the one
+  schedule the runtime follows too: offloadlab/schedule.py);
 - link: the GPU's host link, shared equally by the transfers in flight (processor sharing): the
   copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its bytes over the
   link)) and, for tensor parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``,
@@ -94,7 +95,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     uva = placement.mechanism == "uva"
     offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     prefetched = [p * L + j for p in range(P) for j in offloaded]  # global layer index, pass-major
-    slots = placement.slots
+    sched = placement.schedule if offloaded else None
     link = SharedLink(env)
     host_start = [env.event() for _ in range(P * L)]
     host_done = [env.event() for _ in range(P * L)]
@@ -143,13 +144,18 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
             busy["link"] += seconds
 
     def copier():
-        for m, g in enumerate(prefetched):
-            if m >= slots:
-                prev = prefetched[m - slots]
-                if not released[prev].processed:
-                    yield released[prev]
-            yield from copy(transfer(placement.layer_offloaded_bytes(g % L)), "copy", g)
-            copy_done[g].succeed()
+        """The copy stream: copies in order, each into its slot once the read it must follow is done
+        (offloadlab/schedule.py, shared with the runtime)."""
+        for p in range(P):
+            for m, i in enumerate(offloaded):
+                after = sched.waits_for(m)
+                if after is not None and p + after[0] >= 0:
+                    prev = released[(p + after[0]) * L + offloaded[after[1]]]
+                    if not prev.processed:
+                        yield prev
+                g = p * L + i
+                yield from copy(transfer(placement.layer_offloaded_bytes(i)), "copy", g)
+                copy_done[g].succeed()
 
     def compute():
         for p in range(P):
