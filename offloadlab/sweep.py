@@ -25,7 +25,7 @@ workers.
 
 With ``cache_dir``, each finished configuration is written at once to ``cache_dir/<key>.json``
 (atomically), so an interrupted sweep resumes where it stopped. A cache entry also records a
-fingerprint of the simulator's source (``CODE_FINGERPRINT``): after the simulator changes, old
+fingerprint of every project module a row imports (``CODE_FINGERPRINT``): after any of them changes, old
 entries are recomputed rather than reused. Errors are cached only when they come from the project's
 own checks (``OffloadLabError``: does not fit, bad value); anything else is retried next time.
 
@@ -110,21 +110,49 @@ def workload_fingerprint(workload: Workload) -> str:
     return h.hexdigest()
 
 
+def _imported_modules(root: str) -> list[str]:
+    """The project's modules ``root`` imports, directly or through others (any import statement in the
+    source, function-level ones included), found by reading the sources, so the set does not depend
+    on which entry point imported what first."""
+    import ast
+    import importlib.util
+
+    seen, todo = set(), [root]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # ``from .module import Name``: a name, not a submodule
+            spec = None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        seen.add(name)
+        package = name if spec.submodule_search_locations else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(Path(spec.origin).read_bytes())):
+            if isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                    if node.level else (node.module or "")
+                todo += [base] + [f"{base}.{a.name}" for a in node.names]  # a name may be a submodule
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+        todo = [t for t in todo if t == "offloadlab" or t.startswith("offloadlab.")]
+        todo += [name.rpartition(".")[0]] if "." in name else []  # a module runs its package's __init__
+    return sorted(seen)
+
+
 def _code_fingerprint() -> str:
-    """sha256 of the sources a simulated row depends on: the vocabulary, the catalog, sim/, this file."""
-    root = resources.files("offloadlab")
-    files = [root.joinpath(n) for n in ("__init__.py", "specs.py", "policy.py", "profile.py", "errors.py",
-                                        "trace.py", "fileio.py", "sweep.py")]
-    for pkg in ("offloadlab.catalog", "offloadlab.sim"):
-        files += sorted((p for p in resources.files(pkg).iterdir() if p.is_file() and p.name.endswith((".py", ".csv"))),
-                        key=lambda p: p.name)
+    """sha256 of the code a simulated row depends on: every project module this one imports (read from
+    the sources: offloadlab.metrics, the vocabulary, the catalog, sim/, ...) and the catalog's data files."""
+    import importlib.util
+
+    files = [Path(importlib.util.find_spec(m).origin) for m in _imported_modules(__name__)]
+    files += sorted(Path(p) for p in resources.files("offloadlab.catalog").iterdir()
+                    if p.is_file() and p.name.endswith((".csv", ".yaml")))
     h = hashlib.sha256()
     for f in files:
-        try:
-            data = f.read_bytes()
-        except (FileNotFoundError, OSError):
-            continue
-        h.update(f.name.encode() + b"\0" + data)
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
 
 

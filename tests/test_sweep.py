@@ -253,3 +253,26 @@ def test_pareto_front():
     front = pareto_front(df, "x", "y")
     assert list(front["name"]) == ["a", "e", "b", "c"]  # d is beaten by b, f by c; a and e tie
     assert list(pareto_front(df, "x", "y", maximize=(False, True))["name"]) == ["a", "e"]
+
+
+def test_the_cache_fingerprint_covers_every_module_a_simulated_row_imports():
+    # read from the sources, not a hand-written list: offloadlab.metrics (how runs are summarised) was
+    # once missing, so editing it served stale cached rows
+    mods = sw._imported_modules("offloadlab.sweep")
+    import offloadlab.sim.run as run_mod
+
+    for needed in ("offloadlab.metrics", "offloadlab.sim.metrics", "offloadlab.sim.step", "offloadlab.sim.serving",
+                   "offloadlab.schedule", "offloadlab.policy", "offloadlab.specs", run_mod.__name__):
+        assert needed in mods, needed
+    assert not any(m.startswith(("offloadlab.runtime", "offloadlab.cli")) for m in mods), "only what a row runs"
+
+
+def test_the_cache_fingerprint_changes_with_any_imported_source(monkeypatch):
+    from pathlib import Path
+
+    real = Path.read_bytes
+    target = Path(sw.__file__).parent / "metrics.py"
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == target else b""))
+    assert sw._code_fingerprint() != sw.CODE_FINGERPRINT
+    monkeypatch.undo()
+    assert sw._code_fingerprint() == sw.CODE_FINGERPRINT
