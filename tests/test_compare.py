@@ -1,4 +1,5 @@
 """Trace-against-trace comparison metrics."""
+import dataclasses
 import math
 
 import pytest
@@ -24,15 +25,20 @@ def test_no_copies_gives_nan_overlap():
     assert math.isnan(trace_metrics(t)["copy_overlap"])
 
 
-def test_compare_a_trace_with_itself_and_a_slower_copy():
-    fast = simulate_step("llama-3.1-8b", "h100", interval(2), batch=1, new_tokens=8192).trace
-    slow = simulate_step("llama-3.1-8b", "h100", interval(2), batch=1, new_tokens=1).trace
-    same = compare_traces(fast, fast)
-    assert (same["error"].fillna(0).abs() < 1e-12).all()
+def test_compare_reports_each_metric_of_a_known_distortion():
+    # "measured": the simulated step on a clock running half as fast and starting 3 s later. Every
+    # duration doubles, so each busy/stall/makespan error is 1/2 - 1; ratios (copy overlap) do not move.
+    sim = simulate_step("llama-3.1-8b", "h100", interval(2), batch=1, new_tokens=1).trace
+    measured = Trace([dataclasses.replace(sp, start=3 + 2 * sp.start, end=3 + 2 * sp.end) for sp in sim.spans])
+    df = compare_traces(sim, measured).set_index("metric")
+    for metric in ("makespan_s", "host_busy_s", "compute_busy_s", "copy_busy_s", "compute_stall_s"):
+        assert df.loc[metric, "measured"] == pytest.approx(2 * df.loc[metric, "simulated"]), metric
+        assert df.loc[metric, "error"] == pytest.approx(-0.5), metric
+    assert df.loc["copy_overlap", "error"] == pytest.approx(0.0, abs=1e-12)
+    assert df.loc["compute_stall_s", "simulated"] > 0, "a decode step stalls on its copies: the metric is exercised"
     # a long prefill hides the copies behind compute; a decode step cannot
-    assert trace_metrics(fast)["copy_overlap"] > 0.9 > 0.2 > trace_metrics(slow)["copy_overlap"]
-    df = compare_traces(fast, slow).set_index("metric")
-    assert df.loc["makespan_s", "error"] == pytest.approx(fast.makespan() / slow.makespan() - 1)
+    fast = simulate_step("llama-3.1-8b", "h100", interval(2), batch=1, new_tokens=8192).trace
+    assert trace_metrics(fast)["copy_overlap"] > 0.9 > 0.2 > trace_metrics(sim)["copy_overlap"]
 
 
 def test_compare_timelines_draws_both():
