@@ -38,6 +38,22 @@ def main():
         for pol in paper_policies():
             dt, s = one(pol, wl, mode)
             print(f"{mode:15s} {pol.label:20s} {dt:8.3f} {s['simpy_events']:13d} {s['step_sims']:10d} {s['steps']:7d}")
+    print("\nstep engine, side by side (all six paper runs; identical results required):")
+    import offloadlab.sim.step as step_mod
+
+    applies, times = step_mod.recurrence_applies, {}
+    for name, rule in (("SimPy lanes", lambda *a: False), ("lane recurrence", applies)) * 2:
+        step_mod.recurrence_applies = rule
+        t, outs = time.perf_counter(), []
+        for mode in ("prefill-only", "prefill+decode"):
+            for pol in paper_policies():
+                outs.append(one(pol, wl, mode, repeat=1)[1]["throughput_rps"])
+        times[name] = min(times.get(name, (1e9,))[0], time.perf_counter() - t), outs
+    step_mod.recurrence_applies = applies
+    assert times["SimPy lanes"][1] == times["lane recurrence"][1], "the recurrence must give the SimPy results"
+    for name, (dt, _) in times.items():
+        print(f"  {name:16s} {dt:.3f} s (best of 2)")
+    print(f"  recurrence speed-up: {times['SimPy lanes'][0] / times['lane recurrence'][0]:.2f}x")
     print("\nscaling (prefill+decode, interval k=2):")
     print(f"{'requests':>9s} {'wall s':>8s} {'s/request':>10s} {'SimPy events':>13s} {'step sims':>10s} {'steps':>8s}")
     pol = paper_policies()[2]

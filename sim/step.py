@@ -34,7 +34,7 @@ class StepResult:
     time: float  # seconds from the step's start until the LM head finished
     busy: dict[str, float]  # lane -> busy seconds
     stall: float  # compute-stream seconds spent waiting on copies
-    events: int  # SimPy events processed
+    events: int = field(compare=False)  # SimPy events processed (0: taken by the lane recurrence)
     trace: Trace | None = field(default=None, compare=False)
 
 
@@ -80,14 +80,21 @@ COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter cop
 
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
-                    trace: bool = False, wrap: bool = False) -> StepResult:
+                    trace: bool = False, wrap: bool = False, engine: str = "auto") -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
 
     ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
     ``slots`` offloaded layers of the next step as soon as their slots are free). Two identical
     steps are simulated back to back and the second is reported; its first copies may have started
     during the first (negative start times in the trace).
+
+    ``engine``: "simpy" runs the lanes as SimPy processes; "auto" (the default) takes the same lanes
+    through ``lane_recurrence`` when no trace is asked for and no transfer ever shares the link or
+    changes a compute span's speed (the common case), else SimPy.
     """
+    assert engine in ("auto", "simpy"), f"engine {engine!r}: 'auto' or 'simpy'"
+    if engine == "auto" and not trace and recurrence_applies(placement, layer, copy_slowdown):
+        return lane_recurrence(placement, layer, head, transfer, wrap)
     env = simpy.Environment()
     L = placement.layers
     P = 2 if wrap and placement.mechanism == "prefetch" and placement.offloaded_layers else 1
@@ -208,6 +215,92 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     tr = Trace(spans=[dataclasses.replace(sp, start=sp.start - start, end=sp.end - start) for sp in spans],
                meta={"source": "sim"}) if trace else None
     return StepResult(env.now - start, busy, state["stall"], events, tr)
+
+
+def recurrence_applies(placement: Placement, layer: LayerCost, copy_slowdown: float) -> bool:
+    """The lanes reduce to a recurrence when no two transfers are ever on the link at once (no
+    all-reduce over the host link beside prefetch copies) and copies never slow compute."""
+    prefetching = placement.mechanism == "prefetch" and bool(placement.offloaded_layers)
+    return copy_slowdown == 1.0 and not (prefetching and layer.link_comm)
+
+
+def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfer, wrap: bool = False) -> StepResult:
+    """The same lanes as the SimPy model (host, compute, copy, link; the same staging-slot schedule),
+    walked in dependency order: each span starts at the max of the ends it waits for. Exact where
+    ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
+    L = placement.layers
+    offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+    P = 2 if wrap and offloaded else 1
+    copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
+    sched = placement.schedule if offloaded else None
+    slot_of = {i: m for m, i in enumerate(offloaded)}
+    copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
+    n = len(offloaded)
+    copy_end = [[0.0] * n for _ in range(P)]
+    released = [[0.0] * n for _ in range(P)]
+    last = P - 1
+    busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+    stall = 0.0
+    host_free = compute_free = copier_free = pass_end = 0.0
+    issued = 0  # copies placed on the copy stream so far (pass-major)
+
+    def issue_copies(upto_pass: int, upto_m: int) -> None:
+        """Place every copy up to (pass, m) whose wait is known, in order (the copy stream is FIFO)."""
+        nonlocal issued, copier_free
+        while issued < P * n and divmod(issued, n) <= (upto_pass, upto_m):
+            p, m = divmod(issued, n)
+            start = copier_free
+            after = sched.waits_for(m)
+            if after is not None and p + after[0] >= 0:
+                start = max(start, released[p + after[0]][after[1]])
+            copier_free = copy_end[p][m] = start + copy_s[m]
+            if p == last:
+                busy["copy"] += copy_s[m]
+                busy["link"] += copy_s[m]
+            issued += 1
+
+    for p in range(P):
+        if p:
+            host_free = max(host_free, pass_end)  # the next step is launched after the last one's tokens
+        for i in range(L):
+            h0 = host_free
+            host_free = h0 + layer.host + (len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0)
+            t = max(compute_free, h0)
+            if p == last:
+                busy["host"] += host_free - h0
+            if copy_path and placement.offloaded[i]:
+                cp = sum(transfer(b) for b in placement.offloaded[i])
+                t += cp
+                if p == last:
+                    busy["compute"] += cp
+                    busy["link"] += cp
+            m = slot_of.get(i)
+            if m is not None:
+                issue_copies(p, m)
+                if copy_end[p][m] > t:
+                    if p == last:
+                        stall += copy_end[p][m] - t
+                    t = copy_end[p][m]
+            gpu = layer.gpu - layer.link_comm
+            if uva and placement.offloaded[i]:
+                reading = sum(transfer(b) for b in placement.offloaded[i])
+                gpu = max(gpu, reading)
+                if p == last:
+                    busy["link"] += reading
+            end = t + gpu + layer.link_comm
+            if layer.link_comm and p == last:
+                busy["link"] += layer.link_comm
+            end = max(end, host_free + layer.tail)  # the last kernel, launched late, still runs
+            if p == last:
+                busy["compute"] += end - t
+            if m is not None:
+                released[p][m] = end
+            compute_free = end
+        prev_end, pass_end = pass_end, compute_free + head
+        if p == last:
+            busy["compute"] += head
+        compute_free = pass_end
+    return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
 
 
 def events_processed(env: simpy.Environment) -> int:

@@ -14,10 +14,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from offloadlab.policy import NoOffload, Placement, Prefetch, VllmCopy, interval
+from offloadlab.policy import NoOffload, Placement, Prefetch, VllmCopy, VllmUva, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim.costs import LayerCost, Roofline, StepShape
-from offloadlab.sim.step import COPY_ISSUE, StepModel, StepResult, simulate_layers
+from offloadlab.sim.step import (COPY_ISSUE, StepModel, StepResult, lane_recurrence, recurrence_applies,
+                                 simulate_layers)
 
 EPS = 1e-12  # absolute slack for float sums of seconds
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -302,6 +303,47 @@ def test_more_offload_on_the_copy_path_is_never_faster(m, frac):
     t1 = simulate_layers(VllmCopy(frac * total / 2).place(m), cost, 5e-4, tr).time
     t2 = simulate_layers(VllmCopy(frac * total).place(m), cost, 5e-4, tr).time
     assert t2 >= t1
+
+
+# ---------------------------------------------------------------- the recurrence is the SimPy model
+@st.composite
+def recurrence_cases(draw):
+    m = draw(models())
+    kind = draw(st.sampled_from(["none", "copy", "uva", "prefetch", "wrap"]))
+    if kind in ("copy", "uva"):
+        gib = draw(st.floats(0.0, 1.0)) * m.layers * m.layer_bytes / GiB
+        policy = VllmCopy(gib) if kind == "copy" else VllmUva(gib)
+    elif kind == "none":
+        policy = NoOffload()
+    else:
+        g = draw(st.integers(1, m.layers + 1))
+        policy = Prefetch(g, draw(st.integers(1, g)), draw(st.integers(1, 5)), wrap=kind == "wrap")
+    cost = draw(layer_costs())
+    if kind in ("prefetch", "wrap"):  # copies beside all-reduces on the link need processor sharing
+        cost = LayerCost(cost.gpu, cost.host, cost.tail, 0.0)
+    return policy.place(m), cost, draw(st.floats(0.0, 2e-3)), link(draw(st.floats(0.0, 5e-5)),
+                                                                    draw(st.floats(1e8, 1e11)))
+
+
+@SETTINGS
+@given(recurrence_cases())
+def test_the_lane_recurrence_equals_the_simpy_model(case):
+    placement, cost, head, tr = case
+    assert recurrence_applies(placement, cost, 1.0)
+    sim = simulate_layers(placement, cost, head, tr, wrap=placement.wrap, engine="simpy")
+    fast = lane_recurrence(placement, cost, head, tr, wrap=placement.wrap)
+    assert fast.time == pytest.approx(sim.time, rel=1e-9, abs=EPS)
+    assert fast.stall == pytest.approx(sim.stall, rel=1e-9, abs=EPS)
+    for lane in ("host", "compute", "copy", "link"):
+        assert fast.busy[lane] == pytest.approx(sim.busy[lane], rel=1e-9, abs=EPS), lane
+
+
+def test_the_recurrence_is_not_used_where_transfers_share_the_link_or_slow_compute():
+    m = tiny_model(4)
+    comm = LayerCost(1e-3, 1e-4, 0.0, 2e-4)
+    assert not recurrence_applies(interval(2).place(m), comm, 1.0)  # copies beside all-reduces: SimPy
+    assert recurrence_applies(VllmCopy(0.0001).place(m), comm, 1.0)  # the copy path copies on the compute stream
+    assert not recurrence_applies(NoOffload().place(m), HAND, 1.2)
 
 
 # ---------------------------------------------------------------- hand-computed schedules
