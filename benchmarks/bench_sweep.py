@@ -8,6 +8,10 @@ cache; the two frames must be identical. Times include pool start-up and result 
 Run:  python benchmarks/bench_sweep.py                 # 1,000 configurations (a few minutes on 2 cores)
       python benchmarks/bench_sweep.py --configs 100   # a fixed random subset, for a quick run
       python benchmarks/bench_sweep.py --workers 1,2,4 --serial --json results/bench_sweep.json
+      python benchmarks/bench_sweep.py --dask 1,2,4     # also on a Dask LocalCluster of 1, 2, 4 workers
+
+The same ``sweep`` runs on a real Dask cluster: ``sweep(configs, workload,
+executor=distributed.Client("tcp://scheduler:8786").get_executor())``.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ def main():
     ap.add_argument("--configs", type=int, default=None, help="use this many configurations (default: all 1,000)")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     ap.add_argument("--serial", action="store_true", help="also run inline, without a pool")
+    ap.add_argument("--dask", default="", help="comma-separated Dask LocalCluster worker counts (e.g. 1,2,4)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args()
@@ -61,11 +66,19 @@ def main():
     print(f"{len(cs)} configurations: {PAPER_MODEL} on {PAPER_GPU}, {wl.n} multi_news-like requests; "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
     print(f"{'executor':>10s} {'seconds':>9s} {'configs/s':>10s} {'CPU s':>7s} {'CPU ms/config':>14s} {'errors':>7s}")
+    runs += [(f"dask {w}", ("dask", w)) for w in (int(x) for x in a.dask.split(",") if x)]
     out, ref = [], None
     for name, ex in runs:
         cpu0 = _cpu()
         t = time.perf_counter()
-        df = sweep(cs, wl, executor=ex, progress=False)
+        if isinstance(ex, tuple):  # a Dask LocalCluster, started and stopped inside the timing
+            from distributed import Client, LocalCluster
+
+            with LocalCluster(n_workers=ex[1], threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+                    Client(lc) as client:
+                df = sweep(cs, wl, executor=client.get_executor(), progress=False)
+        else:
+            df = sweep(cs, wl, executor=ex, progress=False)
         dt = time.perf_counter() - t
         cpu = _cpu() - cpu0  # this process and its (reaped) pool workers: contention-free cost
         errors = int(df["error"].notna().sum())
