@@ -20,7 +20,7 @@ import simpy
 
 from ..errors import ConfigError
 from .costs import StepShape
-from .step import StepModel, StepResult
+from .step import CountingEnvironment, StepModel, StepResult
 from .workload import Request
 
 
@@ -86,7 +86,7 @@ class ServingLoop:
         self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
         self.total_blocks = kv_tokens // engine.block_size
         self.free_blocks = self.total_blocks
-        self.env = env if env is not None else simpy.Environment()
+        self.env = env if env is not None else CountingEnvironment()
         self.arrived = simpy.Store(self.env)
         self.feed: Feed | None = None
         self.waiting: deque[_Seq] = deque()
@@ -374,7 +374,7 @@ class PipelinedServing:
 
     def __init__(self, step_models: list[StepModel], send, engine: EngineConfig, kv_tokens: int,
                  trace_steps: bool = True):
-        self.env = simpy.Environment()
+        self.env = CountingEnvironment()
         self.pipeline = Pipeline(self.env, step_models, send)
         pp = len(step_models)
         # vLLM V0 gives each virtual engine's scheduler 1/pp of the KV blocks

@@ -1,6 +1,6 @@
 """One forward step as a SimPy discrete-event simulation of the GPU's lanes.
 
-Lanes (SimPy processes and resources):
+Lanes (SimPy processes of ``_Lanes``, one method each):
 - host: Python launching each layer's kernels (and, on vLLM's copy path, issuing its copies);
 - compute: the compute stream; a layer's kernels run once launched and, for prefetched layers,
   once its copy's CUDA event fired; on vLLM's copy path the per-parameter copies run here too;
@@ -95,126 +95,159 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     assert engine in ("auto", "simpy"), f"engine {engine!r}: 'auto' or 'simpy'"
     if engine == "auto" and not trace and recurrence_applies(placement, layer, copy_slowdown):
         return lane_recurrence(placement, layer, head, transfer, wrap)
-    env = simpy.Environment()
-    L = placement.layers
-    P = 2 if wrap and placement.mechanism == "prefetch" and placement.offloaded_layers else 1
-    copy_path = placement.mechanism == "copy"
-    uva = placement.mechanism == "uva"
-    offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
-    prefetched = [p * L + j for p in range(P) for j in offloaded]  # global layer index, pass-major
-    sched = placement.schedule if offloaded else None
-    link = SharedLink(env)
-    host_start = [env.event() for _ in range(P * L)]
-    host_done = [env.event() for _ in range(P * L)]
-    host_done_at = [0.0] * (P * L)
-    pass_done = [env.event() for _ in range(P)]
-    pass_end = [0.0] * P
-    copy_done = {g: env.event() for g in prefetched}
-    released = {g: env.event() for g in prefetched}
-    spans: list[Span] = []
-    busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
-    state = {"copying": 0, "stall": 0.0}
+    return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap).run()
 
-    def record(lane, kind, t0, g, layer=None):
-        """Account the span that just ended on ``lane`` if it belongs to the reported (last) pass.
-        ``g`` is the global layer index, pass * L + layer; ``layer`` overrides the layer (L: LM head)."""
-        if g // L != P - 1:
+
+class CountingEnvironment(simpy.Environment):
+    """A SimPy environment that counts the events it schedules (for the benchmarks' figures)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scheduled = 0
+
+    def schedule(self, event, priority=simpy.core.NORMAL, delay=0):
+        self.scheduled += 1
+        super().schedule(event, priority, delay)
+
+
+class _Lanes:
+    """The SimPy model of one step: a host process launching layers, a compute process, a copier
+    process for the prefetch copy stream, and the shared host link. Global layer index g = pass * L
+    + layer; with wrap two passes (steps) run back to back and the second is reported."""
+
+    def __init__(self, placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float,
+                 trace: bool, wrap: bool):
+        self.env = env = CountingEnvironment()
+        self.placement, self.layer, self.head, self.transfer = placement, layer, head, transfer
+        self.copy_slowdown, self.trace = copy_slowdown, trace
+        self.L = L = placement.layers
+        self.offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+        self.P = P = 2 if wrap and self.offloaded else 1
+        self.sched = placement.schedule if self.offloaded else None
+        self.link = SharedLink(env)
+        self.host_start = [env.event() for _ in range(P * L)]
+        self.host_done = [env.event() for _ in range(P * L)]
+        self.host_done_at = [0.0] * (P * L)
+        self.pass_done = [env.event() for _ in range(P)]
+        self.pass_end = [0.0] * P
+        prefetched = [p * L + j for p in range(P) for j in self.offloaded]
+        self.copy_done = {g: env.event() for g in prefetched}
+        self.released = {g: env.event() for g in prefetched}
+        self.spans: list[Span] = []
+        self.busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+        self.copying = 0  # copies in flight (compute runs copy_slowdown times slower meanwhile)
+        self.stall = 0.0
+
+    def reported(self, g: int) -> bool:
+        return g // self.L == self.P - 1
+
+    def record(self, lane: str, kind: str, t0: float, g: int, layer: int | None = None) -> None:
+        """Account the span that just ended on ``lane`` if it belongs to the reported (last) pass;
+        ``layer`` overrides g's layer (L: the LM head)."""
+        if not self.reported(g):
             return
         if kind == "wait":
-            state["stall"] += env.now - t0
+            self.stall += self.env.now - t0
         else:
-            busy[lane] += env.now - t0
-        if trace:
-            spans.append(Span(lane, kind, t0, env.now, layer=g % L if layer is None else layer))
+            self.busy[lane] += self.env.now - t0
+        if self.trace:
+            self.spans.append(Span(lane, kind, t0, self.env.now, layer=g % self.L if layer is None else layer))
 
-    def host():
-        for p in range(P):
+    def host(self):
+        """Python launching each layer's kernels (and, on vLLM's copy path, issuing its copies)."""
+        env, pl = self.env, self.placement
+        for p in range(self.P):
             if p:
-                yield pass_done[p - 1]  # the next step is launched after the last one's tokens are back
-            for i in range(L):
-                g = p * L + i
-                host_start[g].succeed()
+                yield self.pass_done[p - 1]  # the next step is launched after the last one's tokens are back
+            for i in range(self.L):
+                g = p * self.L + i
+                self.host_start[g].succeed()
                 t0 = env.now
-                issue = len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0
-                yield env.timeout(layer.host + issue)
-                record("host", "launch", t0, g)
-                host_done_at[g] = env.now
-                host_done[g].succeed()
+                issue = len(pl.offloaded[i]) * COPY_ISSUE if pl.mechanism == "copy" else 0.0
+                yield env.timeout(self.layer.host + issue)
+                self.record("host", "launch", t0, g)
+                self.host_done_at[g] = env.now
+                self.host_done[g].succeed()
 
-    def copy(seconds, lane, g):
-        t0 = env.now
-        state["copying"] += 1
-        yield from link.transfer(seconds)
-        state["copying"] -= 1
-        record(lane, "copy", t0, g)
-        if g // L == P - 1:
-            busy["link"] += seconds
+    def copy(self, seconds: float, lane: str, g: int):
+        """One copy over the shared link, recorded on ``lane`` (the copy stream, or the compute stream
+        for the copy path)."""
+        t0 = self.env.now
+        self.copying += 1
+        yield from self.link.transfer(seconds)
+        self.copying -= 1
+        self.record(lane, "copy", t0, g)
+        if self.reported(g):
+            self.busy["link"] += seconds
 
-    def copier():
+    def copier(self):
         """The copy stream: copies in order, each into its slot once the read it must follow is done
         (offloadlab/schedule.py, shared with the runtime)."""
-        for p in range(P):
-            for m, i in enumerate(offloaded):
-                after = sched.waits_for(m)
+        for p in range(self.P):
+            for m, i in enumerate(self.offloaded):
+                after = self.sched.waits_for(m)
                 if after is not None and p + after[0] >= 0:
-                    prev = released[(p + after[0]) * L + offloaded[after[1]]]
+                    prev = self.released[(p + after[0]) * self.L + self.offloaded[after[1]]]
                     if not prev.processed:
                         yield prev
-                g = p * L + i
-                yield from copy(transfer(placement.layer_offloaded_bytes(i)), "copy", g)
-                copy_done[g].succeed()
+                g = p * self.L + i
+                yield from self.copy(self.transfer(self.placement.layer_offloaded_bytes(i)), "copy", g)
+                self.copy_done[g].succeed()
 
-    def compute():
-        for p in range(P):
-            for i in range(L):
-                g = p * L + i
-                if not host_start[g].processed:
-                    yield host_start[g]
-                if copy_path and placement.offloaded[i]:
+    def compute(self):
+        """The compute stream: each layer once launched (and, prefetched, once its copy is done), then
+        the LM head; the copy path's copies and UVA's zero-copy reads happen here too."""
+        env, pl, layer = self.env, self.placement, self.layer
+        for p in range(self.P):
+            for i in range(self.L):
+                g = p * self.L + i
+                if not self.host_start[g].processed:
+                    yield self.host_start[g]
+                if pl.mechanism == "copy" and pl.offloaded[i]:
                     # the layer's per-parameter copies, back to back on the compute stream: one span
-                    yield from copy(sum(transfer(b) for b in placement.offloaded[i]), "compute", g)
-                if g in copy_done and not copy_done[g].processed:
+                    yield from self.copy(sum(self.transfer(b) for b in pl.offloaded[i]), "compute", g)
+                if g in self.copy_done and not self.copy_done[g].processed:
                     t0 = env.now
-                    yield copy_done[g]
-                    record("compute", "wait", t0, g)
+                    yield self.copy_done[g]
+                    self.record("compute", "wait", t0, g)
                 t0 = env.now
-                gpu = (layer.gpu - layer.link_comm) * (copy_slowdown if state["copying"] else 1.0)
-                if uva and placement.offloaded[i]:
+                gpu = (layer.gpu - layer.link_comm) * (self.copy_slowdown if self.copying else 1.0)
+                if pl.mechanism == "uva" and pl.offloaded[i]:
                     # zero-copy: the kernels stream the offloaded weights over the host link as they run
-                    reading = sum(transfer(b) for b in placement.offloaded[i])
-                    yield env.all_of([env.timeout(gpu), env.process(link.transfer(reading))])
-                    if p == P - 1:
-                        busy["link"] += reading
+                    reading = sum(self.transfer(b) for b in pl.offloaded[i])
+                    yield env.all_of([env.timeout(gpu), env.process(self.link.transfer(reading))])
+                    if self.reported(g):
+                        self.busy["link"] += reading
                 else:
                     yield env.timeout(gpu)
                 if layer.link_comm:  # the layer's all-reduces, over the host link: shared with copies
-                    yield from link.transfer(layer.link_comm)
-                    if p == P - 1:
-                        busy["link"] += layer.link_comm
-                if not host_done[g].processed:
-                    yield host_done[g]
-                late = host_done_at[g] + layer.tail - env.now  # the last kernel, launched late, still runs
+                    yield from self.link.transfer(layer.link_comm)
+                    if self.reported(g):
+                        self.busy["link"] += layer.link_comm
+                if not self.host_done[g].processed:
+                    yield self.host_done[g]
+                late = self.host_done_at[g] + layer.tail - env.now  # the last kernel, launched late, still runs
                 if late > 0:
                     yield env.timeout(late)
-                record("compute", "compute", t0, g)
-                if g in released:
-                    released[g].succeed()
+                self.record("compute", "compute", t0, g)
+                if g in self.released:
+                    self.released[g].succeed()
             t0 = env.now
-            yield env.timeout(head)
-            record("compute", "compute", t0, p * L, layer=L)  # the LM head
-            pass_end[p] = env.now
-            pass_done[p].succeed()
+            yield env.timeout(self.head)
+            self.record("compute", "compute", t0, p * self.L, layer=self.L)  # the LM head
+            self.pass_end[p] = env.now
+            self.pass_done[p].succeed()
 
-    env.process(host())
-    if prefetched:
-        env.process(copier())
-    done = env.process(compute())
-    env.run(until=done)
-    events = events_processed(env)
-    start = pass_end[P - 2] if P > 1 else 0.0
-    tr = Trace(spans=[dataclasses.replace(sp, start=sp.start - start, end=sp.end - start) for sp in spans],
-               meta={"source": "sim"}) if trace else None
-    return StepResult(env.now - start, busy, state["stall"], events, tr)
+    def run(self) -> StepResult:
+        env = self.env
+        env.process(self.host())
+        if self.offloaded:
+            env.process(self.copier())
+        env.run(until=env.process(self.compute()))
+        start = self.pass_end[self.P - 2] if self.P > 1 else 0.0
+        tr = Trace(spans=[dataclasses.replace(sp, start=sp.start - start, end=sp.end - start) for sp in self.spans],
+                   meta={"source": "sim"}) if self.trace else None
+        return StepResult(env.now - start, self.busy, self.stall, env.scheduled, tr)
 
 
 def recurrence_applies(placement: Placement, layer: LayerCost, copy_slowdown: float) -> bool:
@@ -304,8 +337,8 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
 
 
 def events_processed(env: simpy.Environment) -> int:
-    """Events scheduled so far (SimPy's own counter; 0 if a SimPy version lacks it)."""
-    return next(env._eid) if hasattr(env, "_eid") else 0
+    """Events an environment scheduled (a CountingEnvironment counts them; 0 for a plain one)."""
+    return getattr(env, "scheduled", 0)
 
 
 def _bin(x: float, q: float) -> float:
