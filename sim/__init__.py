@@ -11,6 +11,7 @@ from .parallel import Layout
 from .run import RunResult, layout, per_gpu, serving_memory, simulate, simulate_step
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
+from . import sharegpt
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [
