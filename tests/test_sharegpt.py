@@ -307,3 +307,12 @@ def test_serving_run_errors(tmp_path, capsys):
     assert main(["run", "--workload", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "line 2" in err and "output_toks=0" in err
+
+
+def test_sweep_cache_key_sees_the_concurrency_limit():
+    from offloadlab.sweep import workload_fingerprint
+
+    wl = fixed(4, 16, 4)
+    assert workload_fingerprint(wl) == workload_fingerprint(wl.with_max_concurrency(None))
+    assert workload_fingerprint(wl.with_max_concurrency(2)) != workload_fingerprint(wl)
+    assert workload_fingerprint(wl.with_max_concurrency(2)) != workload_fingerprint(wl.with_max_concurrency(3))
