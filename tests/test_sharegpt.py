@@ -316,3 +316,14 @@ def test_sweep_cache_key_sees_the_concurrency_limit():
     assert workload_fingerprint(wl) == workload_fingerprint(wl.with_max_concurrency(None))
     assert workload_fingerprint(wl.with_max_concurrency(2)) != workload_fingerprint(wl)
     assert workload_fingerprint(wl.with_max_concurrency(2)) != workload_fingerprint(wl.with_max_concurrency(3))
+
+
+def test_cli_replays_a_vllm_result(tmp_path, capsys):
+    csv = tmp_path / "req.csv"
+    assert main(["run", "--workload", str(_result(tmp_path)), "--gpu", "h100", "--policy", "none",
+                 "--requests-csv", str(csv)]) == 0
+    import pandas as pd
+
+    df = pd.read_csv(csv)
+    assert sorted(df["id"]) == [0, 2, 3] and sorted(df["prompt_len"]) == [7, 12, 50]
+    assert sorted(df["arrival"].round(9)) == [0.0, 0.8, 1.0]
