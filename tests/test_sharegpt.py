@@ -23,6 +23,17 @@ SERVING_RUN = SHARED_DATA / "serving" / "rtx4090_llama-3.1-8b"
 HAVE_DATA = sg.dataset_available()
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(_session_cache, monkeypatch):
+    """Token counts made from the dataset go to a temporary cache, never the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_session_cache))
+
+
 @pytest.fixture
 def table():
     return sg.load_lengths("llama3", "table")
