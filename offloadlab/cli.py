@@ -104,10 +104,22 @@ def _settle_engine(a) -> None:
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", default="multi_news", help="multi_news, a workloads.csv dataset, or a CSV/JSONL file")
+    p.add_argument("--workload", default="multi_news",
+                   help="sharegpt (real, sampled as vLLM's benchmark does), multi_news, a workloads.csv fit "
+                        "(e.g. sharegpt_8k), a CSV/JSONL file, a vLLM --save-result JSON or a serving-run directory")
     p.add_argument("--requests", type=int, default=None)
-    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals (requests/s); default all at t=0")
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests/s as vllm bench serve's --request-rate (inf: all at once); default all at t=0")
+    p.add_argument("--burstiness", type=float, default=1.0,
+                   help="gamma shape of --rate's gaps as vLLM's: 1 Poisson (default), <1 burstier, >1 more even")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="client-side limit: a request is sent only while fewer than N are outstanding")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None,
+                   help="sharegpt: tokenizer family (llama3, qwen); default from the model's name")
+    p.add_argument("--sharegpt-output-len", type=int, default=None, help="sharegpt: fixed output length, as vLLM's")
+    p.add_argument("--sharegpt-source", default="auto", choices=["auto", "dataset", "table"],
+                   help="sharegpt: the dataset packages (auto when installed) or the committed Llama-3 table")
 
 
 def _policy(a):
@@ -123,7 +135,32 @@ def _policy(a):
 def _workload(a):
     from .sim import make_workload
 
-    wl, changed = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate).clipped(a.max_model_len)
+    kw = {}
+    if str(a.workload).strip().lower() == "sharegpt":
+        from .sim import sharegpt
+
+        tok = a.tokenizer
+        if tok is None:
+            models = a.model if isinstance(a.model, list) else [a.model or "llama-3.1-8b"]
+            families = {sharegpt.tokenizer_for_model(m) for m in models}
+            if len(families) > 1:
+                from .errors import ConfigError
+
+                raise ConfigError("tokenizer", None, f"one family for all models (found {sorted(families)}): pass "
+                                  "--tokenizer")
+            tok = families.pop()
+        kw = dict(tokenizer=tok, source=a.sharegpt_source)
+        if a.sharegpt_output_len is not None:
+            kw["output_len"] = a.sharegpt_output_len
+    elif a.tokenizer is not None or a.sharegpt_output_len is not None or a.sharegpt_source != "auto":
+        from .errors import ConfigError
+
+        raise ConfigError("workload", a.workload, "sharegpt when --tokenizer or --sharegpt-* options are given")
+    wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate, burstiness=a.burstiness,
+                       max_concurrency=a.max_concurrency, **kw)
+    if kw:
+        print(f"sharegpt: lengths from {sharegpt.load_lengths(kw['tokenizer'], kw['source']).source}")
+    wl, changed = wl.clipped(a.max_model_len)
     if changed:
         print(f"note: {changed} of {wl.n} requests shortened to fit --max-model-len {a.max_model_len}")
     return wl

@@ -1,7 +1,7 @@
 """Request metrics shared by the simulator and the runtime: latency columns and the run summary.
 
 A request frame has one row per request with ``prompt_len``, ``output_len``, ``arrival``,
-``first_token``, ``finish`` (seconds) and ``preemptions``; ``with_latencies`` adds TTFT, TPOT and
+``first_token``, ``finish`` (seconds), ``preemptions`` and optionally ``sent``; ``with_latencies`` adds TTFT, TPOT and
 end-to-end latency, ``summarize`` turns it into throughput and percentile figures.
 """
 from __future__ import annotations
@@ -15,9 +15,12 @@ PERCENTILES = (50, 90, 99)
 def with_latencies(f: pd.DataFrame) -> pd.DataFrame:
     """Add ``ttft``, ``tpot`` (NaN for one-token outputs) and ``e2e`` columns; rows sorted by id."""
     f = f.copy()
-    f["ttft"] = f["first_token"] - f["arrival"]
+    # measured from when the request was sent (an optional ``sent`` column: a client holding requests back
+    # under --max-concurrency), as vllm/benchmarks/serve.py measures ttft and latency; else from arrival
+    start = f["sent"] if "sent" in f else f["arrival"]
+    f["ttft"] = f["first_token"] - start
     f["tpot"] = (f["finish"] - f["first_token"]) / (f["output_len"] - 1).where(f["output_len"] > 1)
-    f["e2e"] = f["finish"] - f["arrival"]
+    f["e2e"] = f["finish"] - start
     return f.sort_values("id", ignore_index=True)
 
 

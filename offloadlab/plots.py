@@ -268,3 +268,21 @@ def by_gpu_count(table: pd.DataFrame, metric: str = "tok_s_per_gpu", *, panel: s
     if title:
         fig.suptitle(title)
     return fig
+
+
+def length_distributions(workloads: dict, title: str = ""):
+    """CDFs of prompt and output lengths (tokens), one line per workload (``{label: Workload}``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    for label, wl in workloads.items():
+        df = wl.to_frame()
+        for ax, col in zip(axes, ("prompt_len", "output_len")):
+            x = np.sort(df[col].to_numpy())
+            ax.step(x, np.arange(1, len(x) + 1) / len(x), where="post",
+                    label=f"{label} (mean {x.mean():,.0f}, p99 {np.percentile(x, 99):,.0f})")
+    for ax, what in zip(axes, ("prompt", "output")):
+        ax.set(xscale="log", xlabel=f"{what} tokens", ylabel="fraction of requests", ylim=(0, 1))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    return fig

@@ -103,10 +103,12 @@ def _sha256(obj: Any) -> str:
 
 
 def workload_fingerprint(workload: Workload) -> str:
-    """sha256 of a workload's name and every request's (id, prompt, output, exact arrival)."""
+    """sha256 of a workload's name, every request's (id, prompt, output, exact arrival) and its client limit."""
     h = hashlib.sha256(workload.name.encode())
     for r in workload.requests:
         h.update(f"|{r.id},{r.prompt_len},{r.output_len},{float(r.arrival).hex()}".encode())
+    if workload.max_concurrency is not None:  # the client's limit changes every result (absent: keys as before)
+        h.update(f"|max_concurrency={workload.max_concurrency}".encode())
     return h.hexdigest()
 
 

@@ -2,7 +2,7 @@
 
 Files, one concept each: ``costs`` (roofline and calibrated cost models), ``step`` (the SimPy
 model of one forward pass), ``memory`` (GPU/host memory layout), ``serving`` (vLLM-like scheduler
-loop), ``workload`` (request generators), ``parallel`` (tensor and pipeline parallel layout), ``metrics`` (latency and throughput summaries), ``run``
+loop), ``workload`` (request generators, vLLM's arrivals, replays), ``sharegpt`` (real ShareGPT traffic), ``parallel`` (tensor and pipeline parallel layout), ``metrics`` (latency and throughput summaries), ``run``
 (the entry points). Imports only the shared vocabulary; never torch.
 """
 from .costs import Calibrated, LayerCost, Roofline, StepShape, cost_model
@@ -11,6 +11,7 @@ from .parallel import Layout
 from .run import RunResult, layout, per_gpu, serving_memory, simulate, simulate_step
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
+from . import sharegpt
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [

@@ -15,6 +15,7 @@ def request_frame(seqs) -> pd.DataFrame:
         "prompt_len": [s.req.prompt_len for s in seqs],
         "output_len": [s.generated for s in seqs],
         "arrival": [s.req.arrival for s in seqs],
+        "sent": [s.sent for s in seqs],  # later than arrival only under a client concurrency limit
         "first_token": [s.first for s in seqs],
         "finish": [s.finish for s in seqs],
         "preemptions": [s.preempted for s in seqs],

@@ -194,7 +194,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     else:
         loop = PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
-    loop.run(list(workload.requests))
+    loop.run(list(workload.requests), workload.max_concurrency)
     reqs = request_frame(loop.seqs)
     summary = summarize(reqs)
     makespan = summary["makespan_s"]

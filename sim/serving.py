@@ -55,12 +55,13 @@ class EngineConfig:
 
 
 class _Seq:
-    __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted")
+    __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted", "sent")
 
     def __init__(self, req: Request, output_len: int):
         self.req, self.output_len = req, output_len
         self.generated = self.computed = self.blocks = self.preempted = 0
         self.first = self.finish = math.nan
+        self.sent = req.arrival  # when the client sent it: later than arrival only under max_concurrency
 
     @property
     def known(self) -> int:  # tokens whose KV must exist before the next sample
@@ -205,9 +206,9 @@ class ServingLoop:
         return batch, budget
 
     # ---- the loop ----
-    def run(self, requests: list[Request]) -> None:
+    def run(self, requests: list[Request], max_concurrency: int | None = None) -> None:
         self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
-        self.feed = Feed(self.env, self.seqs, [self])
+        self.feed = Feed(self.env, self.seqs, [self], max_concurrency)
         self.env.process(self._engine())
         self.env.run()
         if self.unfinished:
@@ -264,6 +265,7 @@ class ServingLoop:
             s.finish = now
             self._release(s)
             self.running.remove(s)
+            self.feed.finished()
 
     def _decode_run(self):
         """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
@@ -312,24 +314,42 @@ def _output_len(r: Request, cfg: EngineConfig) -> int:
 
 class Feed:
     """Requests arriving over time (a SimPy process), each handed on arrival to the engine with the
-    fewest unfinished requests (vLLM V0's choice among its virtual engines; the first on a tie)."""
+    fewest unfinished requests (vLLM V0's choice among its virtual engines; the first on a tie).
 
-    def __init__(self, env: simpy.Environment, seqs: list[_Seq], engines: list[ServingLoop]):
+    ``max_concurrency`` is the client's limit (vllm bench serve --max-concurrency, an asyncio.Semaphore
+    around each request in vllm/benchmarks/serve.py): a request that is due waits, in arrival order, until
+    fewer than that many sent requests are unfinished; ``_Seq.sent`` records when it went out."""
+
+    def __init__(self, env: simpy.Environment, seqs: list[_Seq], engines: list[ServingLoop],
+                 max_concurrency: int | None = None):
         self.env, self.engines = env, engines
         self.order = sorted(seqs, key=lambda s: (s.req.arrival, s.req.id))
         self.next = 0  # index in order of the next request to arrive
+        self.slots = None if max_concurrency is None else simpy.Container(env, max_concurrency, max_concurrency)
         env.process(self._arrivals())
 
     def _arrivals(self):
         for s in self.order:
             if s.req.arrival > self.env.now:
                 yield self.env.timeout(s.req.arrival - self.env.now)
+            if self.slots is not None:
+                yield self.slots.get(1)  # returned by finished()
+                s.sent = self.env.now
             self.next += 1
             target = min(self.engines, key=lambda e: e.unfinished)
             yield target.arrived.put(s)
 
+    def finished(self) -> None:
+        """A request completed: its client slot is free."""
+        if self.slots is not None:
+            self.slots.put(1)
+
     def next_arrival(self) -> float:
-        return self.order[self.next].req.arrival if self.next < len(self.order) else math.inf
+        """When the next request reaches the engine at the earliest (inf while the client is at its limit:
+        only a finishing request, which ends any decode run, lets one through)."""
+        if self.next >= len(self.order) or (self.slots is not None and self.slots.level == 0):
+            return math.inf
+        return self.order[self.next].req.arrival
 
     def more_coming(self) -> bool:
         return self.next < len(self.order)
@@ -383,9 +403,9 @@ class PipelinedServing:
                         for _ in range(pp)]
         self.cfg = engine
 
-    def run(self, requests: list[Request]) -> None:
+    def run(self, requests: list[Request], max_concurrency: int | None = None) -> None:
         self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
-        feed = Feed(self.env, self.seqs, self.engines)
+        feed = Feed(self.env, self.seqs, self.engines, max_concurrency)
         for e in self.engines:
             e.feed = feed
             self.env.process(e._engine())

@@ -43,6 +43,10 @@ __all__ = [
     "all_at_once",
     "poisson",
     "make_workload",
+    "sharegpt",
+    "vllm_arrivals",
+    "from_vllm_result",
+    "from_serving_run",
     "dataset_names",
     "dataset_stats",
 ]
@@ -163,10 +167,15 @@ class Workload:
 
     name: str
     requests: tuple[Request, ...]
+    #: Client-side limit (vLLM bench serve's --max-concurrency): a request is sent only while fewer than this
+    #: many are outstanding; None: no limit. Arrival times stay the times requests are *ready* to be sent.
+    max_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError("Workload.name", self.name, "a non-empty string")
+        if self.max_concurrency is not None:
+            _check_int("max_concurrency", self.max_concurrency, 1)
         reqs = tuple(self.requests)
         if not reqs:
             raise ConfigError("Workload.requests", reqs, "at least one request")
@@ -238,12 +247,16 @@ class Workload:
         by_id = sorted(self.requests, key=lambda r: r.id)
         return Workload(self.name, tuple(
             Request(r.id, r.prompt_len, r.output_len, float(t)) for r, t in zip(by_id, a)
-        ))
+        ), self.max_concurrency)
+
+    def with_max_concurrency(self, max_concurrency: int | None) -> Workload:
+        """The same requests sent by a client that keeps at most ``max_concurrency`` outstanding."""
+        return Workload(self.name, self.requests, max_concurrency)
 
     def head(self, n: int) -> Workload:
         """The first ``n`` requests in arrival order (all of them if ``n >= self.n``)."""
         n = _check_int("n", n, 1)
-        return Workload(self.name, self.requests[:n])
+        return Workload(self.name, self.requests[:n], self.max_concurrency)
 
     def clipped(self, max_model_len: int) -> tuple[Workload, int]:
         """Requests fitted into ``max_model_len`` tokens (output first capped at half of it, then the
@@ -258,7 +271,7 @@ class Workload:
             o = min(r.output_len, max_model_len // 2)
             out.append(Request(r.id, min(r.prompt_len, max_model_len - o), o, r.arrival))
             changed += 1
-        return Workload(self.name, tuple(out)), changed
+        return Workload(self.name, tuple(out), self.max_concurrency), changed
 
     # ---- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -496,6 +509,113 @@ def from_file(path: str | Path) -> Workload:
 
 
 # ----------------------------------------------------------------------------------------------
+# Replaying recorded runs
+# ----------------------------------------------------------------------------------------------
+def _int_list(data: Mapping[str, Any], key: str, src: str, minimum: int) -> list[int]:
+    v = data.get(key)
+    if not isinstance(v, list) or not v:
+        raise ConfigError(key, type(v).__name__ if v is not None else None, "a non-empty list of token counts",
+                          source=src)
+    for i, x in enumerate(v):
+        if not _is_int(x) or x < minimum:
+            raise ConfigError(f"{key}[{i}]", x, f"an integer >= {minimum}", source=src)
+    return [int(x) for x in v]
+
+
+def _real_list(data: Mapping[str, Any], key: str, src: str, n: int) -> list[float] | None:
+    v = data.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != n:
+        raise ConfigError(key, f"{type(v).__name__} of {len(v) if isinstance(v, list) else '?'}",
+                          f"a list of {n} numbers, one per request", source=src)
+    for i, x in enumerate(v):
+        if not _is_real(x) or not math.isfinite(x):
+            raise ConfigError(f"{key}[{i}]", x, "a finite number of seconds", source=src)
+    return [float(x) for x in v]
+
+
+def from_vllm_result(path: str | Path) -> Workload:
+    """The requests of a ``vllm bench serve --save-result`` JSON file, in the order vLLM sent them.
+
+    Field names from vllm/benchmarks/serve.py (benchmark(): ``result``): per-request lists ``input_lens``
+    (prompt tokens), ``output_lens`` (tokens actually generated; 0 for a failed request), ``ttfts`` and ``itls``
+    (checked to be per-request lists), and, in newer vLLM, ``start_times`` (when each request was sent,
+    ``time.perf_counter``) and ``queue_times`` (how long it waited for ``--max-concurrency``). Arrivals are
+    ``start_times - queue_times`` (when each was ready), from the first; a file without ``start_times`` has no
+    arrival times and gives all requests ``t = 0`` (give ``rate`` to re-time it). Failed requests (output 0)
+    are left out. Request ids are the positions in the file.
+    """
+    p = Path(path)
+    src = str(p)
+    if not p.is_file():
+        raise ConfigError("path", src, "an existing vLLM benchmark result JSON file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError("file", src, f"valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("file", src, "a JSON object (vllm bench serve --save-result)")
+    inputs = _int_list(data, "input_lens", src, 1)
+    outputs = _int_list(data, "output_lens", src, 0)
+    n = len(inputs)
+    if len(outputs) != n:
+        raise ConfigError("output_lens", f"{len(outputs)} entries", f"{n}, as many as input_lens", source=src)
+    for key in ("ttfts", "itls"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != n):
+            raise ConfigError(key, f"{type(v).__name__}", f"a list of {n} entries, one per request", source=src)
+    starts = _real_list(data, "start_times", src, n)
+    queues = _real_list(data, "queue_times", src, n)
+    if starts is None:
+        ready = [0.0] * n
+    else:
+        ready = [s - (q or 0.0) for s, q in zip(starts, queues or [0.0] * n)]
+        t0 = min(ready)
+        ready = [t - t0 for t in ready]
+    reqs = tuple(Request(i, pl, ol, t) for i, (pl, ol, t) in enumerate(zip(inputs, outputs, ready)) if ol > 0)
+    if not reqs:
+        raise ConfigError("output_lens", 0, "at least one request that generated tokens", source=src)
+    return Workload(p.stem or "vllm-result", reqs)
+
+
+def from_serving_run(path: str | Path) -> Workload:
+    """The requests of a serving-run directory (the layout of shared/data/serving/: ``meta.json`` and
+    ``requests.jsonl`` with ``input_toks``, ``output_toks`` and ``queued_ts`` per request), in file order.
+
+    Arrival is ``queued_ts`` (the engine's clock; the run's TTFT and latency are measured from it) less the
+    first request's. Request ids are the rows' positions. The workload is named after the directory.
+    """
+    d = Path(path)
+    src = str(d)
+    for name in ("meta.json", "requests.jsonl"):
+        if not (d / name).is_file():
+            raise ConfigError("path", src, f"a serving-run directory with {name}")
+    rows = []
+    for i, line in enumerate((d / "requests.jsonl").read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{d / 'requests.jsonl'}, line {i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError("line", line[:60], f"a JSON object ({e.msg})", source=where) from None
+        if not isinstance(rec, dict):
+            raise ConfigError("line", line[:60], "a JSON object", source=where)
+        for key, minimum in (("input_toks", 1), ("output_toks", 1)):
+            if not _is_int(rec.get(key)) or rec[key] < minimum:
+                raise ConfigError(key, rec.get(key), f"an integer >= {minimum}", source=where)
+        q = rec.get("queued_ts")
+        if not _is_real(q) or not math.isfinite(q):
+            raise ConfigError("queued_ts", q, "a finite time in seconds", source=where)
+        rows.append((rec["input_toks"], rec["output_toks"], float(q)))
+    if not rows:
+        raise ConfigError("requests.jsonl", 0, "at least one request", source=src)
+    t0 = min(q for _, _, q in rows)
+    return Workload(d.name or "serving-run", tuple(Request(i, p, o, q - t0) for i, (p, o, q) in enumerate(rows)))
+
+
+# ----------------------------------------------------------------------------------------------
 # Arrival processes
 # ----------------------------------------------------------------------------------------------
 def all_at_once(n: int) -> np.ndarray:
@@ -515,6 +635,41 @@ def poisson(n: int, rate: float, seed: int = 0) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
+def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
+    """``n`` send times as ``vllm bench serve --request-rate rate --burstiness b --seed seed`` makes them.
+
+    From vllm/benchmarks/serve.py (get_request, and main_async's ``np.random.seed(args.seed)``):
+
+    * ``rate = inf``: every request at ``t = 0``;
+    * otherwise gaps are gamma-distributed with shape ``burstiness`` and scale ``1 / (rate * burstiness)``
+      (mean ``1 / rate``; ``burstiness = 1`` is a Poisson process, < 1 burstier, > 1 more even;
+      ``burstiness = inf``: constant gaps ``1 / rate``), drawn one per request from numpy's legacy global
+      generator seeded with ``seed``; times are their cumulative sum (the first request waits one gap);
+    * then every time is scaled so that the last one is exactly ``n / rate`` (vLLM does so "to stabilize the
+      throughput data from different random seeds"; absent in vLLM <= 0.10's benchmarks/benchmark_serving.py).
+
+    With the same seed the times equal vLLM's own (the ShareGPT sampler draws from Python's ``random``, not
+    numpy, so numpy's stream is untouched before the arrivals are drawn).
+    """
+    n = _check_int("n", n, 1)
+    if not _is_real(rate) or math.isnan(rate) or not rate > 0:
+        raise ConfigError("rate", rate, "a number of requests per second > 0 (inf: all at once)")
+    if not _is_real(burstiness) or math.isnan(burstiness) or not burstiness > 0:
+        raise ConfigError("burstiness", burstiness, "a number > 0 (1: Poisson; inf: evenly spaced)")
+    seed = _check_seed(seed)
+    if math.isinf(rate):
+        return np.zeros(n, dtype=np.float64)
+    if math.isinf(burstiness):
+        gaps = np.full(n, 1.0 / rate)
+    else:
+        # RandomState(seed) is np.random.seed(seed)'s generator; its size=n draws equal n single draws
+        gaps = np.random.RandomState(seed).gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+    t = np.cumsum(gaps)
+    if t[-1] > 0:
+        t *= (n / rate) / t[-1]
+    return t
+
+
 def _arrival_seed(seed: int) -> int:
     """A seed for arrivals derived from ``seed`` but independent of the lengths' stream."""
     return int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
@@ -525,7 +680,21 @@ def _arrival_seed(seed: int) -> int:
 # ----------------------------------------------------------------------------------------------
 def _looks_like_path(kind: str) -> bool:
     p = Path(kind)
-    return p.suffix.lower() in (".csv", ".jsonl", ".ndjson") or p.exists() or "/" in kind or "\\" in kind
+    return (p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json") or p.exists() or "/" in kind
+            or "\\" in kind)
+
+
+def sharegpt(n: int = DEFAULT_N, seed: int = 0, tokenizer: str = "llama3", output_len: int | None = None,
+             source: str = "auto") -> Workload:
+    """``n`` real ShareGPT requests sampled as vLLM's serving benchmark samples them (see :mod:`.sharegpt`),
+    all at ``t = 0``; ids are the sending order. ``output_len`` is ``--sharegpt-output-len``."""
+    from . import sharegpt as sg
+
+    n = _check_int("n", n, 1)
+    seed = _check_seed(seed)
+    lengths = sg.load_lengths(tokenizer, source)
+    _, prompts, outputs = sg.sample(lengths, n, seed=seed, output_len=output_len)
+    return _build(f"sharegpt-{lengths.tokenizer}", prompts, outputs)
 
 
 def make_workload(
@@ -533,28 +702,39 @@ def make_workload(
     n: int | None = None,
     seed: int = 0,
     rate: float | None = None,
+    burstiness: float = 1.0,
+    max_concurrency: int | None = None,
     **kw: Any,
 ) -> Workload:
     """Build a workload from a kind name, as the CLI does.
 
     ``kind`` is one of:
 
+    * ``"sharegpt"`` -- :func:`sharegpt`, real conversations as vLLM's benchmark samples them; ``kw`` may set
+      ``tokenizer`` (``llama3``, ``qwen``), ``output_len`` (a fixed output length) and ``source``;
     * ``"multi_news"`` / ``"longbench_multi_news"`` -- :func:`longbench_multi_news`; ``kw`` may set
       ``prompt_mean``, ``output_len``, ``sigma``, ``max_prompt``;
     * ``"fixed"`` -- :func:`fixed`; ``kw`` must set ``prompt_len`` and ``output_len``;
-    * a dataset of ``workloads.csv`` (e.g. ``"sharegpt_8k"``) -- :func:`from_dataset_stats`;
-    * a path to a CSV/JSONL file -- :func:`from_file`; ``n`` keeps its first ``n`` requests.
+    * a dataset of ``workloads.csv`` (e.g. ``"sharegpt_8k"``) -- :func:`from_dataset_stats` (a lognormal fit);
+    * a path to a CSV/JSONL file -- :func:`from_file`; to a ``.json`` vLLM benchmark result --
+      :func:`from_vllm_result`; to a serving-run directory -- :func:`from_serving_run`. ``n`` keeps the
+      first ``n`` requests.
 
     ``n`` defaults to the paper's 200 for synthetic kinds and to the whole file for files.
-    ``rate=None`` means every request arrives at ``t = 0`` (a file keeps its own arrivals);
-    otherwise arrivals are :func:`poisson` at ``rate`` requests/s with a seed derived from
-    ``seed`` (independent of the lengths' random stream).
+    ``rate=None`` means every request arrives at ``t = 0`` (a file keeps its own arrivals); otherwise
+    arrivals are :func:`vllm_arrivals` at ``rate`` requests/s (``inf``: all at once) with ``burstiness`` and
+    ``seed``, as ``vllm bench serve --request-rate --burstiness --seed`` makes them. ``max_concurrency`` is
+    the client's limit on outstanding requests (``--max-concurrency``).
     """
     if n is not None:
         n = _check_int("n", n, 1)
     seed = _check_seed(seed)
     if rate is not None:
-        rate = _check_rate(rate)
+        vllm_arrivals(1, rate, burstiness)  # validates both
+    elif burstiness != 1.0:
+        raise ConfigError("burstiness", burstiness, "1 unless a rate is given (burstiness shapes --rate's gaps)")
+    if max_concurrency is not None:
+        max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
 
     def allow(*names: str) -> None:
         extra = sorted(set(kw) - set(names))
@@ -563,12 +743,16 @@ def make_workload(
                               + (f" (options: {', '.join(names)})" if names else ""))
 
     name = str(kind).strip() if isinstance(kind, (str, Path)) else kind
-    known = ["multi_news", "fixed", *[d for d in dataset_names() if d != _MULTI_NEWS]]
+    known = ["sharegpt", "multi_news", "fixed", *[d for d in dataset_names() if d != _MULTI_NEWS]]
+    expected = f"one of {known}, a CSV/JSONL file, a vLLM result .json or a serving-run directory"
     if not isinstance(name, str) or not name:
-        raise ConfigError("workload", kind, f"one of {known} or a path to a CSV/JSONL file")
+        raise ConfigError("workload", kind, expected)
     key = name.lower()
     from_trace = False
-    if key in _MULTI_NEWS_ALIASES:
+    if key == "sharegpt":
+        allow("tokenizer", "output_len", "source")
+        wl = sharegpt(n or DEFAULT_N, seed=seed, **kw)
+    elif key in _MULTI_NEWS_ALIASES:
         allow("prompt_mean", "output_len", "sigma", "max_prompt")
         wl = longbench_multi_news(n=n or DEFAULT_N, seed=seed, **kw)
     elif key == "fixed":
@@ -582,15 +766,25 @@ def make_workload(
         wl = from_dataset_stats(key, n or DEFAULT_N, seed=seed)
     elif isinstance(kind, Path) or _looks_like_path(name):
         allow()
-        wl = from_file(name)
+        path = Path(name)
+        if path.is_dir():
+            wl = from_serving_run(path)
+        elif path.suffix.lower() == ".json":
+            wl = from_vllm_result(path)
+        else:
+            wl = from_file(name)
         if n is not None:
             if n > wl.n:
                 raise ConfigError("n", n, f"at most the {wl.n} requests in the file", source=name)
             wl = wl.head(n)
         from_trace = True
     else:
-        raise ConfigError("workload", kind, f"one of {known} or a path to a CSV/JSONL file")
+        raise ConfigError("workload", kind, expected)
 
     if rate is not None:
-        return wl.with_arrivals(poisson(wl.n, rate, _arrival_seed(seed)))
-    return wl if from_trace else wl.with_arrivals(all_at_once(wl.n))
+        by_id = sorted(r.id for r in wl.requests)  # with_arrivals gives the i-th time to the i-th smallest id
+        assert by_id == sorted(by_id)
+        wl = wl.with_arrivals(vllm_arrivals(wl.n, rate, burstiness, seed))
+    elif not from_trace:
+        wl = wl.with_arrivals(all_at_once(wl.n))
+    return wl.with_max_concurrency(max_concurrency)

@@ -113,3 +113,16 @@ def test_by_gpu_count_panels_lines_and_styles():
     assert list(lines["H100"].get_xdata()) == [4, 8]  # only the counts that fit
     assert lines["H100 + offload"].get_linestyle() == "--" and lines["H100"].get_linestyle() == "-"
     assert lines["H100"].get_color() == lines["H100 + offload"].get_color() != lines["H200"].get_color()
+
+
+def test_length_distributions_one_cdf_per_workload():
+    from offloadlab.sim import make_workload
+
+    wls = {"real": make_workload("sharegpt", n=50, source="table"), "fit": make_workload("sharegpt_8k", n=30)}
+    fig = plots.length_distributions(wls, title="t")
+    prompt, output = fig.axes
+    assert prompt.get_xlabel() == "prompt tokens" and output.get_xlabel() == "output tokens"
+    assert [line.get_label().split(" (")[0] for line in prompt.get_lines()] == ["real", "fit"]
+    real = prompt.get_lines()[0]
+    assert real.get_ydata()[-1] == 1.0 and real.get_xdata()[-1] == wls["real"].describe()["prompt_max"]
+    assert len(output.get_lines()[1].get_xdata()) == 30
