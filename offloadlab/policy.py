@@ -69,14 +69,16 @@ class Placement:
     def staging_bytes(self) -> int:
         """GPU bytes the mechanism needs to bring offloaded weights back.
 
-        Prefetch: ``slots`` static buffers, each the size of the largest offloaded layer part (no
-        more buffers than offloaded layers). Copy path: the fresh device copies of one layer's
-        offloaded parameters, alive while that layer runs (vLLM's profiling run sees them).
-        UVA: none.
+        Prefetch: exactly ``slots`` static buffers, each the size of the largest offloaded layer part,
+        even when fewer layers are offloaded: vLLM's StaticBufferPool allocates ``slot_capacity =
+        offload_prefetch_step`` copies of every offloaded parameter
+        (vllm/model_executor/offloader/prefetch.py, ``PrefetchOffloader.post_init``). Copy path: the
+        fresh device copies of one layer's offloaded parameters, alive while that layer runs (vLLM's
+        profiling run sees them). UVA: none.
         """
         if self.mechanism == "prefetch" and self.offloaded_layers:
             biggest = max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
-            return min(self.slots, len(self.offloaded_layers)) * biggest
+            return self.slots * biggest
         if self.mechanism == "copy" and self.offloaded_layers:
             return max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
         return 0

@@ -25,6 +25,7 @@ def test_flags_round_trip(policy):
     args, env = vllm_args(policy)
     assert policy_from_vllm(args, env) == policy
     assert policy_from_vllm(format_vllm(policy)) == policy  # the shell line, environment first
+    assert policy_from_vllm(format_vllm(policy, vllm_version="0.29.0"), vllm_version="0.29.0") == policy
 
 
 def test_auto_backend_and_defaults_follow_vllm():
@@ -36,10 +37,55 @@ def test_auto_backend_and_defaults_follow_vllm():
     assert policy_from_vllm(format_vllm(interval(2, 2))) == Prefetch(2, 1, 2, wrap=True)
 
 
+def test_parameter_names_are_space_separated_like_vllms_nargs_plus():
+    # vllm/engine/arg_utils.py: set[str] fields become nargs="+"; vLLM's own tests pass
+    # `--offload-params gate_up_proj down_proj`
+    pol = policy_from_vllm("--offload-group-size 4 --offload-params gate_up_proj down_proj --max-model-len 4096")
+    assert pol == Prefetch(4, 1, 1, params=("gate_up_proj", "down_proj"), wrap=True)
+    uva = policy_from_vllm("vllm serve M --cpu-offload-gb 2 --cpu-offload-params qkv_proj down_proj -tp 2")
+    assert uva == VllmUva(2.0, params=("qkv_proj", "down_proj"))
+    args, _ = vllm_args(pol)
+    assert args[args.index("--offload-params"):] == ["--offload-params", "gate_up_proj", "down_proj"]
+    assert "--cpu-offload-params qkv_proj down_proj" in format_vllm(uva)
+    # a comma list is one name to vLLM, matching nothing: rejected with the reason
+    with pytest.raises(ConfigError, match="--offload-params.*space-separated"):
+        policy_from_vllm("--offload-group-size 4 --offload-params gate_up_proj,down_proj")
+    with pytest.raises(ConfigError, match="--cpu-offload-params"):
+        policy_from_vllm("--cpu-offload-gb 2 --cpu-offload-params qkv_proj,down_proj")
+
+
+def test_num_in_group_without_a_group_size_is_accepted_and_ignored():
+    # vllm/config/offload.py validates offload_num_in_group only once prefetch is enabled
+    assert policy_from_vllm("--offload-num-in-group 2") == NoOffload()
+    assert policy_from_vllm("--offload-num-in-group 3 --cpu-offload-gb 4") == VllmUva(4.0)
+
+
+def test_deploy_lines_turn_off_the_v2_model_runner_where_it_ignores_offload():
+    # vllm/config/vllm.py: V2 runner default for dense models from 0.25; it installs no offloader
+    pol = VllmUva(4.0)
+    assert format_vllm(pol).startswith("VLLM_USE_V2_MODEL_RUNNER=0 vllm serve MODEL")
+    assert format_vllm(pol, vllm_version="0.25.1").startswith("VLLM_USE_V2_MODEL_RUNNER=0 ")
+    assert format_vllm(pol, vllm_version="0.19.0") == "vllm serve MODEL --cpu-offload-gb 4.0 --offload-backend uva"
+    assert format_vllm(NoOffload(), vllm_version="0.29") == "vllm serve MODEL"
+    assert format_vllm(VllmCopy(4.0), vllm_version="0.19") == (
+        "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA=1 vllm serve MODEL --cpu-offload-gb 4.0")
+    with pytest.raises(ConfigError, match="0.17"):
+        format_vllm(interval(2), vllm_version="0.16.0")  # no prefetch backend before 0.17
+    # a line that the version would silently not offload is refused, naming the fix
+    with pytest.raises(ConfigError, match="VLLM_USE_V2_MODEL_RUNNER.*#51396"):
+        policy_from_vllm("vllm serve M --cpu-offload-gb 4", vllm_version="0.26.0")
+    with pytest.raises(ConfigError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        policy_from_vllm("VLLM_USE_V2_MODEL_RUNNER=1 vllm serve M --offload-group-size 2")
+    assert policy_from_vllm("vllm serve M --cpu-offload-gb 4", vllm_version="0.24.0") == pol
+    assert policy_from_vllm("VLLM_USE_V2_MODEL_RUNNER=0 vllm serve M --cpu-offload-gb 4", vllm_version="0.29") == pol
+    assert policy_from_vllm(format_vllm(pol, vllm_version="0.29"), vllm_version="0.29") == pol
+    assert policy_from_vllm("VLLM_USE_V2_MODEL_RUNNER=1 vllm serve M") == NoOffload()  # nothing to lose
+
+
 @pytest.mark.parametrize("flags,field", [
     ("--offload-group-size 2 --offload-num-in-group 3", "--offload-num-in-group"),
     ("--offload-group-size 4 --offload-prefetch-step 0", "--offload-prefetch-step"),
-    ("--offload-num-in-group 2", "--offload-num-in-group"),
+    ("--offload-num-in-group 0", "--offload-num-in-group"),
     ("--offload-backend prefetch", "--offload-group-size"),
     ("--cpu-offload-gb -1", "--cpu-offload-gb"),
     ("--offload-backend magic", "vllm flags"),
@@ -139,5 +185,6 @@ def test_format_vllm_adds_the_parallel_sizes():
 
     pol = policy_from_vllm("--cpu-offload-gb 8")
     assert format_vllm(pol, EngineConfig(tensor_parallel=4, pipeline_parallel=2)) == (
-        "vllm serve MODEL --tensor-parallel-size 4 --pipeline-parallel-size 2 --cpu-offload-gb 8.0 --offload-backend uva")
+        "VLLM_USE_V2_MODEL_RUNNER=0 vllm serve MODEL --tensor-parallel-size 4 --pipeline-parallel-size 2 "
+        "--cpu-offload-gb 8.0 --offload-backend uva")
     assert format_vllm(pol, EngineConfig()) == format_vllm(pol)
