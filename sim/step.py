@@ -7,8 +7,8 @@ Lanes (SimPy processes and resources):
 - copy: the prefetch copy stream, filling ``slots`` staging buffers in order; a copy into a slot
   waits for the event recorded after the last layer that read that slot;
 - link: the GPU's host link, shared equally by the transfers in flight (processor sharing): the
-  copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its bytes over the
-  link)) and, for tensor parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``,
+  copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its reads over the
+  link), the reads growing with the step's tokens: ``uva_read``, sim/costs.py) and, for tensor parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``,
   run at the end of the layer), which slow a prefetch copy in flight and are slowed by it.
 
 A compute span cannot end before the host launched the layer's last kernel: it ends at
@@ -79,8 +79,11 @@ COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter cop
 
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
-                    trace: bool = False, wrap: bool = False) -> StepResult:
+                    trace: bool = False, wrap: bool = False, uva_read=None) -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
+
+    ``uva_read(nbytes)``: link seconds the layer's kernels spend reading ``nbytes`` of UVA-offloaded
+    weights in this step (default ``transfer``: each weight read once, as for a single M-tile).
 
     ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
     ``slots`` offloaded layers of the next step as soon as their slots are free). Two identical
@@ -168,7 +171,7 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                 gpu = (layer.gpu - layer.link_comm) * (copy_slowdown if state["copying"] else 1.0)
                 if uva and placement.offloaded[i]:
                     # zero-copy: the kernels stream the offloaded weights over the host link as they run
-                    reading = sum(transfer(b) for b in placement.offloaded[i])
+                    reading = sum((uva_read or transfer)(b) for b in placement.offloaded[i])
                     yield env.all_of([env.timeout(gpu), env.process(link.transfer(reading))])
                     if p == P - 1:
                         busy["link"] += reading
@@ -238,11 +241,15 @@ class StepModel:
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         layer, head = self.layer_cost(shape)
-        key = (layer, head)
+        uva_read, uva_key = None, None
+        if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
+            uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
+            uva_key = _bin(uva_read(self.placement.layer_bytes), self.quantum)
+        key = (layer, head, uva_key)
         if not trace and key in self._cache:
             return self._cache[key]
         res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap)
+                              wrap=self.placement.wrap, uva_read=uva_read)
         self.simulated += 1
         self.events += res.events
         if not trace:

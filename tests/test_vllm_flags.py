@@ -132,10 +132,43 @@ def test_uva_reads_weights_over_the_link_every_step():
     link_time = 16 * M8.layer_bytes / get_gpu("h100").h2d_bw
     assert uva.time == pytest.approx(none.time + link_time, rel=0.05)
     assert uva.busy["link"] == pytest.approx(link_time, rel=0.01) and uva.busy["copy"] == 0
-    # a long prefill computes longer than it reads: UVA costs (almost) nothing
+    # a prefill's GEMMs read each weight once per 64-token M-tile (sim/costs.py): 16384 tokens read
+    # the offloaded 16 layers 256 times over the link, far slower than computing them
     pre_uva = simulate_step("llama-3.1-8b", "h100", VllmUva(6.5), new_tokens=16384)
-    pre_none = simulate_step("llama-3.1-8b", "h100", NoOffload(), new_tokens=16384)
-    assert pre_uva.time == pytest.approx(pre_none.time, rel=0.01)
+    assert pre_uva.busy["link"] == pytest.approx(256 * link_time, rel=0.01)
+    assert pre_uva.time > 10 * simulate_step("llama-3.1-8b", "h100", NoOffload(), new_tokens=16384).time
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.lists(st.integers(1, 4096), min_size=2, max_size=4, unique=True), gib=st.sampled_from([2.0, 6.5]))
+def test_uva_time_rises_with_tokens_per_step_on_a_fixed_offload(tokens, gib):
+    from offloadlab.sim import Roofline
+
+    lo, hi = sorted(tokens)[:2]
+    t = [simulate_step("llama-3.1-8b", "h100", VllmUva(gib), new_tokens=n).busy["link"] for n in (lo, hi)]
+    assert t[1] >= t[0] * (1 - 1e-9)
+    cost = Roofline(M8, get_gpu("h100"))
+    if cost.uva_reads(hi) > cost.uva_reads(lo):  # another M-tile: the weights cross the link again
+        assert t[1] > t[0] * (1 + 0.9 * (cost.uva_reads(hi) - cost.uva_reads(lo)) / cost.uva_reads(lo))
+
+
+def test_uva_reads_calibrate_from_a_measured_uva_gemm():
+    from offloadlab.profile import Profile
+    from offloadlab.sim import StepModel, StepShape, cost_model
+    from offloadlab.sim.costs import uva_seconds_per_byte
+
+    rows = ((1, 1e8, 0.005), (64, 1e8, 0.02), (256, 1e8, 0.08))  # seconds per 1e8-byte weight by M
+    assert uva_seconds_per_byte(rows, 1) == pytest.approx(5e-11)
+    assert uva_seconds_per_byte(rows, 8) == pytest.approx(5e-11 + 0.5 * 1.5e-10)  # log-interpolated
+    assert uva_seconds_per_byte(rows, 1024) == pytest.approx(4 * 8e-10)  # beyond: one read per M-tile more
+    prof = Profile(h2d=((1 << 20, 2e10), (1 << 30, 5e10)), layer_times=(), uva_gemm=rows)
+    cost = cost_model(M8, get_gpu("h100"), prof)
+    pl = VllmUva(6.5).place(M8)
+    for tokens in (1, 64, 256):
+        res = StepModel(pl, cost, quantum=0).run(StepShape.uniform(1, tokens, 0))
+        assert res.busy["link"] == pytest.approx(pl.offloaded_bytes * uva_seconds_per_byte(rows, tokens), rel=1e-9)
+    with pytest.raises(ConfigError, match="uva_gemm"):
+        Profile(h2d=((1, 1),), layer_times=(), uva_gemm=((0, 1e8, 0.1),))
 
 
 def test_cli_accepts_vllm_flags(capsys):
