@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from ..errors import ConfigError
 from ..policy import Placement
 from ..trace import Span, Trace
 from .costs import LayerCost, StepShape
@@ -78,8 +79,11 @@ class SharedLink:
 COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter copy (vLLM's copy path)
 
 
+JOINS = ("eager", "full", "piecewise")
+
+
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
-                    trace: bool = False, wrap: bool = False, uva_read=None) -> StepResult:
+                    trace: bool = False, wrap: bool = False, uva_read=None, join: str = "eager") -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
 
     ``uva_read(nbytes)``: link seconds the layer's kernels spend reading ``nbytes`` of UVA-offloaded
@@ -89,7 +93,22 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     ``slots`` offloaded layers of the next step as soon as their slots are free). Two identical
     steps are simulated back to back and the second is reported; its first copies may have started
     during the first (negative start times in the trace).
+
+    ``join`` (with ``wrap``): how vLLM's prefetch backend joins its copy stream, by how the step runs
+    (vllm/model_executor/offloader/prefetch.py ``join_after_forward``/``sync_prev_onload``, called
+    around every CUDA-graph capture and replay in vllm/compilation/cuda_graph.py):
+    - ``eager``: no join; the next step's first copies overlap this step's tail, its LM head and the
+      next step's start.
+    - ``full`` (a FULL CUDA graph, vLLM's decode steps): the copies started inside the graph for the
+      next step's first layers are joined before the graph ends, so the forward (before the LM
+      head, which runs outside the graph) waits for them; the next replay's ``sync_prev_onload``
+      then finds nothing outstanding.
+    - ``piecewise`` (piecewise graphs, split at attention): each piece joins the copies it started,
+      so a copy issued after layer i must end before the piece reaching layer i+1's attention ends;
+      modelled as: before layer i+1's compute ends (before the forward ends after the last layer).
     """
+    if join not in JOINS:
+        raise ValueError(f"join={join!r}: expected one of {JOINS}")
     env = simpy.Environment()
     L = placement.layers
     P = 2 if wrap and placement.mechanism == "prefetch" and placement.offloaded_layers else 1
@@ -98,6 +117,17 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     prefetched = [p * L + j for p in range(P) for j in offloaded]  # global layer index, pass-major
     slots = placement.slots
+    join_layer: dict[int, list[int]] = {}  # global layer -> copies its compute cannot end before
+    join_end: dict[int, list[int]] = {}  # pass -> copies its forward (before the LM head) waits for
+    if P > 1 and join != "eager":
+        # the last pass also starts the next step's first copies inside its graph, and joins them
+        prefetched += [P * L + j for j in offloaded[:slots]]
+        for m in range(slots, len(prefetched)):
+            by, g = prefetched[m - slots], prefetched[m]  # the copy into by's slot, issued after by ran
+            if join == "piecewise" and (by + 1) % L:
+                join_layer.setdefault(by + 1, []).append(g)
+            elif g // L != by // L:  # full graph: only copies for the next step outlive a layer's wait
+                join_end.setdefault(by // L, []).append(g)
     link = SharedLink(env)
     host_start = [env.event() for _ in range(P * L)]
     host_done = [env.event() for _ in range(P * L)]
@@ -181,6 +211,11 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                     yield from link.transfer(layer.link_comm)
                     if p == P - 1:
                         busy["link"] += layer.link_comm
+                for c in join_layer.get(g, ()):  # piecewise graph: the piece joins the copies it started
+                    if not copy_done[c].processed:
+                        t1 = env.now
+                        yield copy_done[c]
+                        record("compute", "wait", t1, g)
                 if not host_done[g].processed:
                     yield host_done[g]
                 late = host_done_at[g] + layer.tail - env.now  # the last kernel, launched late, still runs
@@ -189,6 +224,11 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
                 record("compute", "compute", t0, g)
                 if g in released:
                     released[g].succeed()
+            for c in join_end.get(p, ()):  # join_after_forward: the graph ends after the copies it started
+                if not copy_done[c].processed:
+                    t0 = env.now
+                    yield copy_done[c]
+                    record("compute", "wait", t0, p * L + L - 1)
             t0 = env.now
             yield env.timeout(head)
             record("compute", "compute", t0, p * L, layer=L)  # the LM head
@@ -219,6 +259,14 @@ def _bin(x: float, q: float) -> float:
     return math.exp(round(math.log(x) / q) * q)
 
 
+def join_mode(cost, shape: StepShape) -> str:
+    """How a step joins vLLM's prefetch copy stream: ``full`` when it replays a CUDA graph (the cost
+    model's rule: decode batches up to the capture size), else ``eager``. The engine's piecewise
+    graphs for mixed batches are chosen explicitly (StepModel(join="piecewise"))."""
+    rf = getattr(cost, "roofline", cost)
+    return "full" if rf.replays_graph(shape) else "eager"
+
+
 class StepModel:
     """Step times for one (model, placement, cost model), memoized.
 
@@ -228,8 +276,11 @@ class StepModel:
     workload of thousands of steps stays fast.
     """
 
-    def __init__(self, placement: Placement, cost, quantum: float = 2e-3):
+    def __init__(self, placement: Placement, cost, quantum: float = 2e-3, join: str | None = None):
         self.placement, self.cost, self.quantum = placement, cost, quantum
+        if join is not None and join not in JOINS:
+            raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
+        self.join = join
         self._cache: dict[tuple, StepResult] = {}
         self.simulated = 0  # SimPy runs
         self.events = 0  # SimPy events over all runs
@@ -245,11 +296,12 @@ class StepModel:
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
             uva_key = _bin(uva_read(self.placement.layer_bytes), self.quantum)
-        key = (layer, head, uva_key)
+        join = self.join or join_mode(self.cost, shape)
+        key = (layer, head, uva_key, join if self.placement.wrap else None)
         if not trace and key in self._cache:
             return self._cache[key]
         res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap, uva_read=uva_read)
+                              wrap=self.placement.wrap, uva_read=uva_read, join=join)
         self.simulated += 1
         self.events += res.events
         if not trace:
