@@ -157,7 +157,8 @@ def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None, v
             raise ConfigError("--offload-num-in-group", n, f"in [1, --offload-group-size={g}]")
         if s < 1:
             raise ConfigError("--offload-prefetch-step", s, ">= 1 when prefetch offloading is enabled")
-        pol = Prefetch(g, n, s, params=_names("--offload-params", a.offload_params), wrap=True)
+        pol = Prefetch(g, n, s, params=_names("--offload-params", a.offload_params), wrap=True,
+                       pin_memory=not _flag(env, DISABLE_PIN))
         return _check_runner(pol, env, vllm_version)
     # --offload-num-in-group without a group size: vLLM validates it only when prefetch is on
     # (vllm/config/offload.py), so it is accepted and ignored, like the other prefetch fields
@@ -165,10 +166,10 @@ def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None, v
         raise ConfigError("--offload-num-in-group", a.offload_num_in_group, ">= 1")  # Field(ge=1)
     if a.cpu_offload_gb == 0:
         return NoOffload()
-    params = _names("--cpu-offload-params", a.cpu_offload_params)
+    params, pin = _names("--cpu-offload-params", a.cpu_offload_params), not _flag(env, DISABLE_PIN)
     if _flag(env, DISABLE_UVA):
-        return _check_runner(VllmCopy(a.cpu_offload_gb, params=params), env, vllm_version)
-    return _check_runner(VllmUva(a.cpu_offload_gb, params=params), env, vllm_version)
+        return _check_runner(VllmCopy(a.cpu_offload_gb, params=params, pin_memory=pin), env, vllm_version)
+    return _check_runner(VllmUva(a.cpu_offload_gb, params=params, pin_memory=pin), env, vllm_version)
 
 
 def vllm_args(policy: Policy, vllm_version=None) -> tuple[list[str], dict[str, str]]:
@@ -181,6 +182,8 @@ def vllm_args(policy: Policy, vllm_version=None) -> tuple[list[str], dict[str, s
         return [], {}
     v = parse_version(vllm_version)
     env = {} if v is not None and v < V2_RUNNER_DEFAULT_SINCE else {V2_RUNNER: "0"}
+    if not policy.pin_memory:
+        env[DISABLE_PIN] = "1"
     if isinstance(policy, Prefetch):
         if v is not None and v < PREFETCH_SINCE:
             raise ConfigError("vllm_version", vllm_version, f">= 0.17 for {policy.label} (vLLM's prefetch backend)")

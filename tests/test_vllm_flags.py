@@ -11,15 +11,16 @@ from offloadlab.vllm_flags import format_vllm, policy_from_vllm, vllm_args
 
 M8 = get_model("llama-3.1-8b")
 PARAMS = st.sampled_from([(), ("gate_up_proj",), ("mlp",), ("self_attn.qkv_proj", "down_proj")])
+PIN = st.booleans()
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.one_of(
     st.just(NoOffload()),
-    st.builds(VllmCopy, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
-    st.builds(VllmUva, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS),
+    st.builds(VllmCopy, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS, PIN),
+    st.builds(VllmUva, st.floats(0.25, 12).map(lambda x: round(x, 3)), PARAMS, PIN),
     st.integers(1, 8).flatmap(lambda g: st.builds(Prefetch, st.just(g), st.integers(1, g), st.integers(1, 4), PARAMS,
-                                                  st.just(True))),
+                                                  st.just(True), PIN)),
 ))
 def test_flags_round_trip(policy):
     args, env = vllm_args(policy)
@@ -121,8 +122,30 @@ def test_pinned_host_memory_is_rounded_to_powers_of_two():
     assert pl.host_pinned_bytes == sum(1 << (b - 1).bit_length() for b in sizes)
     # 50.3 MB -> 64 MiB, 33.5 MB stays 32 MiB, 235 MB -> 256 MiB, 117 MB -> 128 MiB
     assert pl.host_pinned_bytes >= 1.15 * pl.offloaded_bytes
-    flat = interval(2).place(M8)  # one flat 436 MB tensor per layer -> 512 MiB each
-    assert flat.host_pinned_bytes == 16 * 512 * 1024**2
+    # the prefetch backend as released also pins each parameter (prefetch.py _CpuParamOffloader):
+    # qkv 50.3 MB -> 64 MiB, o 32 MiB, gate_up 235 MB -> 256 MiB, down 117 MB -> 128 MiB, norms 8 KiB
+    per_param = interval(2).place(M8)
+    assert per_param.host_pinned_bytes == 16 * ((64 + 32 + 256 + 128) * 1024**2 + 2 * 8192)
+    # newer vLLM packs a layer into one slab (slab.py): 436 MB < 2 GiB, one chunk -> 512 MiB
+    assert Prefetch(2, 1, 2, slab=True).place(M8).host_pinned_bytes == 16 * 512 * 1024**2
+    # VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1: exact sizes (UVA maps an exact cudaHostAlloc)
+    exact = policy_from_vllm("VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 vllm serve M --cpu-offload-gb 0.4")
+    assert exact == VllmUva(0.4, pin_memory=False) and exact.place(M8).host_pinned_bytes == pl.offloaded_bytes
+    assert "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1" in format_vllm(exact)
+
+
+def test_slab_chunks_follow_vllms_chunk_ranges():
+    from offloadlab.policy import slab_chunks
+
+    GiB, MiB = 1024**3, 1024**2
+    assert slab_chunks(436_224_000) == [436_224_000]
+    assert slab_chunks(4 * GiB) == [2 * GiB, 2 * GiB]
+    assert slab_chunks(5 * GiB) == [2 * GiB, 2 * GiB, GiB]  # tail >= 128 MiB: kept
+    # a 10 MiB tail becomes 128 MiB, taken from the chunk before it (build_slab_chunk_ranges)
+    assert slab_chunks(4 * GiB + 10 * MiB) == [2 * GiB, 2 * GiB + 10 * MiB - 128 * MiB, 128 * MiB]
+    for total in (1, 2 * GiB - 1, 2 * GiB + 1, 7 * GiB + 3):
+        chunks = slab_chunks(total)
+        assert sum(chunks) == total and all(0 < c <= 2 * GiB for c in chunks)
 
 
 def test_uva_reads_weights_over_the_link_every_step():
