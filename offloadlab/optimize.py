@@ -16,7 +16,8 @@ counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} s
 offloaded layers); vLLM's UVA and copy-path budgets at 1/8, 2/8, ..., 8/8 of the decoder-layer
 bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one layer more. About
 60-130 candidates. Prefetch candidates are simulated as vLLM's prefetch backend deploys them
-(``wrap=True``: the next step's first copies start as soon as slots are free); ``wrap=False``
+(``wrap=True``: the next step's first copies start as soon as slots are free, and are joined before
+the LM head in steps that replay a CUDA graph, as vLLM does: sim/step.py ``join``); ``wrap=False``
 searches the paper's design instead.
 
 Each candidate is simulated with ``offloadlab.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
