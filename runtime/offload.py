@@ -272,9 +272,13 @@ def memory_needs(spec: ModelSpec, pl: Placement, reserve_bytes: int = 0) -> dict
     """Bytes a placement needs on the device (resident weights, staging, reserve) and in host memory
     (pinned: PyTorch's pinned allocator rounds each allocation up to a power of two)."""
     resident = spec.layers * spec.layer_bytes - pl.offloaded_bytes + spec.non_layer_bytes
+    # this runtime pins each parameter on its own (copy path, UVA) but one flat tensor per prefetched
+    # layer (vLLM's slab layout without its 2 GiB chunking), so count what it allocates
+    pinned = pl.host_pinned_bytes if pl.mechanism != "prefetch" else \
+        sum(1 << (pl.layer_offloaded_bytes(i) - 1).bit_length() for i in pl.offloaded_layers)
     return {"device_weights": resident, "staging": pl.staging_bytes, "reserve": int(reserve_bytes),
             "device": resident + pl.staging_bytes + int(reserve_bytes), "host": pl.offloaded_bytes,
-            "host_pinned": pl.host_pinned_bytes}
+            "host_pinned": pinned}
 
 
 def check_fits(spec: ModelSpec, pl: Placement, dev: Device, reserve_bytes: int = 0, label: str = "") -> dict:
