@@ -16,7 +16,8 @@ counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} s
 offloaded layers); vLLM's UVA and copy-path budgets at 1/8, 2/8, ..., 8/8 of the decoder-layer
 bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one layer more. About
 60-130 candidates. Prefetch candidates are simulated as vLLM's prefetch backend deploys them
-(``wrap=True``: the next step's first copies start as soon as slots are free); ``wrap=False``
+(``wrap=True``: the next step's first copies start as soon as slots are free, and are joined before
+the LM head in steps that replay a CUDA graph, as vLLM does: sim/step.py ``join``); ``wrap=False``
 searches the paper's design instead.
 
 Each candidate is simulated with ``offloadlab.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
@@ -197,9 +198,15 @@ def bound_reason(row) -> str:
         gpu = {"uva": "its kernels reading the weights over it",
                "vllm": f"the compute stream busy {comp:.0%} of the time, the copies on it included"
                }.get(row["policy_kind"], f"the GPU computing {comp:.0%}")
-        why = (f"It is copy-bound: the host link is busy {link:.0%} of the run ({gpu}), so the "
-               "time goes to moving weights and a step costs about the same whatever its batch: what wins is the fewest "
-               "bytes copied per generated token (few bytes offloaded, or a KV cache big enough for large batches).")
+        if row["policy_kind"] == "uva":  # reads grow with the step's tokens (sim/costs.py uva_read)
+            why = (f"It is copy-bound: the host link is busy {link:.0%} of the run ({gpu}), and the kernels read "
+                   "each offloaded weight again for every M-tile of a step (64 tokens unless calibrated), so bigger "
+                   "batches and prefill chunks cost more link time, not less: what wins is few bytes offloaded.")
+        else:
+            why = (f"It is copy-bound: the host link is busy {link:.0%} of the run ({gpu}), so the time goes to "
+                   "moving weights and a step costs about the same whatever its batch: what wins is the fewest "
+                   "bytes copied per generated token (few bytes offloaded, or a KV cache big enough for large "
+                   "batches).")
     elif bound == "launch-bound":
         why = (f"It is launch-bound: the host launching kernels is busy {host:.0%} of the run against {comp:.0%} for "
                f"the GPU (link {link:.0%}); copies are not the limit.")
@@ -207,7 +214,8 @@ def bound_reason(row) -> str:
         why = f"It is compute-bound: the GPU computes {comp:.0%} of the run, and nothing is copied."
     elif row["policy_kind"] == "uva":
         why = (f"It is compute-bound ({comp:.0%}), but its kernels read the offloaded weights over the host link in "
-               f"every pass (zero-copy, link busy {link:.0%}): that reading is part of the compute time.")
+               f"every pass, once per M-tile of a step (zero-copy, link busy {link:.0%}): that reading is part "
+               "of the compute time.")
     else:
         why = (f"It is compute-bound: the GPU computes {comp:.0%} of the run and the link is busy only {link:.0%}, so "
                "the copies hide behind compute.")

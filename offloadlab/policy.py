@@ -20,6 +20,7 @@ whose dotted name contains the given segments (vLLM's ``--cpu-offload-params``/`
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Union
@@ -40,6 +41,7 @@ class Placement:
     names: tuple[tuple[str, ...], ...] | None = None  # offloaded parameter names; None: a prefix in
     #                                                   ModelSpec.layer_param_shapes order
     wrap: bool = False  # prefetch continues across steps (see Prefetch.wrap)
+    host_alloc: str = "param"  # how host memory holds the offloaded weights (see host_pinned_bytes)
 
     @property
     def layers(self) -> int:
@@ -58,12 +60,27 @@ class Placement:
 
     @property
     def host_pinned_bytes(self) -> int:
-        """Pinned host bytes: PyTorch's pinned allocator rounds each allocation up to a power of two.
+        """Host bytes the offloaded weights occupy, as vLLM allocates them (``host_alloc``):
 
-        Copy path and UVA pin each offloaded parameter; prefetch pins one flat tensor per layer.
+        - ``param``: each offloaded parameter pinned on its own through PyTorch's caching host
+          allocator, which rounds every allocation up to a power of two: UVA
+          (vllm/model_executor/offloader/uva.py, ``cpu_data.pin_memory()``), the copy path (same
+          file, UVA disabled) and the prefetch backend as released
+          (vllm/model_executor/offloader/prefetch.py, ``_CpuParamOffloader``:
+          ``torch.empty_strided(..., pin_memory=True)`` per parameter). vllm#56410, #58178.
+        - ``slab``: newer prefetch code packs each offloaded layer into one slab whose pinned CPU
+          source is split into chunks of at most 2 GiB, the last at least 128 MiB
+          (vllm/model_executor/offloader/slab.py, ``build_slab_chunk_ranges``); each chunk rounded.
+        - ``exact``: ``VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1`` (base.py ``should_pin_memory``):
+          UVA then maps an exact-size ``cudaHostAlloc`` (the workaround users give in #56410,
+          #58178); the copy path and prefetch keep pageable, exact-size host tensors.
         """
-        sizes = ([self.layer_offloaded_bytes(i) for i in self.offloaded_layers] if self.mechanism == "prefetch"
-                 else [b for p in self.offloaded for b in p])
+        if self.host_alloc == "exact":
+            return self.offloaded_bytes
+        if self.host_alloc == "slab":
+            sizes = [c for i in self.offloaded_layers for c in slab_chunks(self.layer_offloaded_bytes(i))]
+        else:
+            sizes = [b for p in self.offloaded for b in p]
         return sum(1 << (b - 1).bit_length() for b in sizes if b > 0)
 
     @property
@@ -76,17 +93,42 @@ class Placement:
     def staging_bytes(self) -> int:
         """GPU bytes the mechanism needs to bring offloaded weights back.
 
-        Prefetch: ``slots`` static buffers, each the size of the largest offloaded layer part (no
-        more buffers than offloaded layers). Copy path: the fresh device copies of one layer's
-        offloaded parameters, alive while that layer runs (vLLM's profiling run sees them).
-        UVA: none.
+        Prefetch: exactly ``slots`` static buffers, each the size of the largest offloaded layer part,
+        even when fewer layers are offloaded: vLLM's StaticBufferPool allocates ``slot_capacity =
+        offload_prefetch_step`` copies of every offloaded parameter
+        (vllm/model_executor/offloader/prefetch.py, ``PrefetchOffloader.post_init``). Copy path: the
+        fresh device copies of one layer's offloaded parameters, alive while that layer runs (vLLM's
+        profiling run sees them). UVA: none.
         """
         if self.mechanism == "prefetch" and self.offloaded_layers:
             biggest = max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
-            return min(self.slots, len(self.offloaded_layers)) * biggest
+            return self.slots * biggest
         if self.mechanism == "copy" and self.offloaded_layers:
             return max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
         return 0
+
+
+SLAB_CHUNK = 2 * GiB  # vllm/model_executor/offloader/slab.py PINNED_CPU_SLAB_CHUNK_BYTES
+SLAB_MIN_TAIL = 128 * 1024**2  # PINNED_CPU_SLAB_MIN_TAIL_BYTES
+
+
+def slab_chunks(total: int, chunk: int = SLAB_CHUNK, min_tail: int = SLAB_MIN_TAIL) -> list[int]:
+    """Sizes of the pinned chunks of one slab: vLLM's ``build_slab_chunk_ranges`` (slab.py): full
+    chunks, and a tail under ``min_tail`` is made ``min_tail`` by shortening the chunk before it."""
+    if total <= 0:
+        return []
+    full, tail = divmod(total, chunk)
+    if tail == 0 or tail >= min_tail or full == 0:
+        return [chunk] * full + ([tail] if tail else [])
+    return [chunk] * (full - 1) + [chunk + tail - min_tail, min_tail]
+
+
+HOST_ALLOCS = ("param", "slab", "exact")
+
+
+def _check_bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(name, v, "True or False")
 
 
 @dataclass(frozen=True)
@@ -148,6 +190,7 @@ class _Budget:
 
     cpu_offload_gb: float
     params: tuple[str, ...] = ()
+    pin_memory: bool = True  # False: VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 (exact-size host memory)
     kind = ""  # "vllm" (copy path) or "uva"
     mechanism = ""
 
@@ -156,13 +199,16 @@ class _Budget:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError("cpu_offload_gb", v, "a number of GiB >= 0")
         _check_params(self.params)
+        _check_bool("pin_memory", self.pin_memory)
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
+        return (f"{self.kind} {self.cpu_offload_gb:g}GiB" + (f" [{','.join(self.params)}]" if self.params else "")
+                + ("" if self.pin_memory else " unpinned"))
 
     def place(self, model: ModelSpec) -> Placement:
-        return _budget_walk(model, self.cpu_offload_gb, self.params, self.mechanism)
+        pl = _budget_walk(model, self.cpu_offload_gb, self.params, self.mechanism)
+        return pl if self.pin_memory else dataclasses.replace(pl, host_alloc="exact")
 
 
 def budget_for(offloaded_bytes: int) -> float:
@@ -198,6 +244,8 @@ class Prefetch:
     params: tuple[str, ...] = ()
     wrap: bool = False  # vLLM's prefetch backend: the next step's first copies start as soon as their
     #                     slots are free (preload), instead of at the step's start (the paper's design)
+    pin_memory: bool = True  # False: VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 (vLLM >= #37699)
+    slab: bool = False  # newer vLLM: one pinned slab per layer in <= 2 GiB chunks (slab.py)
     kind = "prefetch"
 
     def __post_init__(self):
@@ -209,12 +257,13 @@ class Prefetch:
         if self.per_group > self.group:
             raise ConfigError("per_group", self.per_group, f"at most group={self.group}")
         _check_params(self.params)
-        if not isinstance(self.wrap, bool):
-            raise ConfigError("wrap", self.wrap, "True or False")
+        for name in ("wrap", "pin_memory", "slab"):
+            _check_bool(name, getattr(self, name))
 
     @property
     def label(self) -> str:
-        sel = f" [{','.join(self.params)}]" if self.params else ""
+        sel = (f" [{','.join(self.params)}]" if self.params else "") + ("" if self.pin_memory else " unpinned") \
+            + (" slab" if self.slab else "")
         if self.wrap:
             return f"vllm-prefetch g={self.group} n={self.per_group} s={self.slots}{sel}"
         if self.per_group == 1:
@@ -230,7 +279,8 @@ class Prefetch:
         names = tuple(n for n, _ in sel)
         off = [self.is_offloaded(i) for i in range(model.layers)]
         return Placement(tuple(sizes if o else () for o in off), model.layer_bytes, "prefetch", slots=self.slots,
-                         names=tuple(names if o else () for o in off), wrap=self.wrap)
+                         names=tuple(names if o else () for o in off), wrap=self.wrap,
+                         host_alloc="exact" if not self.pin_memory else "slab" if self.slab else "param")
 
 
 def copy_prefix(model: ModelSpec, layers: int) -> Placement:

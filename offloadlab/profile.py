@@ -11,6 +11,8 @@ A Profile is what a GPU measured, in the project's units (bytes, seconds). On di
                                               # after C cached tokens
     launch_per_layer: 0.00075       # host seconds to launch one layer's kernels (eager), or null
     copy_slowdown: 1.0              # compute time multiplier while a host->device copy runs
+    uva_gemm: [[M, bytes, seconds], ...]      # optional: a GEMM of M token rows reading a weight of
+                                              # `bytes` from pinned host memory through its UVA view
     meta: {...}                     # torch/driver versions, date, command
 
 ``Profile.from_probe`` converts the public probe format (shared/data/h100_llama8b_probe.json):
@@ -42,6 +44,7 @@ class Profile:
     launch_per_layer: float | None = None
     copy_slowdown: float = 1.0
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    uva_gemm: tuple[tuple[int, int, float], ...] = ()  # (M tokens, weight bytes, seconds), UVA reads
 
     def __post_init__(self):
         src = self.meta.get("source") if isinstance(self.meta, dict) else None
@@ -58,11 +61,15 @@ class Profile:
             raise ConfigError("launch_per_layer", self.launch_per_layer, "seconds >= 0 or null", source=src)
         if not self.copy_slowdown >= 1.0:
             raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1", source=src)
+        for i, row in enumerate(self.uva_gemm):
+            if len(row) != 3 or not all(isinstance(x, (int, float)) and x > 0 for x in row):
+                raise ConfigError(f"uva_gemm[{i}]", row, "[M >= 1, bytes > 0, seconds > 0]", source=src)
 
     # ---- files ----
     def save(self, path: str | Path) -> Path:
         d = asdict(self)
-        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ("h2d", "layer_times") else v) for k, v in d.items()}}
+        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ("h2d", "layer_times", "uva_gemm") else v)
+                                  for k, v in d.items()}}
         return atomic_write_json(path, d)
 
     @classmethod
@@ -82,7 +89,8 @@ class Profile:
                        layer_times=tuple(tuple(r) for r in d["layer_times"]),
                        model=d.get("model", ""), gpu=d.get("gpu", ""), layers=int(d.get("layers", 0)),
                        launch_per_layer=d.get("launch_per_layer"),
-                       copy_slowdown=float(d.get("copy_slowdown", 1.0)), meta=meta)
+                       copy_slowdown=float(d.get("copy_slowdown", 1.0)), meta=meta,
+                       uva_gemm=tuple(tuple(r) for r in d.get("uva_gemm") or ()))
         except TypeError as e:
             raise ConfigError("file", src, f"rows of numbers ({e})") from None
 

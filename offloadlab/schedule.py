@@ -78,6 +78,17 @@ class SlotSchedule:
         layer), or None."""
         return m + self.ring if m + self.ring < self.offloaded else None
 
+    def issuer(self, m: int) -> tuple[int, int] | None:
+        """The read right after which the copy of offloaded layer m is issued, as (step delta, layer):
+        the same step's m - ring, or, with wrap, the previous step's layer whose ``wrapped_after``
+        holds m; None for a copy issued at the step's start."""
+        assert 0 <= m < self.offloaded, f"offloaded index {m} outside 0..{self.offloaded - 1}"
+        if m >= self.ring:
+            return (0, m - self.ring)
+        if not self.wrap:
+            return None
+        return (-1, next(x for x in range(self.offloaded) if m in self.wrapped_after(x)))
+
     def wrapped_after(self, m: int) -> range:
         """With wrap: the next step's copies issued once offloaded layer m has been read (in order:
         copy w goes out when the last readers of slots 0..w have all read)."""

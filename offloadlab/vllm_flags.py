@@ -1,11 +1,27 @@
 """vLLM's offload flags in and out: a deployment's command line <-> a Policy (and its engine flags).
 
 Flags (vLLM >= 0.17; vllm/config/offload.py): ``--cpu-offload-gb G`` with
-``--cpu-offload-params a,b`` (UVA by default, the 0.7 copy path when
+``--cpu-offload-params a b`` (UVA by default, the 0.7 copy path when
 ``VLLM_WEIGHT_OFFLOADING_DISABLE_UVA=1``), ``--offload-backend {auto,uva,prefetch}``, and for
 prefetch ``--offload-group-size g --offload-num-in-group n --offload-prefetch-step s
---offload-params a,b``. ``auto`` means prefetch when a group size is set, else UVA when
-``--cpu-offload-gb`` > 0. Combinations vLLM rejects are rejected here too, with the same reasons.
+--offload-params a b``. ``auto`` means prefetch when a group size is set, else UVA when
+``--cpu-offload-gb`` > 0 (vllm/model_executor/offloader/base.py, ``create_offloader``).
+Combinations vLLM rejects are rejected here too, with the same reasons.
+
+Parameter names are space-separated: both fields are ``set[str]`` in vllm/config/offload.py and
+vllm/engine/arg_utils.py turns a set-typed field into ``nargs="+"`` (``collection_to_kwargs``).
+``--offload-params a,b`` is ONE name to vLLM, which matches no parameter segment, so nothing is
+offloaded: it is rejected here with that explanation.
+
+Model runner (vllm/config/vllm.py, ``use_v2_model_runner`` / ``_is_default_v2_model_runner_model``):
+from vLLM 0.25 the V2 model runner is the default for every dense (non-MoE) model, from 0.29 for
+all models, and it never installs the weight offloader (vllm/v1/worker/gpu/model_runner.py has no
+``set_offloader`` call; vllm issues #51396, #56283, fix PR #48468 open), so ``--cpu-offload-gb`` and
+the prefetch flags silently do nothing there. Deploy lines therefore start with
+``VLLM_USE_V2_MODEL_RUNNER=0`` (the V1 runner, vllm/v1/worker/gpu_model_runner.py, calls
+``set_offloader(create_offloader(...))``); for a version before 0.25 (``vllm_version``) they leave it
+out, as the V1 runner is the default there. A line with ``VLLM_USE_V2_MODEL_RUNNER=1`` and offload
+flags is rejected, and so is one without ``=0`` when a ``vllm_version`` >= 0.25 is given.
 
 The engine flags of the same command line that the simulator models (``engine_from_vllm``):
 ``--tensor-parallel-size/-tp``, ``--pipeline-parallel-size/-pp``, ``--gpu-memory-utilization``,
@@ -21,6 +37,13 @@ from .errors import ConfigError
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
 
 DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
+DISABLE_PIN = "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY"  # vllm/model_executor/offloader/base.py should_pin_memory
+V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
+#: First vLLM version whose V2 model runner (which installs no offloader) is the default for dense
+#: models (vllm/config/vllm.py ``_is_default_v2_model_runner_model``: ``... or not model_config.is_moe``).
+V2_RUNNER_DEFAULT_SINCE = (0, 25)
+#: First vLLM version with the prefetch backend (vllm/model_executor/offloader/prefetch.py, PR #29941).
+PREFETCH_SINCE = (0, 17)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype values modelled
 
 
@@ -32,12 +55,12 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
     p.add_argument("--cpu-offload-gb", type=float, default=0.0)
-    p.add_argument("--cpu-offload-params", default="")
+    p.add_argument("--cpu-offload-params", nargs="+", default=[])  # set[str]: nargs="+" (arg_utils.py)
     p.add_argument("--offload-backend", choices=["auto", "uva", "prefetch"], default="auto")
     p.add_argument("--offload-group-size", type=int, default=0)
     p.add_argument("--offload-num-in-group", type=int, default=None)
     p.add_argument("--offload-prefetch-step", type=int, default=1)
-    p.add_argument("--offload-params", default="")
+    p.add_argument("--offload-params", nargs="+", default=[])
     return p
 
 
@@ -72,22 +95,60 @@ def engine_from_vllm(args: str | list[str]) -> dict:
     return {k: v for k, v in vars(a).items() if v is not None}
 
 
-def _names(csv: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in csv.split(",") if x.strip())
+def _names(flag: str, names: list[str]) -> tuple[str, ...]:
+    """vLLM's parameter-name set from its space-separated values (argparse ``nargs="+"``)."""
+    for n in names:
+        if "," in n:
+            raise ConfigError(flag, n, "space-separated parameter names (vLLM reads a comma list as one name, "
+                              "which matches no parameter: nothing would be offloaded)")
+    return tuple(dict.fromkeys(names))  # a set in vLLM: duplicates collapse, order kept for labels
 
 
-def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -> Policy:
+def parse_version(v) -> tuple[int, int] | None:
+    """``"0.25.1"`` -> (0, 25); None stays None (version unknown)."""
+    if v is None:
+        return None
+    parts = str(v).strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise ConfigError("vllm_version", v, "a vLLM version such as '0.25.1'") from None
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    return env.get(name, "0").strip().lower() not in ("", "0", "false")
+
+
+def _check_runner(policy: Policy, env: dict[str, str], version) -> Policy:
+    """vLLM's V2 model runner installs no offloader: offload flags then do nothing (see module doc)."""
+    if isinstance(policy, NoOffload):
+        return policy
+    v = parse_version(version)
+    if isinstance(policy, Prefetch) and v is not None and v < PREFETCH_SINCE:
+        raise ConfigError("--offload-backend", "prefetch", f"vLLM >= 0.17 (this line is for vLLM {version})")
+    if V2_RUNNER in env and _flag(env, V2_RUNNER):
+        raise ConfigError(V2_RUNNER, env[V2_RUNNER], "0 with offload flags: vLLM's V2 model runner installs no "
+                          "weight offloader, so nothing would be offloaded (vllm#51396)")
+    if V2_RUNNER not in env and v is not None and v >= V2_RUNNER_DEFAULT_SINCE:
+        raise ConfigError(V2_RUNNER, None, f"0 with offload flags on vLLM {version}: its default V2 model runner "
+                          "installs no weight offloader for dense models, so nothing would be offloaded (vllm#51396)")
+    return policy
+
+
+def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None, vllm_version=None) -> Policy:
     """The Policy a vLLM command line deploys (``args`` may start with NAME=VALUE environment
-    assignments, like a shell line). Flags other than the offload ones are ignored."""
+    assignments, like a shell line). Flags other than the offload ones are ignored. With
+    ``vllm_version``, a line whose offload that version would silently ignore is rejected."""
     argv, line_env = _argv(args)  # leading NAME=VALUE: environment
     env = {**(env or {}), **line_env}
     a, _ = _parser().parse_known_args(argv)
     if a.cpu_offload_gb < 0:
         raise ConfigError("--cpu-offload-gb", a.cpu_offload_gb, ">= 0")
     backend = a.offload_backend
-    if backend == "auto":
+    if backend == "auto":  # vllm/model_executor/offloader/base.py create_offloader
         backend = "prefetch" if a.offload_group_size > 0 else "uva"
     if backend == "prefetch":
+        # vllm/config/offload.py validate_offload_config: n <= g and s >= 1 once prefetch is on
         g, n, s = a.offload_group_size, 1 if a.offload_num_in_group is None else a.offload_num_in_group, \
             a.offload_prefetch_step
         if g < 1:
@@ -96,40 +157,53 @@ def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -
             raise ConfigError("--offload-num-in-group", n, f"in [1, --offload-group-size={g}]")
         if s < 1:
             raise ConfigError("--offload-prefetch-step", s, ">= 1 when prefetch offloading is enabled")
-        return Prefetch(g, n, s, params=_names(a.offload_params), wrap=True)
-    if a.offload_num_in_group is not None and a.offload_group_size == 0:
-        raise ConfigError("--offload-num-in-group", a.offload_num_in_group,
-                          "no value without --offload-group-size (prefetch offloading is off)")
+        pol = Prefetch(g, n, s, params=_names("--offload-params", a.offload_params), wrap=True,
+                       pin_memory=not _flag(env, DISABLE_PIN))
+        return _check_runner(pol, env, vllm_version)
+    # --offload-num-in-group without a group size: vLLM validates it only when prefetch is on
+    # (vllm/config/offload.py), so it is accepted and ignored, like the other prefetch fields
+    if a.offload_num_in_group is not None and a.offload_num_in_group < 1:
+        raise ConfigError("--offload-num-in-group", a.offload_num_in_group, ">= 1")  # Field(ge=1)
     if a.cpu_offload_gb == 0:
         return NoOffload()
-    params = _names(a.cpu_offload_params)
-    if env.get(DISABLE_UVA, "0") not in ("", "0"):
-        return VllmCopy(a.cpu_offload_gb, params=params)
-    return VllmUva(a.cpu_offload_gb, params=params)
+    params, pin = _names("--cpu-offload-params", a.cpu_offload_params), not _flag(env, DISABLE_PIN)
+    if _flag(env, DISABLE_UVA):
+        return _check_runner(VllmCopy(a.cpu_offload_gb, params=params, pin_memory=pin), env, vllm_version)
+    return _check_runner(VllmUva(a.cpu_offload_gb, params=params, pin_memory=pin), env, vllm_version)
 
 
-def vllm_args(policy: Policy) -> tuple[list[str], dict[str, str]]:
+def vllm_args(policy: Policy, vllm_version=None) -> tuple[list[str], dict[str, str]]:
     """The vLLM flags (and environment) that deploy ``policy`` (a Prefetch deploys as vLLM's prefetch
-    backend, which also prefetches across steps: ``policy_from_vllm`` gives it back with wrap=True)."""
+    backend, which also prefetches across steps: ``policy_from_vllm`` gives it back with wrap=True).
+
+    Offload policies get ``VLLM_USE_V2_MODEL_RUNNER=0`` unless ``vllm_version`` is older than 0.25
+    (see the module doc: the V2 runner ignores offload flags)."""
     if isinstance(policy, NoOffload):
         return [], {}
+    v = parse_version(vllm_version)
+    env = {} if v is not None and v < V2_RUNNER_DEFAULT_SINCE else {V2_RUNNER: "0"}
+    if not policy.pin_memory:
+        env[DISABLE_PIN] = "1"
     if isinstance(policy, Prefetch):
+        if v is not None and v < PREFETCH_SINCE:
+            raise ConfigError("vllm_version", vllm_version, f">= 0.17 for {policy.label} (vLLM's prefetch backend)")
         out = ["--offload-backend", "prefetch", "--offload-group-size", str(policy.group),
                "--offload-num-in-group", str(policy.per_group), "--offload-prefetch-step", str(policy.slots)]
-        return out + (["--offload-params", ",".join(policy.params)] if policy.params else []), {}
+        return out + (["--offload-params", *policy.params] if policy.params else []), env
     out = ["--cpu-offload-gb", str(policy.cpu_offload_gb)]
-    out += ["--cpu-offload-params", ",".join(policy.params)] if policy.params else []
+    out += ["--cpu-offload-params", *policy.params] if policy.params else []
     if isinstance(policy, VllmCopy):
-        return out, {DISABLE_UVA: "1"}
-    return out + ["--offload-backend", "uva"], {}
+        return out, {**env, DISABLE_UVA: "1"}
+    return out + ["--offload-backend", "uva"], env
 
 
-def format_vllm(policy: Policy, engine=None) -> str:
-    """The command-line fragment, environment first: ``VLLM_...=1 vllm serve MODEL --cpu-offload-gb 8``;
+def format_vllm(policy: Policy, engine=None, vllm_version=None) -> str:
+    """The command-line fragment, environment first:
+    ``VLLM_USE_V2_MODEL_RUNNER=0 vllm serve MODEL --cpu-offload-gb 8.0 --offload-backend uva``;
     with an EngineConfig, its tensor and pipeline parallel sizes too (when above 1)."""
-    args, env = vllm_args(policy)
+    args, env = vllm_args(policy, vllm_version)
     par = []
     for flag, n in (("--tensor-parallel-size", getattr(engine, "tensor_parallel", 1)),
                     ("--pipeline-parallel-size", getattr(engine, "pipeline_parallel", 1))):
         par += [flag, str(n)] if n > 1 else []
-    return " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve MODEL", *par, *args])
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "vllm serve MODEL", *par, *map(shlex.quote, args)])

@@ -10,7 +10,8 @@ Steps (each guarded: a failing step is recorded in summary.json and the next one
    Llama-3.1-70B truncated to fit                                  -> probe_*.json
 4. traced steps of the paper's policies (none, vLLM copy 6.5 GiB,
    interval k=2 with 2 buffers) and of today's vLLM mechanisms (UVA
-   6.5 GiB, prefetch g=2 n=1 s=2), prefill and decode               -> traces/*.json (+ .chrome.json)
+   6.5 GiB, prefetch g=2 n=1 s=2, and that prefetch joined at the step
+   end as vLLM's CUDA-graph steps join it), prefill and decode      -> traces/*.json (+ .chrome.json)
 5. a small served workload per policy on the full 8B model         -> workload_*.csv
 6. Hugging Face accelerate's cpu_offload on the same stack, when
    accelerate is installed                                          -> in summary.json
@@ -200,11 +201,12 @@ def main(argv=None) -> int:
 
     def traces():
         done = []
-        for policy in TRACED_POLICIES:
-            model = build(llama8, policy, dev, reserve_bytes=4 * GiB)
+        for policy, join in [(p, False) for p in TRACED_POLICIES] + [(Prefetch(2, 1, 2, wrap=True), True)]:
+            model = build(llama8, policy, dev, reserve_bytes=4 * GiB, join_at_step_end=join)
+            label = policy.label + (" joined" if join else "")
             for B, T, C in ((1, 2048, 0), (32, 1, 2048)):
-                tr = probe.traced_steps(model, B, T, C, steps=3, meta={"policy": policy.label, "gpu": dev.name()})
-                stem = f"llama-3.1-8b_{policy.label.replace(' ', '_')}_B{B}_T{T}_C{C}"
+                tr = probe.traced_steps(model, B, T, C, steps=3, meta={"policy": label, "gpu": dev.name()})
+                stem = f"llama-3.1-8b_{label.replace(' ', '_')}_B{B}_T{T}_C{C}"
                 tr.save(out / "traces" / f"{stem}.json")
                 tr.save_chrome(out / "traces" / f"{stem}.chrome.json")
                 done.append(stem)

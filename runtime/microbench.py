@@ -7,7 +7,11 @@ What is measured (medians after warm-up; CUDA events on a GPU, perf_counter on C
   a grid of (B, T, C): B sequences, T new tokens, C tokens already cached;
 - the host's launch time per layer: the Python time to issue one layer while the GPU is kept busy
   (so the host never waits on it);
-- the slowdown of compute while a copy runs on the copy stream (ratio of stack times).
+- the slowdown of compute while a copy runs on the copy stream (ratio of stack times);
+- UVA reads by tokens per step (the Profile's ``uva_gemm``): a GEMM of M token rows whose weight
+  (the layer's largest, down_proj's shape) lives in pinned host memory and is read through its
+  device view, as vLLM's UVA backend does (vllm/model_executor/offloader/uva.py), timed by M. The
+  simulator takes the time per weight byte from it instead of its tile assumption (sim/costs.py).
 
 On CPU the same code runs (copies are memcpy, there is no launch overlap or copy overlap:
 ``launch_per_layer`` is null and ``copy_slowdown`` 1), quickly with ``--tiny``.
@@ -33,7 +37,7 @@ from offloadlab.specs import ModelSpec
 
 from .device import Device, resolve_device, versions
 from .model import KVCache
-from .offload import build
+from .offload import build, uva_view
 
 MiB = 1024**2
 #: A 4-layer model with Llama's structure (GQA 2:1) for CPU tests; not in the catalog on purpose.
@@ -44,6 +48,9 @@ GPU_GRID = ((1, 512, 0), (1, 2048, 0), (1, 8192, 0), (1, 1, 2048), (32, 1, 2048)
 CPU_GRID = ((1, 16, 0), (2, 1, 16))
 GPU_SIZES_MIB = (1, 4, 16, 64, 256, 1024)
 CPU_SIZES_MIB = (1, 4)
+#: Token rows of the UVA GEMM: decode batches, one and several 64-row M-tiles, prefill chunks.
+GPU_UVA_TOKENS = (1, 16, 64, 128, 256, 512, 2048)
+CPU_UVA_TOKENS = (1, 8)
 
 
 def time_fn(fn, dev: Device, reps: int = 5, warmup: int = 2) -> float:
@@ -156,6 +163,23 @@ def copy_slowdown(model, shapes, reps: int = 5) -> list[float]:
     return out
 
 
+def uva_gemm_times(dev: Device, out_features: int, in_features: int, tokens=GPU_UVA_TOKENS, reps: int = 5,
+                   dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int, float]]:
+    """(M, weight bytes, seconds) of ``x @ W.T`` for x of M rows, W (out, in) in pinned host memory
+    read through its device view (zero-copy; on CPU the host tensor itself, nothing to map)."""
+    host = dev.host_empty(out_features * in_features, dtype).view(out_features, in_features)
+    host.normal_(0, 0.02)
+    w = uva_view(host, dev.torch_device) if dev.is_cuda else host
+    nbytes = host.numel() * host.element_size()
+    rows = []
+    with torch.inference_mode():
+        for m in tokens:
+            x = torch.randn(m, in_features, device=dev.torch_device, dtype=dtype)
+            rows.append((int(m), int(nbytes), time_fn(lambda: torch.nn.functional.linear(x, w), dev, reps, 1)))
+    del w, host
+    return rows
+
+
 def run(spec: ModelSpec, device=None, layers: int | None = None, grid=None, sizes_mib=None, reps: int = 5,
         progress=print) -> Profile:
     """Measure a Profile for ``spec`` on ``device`` with a resident stack of ``layers`` layers."""
@@ -174,6 +198,11 @@ def run(spec: ModelSpec, device=None, layers: int | None = None, grid=None, size
         times.append((B, T, C, stack_time(model, B, T, C, reps) / n))
         progress(f"  B={B} T={T} C={C}: {times[-1][3] * 1e3:.3f} ms/layer")
     launch = launch_per_layer(model, reps)
+    down = dict(spec.layer_param_shapes)["mlp.down_proj.weight"]  # (hidden, intermediate): the largest GEMM
+    uva = uva_gemm_times(dev, *down, tokens=GPU_UVA_TOKENS if dev.is_cuda else CPU_UVA_TOKENS, reps=reps,
+                         dtype=model.dtype)
+    for m, b, sec in uva:
+        progress(f"  UVA GEMM M={m}: {sec * 1e3:.3f} ms for {b / MiB:.0f} MiB ({b / sec / 1e9:.2f} GB/s)")
     slow_shapes = [s for s in grid if s[1] > 1][:1] + [s for s in grid if s[1] == 1][:1]
     slow = copy_slowdown(model, slow_shapes, reps)
     meta = {**versions(dev), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -184,10 +213,12 @@ def run(spec: ModelSpec, device=None, layers: int | None = None, grid=None, size
             "seconds": round(time.perf_counter() - t0, 2)}
     if not dev.is_cuda:
         meta["note"] = "CPU: copies are memcpy; no launch overlap or copy overlap to measure"
+        meta["uva_gemm_cpu"] = [list(r) for r in uva]  # host memory read by the CPU: not a link rate
     del model
     return Profile(h2d=tuple((r["mb"] * MiB, r["h2d_pinned_GBps"] * 1e9) for r in rates), layer_times=tuple(times),
                    model=spec.name, gpu=dev.name(), layers=n, launch_per_layer=launch,
-                   copy_slowdown=max(1.0, statistics.median(slow)) if slow else 1.0, meta=meta)
+                   copy_slowdown=max(1.0, statistics.median(slow)) if slow else 1.0, meta=meta,
+                   uva_gemm=tuple(uva) if dev.is_cuda else ())
 
 
 def parse_grid(text: str) -> tuple[tuple[int, int, int], ...]:

@@ -292,6 +292,9 @@ class Transformer(nn.Module):
             provider.release(i, tracer)  # may start the next prefetch into this layer's slot
             tracer.span("compute", "compute", i, c0, c1)
             tracer.host_span(i, h0)
+        end_step = getattr(provider, "end_step", None)  # a prefetch ring may join its copy stream here
+        if end_step is not None:
+            end_step(tracer)
         cache.length += T
         return x
 

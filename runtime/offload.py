@@ -16,7 +16,11 @@ provider is one of:
   the read each copy waits for). The compute stream waits on the copy's event before the layer; the
   copy into a slot waits on the event recorded after the last layer that read it. Nothing is
   allocated inside the layer loop. ``wrap=True`` (vLLM's prefetch backend) issues the next step's
-  first copies during this step, once their slots' last readers have been issued.
+  first copies during this step, once their slots' last readers have been issued. ``join_at_step_end=True``
+  (``build``) makes the compute stream wait for the copy stream when the layers are done, as vLLM
+  does in CUDA-graph steps (``join_after_forward`` inside each captured graph, ``sync_prev_onload``
+  before each replay: vllm/model_executor/offloader/prefetch.py, vllm/compilation/cuda_graph.py), so
+  a GPU run can compare joined against overlapped cross-step prefetch (sim: ``join="full"``).
 
 A placement's ``names`` (``params`` on a policy) choose which parameters of a layer are offloaded;
 without them, a prefix in ``ModelSpec.layer_param_shapes`` order.
@@ -184,6 +188,8 @@ class PrefetchRing:
         self.freed = [dev.event() for _ in self.order]  # recorded on the compute stream after layer m ran
         self.primed = False  # wrap: the first copies of the next step are already issued
         self.issued = 0  # copies issued since the step began (tests and asserts)
+        self.join = False  # join the copy stream when the layers are done (vLLM's graph steps)
+        self.joins = 0  # steps joined (tests)
 
     def _issue(self, m: int, tracer, step_offset: int = 0) -> None:
         after = self.schedule.waits_for(m)
@@ -206,6 +212,16 @@ class PrefetchRing:
         for m in self.schedule.first_copies():
             self._issue(m, tracer)
         self.primed = self.schedule.wrap
+
+    def end_step(self, tracer) -> None:
+        """After the last layer: in join mode the compute stream waits for every copy issued so far,
+        the next step's included (vLLM's ``join_after_forward``), before the LM head runs."""
+        if not (self.join and self.order):
+            return
+        t0 = tracer.stamp()
+        self.dev.current_stream().wait_stream(self.copy_stream)
+        tracer.span("compute", "wait", self.order[-1], t0, tracer.stamp())
+        self.joins += 1
 
     def acquire(self, i: int, tracer) -> tuple[torch.Tensor, ...]:
         m = self.index.get(i)
@@ -259,9 +275,13 @@ def memory_needs(spec: ModelSpec, pl: Placement, reserve_bytes: int = 0) -> dict
     """Bytes a placement needs on the device (resident weights, staging, reserve) and in host memory
     (pinned: PyTorch's pinned allocator rounds each allocation up to a power of two)."""
     resident = spec.layers * spec.layer_bytes - pl.offloaded_bytes + spec.non_layer_bytes
+    # this runtime pins each parameter on its own (copy path, UVA) but one flat tensor per prefetched
+    # layer (vLLM's slab layout without its 2 GiB chunking), so count what it allocates
+    pinned = pl.host_pinned_bytes if pl.mechanism != "prefetch" else \
+        sum(1 << (pl.layer_offloaded_bytes(i) - 1).bit_length() for i in pl.offloaded_layers)
     return {"device_weights": resident, "staging": pl.staging_bytes, "reserve": int(reserve_bytes),
             "device": resident + pl.staging_bytes + int(reserve_bytes), "host": pl.offloaded_bytes,
-            "host_pinned": pl.host_pinned_bytes}
+            "host_pinned": pinned}
 
 
 def check_fits(spec: ModelSpec, pl: Placement, dev: Device, reserve_bytes: int = 0, label: str = "") -> dict:
@@ -291,14 +311,17 @@ def check_fits(spec: ModelSpec, pl: Placement, dev: Device, reserve_bytes: int =
 
 def build(spec: ModelSpec, policy=NoOffload(), device=None, *, seed: int = 0, checkpoint=None,
           truncate: bool = False, arch: Arch | None = None, dtype: torch.dtype | None = None,
-          reserve_bytes: int = 0) -> Transformer:
+          reserve_bytes: int = 0, join_at_step_end: bool = False) -> Transformer:
     """A Transformer with weights placed by ``policy`` (a Policy or a Placement) on ``device``.
 
     Weights are seeded random (``seed``) or read from ``checkpoint`` (a local HF-layout safetensors
     file or directory; ``truncate`` reads the first ``spec.layers`` layers of a deeper one). Every
     check (device, dtype, placement, checkpoint shapes, memory) runs before the first weight is
-    allocated. The model gets ``.placement`` and ``.dev`` attributes.
+    allocated. The model gets ``.placement`` and ``.dev`` attributes. ``join_at_step_end``: a
+    prefetch ring joins its copy stream after the last layer, as vLLM's CUDA-graph steps do.
     """
+    if not isinstance(join_at_step_end, bool):
+        raise ConfigError("join_at_step_end", join_at_step_end, "True or False")
     dev = resolve_device(device)
     dtype = dtype_for(spec.weight_bytes, dtype)
     placement = policy if isinstance(policy, Placement) else policy.place(spec)
@@ -339,6 +362,7 @@ def build(spec: ModelSpec, policy=NoOffload(), device=None, *, seed: int = 0, ch
         model.provider = Resident(model.layers)
     elif placement.mechanism == "prefetch":
         model.provider = PrefetchRing(model.layers, placement, dev, host_flat, layouts, offloaded, dtype)
+        model.provider.join = join_at_step_end
     elif placement.mechanism == "copy":
         model.provider = CopyPath(model.layers, offloaded, dev)
     else:

@@ -9,6 +9,18 @@ Two implementations of one small interface (``layer``, ``head``, ``transfer``, `
   the measured bandwidth curve; layer GPU
   time = roofline x the measured/roofline ratio at the nearest measured shape; host launch time
   from the launch-bound measurements.
+
+UVA link traffic (``uva_read``): vLLM's UVA backend (vllm/model_executor/offloader/uva.py) replaces
+an offloaded parameter by a device view of pinned host memory, so the layer's kernels read it over
+the host link every time they touch it; nothing stages it in HBM. A GEMM of M token rows tiles its
+output; each M-tile streams the whole weight (K x N) through its CTAs. Assumption (Roofline): the
+weight crosses the link once per M-tile, ``ceil(M / uva_tile_m)`` times, with ``uva_tile_m = 64``
+(the smallest tensor-core M-tile cuBLAS/CUTLASS use for skinny bf16 GEMMs: one Hopper wgmma
+warpgroup, four Ampere m16n8k16 fragments) and no reuse of host-read lines in L2 across M-tiles. It
+is an upper bound where concurrent M-tiles share lines in L2, and a lower bound where a kernel
+issues host reads with poor parallelism. Decode batches up to 64 tokens read each weight once; a
+2,048-token prefill chunk 32 times. ``Calibrated`` replaces it with the runtime's measurement
+(Profile.uva_gemm: a GEMM reading a host-resident weight through its UVA view, timed by M).
 """
 from __future__ import annotations
 
@@ -79,6 +91,7 @@ class Roofline:
     copy_slowdown: float = 1.0
     allreduce_latency: float = 5e-6  # seconds per ring hop
     link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
+    uva_tile_m: int = 64  # token rows per host read of a UVA-offloaded weight (module doc: assumption)
 
     def __post_init__(self):
         for f in ("matmul_eff", "attention_eff", "memory_eff"):
@@ -89,6 +102,8 @@ class Roofline:
             raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1")
         if not self.link_share >= 1:
             raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
+        if isinstance(self.uva_tile_m, bool) or not isinstance(self.uva_tile_m, int) or self.uva_tile_m < 1:
+            raise ConfigError("uva_tile_m", self.uva_tile_m, "an integer >= 1 (token rows per M-tile)")
 
     def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
@@ -150,6 +165,14 @@ class Roofline:
     def transfer(self, nbytes: float) -> float:
         """Seconds for one pinned host->device copy of ``nbytes`` (its share of the host link)."""
         return self.hw.host_link_latency + nbytes * self.link_share / self.hw.h2d_bw
+
+    def uva_reads(self, tokens: int) -> int:
+        """Times a kernel over ``tokens`` rows reads a UVA-offloaded weight over the link (module doc)."""
+        return max(1, math.ceil(tokens / self.uva_tile_m))
+
+    def uva_read(self, nbytes: float, tokens: int) -> float:
+        """Link seconds the kernels of a ``tokens``-row step spend reading ``nbytes`` of UVA weights."""
+        return self.transfer(nbytes * self.uva_reads(tokens))
 
 
 @dataclass(frozen=True)
@@ -216,9 +239,34 @@ class Calibrated:
         shared like the roofline's, ``roofline.link_share``)."""
         return self._latency + nbytes * self.roofline.link_share / self._rate
 
+    def uva_read(self, nbytes: float, tokens: int) -> float:
+        """Measured UVA GEMM seconds per weight byte at ``tokens`` rows (Profile.uva_gemm), else the
+        roofline's tile assumption over the measured copy rate."""
+        rows = self.profile.uva_gemm
+        if not rows:
+            return self._latency + nbytes * self.roofline.uva_reads(tokens) * self.roofline.link_share / self._rate
+        return nbytes * uva_seconds_per_byte(rows, tokens) * self.roofline.link_share
+
     @property
     def link_share(self) -> float:
         return self.roofline.link_share
+
+
+def uva_seconds_per_byte(rows, tokens: int) -> float:
+    """Seconds per weight byte of a GEMM reading its weight over UVA, at ``tokens`` rows, from
+    measured (tokens, weight bytes, seconds) rows: interpolated in log(tokens) between measured
+    token counts; below the smallest, its rate; above the largest, growing in proportion to the
+    tokens (each further M-tile reads the weight again)."""
+    pts = sorted((t, sec / b) for t, b, sec in rows)
+    if tokens <= pts[0][0]:
+        return pts[0][1]
+    if tokens >= pts[-1][0]:
+        return pts[-1][1] * tokens / pts[-1][0]
+    for (t0, r0), (t1, r1) in zip(pts, pts[1:]):
+        if t0 <= tokens <= t1:
+            w = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0)) if t1 > t0 else 0.0
+            return r0 + w * (r1 - r0)
+    raise AssertionError(f"tokens {tokens} outside {pts}")
 
 
 def _link_model(h2d: tuple[tuple[float, float], ...]) -> tuple[float, float]:

@@ -25,7 +25,7 @@ class MemoryPlan:
     kv_tokens: int  # KV-cache capacity in tokens (whole blocks)
     block_size: int
     host_offloaded: float  # bytes of offloaded weights (all the node's GPUs together)
-    host_pinned: float  # pinned host bytes holding them (allocations rounded up to powers of two)
+    host_pinned: float  # host bytes holding them, as vLLM allocates them (Placement.host_pinned_bytes)
     host_capacity: float
 
     @property
@@ -69,8 +69,10 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
     if plan.host_pinned > hw.host_memory_bytes:
         raise DoesNotFitError(
             f"offloaded weights take {plan.host_pinned / GiB:.1f} GiB of pinned host memory "
-            f"({plan.host_offloaded / GiB:.1f} GiB rounded up by the pinned allocator), more than the "
-            f"{hw.host_memory_bytes / GiB:.1f} GiB of {hw.name}")
+            f"({plan.host_offloaded / GiB:.1f} GiB, each pinned allocation rounded up to a power of two), more "
+            f"than the {hw.host_memory_bytes / GiB:.1f} GiB of {hw.name}"
+            + ("; VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY=1 allocates exact sizes" if placement.host_alloc != "exact"
+               else ""))
     need = max_model_len  # vLLM refuses to start unless one max-length sequence fits in the KV cache
     if kv_tokens < need:
         raise DoesNotFitError(

@@ -8,9 +8,10 @@ Lanes (SimPy processes of ``_Lanes``, one method each):
   the event recorded after the last layer that read that slot (``Placement.schedule``, the one
   schedule the runtime follows too: offloadlab/schedule.py);
 - link: the GPU's host link, shared equally by the transfers in flight (processor sharing): the
-  copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its bytes over the
-  link)) and, for tensor parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``,
-  run at the end of the layer), which slow a prefetch copy in flight and are slowed by it.
+  copies, UVA's zero-copy reads (an offloaded layer under UVA takes max(gpu, its reads over the
+  link), the reads growing with the step's tokens: ``uva_read``, sim/costs.py) and, for tensor
+  parallelism without NVLink, the layer's all-reduces (``LayerCost.link_comm``, run at the end of
+  the layer), which slow a prefetch copy in flight and are slowed by it.
 
 A compute span cannot end before the host launched the layer's last kernel: it ends at
 max(start + gpu, host_done + tail). While a copy is in flight, compute runs ``copy_slowdown``
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import simpy
 
+from ..errors import ConfigError
 from ..policy import Placement
 from ..trace import Span, Trace
 from .costs import LayerCost, StepShape
@@ -78,9 +80,36 @@ class SharedLink:
 
 COPY_ISSUE = 10e-6  # host seconds to allocate and enqueue one per-parameter copy (vLLM's copy path)
 
+JOINS = ("eager", "full", "piecewise")
+
+
+def _joins(placement: Placement, passes: int, join: str) -> tuple[dict, dict]:
+    """Where vLLM's prefetch backend joins the copies it started (see ``simulate_layers``): global
+    layer -> copies its compute is joined with (piecewise), and pass -> copies its forward joins
+    before the LM head. Copies are global layer indices, pass * L + layer; pass ``passes`` is the
+    step after the last one simulated (its first copies are started, and joined, in the last)."""
+    if join == "eager" or not placement.wrap or not placement.offloaded_layers:
+        return {}, {}
+    L, off, sched = placement.layers, placement.offloaded_layers, placement.schedule
+    at_layer: dict[int, list[int]] = {}
+    at_end: dict[int, list[int]] = {}
+    for p in range(passes + 1):
+        for m in range(len(off) if p < passes else sched.ring):
+            who = sched.issuer(m)
+            if who is None or p + who[0] < 0:
+                continue
+            q, by = p + who[0], off[who[1]]  # issued right after layer ``by`` of pass q
+            copy = p * L + off[m]
+            if join == "piecewise" and by + 1 < L:  # the piece reaching the next layer joins it
+                at_layer.setdefault(q * L + by + 1, []).append(copy)
+            elif join == "piecewise" or q != p:  # full graph: copies for the next step outlive the forward
+                at_end.setdefault(q, []).append(copy)
+    return at_layer, at_end
+
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
-                    trace: bool = False, wrap: bool = False, engine: str = "auto") -> StepResult:
+                    trace: bool = False, wrap: bool = False, engine: str = "auto", uva_read=None,
+                    join: str = "eager") -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
 
     ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
@@ -88,14 +117,34 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
     steps are simulated back to back and the second is reported; its first copies may have started
     during the first (negative start times in the trace).
 
+    ``uva_read(nbytes)``: link seconds the layer's kernels spend reading ``nbytes`` of UVA-offloaded
+    weights in this step (default ``transfer``: each weight read once, as for a single M-tile).
+
+    ``join`` (with ``wrap``): how vLLM's prefetch backend joins its copy stream, by how the step runs
+    (vllm/model_executor/offloader/prefetch.py ``join_after_forward``/``sync_prev_onload``, called
+    around every CUDA-graph capture and replay in vllm/compilation/cuda_graph.py):
+    - ``eager``: no join; the next step's first copies overlap this step's tail, its LM head and the
+      next step's start.
+    - ``full`` (a FULL CUDA graph, vLLM's decode steps): the copies started inside the graph for the
+      next step's first layers are joined before the graph ends, so the forward (before the LM
+      head, which runs outside the graph) waits for them.
+    - ``piecewise`` (piecewise graphs, split at attention): each piece joins the copies it started,
+      so a copy issued after layer i must end before the piece reaching layer i+1's attention ends;
+      modelled as a wait right after layer i+1's compute (after the last layer: before the LM head).
+    A joined copy that is still running is a ``wait`` span on the compute lane.
+
     ``engine``: "simpy" runs the lanes as SimPy processes; "auto" (the default) takes the same lanes
     through ``lane_recurrence`` when no trace is asked for and no transfer ever shares the link or
     changes a compute span's speed (the common case), else SimPy.
     """
-    assert engine in ("auto", "simpy"), f"engine {engine!r}: 'auto' or 'simpy'"
+    if join not in JOINS:
+        raise ConfigError("join", join, f"one of {JOINS}")
+    if engine not in ("auto", "simpy"):
+        raise ConfigError("engine", engine, "'auto' or 'simpy'")
+    uva_read = uva_read or transfer
     if engine == "auto" and not trace and recurrence_applies(placement, layer, copy_slowdown):
-        return lane_recurrence(placement, layer, head, transfer, wrap)
-    return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap).run()
+        return lane_recurrence(placement, layer, head, transfer, wrap, uva_read, join)
+    return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap, uva_read, join).run()
 
 
 class CountingEnvironment(simpy.Environment):
@@ -116,9 +165,10 @@ class _Lanes:
     + layer; with wrap two passes (steps) run back to back and the second is reported."""
 
     def __init__(self, placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float,
-                 trace: bool, wrap: bool):
+                 trace: bool, wrap: bool, uva_read, join: str):
         self.env = env = CountingEnvironment()
         self.placement, self.layer, self.head, self.transfer = placement, layer, head, transfer
+        self.uva_read = uva_read
         self.copy_slowdown, self.trace = copy_slowdown, trace
         self.L = L = placement.layers
         self.offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
@@ -130,7 +180,10 @@ class _Lanes:
         self.host_done_at = [0.0] * (P * L)
         self.pass_done = [env.event() for _ in range(P)]
         self.pass_end = [0.0] * P
+        self.join_layer, self.join_end = _joins(placement, P, join) if P > 1 else ({}, {})
+        self.extra = 1 if self.join_end or self.join_layer else 0  # the next step's first copies, joined
         prefetched = [p * L + j for p in range(P) for j in self.offloaded]
+        prefetched += [P * L + j for j in self.offloaded[:self.sched.ring]] if self.extra else []
         self.copy_done = {g: env.event() for g in prefetched}
         self.released = {g: env.event() for g in prefetched}
         self.spans: list[Span] = []
@@ -183,8 +236,8 @@ class _Lanes:
     def copier(self):
         """The copy stream: copies in order, each into its slot once the read it must follow is done
         (offloadlab/schedule.py, shared with the runtime)."""
-        for p in range(self.P):
-            for m, i in enumerate(self.offloaded):
+        for p in range(self.P + self.extra):
+            for m, i in enumerate(self.offloaded if p < self.P else self.offloaded[:self.sched.ring]):
                 after = self.sched.waits_for(m)
                 if after is not None and p + after[0] >= 0:
                     prev = self.released[(p + after[0]) * self.L + self.offloaded[after[1]]]
@@ -214,7 +267,7 @@ class _Lanes:
                 gpu = (layer.gpu - layer.link_comm) * (self.copy_slowdown if self.copying else 1.0)
                 if pl.mechanism == "uva" and pl.offloaded[i]:
                     # zero-copy: the kernels stream the offloaded weights over the host link as they run
-                    reading = sum(self.transfer(b) for b in pl.offloaded[i])
+                    reading = sum(self.uva_read(b) for b in pl.offloaded[i])
                     yield env.all_of([env.timeout(gpu), env.process(self.link.transfer(reading))])
                     if self.reported(g):
                         self.busy["link"] += reading
@@ -232,11 +285,21 @@ class _Lanes:
                 self.record("compute", "compute", t0, g)
                 if g in self.released:
                     self.released[g].succeed()
+                yield from self.joined(self.join_layer.get(g, ()), g)  # piecewise: the piece joins its copies
+            yield from self.joined(self.join_end.get(p, ()), p * self.L + self.L - 1)  # join_after_forward
             t0 = env.now
             yield env.timeout(self.head)
             self.record("compute", "compute", t0, p * self.L, layer=self.L)  # the LM head
             self.pass_end[p] = env.now
             self.pass_done[p].succeed()
+
+    def joined(self, copies, g: int):
+        """Wait (a ``wait`` span at layer g) for the copies a CUDA graph joins."""
+        for c in copies:
+            if not self.copy_done[c].processed:
+                t0 = self.env.now
+                yield self.copy_done[c]
+                self.record("compute", "wait", t0, g)
 
     def run(self) -> StepResult:
         env = self.env
@@ -257,7 +320,8 @@ def recurrence_applies(placement: Placement, layer: LayerCost, copy_slowdown: fl
     return copy_slowdown == 1.0 and not (prefetching and layer.link_comm)
 
 
-def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfer, wrap: bool = False) -> StepResult:
+def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfer, wrap: bool = False,
+                    uva_read=None, join: str = "eager") -> StepResult:
     """The same lanes as the SimPy model (host, compute, copy, link; the same staging-slot schedule),
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
     ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
@@ -268,8 +332,11 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     sched = placement.schedule if offloaded else None
     slot_of = {i: m for m, i in enumerate(offloaded)}
     copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
+    uva_read = uva_read or transfer
     n = len(offloaded)
-    copy_end = [[0.0] * n for _ in range(P)]
+    join_layer, join_end = _joins(placement, P, join) if P > 1 else ({}, {})
+    extra = 1 if join_layer or join_end else 0  # the step after: its first copies are joined in the last
+    copy_end = [[0.0] * n for _ in range(P + extra)]
     released = [[0.0] * n for _ in range(P)]
     last = P - 1
     busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
@@ -280,7 +347,8 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     def issue_copies(upto_pass: int, upto_m: int) -> None:
         """Place every copy up to (pass, m) whose wait is known, in order (the copy stream is FIFO)."""
         nonlocal issued, copier_free
-        while issued < P * n and divmod(issued, n) <= (upto_pass, upto_m):
+        total = P * n + (sched.ring if extra else 0)
+        while issued < total and divmod(issued, n) <= (upto_pass, upto_m):
             p, m = divmod(issued, n)
             start = copier_free
             after = sched.waits_for(m)
@@ -291,6 +359,17 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
                 busy["copy"] += copy_s[m]
                 busy["link"] += copy_s[m]
             issued += 1
+
+    def join_copy(c: int, t: float, reported: bool) -> float:
+        """Wait at t for copy c (global layer index) to end; return when the compute stream goes on."""
+        nonlocal stall
+        q, m = c // L, slot_of[c % L]
+        issue_copies(q, m)
+        if copy_end[q][m] > t:
+            if reported:
+                stall += copy_end[q][m] - t
+            return copy_end[q][m]
+        return t
 
     for p in range(P):
         if p:
@@ -316,7 +395,7 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
                     t = copy_end[p][m]
             gpu = layer.gpu - layer.link_comm
             if uva and placement.offloaded[i]:
-                reading = sum(transfer(b) for b in placement.offloaded[i])
+                reading = sum(uva_read(b) for b in placement.offloaded[i])
                 gpu = max(gpu, reading)
                 if p == last:
                     busy["link"] += reading
@@ -328,7 +407,11 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
                 busy["compute"] += end - t
             if m is not None:
                 released[p][m] = end
+            for c in join_layer.get(p * L + i, ()):  # piecewise: the piece joins the copies it started
+                end = join_copy(c, end, p == last)
             compute_free = end
+        for c in join_end.get(p, ()):  # join_after_forward, before the LM head
+            compute_free = join_copy(c, compute_free, p == last)
         prev_end, pass_end = pass_end, compute_free + head
         if p == last:
             busy["compute"] += head
@@ -348,6 +431,14 @@ def _bin(x: float, q: float) -> float:
     return math.exp(round(math.log(x) / q) * q)
 
 
+def join_mode(cost, shape: StepShape) -> str:
+    """How a step joins vLLM's prefetch copy stream: ``full`` when it replays a CUDA graph (the cost
+    model's rule: decode batches up to the capture size), else ``eager``. The engine's piecewise
+    graphs for mixed batches are chosen explicitly (StepModel(join="piecewise"))."""
+    rf = getattr(cost, "roofline", cost)
+    return "full" if rf.replays_graph(shape) else "eager"
+
+
 class StepModel:
     """Step times for one (model, placement, cost model), memoized.
 
@@ -357,8 +448,11 @@ class StepModel:
     workload of thousands of steps stays fast.
     """
 
-    def __init__(self, placement: Placement, cost, quantum: float = 2e-3):
+    def __init__(self, placement: Placement, cost, quantum: float = 2e-3, join: str | None = None):
         self.placement, self.cost, self.quantum = placement, cost, quantum
+        if join is not None and join not in JOINS:
+            raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
+        self.join = join
         self._cache: dict[tuple, StepResult] = {}
         self.simulated = 0  # SimPy runs
         self.events = 0  # SimPy events over all runs
@@ -370,11 +464,16 @@ class StepModel:
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         layer, head = self.layer_cost(shape)
-        key = (layer, head)
+        uva_read, uva_key = None, None
+        if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
+            uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
+            uva_key = _bin(uva_read(self.placement.layer_bytes), self.quantum)
+        join = self.join or join_mode(self.cost, shape)
+        key = (layer, head, uva_key, join if self.placement.wrap else None)
         if not trace and key in self._cache:
             return self._cache[key]
         res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap)
+                              wrap=self.placement.wrap, uva_read=uva_read, join=join)
         self.simulated += 1
         self.events += res.events
         if not trace:

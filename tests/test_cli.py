@@ -128,7 +128,7 @@ def test_vllm_command_line_brings_its_engine_flags(tmp_path, capsys):
                  "--json", str(out)]) == 0
     row = json.loads(out.read_text())
     assert row["tensor_parallel"] == 2 and row["policy"] == "uva 8GiB"
-    assert "deploy with: vllm serve MODEL --tensor-parallel-size 2 --cpu-offload-gb 8.0" in capsys.readouterr().out
+    assert "deploy with: VLLM_USE_V2_MODEL_RUNNER=0 vllm serve MODEL --tensor-parallel-size 2 --cpu-offload-gb 8.0" in capsys.readouterr().out
     # the same setting on both command lines must agree; two vLLM lines of one comparison too
     assert main(["run", "--model", "llama-3.1-70b", "--gpu", "h100", "-tp", "4", "--vllm", line]) == 2
     assert "--tensor-parallel-size=4: expected what the --vllm command line says (2)" in capsys.readouterr().err

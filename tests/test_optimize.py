@@ -94,7 +94,7 @@ def test_cli_optimize_prints_flags(tmp_path, capsys):
             "--min-kv-tokens", "150000", "--quiet", "--csv", str(tmp_path / "o.csv")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "top 10 feasible" in out and "choice:" in out and "deploy with: vllm serve MODEL" in out
+    assert "top 10 feasible" in out and "choice:" in out and "vllm serve MODEL" in out.split("deploy with: ")[1]
     flags = out.split("deploy with: ")[1].splitlines()[0]
     assert policy_from_vllm(flags).kind in ("prefetch", "vllm")
     df = pd.read_csv(tmp_path / "o.csv")

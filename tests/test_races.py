@@ -166,14 +166,14 @@ def runtime_cases(draw):
         policy = (VllmCopy if kind == "copy" else VllmUva)(gib)
     else:
         policy = NoOffload()
-    return layers, policy, draw(st.integers(1, 3))
+    return layers, policy, draw(st.integers(1, 3)), draw(st.booleans())
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(runtime_cases())
 def test_no_policy_races_and_every_one_computes_the_resident_logits(case):
-    layers, policy, steps = case
-    got = record(build(spec(layers), policy, recording_device("cpu")), PROMPTS, steps)
+    layers, policy, steps, join = case  # join: the ring joins its copy stream at each step's end (graph steps)
+    got = record(build(spec(layers), policy, recording_device("cpu"), join_at_step_end=join), PROMPTS, steps)
     assert got.races == [], f"{policy.label} on {layers} layers:\n" + "\n".join(map(str, got.races))
     ref = reference(layers, steps)
     for step, (a, b) in enumerate(zip(got.logits, ref)):

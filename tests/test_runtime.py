@@ -277,3 +277,47 @@ def test_bad_placements_and_dtypes_are_config_errors():
         build(SPEC, NoOffload(), "cpu", dtype=torch.float32)
     with pytest.raises(ConfigError, match="device"):
         build(SPEC, NoOffload(), "tpu")
+
+
+# ---- the ring joins its copy stream at the step's end, as vLLM's CUDA-graph steps do ----
+
+
+class _StreamLog:
+    """A stand-in compute stream that logs what it is made to wait for."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def wait_event(self, event):
+        self.log.append(("wait_event", event))
+
+    def wait_stream(self, stream):
+        self.log.append(("wait_stream", stream))
+
+
+class _LoggingDevice:
+    def __init__(self, dev, log):
+        self.dev, self.log = dev, log
+
+    def current_stream(self):
+        return _StreamLog(self.log)
+
+    def __getattr__(self, name):
+        return getattr(self.dev, name)
+
+
+@pytest.mark.parametrize("join", [False, True])
+def test_prefetch_ring_joins_the_copy_stream_at_the_step_end_in_graph_mode(join, reference):
+    model = build(SPEC, Prefetch(2, 1, 1, wrap=True), "cpu", join_at_step_end=join)
+    ring = model.provider
+    log = []
+    ring.dev = _LoggingDevice(ring.dev, log)
+    got = run_steps(model, decode_steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference[:3]))  # joined or not, the same numbers
+    ends = [e for e in log if e[0] == "wait_stream" and e[1] is ring.copy_stream]
+    # joined: one join per step (prefill + 2 decodes), after the wrapped copy for the next step was issued
+    assert ring.joins == len(ends) == (3 if join else 0)
+    if join:
+        assert log[-1] == ("wait_stream", ring.copy_stream), "the join is the step's last wait"
+    with pytest.raises(ConfigError, match="join_at_step_end"):
+        build(SPEC, Prefetch(2, 1, 1, wrap=True), "cpu", join_at_step_end="yes")

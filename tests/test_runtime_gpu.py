@@ -106,3 +106,21 @@ def test_tracer_on_cuda_records_full_model_steps():
     trace = tracer.trace()
     assert {s.lane for s in trace.spans} == {"host", "compute"}
     assert sum(s.kind == "copy" for s in trace.spans) == 2  # layer 0, prefill and one decode step
+
+
+def test_uva_gemm_reads_host_memory_and_slows_with_more_m_tiles():
+    """The microbenchmark's UVA GEMM reads a pinned host weight through its device view; past one
+    M-tile it cannot get faster (sim/costs.py calibrates from these rows)."""
+    from offloadlab.runtime.device import resolve_device
+    from offloadlab.runtime.microbench import uva_gemm_times
+
+    rows = uva_gemm_times(resolve_device("cuda"), 4096, 4096, tokens=(1, 64, 1024), reps=3)
+    assert [(m, b) for m, b, _ in rows] == [(1, 4096 * 4096 * 2), (64, 4096 * 4096 * 2), (1024, 4096 * 4096 * 2)]
+    assert rows[2][2] >= 0.9 * rows[0][2], f"1024 rows read the host weight faster than 1 row: {rows}"
+
+
+def test_joined_ring_matches_resident_outputs_on_the_gpu():
+    ref = _steps(build(MID, NoOffload(), "cuda"))
+    got = _steps(build(MID, Prefetch(2, 1, 2, wrap=True), "cuda", join_at_step_end=True))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)

@@ -129,6 +129,20 @@ def test_microbench_writes_a_profile_that_loads(tmp_path):
     assert all(r[3] > 0 for r in prof.layer_times) and len(prof.h2d) == len(microbench.CPU_SIZES_MIB)
     assert prof.copy_slowdown == 1.0 and prof.launch_per_layer is None
     assert prof.meta["torch"] == torch.__version__ and "device" in prof.meta
+    # the UVA GEMM ran by token rows on the down_proj shape; on CPU it is not a link rate: meta only
+    down = microbench.TINY.hidden * microbench.TINY.intermediate * 2  # the model dtype (bf16)
+    assert [r[:2] for r in prof.meta["uva_gemm_cpu"]] == [[m, down] for m in microbench.CPU_UVA_TOKENS]
+    assert prof.uva_gemm == ()
+
+
+def test_uva_gemm_rows_by_tokens_round_trip_through_a_profile_file(tmp_path):
+    from offloadlab.runtime.device import resolve_device
+
+    rows = microbench.uva_gemm_times(resolve_device("cpu"), 32, 64, tokens=(1, 4, 16), reps=1, dtype=torch.float32)
+    assert [(m, b) for m, b, _ in rows] == [(1, 32 * 64 * 4), (4, 32 * 64 * 4), (16, 32 * 64 * 4)]
+    assert all(sec > 0 for *_, sec in rows)
+    prof = Profile(h2d=((1 << 20, 1e10),), layer_times=((1, 1, 0, 1e-4),), uva_gemm=tuple(rows))
+    assert Profile.load(prof.save(tmp_path / "p.json")).uva_gemm == tuple(rows)
 
 
 def test_microbench_bad_input_is_a_clean_error(tmp_path, capsys):

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from offloadlab.policy import NoOffload, Placement, Prefetch, VllmCopy, VllmUva, interval
+from offloadlab import ConfigError, get_gpu, get_model
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim.costs import LayerCost, Roofline, StepShape
 from offloadlab.sim.step import (COPY_ISSUE, StepModel, StepResult, lane_recurrence, recurrence_applies,
@@ -321,17 +322,19 @@ def recurrence_cases(draw):
     cost = draw(layer_costs())
     if kind in ("prefetch", "wrap"):  # copies beside all-reduces on the link need processor sharing
         cost = LayerCost(cost.gpu, cost.host, cost.tail, 0.0)
-    return policy.place(m), cost, draw(st.floats(0.0, 2e-3)), link(draw(st.floats(0.0, 5e-5)),
-                                                                    draw(st.floats(1e8, 1e11)))
+    tr = link(draw(st.floats(0.0, 5e-5)), draw(st.floats(1e8, 1e11)))
+    reads = draw(st.integers(1, 8))  # UVA: M-tiles that each read the weight again
+    return (policy.place(m), cost, draw(st.floats(0.0, 2e-3)), tr, lambda b: tr(b * reads),
+            draw(st.sampled_from(["eager", "full", "piecewise"])))
 
 
 @SETTINGS
 @given(recurrence_cases())
 def test_the_lane_recurrence_equals_the_simpy_model(case):
-    placement, cost, head, tr = case
+    placement, cost, head, tr, uva_read, join = case
     assert recurrence_applies(placement, cost, 1.0)
-    sim = simulate_layers(placement, cost, head, tr, wrap=placement.wrap, engine="simpy")
-    fast = lane_recurrence(placement, cost, head, tr, wrap=placement.wrap)
+    sim = simulate_layers(placement, cost, head, tr, wrap=placement.wrap, engine="simpy", uva_read=uva_read, join=join)
+    fast = lane_recurrence(placement, cost, head, tr, wrap=placement.wrap, uva_read=uva_read, join=join)
     assert fast.time == pytest.approx(sim.time, rel=1e-9, abs=EPS)
     assert fast.stall == pytest.approx(sim.stall, rel=1e-9, abs=EPS)
     for lane in ("host", "compute", "copy", "link"):
@@ -638,3 +641,54 @@ def test_shared_link_is_work_conserving_and_never_faster_than_solo(flows):
         for (s2, w2), e2 in zip(flows, ends):
             if s1 == s2 and w1 == w2:
                 assert e1 == pytest.approx(e2, abs=1e-9)
+
+
+# ---- vLLM's prefetch backend across steps: joined in CUDA graphs, overlapped in eager steps ----
+
+
+def test_graph_steps_join_the_next_steps_copies_eager_steps_overlap_them():
+    # 2 layers, layer 1 offloaded, one slot; 1 ms per layer, a 3 ms copy, a 2 ms LM head
+    from offloadlab.sim import LayerCost, simulate_layers
+
+    m = get_model("llama-3.2-1b").replace(layers=2)
+    pl = Prefetch(2, 1, 1, wrap=True).place(m)
+    cost, tr = LayerCost(1e-3, 1e-6, 0.0), (lambda b: 3e-3)
+    eager = simulate_layers(pl, cost, 2e-3, tr, wrap=True, join="eager")
+    full = simulate_layers(pl, cost, 2e-3, tr, wrap=True, join="full")
+    # eager: the next step's copy runs during the LM head and layer 0: hidden
+    assert eager.time == pytest.approx(4e-3, rel=1e-3) and eager.stall == pytest.approx(0, abs=1e-9)
+    # full graph (join_after_forward): the forward waits for it before the head: 3 + 2 + 1 + 1 ms
+    assert full.time == pytest.approx(7e-3, rel=1e-3) and full.stall == pytest.approx(3e-3, rel=1e-3)
+    assert full.busy["copy"] == pytest.approx(eager.busy["copy"])  # the same copies, per step
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=st.integers(1, 4), n=st.integers(1, 4), s=st.integers(1, 3), layers=st.integers(2, 9),
+       gpu=st.floats(1e-4, 1e-2), bw=st.floats(1e8, 1e11), head=st.floats(0, 1e-2))
+def test_joining_the_copy_stream_never_speeds_a_step_up(g, n, s, layers, gpu, bw, head):
+    from offloadlab.sim import LayerCost, simulate_layers
+
+    m = get_model("llama-3.2-1b").replace(layers=layers)
+    pl = Prefetch(g, min(n, g), s, wrap=True).place(m)
+    # more slots than offloaded layers: vLLM's ring wraps inside one step ((index + s) % n, prefetch.py);
+    # the copier's slot indexing for it is issue 15's (offloadlab/schedule.py)
+    assume(s <= len(pl.offloaded_layers))
+    cost, tr = LayerCost(gpu, 1e-5, 0.0), (lambda b: 1e-5 + b / bw)
+    t = {j: simulate_layers(pl, cost, head, tr, wrap=True, join=j) for j in ("eager", "full", "piecewise")}
+    assert t["eager"].time <= t["full"].time * (1 + 1e-9) <= t["piecewise"].time * (1 + 1e-9) ** 2
+    assert t["piecewise"].busy["copy"] == pytest.approx(t["eager"].busy["copy"])
+
+
+def test_step_model_joins_decode_graph_steps_and_overlaps_eager_ones():
+    from offloadlab.sim import Roofline, StepModel, StepShape
+
+    m, hw = get_model("llama-3.1-8b"), get_gpu("h100")
+    pl = Prefetch(4, 1, 1, wrap=True).place(m)
+    graphs, eager = Roofline(m, hw), Roofline(m, hw, cuda_graphs=False)
+    decode = StepShape.uniform(64, 1, 1024)
+    # a decode batch within the capture size replays a graph: joined, as if join="full" were asked
+    assert StepModel(pl, graphs).run(decode).time == pytest.approx(StepModel(pl, graphs, join="full").run(decode).time)
+    assert StepModel(pl, eager).run(decode).time == pytest.approx(StepModel(pl, eager, join="eager").run(decode).time)
+    assert StepModel(pl, graphs).run(decode).time > StepModel(pl, graphs, join="eager").run(decode).time
+    with pytest.raises(ConfigError, match="join"):
+        StepModel(pl, graphs, join="sometimes")
