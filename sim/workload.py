@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_text
 
 __all__ = [
     "Request",
@@ -393,7 +393,7 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
     the row as read.
     """
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")
     if suffix in (".jsonl", ".ndjson"):
         row = 0
         for line in text.splitlines():
@@ -402,8 +402,8 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
             row += 1
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield row, None, f"a JSON object per line ({e.msg})", line
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield row, None, f"a JSON object per line ({getattr(e, 'msg', 'nested too deeply')})", line
                 continue
             if isinstance(rec, dict):
                 yield row, rec, None, line
@@ -411,13 +411,27 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
                 yield row, None, "a JSON object per line", line
     else:
         reader = csv.DictReader(io.StringIO(text))
-        for row, rec in enumerate(reader, start=1):
+        for row, rec in _csv_rows(reader, str(path)):
             if None in rec:
                 n_fields = len(reader.fieldnames or [])
                 raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
                 yield row, None, f"{n_fields} comma-separated fields, as in the header", ",".join(raw)
                 continue
             yield row, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}, None, None
+
+
+def _csv_rows(reader: csv.DictReader, src: str) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a CSV reader; the csv module's own errors (a NUL byte, a huge field) are ConfigErrors."""
+    row = 0
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ConfigError("row", row + 1, f"a well-formed CSV row ({e})", source=src) from None
+        row += 1
+        yield row, rec
 
 
 def _parse_int(raw: Any, minimum: int) -> int | None:
