@@ -10,11 +10,19 @@ prefetch ``--offload-group-size g --offload-num-in-group n --offload-prefetch-st
 The engine flags of the same command line that the simulator models (``engine_from_vllm``):
 ``--tensor-parallel-size/-tp``, ``--pipeline-parallel-size/-pp``, ``--gpu-memory-utilization``,
 ``--max-model-len``, ``--max-num-seqs``, ``--max-num-batched-tokens``, ``--block-size``,
-``--[no-]enable-chunked-prefill`` and ``--kv-cache-dtype``; other flags are ignored.
+``--[no-]enable-chunked-prefill`` and ``--kv-cache-dtype``.
+
+Other flags are not silently dropped: a flag close to one of the above (``--cpu-offlod-gb``) or naming
+offload is an error (a misspelling would simulate no offload); any other flag is reported by
+``unmodelled_flags`` (the CLI names them in a note on stderr): vLLM has many settings this tool does
+not model (``--enforce-eager``, ``--enable-prefix-caching``, ``--port``, ...).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
+import re
 import shlex
 
 from .errors import ConfigError
@@ -24,14 +32,34 @@ DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype values modelled
 
 
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(text)
+    return v
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "_finite": "a finite number"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would exit; a bad flag is a ConfigError like any other input
-        raise ConfigError("vllm flags", message, "vLLM offload flags (see offloadlab.vllm_flags)")
+        m = re.match(r"argument ([^:]+): (.*)", message)
+        if not m:
+            raise ConfigError("--vllm", message, "vLLM flags (see offloadlab.vllm_flags)")
+        flag, what = m.group(1).split("/")[0], m.group(2)
+        bad = re.match(r"invalid (\w+) value: '(.*)'$", what)
+        if bad:
+            raise ConfigError(f"--vllm {flag}", bad.group(2), _TYPE_WORDS.get(bad.group(1), bad.group(1)))
+        bad = re.match(r"invalid choice: '(.*)' \(choose from (.*)\)$", what)
+        if bad:
+            raise ConfigError(f"--vllm {flag}", bad.group(1), f"one of {bad.group(2)}")
+        raise ConfigError(f"--vllm {flag}", None, what.replace("expected", "").strip() or what)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
-    p.add_argument("--cpu-offload-gb", type=float, default=0.0)
+    p.add_argument("--cpu-offload-gb", type=_finite, default=0.0)
     p.add_argument("--cpu-offload-params", default="")
     p.add_argument("--offload-backend", choices=["auto", "uva", "prefetch"], default="auto")
     p.add_argument("--offload-group-size", type=int, default=0)
@@ -45,7 +73,7 @@ def _engine_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tensor_parallel")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, dest="pipeline_parallel")
-    p.add_argument("--gpu-memory-utilization", type=float, dest="gpu_memory_utilization")
+    p.add_argument("--gpu-memory-utilization", type=_finite, dest="gpu_memory_utilization")
     p.add_argument("--max-model-len", type=int, dest="max_model_len")
     p.add_argument("--max-num-seqs", type=int, dest="max_num_seqs")
     p.add_argument("--max-num-batched-tokens", type=int, dest="max_num_batched_tokens")
@@ -57,7 +85,13 @@ def _engine_parser() -> argparse.ArgumentParser:
 
 def _argv(args: str | list[str]) -> tuple[list[str], dict[str, str]]:
     """(flags, environment) of a command line that may start with NAME=VALUE assignments."""
-    argv = shlex.split(args) if isinstance(args, str) else list(args)
+    if isinstance(args, str):
+        try:
+            argv = shlex.split(args)
+        except ValueError as e:  # an unclosed quote
+            raise ConfigError("--vllm", args, f"a shell-quoted command line ({e})") from None
+    else:
+        argv = list(args)
     env = {}
     while argv and "=" in argv[0] and not argv[0].startswith("-"):
         k, _, v = argv.pop(0).partition("=")
@@ -65,9 +99,33 @@ def _argv(args: str | list[str]) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
+def _modelled() -> list[str]:
+    return sorted({o for p in (_parser(), _engine_parser()) for a in p._actions for o in a.option_strings})
+
+
+def unmodelled_flags(args: str | list[str]) -> list[str]:
+    """The flags of a vLLM command line this tool does not model (in order, once each); a flag that looks
+    like a misspelling of a modelled one, or an unknown offload flag, is a ConfigError instead."""
+    modelled, out = _modelled(), []
+    for tok in _argv(args)[0]:
+        if not tok.startswith("-") or re.fullmatch(r"-[\d.]+(e-?\d+)?", tok):  # a value or a negative number
+            continue
+        name = tok.split("=", 1)[0]
+        if name in modelled or name in out:
+            continue
+        near = [m for m in modelled if m.startswith(name) and len(name) > 3]  # vLLM takes no abbreviations
+        near = near or difflib.get_close_matches(name, modelled, n=1, cutoff=0.85)
+        if near or "offload" in name:
+            hint = f"did you mean {near[0]}?" if near else "one of " + ", ".join(m for m in modelled if "offload" in m)
+            raise ConfigError("--vllm", name, f"a vLLM flag ({hint})")
+        out.append(name)
+    return out
+
+
 def engine_from_vllm(args: str | list[str]) -> dict:
     """The engine settings a vLLM command line sets (EngineConfig field names, plus ``kv_cache_dtype``);
     flags it does not set are left out, so the caller's defaults stand."""
+    unmodelled_flags(args)  # misspellings are errors
     a, _ = _engine_parser().parse_known_args(_argv(args)[0])
     return {k: v for k, v in vars(a).items() if v is not None}
 
@@ -78,8 +136,10 @@ def _names(csv: str) -> tuple[str, ...]:
 
 def policy_from_vllm(args: str | list[str], env: dict[str, str] | None = None) -> Policy:
     """The Policy a vLLM command line deploys (``args`` may start with NAME=VALUE environment
-    assignments, like a shell line). Flags other than the offload ones are ignored."""
+    assignments, like a shell line). Flags other than the offload ones are ignored (see unmodelled_flags);
+    a misspelled offload flag is an error."""
     argv, line_env = _argv(args)  # leading NAME=VALUE: environment
+    unmodelled_flags(argv)  # misspellings are errors
     env = {**(env or {}), **line_env}
     a, _ = _parser().parse_known_args(argv)
     if a.cpu_offload_gb < 0:

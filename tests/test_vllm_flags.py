@@ -42,8 +42,8 @@ def test_auto_backend_and_defaults_follow_vllm():
     ("--offload-num-in-group 2", "--offload-num-in-group"),
     ("--offload-backend prefetch", "--offload-group-size"),
     ("--cpu-offload-gb -1", "--cpu-offload-gb"),
-    ("--offload-backend magic", "vllm flags"),
-    ("--offload-group-size two", "vllm flags"),
+    ("--offload-backend magic", "--vllm --offload-backend"),
+    ("--offload-group-size two", "--vllm --offload-group-size"),
 ])
 def test_combinations_vllm_rejects(flags, field):
     with pytest.raises(ConfigError, match=field):
@@ -129,8 +129,9 @@ def test_engine_flags_of_a_vllm_command_line():
                                           block_size=32, chunked_prefill=True, kv_cache_dtype="fp8")
     assert engine_from_vllm("--no-enable-chunked-prefill") == {"chunked_prefill": False}
     assert engine_from_vllm("--cpu-offload-gb 8") == {}  # nothing set: the caller's defaults stand
-    assert engine_from_vllm("--max-model 4096") == {}  # no abbreviations: vLLM has flags sharing prefixes
-    with pytest.raises(ConfigError, match="vllm flags"):
+    with pytest.raises(ConfigError, match="did you mean --max-model-len"):  # vLLM takes no abbreviations
+        engine_from_vllm("--max-model 4096")
+    with pytest.raises(ConfigError, match="--vllm --tensor-parallel-size='four': expected an integer"):
         engine_from_vllm("-tp four")
 
 
