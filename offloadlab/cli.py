@@ -374,8 +374,17 @@ def cmd_bench(a) -> None:
         raise SystemExit(rc)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors: one line naming option, value and what was expected."""
+
+    def error(self, message):
+        from .errors import from_argparse
+
+        raise from_argparse(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="offloadlab", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="offloadlab", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("paper", help="the paper's scenario: table and plot")
     _common(p, policy=False)
@@ -474,9 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command; 0 on success, 2 on bad input (one line on stderr), 130/143 on Ctrl-C/SIGTERM."""
     from . import signals
 
-    args = build_parser().parse_args(argv)
     stdout = sys.stdout = PipeSafeStdout(sys.stdout)
     try:
+        args = build_parser().parse_args(argv)
         with signals.handled(), OutputSet() as outputs:
             args.outputs = outputs
             _check_outputs(args, outputs)

@@ -25,7 +25,7 @@ import math
 import re
 import shlex
 
-from .errors import ConfigError
+from .errors import ConfigError, from_argparse
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
 
 DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
@@ -39,22 +39,9 @@ def _finite(text: str) -> float:
     return v
 
 
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "_finite": "a finite number"}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse would exit; a bad flag is a ConfigError like any other input
-        m = re.match(r"argument ([^:]+): (.*)", message)
-        if not m:
-            raise ConfigError("--vllm", message, "vLLM flags (see offloadlab.vllm_flags)")
-        flag, what = m.group(1).split("/")[0], m.group(2)
-        bad = re.match(r"invalid (\w+) value: '(.*)'$", what)
-        if bad:
-            raise ConfigError(f"--vllm {flag}", bad.group(2), _TYPE_WORDS.get(bad.group(1), bad.group(1)))
-        bad = re.match(r"invalid choice: '(.*)' \(choose from (.*)\)$", what)
-        if bad:
-            raise ConfigError(f"--vllm {flag}", bad.group(1), f"one of {bad.group(2)}")
-        raise ConfigError(f"--vllm {flag}", None, what.replace("expected", "").strip() or what)
+        raise from_argparse(message, prefix="--vllm ")
 
 
 def _parser() -> argparse.ArgumentParser:
