@@ -123,7 +123,7 @@ def _policy(a):
         return policy_from_vllm(a.vllm)
     from .policy import parse_policy
 
-    return parse_policy(a.policy or "interval:2")
+    return parse_policy("interval:2" if a.policy is None else a.policy)
 
 
 def _workload(a):
@@ -494,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
 
                 load_catalog_file(args.catalog)
             _settle_engine(args)
+            if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
+                from .profile import Profile
+
+                Profile.load(args.profile)
             args.fn(args)
         stdout.flush()
     except OffloadLabError as e:

@@ -152,13 +152,13 @@ class Profile:
         for key in ("h2d", "layer_times"):
             if not isinstance(d.get(key), list):
                 raise ConfigError(key, d.get(key), "a list of rows", source=src)
-        meta = dict(d.get("meta") or {}, source=src)
         for key in ("h2d", "layer_times"):
             for i, r in enumerate(d[key]):
                 if not isinstance(r, list):
                     raise ConfigError(f"{key}[{i}]", r, "a row: a list of numbers", source=src)
         if not isinstance(d.get("meta") or {}, dict):
             raise ConfigError("meta", d.get("meta"), "a mapping (provenance), or absent", source=src)
+        meta = dict(d.get("meta") or {}, source=src)
         return cls(h2d=tuple(tuple(r) for r in d["h2d"]),
                    layer_times=tuple(tuple(r) for r in d["layer_times"]),
                    model=d.get("model", ""), gpu=d.get("gpu", ""), layers=d.get("layers", 0),
