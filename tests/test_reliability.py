@@ -105,6 +105,31 @@ def test_a_read_only_directory_is_refused_before_the_work(tmp_path, capsys):
         ro.chmod(0o755)
 
 
+def test_a_directory_without_write_permission_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
+    """As root (CI containers) a read-only directory is writable, so the permission check is made to fail."""
+    import offloadlab.outputs as outputs
+    import offloadlab.sim as sim
+
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: pytest.fail("simulated before checking the output path"))
+    assert main(["run", "--requests", "4", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--json='{tmp_path / 'r.json'}': expected a path where files can be written ({tmp_path}: permission denied)" in err
+
+
+def test_a_rename_that_fails_at_the_end_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    import offloadlab.outputs as outputs
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(outputs.os, "replace", refuse)
+    assert main(["run", "--requests", "4", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json=" in err and "(Permission denied)" in err
+    assert _files(tmp_path) == []
+
+
 def test_an_interrupt_inside_the_work_is_one_line_130_and_no_file(tmp_path, monkeypatch, capsys):
     import offloadlab.sim as sim
 
