@@ -83,6 +83,10 @@ def _argv(args: str | list[str]) -> tuple[list[str], dict[str, str]]:
     while argv and "=" in argv[0] and not argv[0].startswith("-"):
         k, _, v = argv.pop(0).partition("=")
         env[k] = v
+    # vLLM reads --cpu_offload_gb as --cpu-offload-gb: underscores in a flag's name (before any '=' or '.')
+    # become dashes (FlexibleArgumentParser.parse_args, vllm/utils/argparse_utils.py)
+    argv = [re.sub(r"(?<=^--)[^.=]*", lambda m: m.group(0).replace("_", "-"), t) if t.startswith("--") else t
+            for t in argv]
     return argv, env
 
 
@@ -100,7 +104,9 @@ def unmodelled_flags(args: str | list[str]) -> list[str]:
         name = tok.split("=", 1)[0]
         if name in modelled or name in out:
             continue
-        near = [m for m in modelled if m.startswith(name) and len(name) > 3]  # vLLM takes no abbreviations
+        # a prefix of a modelled flag: vLLM's argparse may take it as an abbreviation, or refuse it as
+        # ambiguous; either way this tool asks for the whole name rather than guess
+        near = [m for m in modelled if m.startswith(name) and len(name) > 3]
         near = near or difflib.get_close_matches(name, modelled, n=1, cutoff=0.85)
         if near or "offload" in name:
             hint = f"did you mean {near[0]}?" if near else "one of " + ", ".join(m for m in modelled if "offload" in m)
