@@ -173,6 +173,8 @@ CASES = [
     ("step-batch-0", ["step", "--batch", "0"], {}, "=0"),
     ("step-new-tokens-0", ["step", "--new-tokens", "0"], {}, "=0"),
     ("step-context-neg", ["step", "--context", "-1"], {}, "=-1"),
+    ("step-beyond-window", ["step", "--new-tokens", "100000000"], {}, "context+new_tokens=100000000: expected at most 131072"),
+    ("step-context-beyond-window", ["step", "--context", "131072", "--new-tokens", "1"], {}, "context+new_tokens=131073"),
     ("step-tp-16", ["step", "--gpu", "h100", "-tp", "16"], {}, "tensor_parallel=16"),
     ("optimize-objective", ["optimize", "--requests", "4", "--objective", "speed", "--quiet"], {}, "speed"),
     ("optimize-mechanism", ["optimize", "--requests", "4", "--mechanisms", "warp", "--quiet"], {}, "warp"),
