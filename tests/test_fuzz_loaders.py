@@ -36,9 +36,11 @@ values = st.recursive(scalars, lambda c: st.lists(c, max_size=4) | st.dictionari
                       max_leaves=12)
 
 
+_DIR = tempfile.TemporaryDirectory(prefix="offloadlab-fuzz-")  # removed when the test process ends
+
+
 def _write(name: str, data: bytes) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="fuzz16-"))
-    p = d / name
+    p = Path(_DIR.name) / name  # one file per name, rewritten by each example
     p.write_bytes(data)
     return p
 
