@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 import pandas as pd
 
 from .errors import ConfigError, OffloadLabError
+from .outputs import OutputSet, PipeSafeStdout
 from .vllm_flags import KV_CACHE_DTYPES
 from .specs import GiB
 
@@ -21,7 +20,7 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
     p.add_argument("--model", default="llama-3.1-8b", help="catalog name (see `offloadlab list`)")
     p.add_argument("--gpu", default="A100-SXM4-40GB", help="catalog name or alias (see `offloadlab list`)")
     if policy:
-        p.add_argument("--policy", default="interval:2",
+        p.add_argument("--policy",
                        help="none | vllm:GIB | uva:GIB | interval:K[,BUFFERS] | prefetch:G,N,S (default interval:2)")
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
@@ -84,11 +83,16 @@ def _settle_engine(a) -> None:
     import dataclasses
 
     from .sim import EngineConfig
-    from .vllm_flags import engine_from_vllm
+    from .vllm_flags import engine_from_vllm, unmodelled_flags
 
     lines = a.vllm if isinstance(getattr(a, "vllm", None), list) else [a.vllm] if getattr(a, "vllm", None) else []
+    if getattr(a, "vllm", None) is not None and not isinstance(a.vllm, list) and getattr(a, "policy", None) is not None:
+        raise ConfigError("--policy", a.policy, "no --policy together with --vllm (the --vllm line gives the policy)")
     theirs: dict = {}
     for line in lines:
+        if unmodelled_flags(line):
+            print(f"note: --vllm flags not modelled, no effect on the simulation: {', '.join(unmodelled_flags(line))}",
+                  file=sys.stderr)
         for k, v in engine_from_vllm(line).items():
             if theirs.setdefault(k, v) != v:
                 raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
@@ -123,13 +127,13 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 
 def _policy(a):
-    if a.vllm:
+    if a.vllm is not None:
         from .vllm_flags import policy_from_vllm
 
         return policy_from_vllm(a.vllm)
     from .policy import parse_policy
 
-    return parse_policy(a.policy)
+    return parse_policy("interval:2" if a.policy is None else a.policy)
 
 
 def _workload(a):
@@ -189,11 +193,10 @@ def _fmt_results(df: pd.DataFrame) -> str:
 
 
 def cmd_paper(a) -> None:
-    from .fileio import atomic_write, atomic_write_text
     from .paper import PAPER_ENGINE, memory_table, run_paper, speedups
     from .plots import paper_figure
 
-    out = Path(a.out)
+    out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
     res = run_paper(_model(a), a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
     mem = memory_table(_model(a), a.gpu)
     sp = speedups(res)
@@ -205,15 +208,14 @@ def cmd_paper(a) -> None:
     print(sp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\nGPU memory (GiB) per policy (paper Fig. 5):")
     print(mem.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    atomic_write_text(out / "paper_results.csv", res.to_csv(index=False))
-    atomic_write_text(out / "paper_memory.csv", mem.to_csv(index=False))
+    a.outputs.write_text(out / "paper_results.csv", res.to_csv(index=False))
+    a.outputs.write_text(out / "paper_memory.csv", mem.to_csv(index=False))
     fig = paper_figure(res, mem, f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
-    atomic_write(out / "paper.png", lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    a.outputs.write(out / "paper.png", lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
     print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
 
 
 def cmd_run(a) -> None:
-    from .fileio import atomic_write_text
     from .sim import simulate
     from .vllm_flags import format_vllm
 
@@ -233,15 +235,14 @@ def cmd_run(a) -> None:
           f"{m.activations / GiB:.2f}, KV cache {m.kv_cache / GiB:.2f} GiB ({m.kv_tokens} tokens); "
           f"host: {m.host_offloaded / GiB:.2f} GiB offloaded, {m.host_pinned / GiB:.2f} GiB pinned; simulated in {r.summary['wall_s']:.3f} s")
     if a.json:
-        atomic_write_text(a.json, json.dumps(r.row(), indent=1, default=float))
+        a.outputs.write_text(a.json, json.dumps(r.row(), indent=1, default=float))
     if a.requests_csv:
-        atomic_write_text(a.requests_csv, r.requests.to_csv(index=False))
+        a.outputs.write_text(a.requests_csv, r.requests.to_csv(index=False))
     if a.trace:
-        r.trace.save_chrome(a.trace)
+        r.trace.save_chrome(a.outputs.stage(a.trace))
 
 
 def cmd_compare(a) -> None:
-    from .fileio import atomic_write_text
     from .policy import parse_policy
     from .sim import simulate
     from .vllm_flags import format_vllm, policy_from_vllm
@@ -269,11 +270,10 @@ def cmd_compare(a) -> None:
     for _, r in df.iterrows():
         print(f"  {r['policy']:28s} {r['vllm_flags']}")
     if a.csv:
-        atomic_write_text(a.csv, df.to_csv(index=False))
+        a.outputs.write_text(a.csv, df.to_csv(index=False))
 
 
 def cmd_optimize(a) -> None:
-    from .fileio import atomic_write_text
     from .optimize import optimize
 
     wl = _workload(a)
@@ -288,19 +288,21 @@ def cmd_optimize(a) -> None:
     print(_fmt_results(r.top(10)))
     print(f"\nchoice: {r.policy.label}\n\n{r.explanation}\n\ndeploy with: {r.vllm_flags}")
     if a.csv:
-        atomic_write_text(a.csv, r.table.to_csv(index=False))
+        a.outputs.write_text(a.csv, r.table.to_csv(index=False))
         print(f"wrote {a.csv}")
 
 
 def _ints(text: str, name: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(name, text, "comma-separated integers, e.g. 1,2,4,8") from None
+        out = []
+    if not out or min(out) < 1:
+        raise ConfigError(name, text, "comma-separated integers >= 1, e.g. 1,2,4,8")
+    return out
 
 
 def cmd_study(a) -> None:
-    from .fileio import atomic_write_text
     from .study import can_serve, serve
 
     models = {m: _model(a, m) for m in a.model or ["llama-3.1-70b", "llama-3.1-405b"]}
@@ -326,7 +328,7 @@ def cmd_study(a) -> None:
         print(f"\nserving {wl.name} ({wl.n} requests), best without and with offload per deployment:\n")
         print(out[list(cols)].rename(columns=cols).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if a.csv:
-        atomic_write_text(a.csv, out.to_csv(index=False))
+        a.outputs.write_text(a.csv, out.to_csv(index=False))
         print(f"wrote {a.csv}")
 
 
@@ -341,7 +343,7 @@ def cmd_step(a) -> None:
     for lane, b in r.busy.items():
         print(f"  {lane:8s} busy {b * 1e3:9.3f} ms ({b / r.time:6.1%})")
     if a.trace:
-        r.trace.save_chrome(a.trace)
+        r.trace.save_chrome(a.outputs.stage(a.trace))
         print(f"wrote {a.trace} (open in ui.perfetto.dev)")
 
 
@@ -355,7 +357,6 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    from .fileio import atomic_write, atomic_write_text
     from .plots import predicted_vs_measured
     from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
 
@@ -375,10 +376,10 @@ def cmd_validate(a) -> None:
               + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()) + "\n")
         frames.append(df.assign(file=f))
     if a.json:
-        atomic_write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
+        a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
         fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
-        atomic_write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+        a.outputs.write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
         print(f"wrote {a.plot}")
 
 
@@ -408,8 +409,17 @@ def cmd_bench(a) -> None:
         raise SystemExit(rc)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors: one line naming option, value and what was expected."""
+
+    def error(self, message):
+        from .errors import from_argparse
+
+        raise from_argparse(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="offloadlab", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="offloadlab", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("paper", help="the paper's scenario: table and plot")
     _common(p, policy=False)
@@ -489,22 +499,58 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "catalog", None):
-            from .catalog import load_catalog_file
+# Options naming files a command writes: checked before any work, written together at its end
+# (offloadlab.outputs); and directories it fills as it goes (a sweep's cache).
+OUTPUT_FILES = {"json": "--json", "requests_csv": "--requests-csv", "trace": "--trace", "csv": "--csv", "plot": "--plot"}
+OUTPUT_DIRS = {"cache_dir": "--cache-dir"}
 
-            load_catalog_file(args.catalog)
-        _settle_engine(args)
-        args.fn(args)
+
+def _check_outputs(a, outputs) -> None:
+    for attr, flag in OUTPUT_FILES.items():
+        if getattr(a, attr, None) is not None:
+            outputs.file(flag, getattr(a, attr))
+    for attr, flag in OUTPUT_DIRS.items():
+        if getattr(a, attr, None) is not None:
+            OutputSet().directory(flag, getattr(a, attr))  # checked only: not part of the command's set
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 2 on bad input (one line on stderr), 130/143 on Ctrl-C/SIGTERM."""
+    from . import signals
+
+    stdout = sys.stdout = PipeSafeStdout(sys.stdout)
+    try:
+        args = build_parser().parse_args(argv)
+        with signals.handled(), OutputSet() as outputs:
+            args.outputs = outputs
+            _check_outputs(args, outputs)
+            if getattr(args, "catalog", None):
+                from .catalog import load_catalog_file
+
+                load_catalog_file(args.catalog)
+            _settle_engine(args)
+            if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
+                from .profile import Profile
+
+                Profile.load(args.profile)
+            args.fn(args)
+        stdout.flush()
     except OffloadLabError as e:
+        stdout.flush()
         print(f"offloadlab: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into `head`: stop quietly (Python's documented recipe)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        print("offloadlab: interrupted (Ctrl-C); no output written", file=sys.stderr)
+        return signals.EXIT_SIGINT
+    except signals.Terminated:
+        print("offloadlab: terminated (SIGTERM); no output written", file=sys.stderr)
+        return signals.EXIT_SIGTERM
+    except OSError as e:  # the file system failed under a checked path (disk full, ...)
+        print(f"offloadlab: error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
-    return 0
+    finally:
+        sys.stdout = stdout._stream
+    return 1 if stdout.broken else 0  # output piped into `head`: the files are written, stdout was cut
 
 
 if __name__ == "__main__":

@@ -32,3 +32,32 @@ class UnknownNameError(OffloadLabError, KeyError):
 
 class DoesNotFitError(OffloadLabError):
     """A placement that does not fit in GPU or host memory."""
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "_finite": "a finite number"}
+
+
+def from_argparse(message: str, prefix: str = "") -> ConfigError:
+    """argparse's error message ("argument --requests: invalid int value: '1e30'") as a ConfigError naming
+    the option, the value and what was expected (``prefix`` before the option: e.g. "--vllm ")."""
+    import re
+
+    m = re.match(r"argument ([^:]+): (.*)", message)
+    if not m:  # e.g. "unrecognized arguments: --x", "the following arguments are required: cmd"
+        what, _, rest = message.partition(": ")
+        if what.startswith("unrecognized"):
+            return ConfigError(f"{prefix}option", rest, "an option this command takes (see --help)")
+        if what.startswith("the following arguments are required"):
+            return ConfigError(f"{prefix}{rest}", None, "a value (it is required; see --help)")
+        return ConfigError(f"{prefix}arguments", rest or message, what)
+    flag, what = prefix + m.group(1).split("/")[0], m.group(2)
+    if what.startswith("expected one argument"):
+        return ConfigError(flag, None, f"a value after it (write {m.group(1).split('/')[0]}=VALUE for a value "
+                           "that starts with '-')")
+    bad = re.match(r"invalid (\w+) value: '(.*)'$", what)
+    if bad:
+        return ConfigError(flag, bad.group(2), _TYPE_WORDS.get(bad.group(1), bad.group(1)))
+    bad = re.match(r"invalid choice: '(.*)' \(choose from (.*)\)$", what)
+    if bad:
+        return ConfigError(flag, bad.group(1), f"one of {bad.group(2)}")
+    return ConfigError(flag, None, what.replace("expected ", "", 1))

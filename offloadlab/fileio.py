@@ -12,15 +12,31 @@ import yaml
 from .errors import ConfigError
 
 
+def read_text(path: str | os.PathLike, what: str = "file", encoding: str = "utf-8") -> str:
+    """The text of ``path``; a missing, unreadable or non-UTF-8 file is a one-line ConfigError naming it."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError("path", str(p), f"a {what}, not a directory") from None
+    except OSError as e:
+        raise ConfigError("path", str(p), f"a readable {what} ({e.strerror or type(e).__name__})") from None
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ConfigError("file", str(p), f"UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is not: "
+                          f"a binary file or another encoding?)") from None
+
+
 def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Load a YAML or JSON file whose top level is a mapping; errors name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError("path", str(p), "an existing YAML or JSON file")
-    text = p.read_text()
+    text = read_text(p, "YAML or JSON file")
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError("file", str(p), f"valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
     if not isinstance(data, dict):
@@ -35,9 +51,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = temp_beside(p)
     try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -47,6 +63,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
             os.unlink(tmp)
         raise
     return p
+
+
+def umask() -> int:
+    """This process's umask (read from /proc where it can be, so no other thread sees it change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temp file in ``path``'s directory (so a rename onto ``path`` is atomic), with
+    the mode a plain ``open(path, "w")`` would give: 0o666 less the umask (mkstemp's own 0o600 would
+    survive the rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~umask())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd, tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

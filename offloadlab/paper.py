@@ -13,6 +13,7 @@ import pandas as pd
 from .catalog import get_gpu, get_model
 from .policy import NoOffload, VllmCopy, budget_for, interval
 from .sim import EngineConfig, longbench_multi_news, serving_memory, simulate
+from .sim.workload import check_fits_in_memory
 from .specs import GiB
 
 PAPER_MODEL = "llama-3.1-8b"
@@ -33,6 +34,8 @@ def run_paper(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int =
     """One row per (mode, policy): inputs, throughput, latency percentiles, memory."""
     from tqdm import tqdm
 
+    if isinstance(requests, int) and not isinstance(requests, bool):  # other values: longbench_multi_news says
+        check_fits_in_memory(requests)
     wl = longbench_multi_news(requests, seed=seed)
     jobs = [(mode, p) for mode in MODES for p in paper_policies(model)]
     rows = []

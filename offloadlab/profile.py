@@ -23,6 +23,8 @@ by the median in-stack/isolated ratio).
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,70 @@ from .fileio import atomic_write_json, load_mapping
 
 SCHEMA = "offloadlab.profile/1"
 MiB = 1024**2
+# The probe format (shared/data/README.md): fields of a ``forward`` row and its placements.
+PROBE_ROW_FIELDS = ("B", "T", "C", "policy", "param", "nbuf", "offloaded_layers", "ms")
+PROBE_POLICIES = ("resident", "sync_prefix", "async_k")
+
+
+def _int(v, minimum: int) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
+def _positive(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _rows(d: dict, key: str, src: str) -> list:
+    rows = d[key]
+    if not isinstance(rows, list):
+        raise ConfigError(key, rows if not isinstance(rows, (dict, str)) else type(rows).__name__,
+                          "a list of rows (objects)", source=src)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise ConfigError(f"{key}[{i}]", r, "an object of named fields", source=src)
+    return rows
+
+
+def check_probe(d: dict, src: str) -> None:
+    """Check a probe file's fields (shared/data/README.md) before anything is computed from them: every
+    size, count and time a finite number in its range, ``layers`` at most the catalog model's."""
+    for key in ("model", "layers", "h2d_bandwidth", "layer", "forward"):
+        if key not in d:
+            raise ConfigError(key, None, "present in a probe file (see shared/data/README.md)", source=src)
+    if not isinstance(d["model"], str) or not d["model"].strip():
+        raise ConfigError("model", d["model"], "a model name (see `offloadlab list`)", source=src)
+    if not _int(d["layers"], 1):
+        raise ConfigError("layers", d["layers"], "an integer >= 1 (decoder layers in the measured stack)", source=src)
+    from .catalog import model_names, get_model  # the catalog sits beside this module in the vocabulary
+
+    if d["model"].strip().lower() in {n.lower() for n in model_names()}:
+        m = get_model(d["model"])
+        if d["layers"] > m.layers:
+            raise ConfigError("layers", d["layers"], f"an integer in [1, {m.layers}] for {m.name}", source=src)
+    if "layer_bytes" in d and not _int(d["layer_bytes"], 1):
+        raise ConfigError("layer_bytes", d["layer_bytes"], "an integer number of bytes >= 1", source=src)
+    bw = _rows(d, "h2d_bandwidth", src)
+    if not bw:
+        raise ConfigError("h2d_bandwidth", bw, "at least one row", source=src)
+    for i, r in enumerate(bw):
+        for f in ("mb", "h2d_pinned_GBps"):
+            if not _positive(r.get(f)):
+                raise ConfigError(f"h2d_bandwidth[{i}].{f}", r.get(f), "a finite number > 0", source=src)
+    for key, fields in (("layer", ("B", "T", "C", "ms")), ("forward", PROBE_ROW_FIELDS)):
+        for i, r in enumerate(_rows(d, key, src)):
+            for f in fields:
+                v = r.get(f)
+                if f not in r:
+                    ok, want = False, "present"
+                elif f == "ms":
+                    ok, want = _positive(v), "a finite number of milliseconds > 0"
+                elif f == "policy":
+                    ok, want = v in PROBE_POLICIES, f"one of {PROBE_POLICIES}"
+                else:
+                    low = 1 if f in ("B", "T") else 0
+                    ok, want = _int(v, low), f"an integer >= {low}"
+                if not ok:
+                    raise ConfigError(f"{key}[{i}].{f}", v, want, source=src)
 
 
 @dataclass(frozen=True)
@@ -48,22 +114,35 @@ class Profile:
 
     def __post_init__(self):
         src = self.meta.get("source") if isinstance(self.meta, dict) else None
-        if not self.h2d:
+        if not isinstance(self.h2d, (tuple, list)) or not self.h2d:
             raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row", source=src)
         for i, row in enumerate(self.h2d):
-            if len(row) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in row):
-                raise ConfigError(f"h2d[{i}]", row, "[bytes > 0, bytes_per_s > 0]", source=src)
+            if not isinstance(row, (tuple, list)) or len(row) != 2 or not all(_positive(x) for x in row):
+                raise ConfigError(f"h2d[{i}]", row, "[bytes > 0, bytes_per_s > 0], finite numbers", source=src)
+        if not isinstance(self.layer_times, (tuple, list)):
+            raise ConfigError("layer_times", self.layer_times, "a list of [B, T, C, seconds] rows", source=src)
         for i, row in enumerate(self.layer_times):
-            if len(row) != 4 or not all(isinstance(x, (int, float)) for x in row) \
-                    or row[0] < 1 or row[1] < 1 or row[2] < 0 or row[3] <= 0:
-                raise ConfigError(f"layer_times[{i}]", row, "[B >= 1, T >= 1, C >= 0, seconds > 0]", source=src)
-        if self.launch_per_layer is not None and not self.launch_per_layer >= 0:
-            raise ConfigError("launch_per_layer", self.launch_per_layer, "seconds >= 0 or null", source=src)
-        if not self.copy_slowdown >= 1.0:
-            raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1", source=src)
+            if not isinstance(row, (tuple, list)) or len(row) != 4 or not (
+                    _int(row[0], 1) and _int(row[1], 1) and _int(row[2], 0) and _positive(row[3])):
+                raise ConfigError(f"layer_times[{i}]", row, "[B >= 1, T >= 1, C >= 0 integers, seconds > 0 finite]",
+                                  source=src)
+        for f in ("model", "gpu"):
+            if not isinstance(getattr(self, f), str):
+                raise ConfigError(f, getattr(self, f), "a string (provenance)", source=src)
+        if not _int(self.layers, 0):
+            raise ConfigError("layers", self.layers, "an integer >= 0 (0: not recorded)", source=src)
+        lpl = self.launch_per_layer
+        if lpl is not None and not (_positive(lpl) or lpl == 0 and not isinstance(lpl, bool)):
+            raise ConfigError("launch_per_layer", lpl, "a finite number of seconds >= 0, or null", source=src)
+        cs = self.copy_slowdown
+        if not (_positive(cs) and cs >= 1.0):
+            raise ConfigError("copy_slowdown", cs, "a finite multiplier >= 1", source=src)
+        if not isinstance(self.uva_gemm, (tuple, list)):
+            raise ConfigError("uva_gemm", self.uva_gemm, "a list of [M, bytes, seconds] rows", source=src)
         for i, row in enumerate(self.uva_gemm):
-            if len(row) != 3 or not all(isinstance(x, (int, float)) and x > 0 for x in row):
-                raise ConfigError(f"uva_gemm[{i}]", row, "[M >= 1, bytes > 0, seconds > 0]", source=src)
+            if not isinstance(row, (tuple, list)) or len(row) != 3 or not (
+                    _int(row[0], 1) and _positive(row[1]) and _positive(row[2])):
+                raise ConfigError(f"uva_gemm[{i}]", row, "[M >= 1 integer, bytes > 0, seconds > 0, finite]", source=src)
 
     # ---- files ----
     def save(self, path: str | Path) -> Path:
@@ -83,25 +162,26 @@ class Profile:
         for key in ("h2d", "layer_times"):
             if not isinstance(d.get(key), list):
                 raise ConfigError(key, d.get(key), "a list of rows", source=src)
+        for key in ("h2d", "layer_times"):
+            for i, r in enumerate(d[key]):
+                if not isinstance(r, list):
+                    raise ConfigError(f"{key}[{i}]", r, "a row: a list of numbers", source=src)
+        if not isinstance(d.get("meta") or {}, dict):
+            raise ConfigError("meta", d.get("meta"), "a mapping (provenance), or absent", source=src)
         meta = dict(d.get("meta") or {}, source=src)
-        try:
-            return cls(h2d=tuple(tuple(r) for r in d["h2d"]),
-                       layer_times=tuple(tuple(r) for r in d["layer_times"]),
-                       model=d.get("model", ""), gpu=d.get("gpu", ""), layers=int(d.get("layers", 0)),
-                       launch_per_layer=d.get("launch_per_layer"),
-                       copy_slowdown=float(d.get("copy_slowdown", 1.0)), meta=meta,
-                       uva_gemm=tuple(tuple(r) for r in d.get("uva_gemm") or ()))
-        except TypeError as e:
-            raise ConfigError("file", src, f"rows of numbers ({e})") from None
+        return cls(h2d=tuple(tuple(r) for r in d["h2d"]),
+                   layer_times=tuple(tuple(r) for r in d["layer_times"]),
+                   model=d.get("model", ""), gpu=d.get("gpu", ""), layers=d.get("layers", 0),
+                   launch_per_layer=d.get("launch_per_layer"),
+                   copy_slowdown=d.get("copy_slowdown", 1.0), meta=meta,
+                   uva_gemm=tuple(tuple(r) if isinstance(r, list) else r for r in d.get("uva_gemm") or ()))
 
     @classmethod
     def from_probe(cls, path: str | Path) -> "Profile":
         """Calibrate from a probe file's component measurements and ``resident`` rows only."""
         src = str(path)
         d = load_mapping(path)
-        for key in ("h2d_bandwidth", "layers", "layer", "forward"):
-            if key not in d:
-                raise ConfigError(key, None, "present in a probe file", source=src)
+        check_probe(d, src)
         layers = d["layers"]
         try:
             h2d = tuple((r["mb"] * MiB, r["h2d_pinned_GBps"] * 1e9) for r in d["h2d_bandwidth"])

@@ -20,8 +20,8 @@ def _check_positive(obj, *names: str, integer: bool = False) -> None:
     for n in names:
         v = getattr(obj, n)
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or not v > 0:
-            kind = "a positive integer" if integer else "a positive number"
+        if isinstance(v, bool) or not ok or not 0 < v < math.inf:
+            kind = "a positive integer" if integer else "a positive finite number"
             raise ConfigError(f"{type(obj).__name__}.{n}", v, kind)
 
 
@@ -208,12 +208,20 @@ class HardwareSpec:
     def __post_init__(self):
         _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes",
                         "network_bw")
-        if not (0 < self.h2d_efficiency <= 1):
+        eff = self.h2d_efficiency
+        if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not (0 < eff <= 1):
             raise ConfigError(f"HardwareSpec.h2d_efficiency", self.h2d_efficiency, "a number in (0, 1]")
         for f in ("host_link_latency", "network_latency"):
-            if not getattr(self, f) >= 0:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ConfigError(f"HardwareSpec.{f}", getattr(self, f), "a number >= 0 seconds")
         _check_positive(self, "gpus_per_node", "gpus_per_host_link", integer=True)
+        if self.gpus_per_host_link > self.gpus_per_node:
+            raise ConfigError("HardwareSpec.gpus_per_host_link", self.gpus_per_host_link,
+                              f"at most gpus_per_node={self.gpus_per_node} (a host link is inside one node)")
+        for f in ("host_link", "gpu_link"):
+            if not isinstance(getattr(self, f), str):
+                raise ConfigError(f"HardwareSpec.{f}", getattr(self, f), "a name, e.g. 'PCIe Gen5 x16'")
 
     @property
     def h2d_bw(self) -> float:

@@ -55,6 +55,7 @@ from .errors import ConfigError, OffloadLabError
 from .fileio import atomic_write_json
 from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from .profile import Profile
+from .signals import worker_init
 from .sim import EngineConfig, Workload, simulate
 from .specs import HardwareSpec, ModelSpec
 
@@ -389,12 +390,24 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     others = [t for t in threading.enumerate()
               if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]  # tqdm's idle monitor
     if "fork" in methods and not others:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"))
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=worker_init)
     ctx = None
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(["offloadlab.sweep"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's workers now (Ctrl-C, SIGTERM): waiting for their tasks could take minutes, and a
+    worker left behind would outlive the command."""
+    stop = getattr(pool, "terminate_workers", None)  # Python >= 3.14
+    if stop is not None:
+        stop()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 def _workers(executor) -> int:
@@ -510,6 +523,10 @@ def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor
                 warnings.warn(f"{len(failed)} of {len(futures)} tasks failed in the executor, not in the simulator "
                               f"(first: {failed[0]}); their rows hold the error, and they are not cached, so the "
                               "next run retries them", RuntimeWarning, stacklevel=2)
+    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.signals): no task is worth waiting for
+        if own is not None:
+            _end_workers(own)
+        raise
     finally:
         bar.close()
         if own is not None:

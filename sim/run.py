@@ -66,6 +66,10 @@ def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Polic
     lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
     policy = policy if policy is not None else NoOffload()
     shape = StepShape.uniform(batch, new_tokens, context)
+    window = lay.model.max_context
+    if isinstance(new_tokens, int) and isinstance(context, int) and new_tokens + context > window:
+        raise ConfigError("context+new_tokens", context + new_tokens, f"at most {window}, {lay.model.name}'s context "
+                          "window (max_context)")
     stages = _resolve(lay, policy, profile, cost_kw)
     pp = len(stages)
     t, stall, events, spans = 0.0, 0.0, 0, []

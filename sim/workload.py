@@ -21,6 +21,7 @@ import io
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, read_text
 
 __all__ = [
     "Request",
@@ -406,7 +407,7 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
     the row as read.
     """
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")
     if suffix in (".jsonl", ".ndjson"):
         row = 0
         for line in text.splitlines():
@@ -415,8 +416,8 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
             row += 1
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield row, None, f"a JSON object per line ({e.msg})", line
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield row, None, f"a JSON object per line ({getattr(e, 'msg', 'nested too deeply')})", line
                 continue
             if isinstance(rec, dict):
                 yield row, rec, None, line
@@ -424,13 +425,27 @@ def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | 
                 yield row, None, "a JSON object per line", line
     else:
         reader = csv.DictReader(io.StringIO(text))
-        for row, rec in enumerate(reader, start=1):
+        for row, rec in _csv_rows(reader, str(path)):
             if None in rec:
                 n_fields = len(reader.fieldnames or [])
                 raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
                 yield row, None, f"{n_fields} comma-separated fields, as in the header", ",".join(raw)
                 continue
             yield row, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}, None, None
+
+
+def _csv_rows(reader: csv.DictReader, src: str) -> Iterator[tuple[int, dict]]:
+    """(row, record) of a CSV reader; the csv module's own errors (a NUL byte, a huge field) are ConfigErrors."""
+    row = 0
+    while True:
+        try:
+            rec = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ConfigError("row", row + 1, f"a well-formed CSV row ({e})", source=src) from None
+        row += 1
+        yield row, rec
 
 
 def _parse_int(raw: Any, minimum: int) -> int | None:
@@ -678,6 +693,34 @@ def _arrival_seed(seed: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # The CLI's builder
 # ----------------------------------------------------------------------------------------------
+#: Peak memory a served request costs, generated, simulated and summarised (bytes; benchmarks/bench_memory.py
+#: measures it: about 1.6 kB on CPython 3.11, rounded up for other Pythons and workloads).
+BYTES_PER_REQUEST = 3000
+
+
+def available_memory() -> float:
+    """Bytes this machine can still give a process (MemAvailable; all of physical memory where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+def check_fits_in_memory(n: int) -> None:
+    """Refuse, before anything is generated, a run of ``n`` requests that would not fit in memory."""
+    need, have = n * BYTES_PER_REQUEST, available_memory()
+    if need > have:
+        raise ConfigError("n", n, f"a number of requests that fits in memory: about {need / 1e9:,.3g} GB estimated "
+                          f"({BYTES_PER_REQUEST} bytes per request), {have / 1e9:,.3g} GB available")
+
+
 def _looks_like_path(kind: str) -> bool:
     p = Path(kind)
     return (p.suffix.lower() in (".csv", ".jsonl", ".ndjson", ".json") or p.exists() or "/" in kind
@@ -728,6 +771,7 @@ def make_workload(
     """
     if n is not None:
         n = _check_int("n", n, 1)
+        check_fits_in_memory(n)
     seed = _check_seed(seed)
     if rate is not None:
         vllm_arrivals(1, rate, burstiness)  # validates both

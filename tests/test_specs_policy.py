@@ -216,10 +216,10 @@ def test_load_catalog_file_docstring_example(tmp_path, clean_user_catalog):
     f = tmp_path / "doc.yaml"
     f.write_text("\n".join(line[8:] for line in example.splitlines()))
     models, gpus = load_catalog_file(f)
-    assert models == ["my-model", "llama-3.1-70b-fp8"] and gpus == ["my-gpu"]
+    assert models == ["my-model", "my-70b-fp8"] and gpus == ["my-gpu"]
     g = get_gpu("my-gpu")
     assert (g.memory_bytes, g.hbm_bw, g.peak_flops, g.host_link_bw) == (8.6e10, 3.35e12, 9.89e14, 6.4e10)
-    assert get_model("llama-3.1-70b-fp8").weight_bytes == 1
+    assert get_model("my-70b-fp8").weight_bytes == 1
 
 
 def test_load_catalog_file_json(tmp_path, clean_user_catalog):

@@ -7,7 +7,7 @@ from offloadlab import ConfigError, get_gpu, get_model
 from offloadlab.cli import main
 from offloadlab.policy import NoOffload, Prefetch, VllmCopy, VllmUva, interval
 from offloadlab.sim import simulate_step
-from offloadlab.vllm_flags import format_vllm, policy_from_vllm, vllm_args
+from offloadlab.vllm_flags import format_vllm, policy_from_vllm, unmodelled_flags, vllm_args
 
 M8 = get_model("llama-3.1-8b")
 PARAMS = st.sampled_from([(), ("gate_up_proj",), ("mlp",), ("self_attn.qkv_proj", "down_proj")])
@@ -89,8 +89,8 @@ def test_deploy_lines_turn_off_the_v2_model_runner_where_it_ignores_offload():
     ("--offload-num-in-group 0", "--offload-num-in-group"),
     ("--offload-backend prefetch", "--offload-group-size"),
     ("--cpu-offload-gb -1", "--cpu-offload-gb"),
-    ("--offload-backend magic", "vllm flags"),
-    ("--offload-group-size two", "vllm flags"),
+    ("--offload-backend magic", "--vllm --offload-backend"),
+    ("--offload-group-size two", "--vllm --offload-group-size"),
 ])
 def test_combinations_vllm_rejects(flags, field):
     with pytest.raises(ConfigError, match=field):
@@ -231,8 +231,14 @@ def test_engine_flags_of_a_vllm_command_line():
                                           block_size=32, chunked_prefill=True, kv_cache_dtype="fp8")
     assert engine_from_vllm("--no-enable-chunked-prefill") == {"chunked_prefill": False}
     assert engine_from_vllm("--cpu-offload-gb 8") == {}  # nothing set: the caller's defaults stand
-    assert engine_from_vllm("--max-model 4096") == {}  # no abbreviations: vLLM has flags sharing prefixes
-    with pytest.raises(ConfigError, match="vllm flags"):
+    with pytest.raises(ConfigError, match="did you mean --max-model-len"):  # a prefix: the whole name, please
+        engine_from_vllm("--max-model 4096")
+    # vLLM's parser takes underscores for dashes in flag names (vllm/utils/argparse_utils.py)
+    assert engine_from_vllm("--max_model_len=4096 --gpu_memory_utilization 0.8") == {
+        "max_model_len": 4096, "gpu_memory_utilization": 0.8}
+    assert policy_from_vllm("--cpu_offload_gb 8 --offload_backend uva") == VllmUva(8.0)
+    assert unmodelled_flags("--enforce_eager --port=8000 --offload-group-size 2") == ["--enforce-eager", "--port"]
+    with pytest.raises(ConfigError, match="--vllm --tensor-parallel-size='four': expected an integer"):
         engine_from_vllm("-tp four")
 
 

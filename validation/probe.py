@@ -16,12 +16,9 @@ from ..catalog import get_gpu, get_model, gpu_for_device
 from ..errors import ConfigError
 from ..fileio import load_mapping
 from ..policy import NoOffload, copy_prefix, interval
-from ..profile import Profile
+from ..profile import PROBE_POLICIES as POLICIES, PROBE_ROW_FIELDS as ROW_FIELDS, Profile, check_probe
 from ..sim import StepShape, cost_model, simulate_layers
 from ..specs import HardwareSpec, ModelSpec
-
-ROW_FIELDS = ("B", "T", "C", "policy", "param", "nbuf", "offloaded_layers", "ms")
-POLICIES = ("resident", "sync_prefix", "async_k")
 
 
 @dataclass(frozen=True)
@@ -36,21 +33,21 @@ class ProbeFile:
         """Read and check a probe file; ``gpu``/``model`` override the names it records."""
         src = str(path)
         d = load_mapping(path)
-        for key in ("model", "layers", "layer_bytes", "h2d_bandwidth", "layer", "forward"):
-            if key not in d:
-                raise ConfigError(key, None, "present in a probe file (see shared/data/README.md)", source=src)
-        for i, r in enumerate(d["forward"]):
-            missing = [f for f in ROW_FIELDS if f not in r]
-            if missing:
-                raise ConfigError(f"forward[{i}].{missing[0]}", None, "present", source=src)
-            if r["policy"] not in POLICIES:
-                raise ConfigError(f"forward[{i}].policy", r["policy"], f"one of {POLICIES}", source=src)
+        check_probe(d, src)
+        if "layer_bytes" not in d:
+            raise ConfigError("layer_bytes", None, "present in a probe file (see shared/data/README.md)", source=src)
+        if all(r["policy"] == "resident" for r in d["forward"]):
+            raise ConfigError("forward", f"{len(d['forward'])} resident rows",
+                              "at least one sync_prefix or async_k row to predict", source=src)
         m = get_model(model or d["model"])
         if not isinstance(d["layers"], int) or not 1 <= d["layers"] <= m.layers:
             raise ConfigError("layers", d["layers"], f"an integer in [1, {m.layers}] for {m.name}", source=src)
         m = m.replace(layers=d["layers"])  # a probe may measure a truncated stack
         if d["layer_bytes"] != m.layer_bytes:
             raise ConfigError("layer_bytes", d["layer_bytes"], f"{m.layer_bytes} for {m.name}", source=src)
+        if not gpu and not isinstance(d.get("gpu", ""), str):
+            raise ConfigError("gpu", d["gpu"], "the device name torch reports, e.g. 'NVIDIA H100 80GB HBM3'",
+                              source=src)
         hw = get_gpu(gpu) if gpu else gpu_for_device(d.get("gpu", ""))
         return cls(Path(path), d, m, hw)
 

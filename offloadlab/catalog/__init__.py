@@ -165,10 +165,10 @@ def _build(cls, name: str, fields: dict, source: str, base=None):
         if base is not None:
             return dataclasses.replace(base, name=name, **fields)
         return cls(name=name, **fields)
-    except TypeError as e:  # a required field is missing
-        raise ConfigError(name, fields, f"all required fields of {cls.__name__} ({e})", source=source) from None
     except ConfigError as e:
         raise ConfigError(e.field, e.value, e.expected, source=source) from None
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(name, fields, f"all required fields of {cls.__name__} ({e})", source=source) from None
 
 
 def load_catalog_file(path: str | Path) -> tuple[list[str], list[str]]:
@@ -179,7 +179,7 @@ def load_catalog_file(path: str | Path) -> tuple[list[str], list[str]]:
         models:
           my-model: {layers: 40, hidden: 5120, heads: 40, kv_heads: 8, head_dim: 128,
                      intermediate: 13824, vocab: 32000}
-          llama-3.1-70b-fp8: {base: llama-3.1-70b, weight_bytes: 1}
+          my-70b-fp8: {base: llama-3.1-70b, weight_bytes: 1}
         gpus:
           my-gpu: {memory_bytes: 8.6e10, hbm_bw: 3.35e12, peak_flops: 9.89e14, host_link_bw: 6.4e10}
     """
@@ -189,14 +189,26 @@ def load_catalog_file(path: str | Path) -> tuple[list[str], list[str]]:
     if extra:
         raise ConfigError(extra[0], data[extra[0]], "top-level keys 'models' and/or 'gpus'", source=src)
     models, gpus = {}, {}
-    for name, fields in (data.get("models") or {}).items():
-        fields = dict(fields) if isinstance(fields, dict) else fields
-        base = get_model(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
-        models[name] = _build(ModelSpec, name, fields, src, base)
-    for name, fields in (data.get("gpus") or {}).items():
-        fields = dict(fields) if isinstance(fields, dict) else fields
-        base = get_gpu(fields.pop("base")) if isinstance(fields, dict) and "base" in fields else None
-        gpus[name] = _build(HardwareSpec, name, fields, src, base)
+    builtin = {"models": {_key(n) for n in MODELS},
+               "gpus": {_key(n) for n in _datasheet_gpus()} | {_key(n) for n in _ALIASES}}
+    for section, cls, table, lookup in (("models", ModelSpec, models, get_model), ("gpus", HardwareSpec, gpus, get_gpu)):
+        entries = data.get(section) or {}
+        if not isinstance(entries, dict):
+            raise ConfigError(section, entries, "a mapping of name: {field: value}", source=src)
+        for name, fields in entries.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(section, name, "names that are non-empty strings", source=src)
+            if _key(name) in builtin[section]:
+                raise ConfigError(f"{section}.{name}", "(an entry)", "a name not built in (a catalog file adds, it "
+                                  f"does not replace: give it a new name, with base: {name} to start from it)",
+                                  source=src)
+            fields = dict(fields) if isinstance(fields, dict) else fields
+            base = None
+            if isinstance(fields, dict) and "base" in fields:
+                if not isinstance(fields["base"], str):
+                    raise ConfigError(f"{name}.base", fields["base"], "a catalog name", source=src)
+                base = lookup(fields.pop("base"))
+            table[name] = _build(cls, name, fields, src, base)
     _user_models.update(models)  # all or nothing: only a file whose every entry is valid is added
     _user_gpus.update(gpus)
     added_m, added_g = list(models), list(gpus)
