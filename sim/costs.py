@@ -12,9 +12,12 @@ Two implementations of one small interface (``layer``, ``head``, ``transfer``, `
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..errors import ConfigError
 from ..profile import Profile
@@ -94,24 +97,39 @@ class Roofline:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
                    self.kernel_floor)
 
-    def gpu_time(self, s: StepShape) -> float:
-        m = self.model
+    def gemm_time(self, shape: tuple[int, int], tokens: int) -> float:
+        """One GEMM of an (out, in) weight over ``tokens`` rows."""
+        out_f, in_f = shape
         act = 2  # activation bytes per element
+        return self._kernel(2.0 * out_f * in_f * tokens,
+                            out_f * in_f * self.model.weight_bytes + tokens * (in_f + out_f) * act, self.matmul_eff)
+
+    def attention_time(self, s: StepShape) -> float:
+        m, act = self.model, 2
+        q = m.heads * m.head_dim
+        return self._kernel(4.0 * q * s.pairs, s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act,
+                            self.attention_eff)
+
+    def elementwise_time(self, tokens: int) -> float:
+        """Norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations."""
+        m, act = self.model, 2
         q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-        gemms = 0.0
-        for name, shape in m.layer_param_shapes:
-            if len(shape) != 2:
-                continue
-            out_f, in_f = shape
-            gemms += self._kernel(2.0 * out_f * in_f * s.tokens,
-                                  out_f * in_f * m.weight_bytes + s.tokens * (in_f + out_f) * act, self.matmul_eff)
-        attn = self._kernel(4.0 * q * s.pairs,
-                            s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act, self.attention_eff)
-        # norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations
-        elementwise_bytes = s.tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
+        elementwise_bytes = tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
         n_elem = self.kernels_per_layer - 5
-        elem = max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
-        return gemms + attn + elem + 2 * self.allreduce_time(s.tokens)
+        return max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
+
+    def parts(self, s: StepShape) -> dict[str, float]:
+        """A layer's GPU seconds by kernel class: one entry per GEMM (by parameter name), attention,
+        elementwise, all-reduce (what the efficiency transfer of ``Calibrated`` scales class by class)."""
+        out = {name: self.gemm_time(shape, s.tokens) for name, shape in self.model.layer_param_shapes
+               if len(shape) == 2}
+        out["attention"] = self.attention_time(s)
+        out["elementwise"] = self.elementwise_time(s.tokens)
+        out["allreduce"] = 2 * self.allreduce_time(s.tokens)
+        return out
+
+    def gpu_time(self, s: StepShape) -> float:
+        return sum(self.parts(s).values())
 
     def allreduce_time(self, tokens: int) -> float:
         """One ring all-reduce of the hidden states across the tensor-parallel GPUs (two per layer:
@@ -119,9 +137,12 @@ class Roofline:
         tp = self.model.tensor_parallel
         if tp == 1:
             return 0.0
-        nbytes = tokens * self.model.hidden * 2
+        return self.allreduce_seconds(tokens * self.model.hidden * 2, tp)
+
+    def allreduce_seconds(self, nbytes: float, gpus: int) -> float:
+        """A ring all-reduce of ``nbytes`` over ``gpus`` GPUs of this kind."""
         bw = self.hw.gpu_link_bw or self.hw.host_link_bw
-        return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * self.allreduce_latency
+        return 2 * (gpus - 1) / gpus * nbytes / bw + 2 * (gpus - 1) * self.allreduce_latency
 
     def link_comm_time(self, s: StepShape) -> float:
         """Seconds of a layer's all-reduces that cross the GPU's host (PCIe) link, competing with
@@ -152,58 +173,212 @@ class Roofline:
         return self.hw.host_link_latency + nbytes * self.link_share / self.hw.h2d_bw
 
 
+NEAR = 32.0  # a measured shape "near" a step: token counts within this factor (else: no row near, an error)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One Profile and the datasheet roofline of what it measured (its own model and GPU)."""
+
+    profile: Profile
+    roofline: Roofline
+    distance: int  # 0 same GPU and model, 1 another model, 2 another GPU, 3 both
+
+    @property
+    def label(self) -> str:
+        return self.profile.describe()
+
+
+def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    """Same layer shape (a tensor-parallel shard or pipeline stage of a model is that model)."""
+    keys = ("hidden", "head_dim", "weight_bytes")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and \
+        a.heads * a.tensor_parallel == b.heads * b.tensor_parallel and \
+        a.intermediate * a.tensor_parallel == b.intermediate * b.tensor_parallel
+
+
 @dataclass(frozen=True)
 class Calibrated:
-    """Roofline corrected by a measured Profile (see module docstring)."""
+    """The target's roofline corrected by efficiencies measured elsewhere (see module docstring).
+
+    ``profile``: one Profile or several; each component (compute, launch, copies, all-reduce) comes
+    from the source nearest the target that measured it (same GPU before same model before neither;
+    the first given on ties).
+    """
 
     roofline: Roofline
-    profile: Profile
+    profile: Profile | tuple[Profile, ...]
+    _compute: _Source | None = field(init=False, repr=False, compare=False)
+    _copies: _Source | None = field(init=False, repr=False, compare=False)
+    _launch_src: _Source | None = field(init=False, repr=False, compare=False)
+    _allreduce: tuple = field(init=False, repr=False, compare=False)
     _points: tuple = field(init=False, repr=False, compare=False)
+    _gemms: tuple = field(init=False, repr=False, compare=False)
+    _elementwise: tuple = field(init=False, repr=False, compare=False)
     _launch: float = field(init=False, repr=False, compare=False)
     _latency: float = field(init=False, repr=False, compare=False)
     _rate: float = field(init=False, repr=False, compare=False)
+    _link_note: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        rf, prof = self.roofline, self.profile
-        pts = [(StepShape.uniform(b, t, c), sec) for b, t, c, sec in prof.layer_times]
-        # launch-bound measurements: the roofline says the GPU would be done in under half the time,
-        # so the in-stack time is the host's launch time and says nothing about the GPU's.
-        roof = [rf.gpu_time(s) for s, _ in pts]
-        launch_bound = [r < 0.5 * sec for r, (_, sec) in zip(roof, pts)]
-        launch = prof.launch_per_layer
-        if launch is None:
-            bound = [sec for (s, sec), lb in zip(pts, launch_bound) if lb]
-            launch = statistics.median(bound) if bound else rf.eager_launch_per_layer
+        rf = self.roofline
+        profiles = tuple(self.profile) if isinstance(self.profile, (tuple, list)) else (self.profile,)
+        if not profiles or not all(isinstance(p, Profile) for p in profiles):
+            raise ConfigError("profile", self.profile, "a Profile or a sequence of Profiles")
+        object.__setattr__(self, "profile", profiles[0] if len(profiles) == 1 else profiles)
+        srcs = []
+        for p in profiles:
+            sm, sg = p.source_model(), p.source_gpu()
+            srf = dataclasses.replace(rf, model=sm, hw=sg, link_share=1.0)
+            srcs.append(_Source(p, srf, 2 * (sg.name != rf.hw.name) + (not _same_model(sm, rf.model))))
+
+        def pick(has):
+            cands = [x for x in srcs if has(x.profile)]
+            return min(cands, key=lambda x: x.distance) if cands else None  # min keeps the first of equals
+
+        compute = pick(lambda p: p.layer_times or p.kernels)
+        launch_src = pick(lambda p: p.launch_per_layer is not None or p.layer_times)
+        copies = pick(lambda p: p.h2d)
+        tp = rf.model.tensor_parallel
+        ar = pick(lambda p: any(n == tp for _, n, _ in p.allreduce)) if tp > 1 else None
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("_compute", compute)
+        set_("_copies", copies)
+        set_("_launch_src", launch_src)
+
+        # host launch time per layer: a property of the host and driver, kept across GPUs
+        launch = rf.eager_launch_per_layer
+        if launch_src is not None:
+            lp = launch_src.profile
+            if lp.launch_per_layer is not None:
+                launch = lp.launch_per_layer
+            else:
+                bound = [sec for b, t, c, sec in lp.layer_times
+                         if launch_src.roofline.gpu_time(StepShape.uniform(b, t, c)) < 0.5 * sec]
+                launch = statistics.median(bound) if bound else launch
+        set_("_launch", launch)
+
+        # whole-layer efficiencies (probe and microbenchmark Profiles): measured / the measured GPU's
+        # roofline of the measured model, by (tokens, KV tokens)
         points = []
-        for (s, sec), r, lb in zip(pts, roof, launch_bound):
-            ratio = 1.0 if lb else sec / r
-            host = sec if lb else launch
-            points.append((math.log(s.tokens), math.log(max(s.kv_tokens, 1)), ratio, host))
-        object.__setattr__(self, "_points", tuple(points))
-        object.__setattr__(self, "_launch", launch)
-        lat, rate = _link_model(prof.h2d)
-        object.__setattr__(self, "_latency", lat)
-        object.__setattr__(self, "_rate", rate)
+        if compute is not None and compute.profile.layer_times:
+            own_host = compute is launch_src
+            for b, t, c, sec in compute.profile.layer_times:
+                sh = StepShape.uniform(b, t, c)
+                r = compute.roofline.gpu_time(sh)
+                lb = r < 0.5 * sec  # launch-bound: the in-stack time is the host's, not the GPU's
+                points.append((math.log(sh.tokens), math.log(max(sh.kv_tokens, 1)), 1.0 if lb else sec / r,
+                               sec if (lb and own_host) else launch, (b, t, c)))
+        set_("_points", tuple(points))
+
+        # per-kernel efficiencies (Vidur): each GEMM by tokens and weight shape, elementwise by tokens
+        gemms, elem = [], []
+        if compute is not None and not points and compute.profile.kernels:
+            groups: dict = {}
+            for op, t, ktp, sec in compute.profile.kernels:
+                groups.setdefault((op, ktp), []).append((t, sec))
+            src_model = compute.roofline.model
+            for (op, ktp), rows in sorted(groups.items()):
+                try:
+                    shard = src_model.shard(ktp)
+                except ConfigError:
+                    continue
+                srf = dataclasses.replace(compute.roofline, model=shard)
+                rows.sort()
+                if op == "elementwise":
+                    elem.append((ktp, tuple(math.log(t) for t, _ in rows),
+                                 tuple(sec / srf.elementwise_time(t) for t, sec in rows)))
+                else:
+                    shape = dict((n.split(".")[-2], sh) for n, sh in shard.layer_param_shapes if len(sh) == 2)[op]
+                    gemms.append((math.log(shape[0] * shape[1]), op, tuple(math.log(t) for t, _ in rows),
+                                  tuple(sec / srf.gemm_time(shape, t) for t, sec in rows)))
+        set_("_gemms", tuple(gemms))
+        set_("_elementwise", tuple(elem))
+
+        # all-reduce: measured / the measured GPUs' ring model, by message size, for this TP degree
+        if ar is not None:
+            rows = sorted((nb, sec) for nb, n, sec in ar.profile.allreduce if n == tp)
+            set_("_allreduce", (ar, tuple(math.log(nb) for nb, _ in rows),
+                                tuple(sec / ar.roofline.allreduce_seconds(nb, tp) for nb, sec in rows)))
+        else:
+            set_("_allreduce", ())
+
+        # copies: the measured curve when the host link is of the same kind, else the target's
+        # datasheet link at the measured efficiency (measured streaming rate / measured link's spec)
+        if copies is not None:
+            lat, rate = _link_model(copies.profile.h2d)
+            kind = copies.profile.link_kind
+            if kind != rf.hw.host_link:
+                eff = rate / copies.roofline.hw.host_link_bw
+                note = (f"copies: {rf.hw.host_link} datasheet at the {eff:.0%} efficiency {copies.label} measured "
+                        f"on {kind}")
+                lat, rate = rf.hw.host_link_latency, rf.hw.host_link_bw * eff
+            else:
+                note = f"copies: {copies.label}'s measured {kind} curve"
+        else:
+            lat, rate = rf.hw.host_link_latency, rf.hw.h2d_bw
+            note = "copies: datasheet"
+        set_("_latency", lat)
+        set_("_rate", rate)
+        set_("_link_note", note)
 
     @property
     def model(self) -> ModelSpec:
         return self.roofline.model
 
     @property
+    def profiles(self) -> tuple[Profile, ...]:
+        return self.profile if isinstance(self.profile, tuple) else (self.profile,)
+
+    @property
     def copy_slowdown(self) -> float:
-        return self.profile.copy_slowdown
+        return self._compute.profile.copy_slowdown if self._compute is not None else self.roofline.copy_slowdown
 
     def _nearest(self, s: StepShape):
         lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
         return min(self._points, key=lambda p: (p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2) if self._points else None
 
-    def layer(self, s: StepShape) -> LayerCost:
-        """GPU time scaled by the nearest measurement; host time measured (eager), unless the step
-        replays a CUDA graph (``roofline.cuda_graphs``), which the eager measurements do not cover."""
+    def _gemm_ratio(self, shape: tuple[int, int], tokens: int) -> float:
+        lp = math.log(shape[0] * shape[1])
+        _, _, lts, ratios = min(self._gemms, key=lambda g: abs(g[0] - lp))
+        return float(np.interp(math.log(tokens), lts, ratios))
+
+    def _elementwise_ratio(self, tokens: int) -> float:
+        tp = self.model.tensor_parallel
+        _, lts, ratios = min(self._elementwise, key=lambda g: abs(math.log(g[0] / tp)))
+        return float(np.interp(math.log(tokens), lts, ratios))
+
+    def _allreduce_time(self, tokens: int) -> float:
         rf = self.roofline
-        r = rf.gpu_time(s)
-        p = self._nearest(s)
-        gpu, host = (r, self._launch) if p is None else (r * p[2], p[3])
+        if not self._allreduce or rf.model.tensor_parallel == 1:
+            return 2 * rf.allreduce_time(tokens)
+        _, lbs, ratios = self._allreduce
+        nbytes = tokens * rf.model.hidden * 2
+        return 2 * rf.allreduce_seconds(nbytes, rf.model.tensor_parallel) * float(np.interp(math.log(nbytes), lbs, ratios))
+
+    def gpu_host(self, s: StepShape) -> tuple[float, float]:
+        """(GPU seconds, host seconds) of one layer for step ``s``, before CUDA graphs."""
+        rf = self.roofline
+        parts = rf.parts(s)
+        parts.pop("allreduce")
+        ar = self._allreduce_time(s.tokens)
+        if self._points:
+            p = self._nearest(s)
+            return sum(parts.values()) * p[2] + ar, p[3]
+        if self._gemms:
+            gpu = parts["attention"] + ar  # attention: no per-kernel measurement, datasheet roofline
+            for name, shape in rf.model.layer_param_shapes:
+                if len(shape) == 2:
+                    gpu += parts[name] * self._gemm_ratio(shape, s.tokens)
+            gpu += parts["elementwise"] * (self._elementwise_ratio(s.tokens) if self._elementwise else 1.0)
+            return gpu, self._launch
+        return sum(parts.values()) + ar, self._launch
+
+    def layer(self, s: StepShape) -> LayerCost:
+        """GPU time transferred by efficiency; host time measured (eager), unless the step replays a
+        CUDA graph (``roofline.cuda_graphs``), which the eager measurements do not cover."""
+        rf = self.roofline
+        gpu, host = self.gpu_host(s)
         if rf.replays_graph(s):
             host = rf.graph_launch_per_layer
         return LayerCost(gpu, host, rf.kernel_floor, min(rf.link_comm_time(s), gpu))
@@ -219,6 +394,55 @@ class Calibrated:
     @property
     def link_share(self) -> float:
         return self.roofline.link_share
+
+    # ---- what was transferred, and how near the measurements are ----
+    def measured_tokens(self) -> tuple[int, ...]:
+        """Token counts per step the compute calibration measured (empty: none, datasheet compute)."""
+        if self._points:
+            return tuple(sorted({b * t for _, _, _, _, (b, t, c) in self._points}))
+        if self._compute is not None and self._compute.profile.kernels:
+            return tuple(sorted({t for _, t, _, _ in self._compute.profile.kernels}))
+        return ()
+
+    def check_near(self, lo: int, hi: int, what: str = "steps") -> None:
+        """Raise when the compute calibration has no measured shape within a factor NEAR of the
+        step token counts ``lo``..``hi`` a simulation will ask for."""
+        toks = self.measured_tokens()
+        if not toks:
+            return
+        for n in {lo, hi}:
+            near = min(toks, key=lambda t: abs(math.log(t / n)))
+            if abs(math.log(near / n)) > math.log(NEAR):
+                raise ConfigError("profile", self._compute.profile.meta.get("source", self._compute.label),
+                                  f"a measured row near {what} of {n} tokens (nearest measured: {near} tokens; "
+                                  f"measure shapes within {NEAR:.0f}x)")
+
+    def describe(self) -> str:
+        """One line: what was transferred from what, e.g. 'H100 llama-3.1-8b profile applied to
+        llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)'."""
+        rf = self.roofline
+        target = f"{rf.model.name} on {rf.hw.name}"
+        c = self._compute
+        srcs = [x for x in (c, self._copies, self._launch_src) if x is not None]
+        labels = list(dict.fromkeys(x.label for x in srcs))
+        if c is not None and all(x.distance == 0 for x in srcs):
+            how = "as measured (same GPU and model)"
+        else:
+            how = "by efficiency transfer"
+        if c is None:
+            comp = "compute: datasheet roofline"
+        elif self._points:
+            comp = f"compute: {c.label}'s whole-layer efficiencies by tokens and context"
+        else:
+            comp = f"compute: {c.label}'s GEMM efficiencies by tokens and shape, elementwise by tokens, " \
+                   "attention from the datasheet"
+        launch = f"launch: {self._launch * 1e3:.3f} ms/layer from " + \
+            (f"{self._launch_src.label} (host time kept)" if self._launch_src else "the roofline default")
+        extra = ""
+        if self._allreduce:
+            extra = f"; all-reduce: {self._allreduce[0].label}'s efficiencies"
+        return f"{' + '.join(labels) or 'no'} profile applied to {target} {how} ({comp}; {self._link_note}; " \
+               f"{launch}{extra})"
 
 
 def _link_model(h2d: tuple[tuple[float, float], ...]) -> tuple[float, float]:

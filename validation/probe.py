@@ -1,9 +1,12 @@
-"""Predict a probe file's forward rows from its own component measurements.
+"""Predict a probe file's forward rows from its own component measurements, or from another source.
 
 Calibration uses only the bandwidth curve, the isolated layer times and the ``resident`` rows
 (Profile.from_probe); every ``sync_prefix`` and ``async_k`` row is then predicted by the step
 model (sim/step.py) with eager launches (the probe runs eager PyTorch, no CUDA graphs) and no LM
-head (the probe's stack has none).
+head (the probe's stack has none). With ``source`` (Profiles measured elsewhere: another GPU, model
+or shape set) every row, resident ones included, is predicted from the source by efficiency
+transfer (sim/costs.py), none of the target's own measurements used. ``leave_one_shape_out``
+is the held-out check on one file: each (B, T, C) predicted from a calibration without it.
 """
 from __future__ import annotations
 
@@ -66,13 +69,21 @@ def placement_of(row: dict, model: ModelSpec):
     return interval(row["param"], row["nbuf"]).place(model)
 
 
-def predict_probe(probe: ProbeFile | str | Path, **cost_kw) -> pd.DataFrame:
-    """Every forward row with ``measured_ms``, ``predicted_ms`` and ``error`` (predicted/measured - 1)."""
+def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile, ...] | None = None,
+                  rows_of=None, **cost_kw) -> pd.DataFrame:
+    """Every forward row with ``measured_ms``, ``predicted_ms`` and ``error`` (predicted/measured - 1).
+
+    ``source``: calibrate from these Profiles instead of the file's own components (every row is then
+    a prediction). ``rows_of``: predict only rows whose (B, T, C) is in this set.
+    """
     if not isinstance(probe, ProbeFile):
         probe = ProbeFile.load(probe)
-    cost = cost_model(probe.model, probe.gpu, probe.profile(), **{"cuda_graphs": False, **cost_kw})
+    cost = cost_model(probe.model, probe.gpu, probe.profile() if source is None else source,
+                      **{"cuda_graphs": False, **cost_kw})
     rows = []
     for i, r in enumerate(probe.data["forward"]):
+        if rows_of is not None and (r["B"], r["T"], r["C"]) not in rows_of:
+            continue
         pl = placement_of(r, probe.model)
         if len(pl.offloaded_layers) != r["offloaded_layers"]:
             raise ConfigError(f"forward[{i}].offloaded_layers", r["offloaded_layers"],
@@ -84,13 +95,35 @@ def predict_probe(probe: ProbeFile | str | Path, **cost_kw) -> pd.DataFrame:
                      "copy_busy_ms": res.busy["copy"] * 1e3})
     df = pd.DataFrame(rows)
     df["error"] = df["predicted_ms"] / df["measured_ms"] - 1
-    df["calibration"] = df["policy"] == "resident"
+    df["calibration"] = (df["policy"] == "resident") if source is None else False
+    # eager resident decode: its time is the host's Python launch speed, not the GPU's
+    df["eager_decode"] = (df["policy"] == "resident") & (df["T"] == 1)
+    df.attrs["cost"] = cost
     return df
 
 
-def error_summary(df: pd.DataFrame) -> dict:
-    """MAPE and worst row over the predicted (non-calibration) rows, overall and per policy."""
+def leave_one_shape_out(probe: ProbeFile | str | Path, **cost_kw) -> pd.DataFrame:
+    """Held out by shape: every row of each (B, T, C) predicted from a calibration that does not
+    contain that shape (its ``resident`` and isolated ``layer`` rows removed), copies and launch kept."""
+    if not isinstance(probe, ProbeFile):
+        probe = ProbeFile.load(probe)
+    d = probe.data
+    shapes = sorted({(r["B"], r["T"], r["C"]) for r in d["forward"]})
+    frames = []
+    for sh in shapes:
+        kept = {**d, "forward": [r for r in d["forward"] if (r["B"], r["T"], r["C"]) != sh or r["policy"] != "resident"],
+                "layer": [r for r in d["layer"] if (r["B"], r["T"], r["C"]) != sh]}
+        src = Profile.from_probe_data(kept, f"{probe.path} without B={sh[0]} T={sh[1]} C={sh[2]}")
+        frames.append(predict_probe(probe, source=src, rows_of={sh}, **cost_kw))
+    return pd.concat(frames, ignore_index=True)
+
+
+def error_summary(df: pd.DataFrame, exclude_eager_decode: bool = False) -> dict:
+    """MAPE and worst row over the predicted (non-calibration) rows, overall and per policy;
+    ``exclude_eager_decode`` leaves out resident T=1 rows (launch-bound: the host's speed)."""
     pred = df[~df["calibration"]]
+    if exclude_eager_decode:
+        pred = pred[~pred["eager_decode"]]
     err = pred["error"].abs()
     worst = pred.loc[err.idxmax()]
     return {
