@@ -26,8 +26,24 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
                             "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
-    p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
+    _profile_arg(p)
     _catalog_args(p)
+
+
+def _profile_arg(p: argparse.ArgumentParser, what: str = "calibrated costs instead of the datasheet roofline") -> None:
+    p.add_argument("--profile", action="append", metavar="PATH",
+                   help=f"a Profile or probe JSON file, or Vidur's profiling CSVs (a directory): {what}; repeatable "
+                        "(each cost from the source nearest the target: same GPU, then same model); measured "
+                        "elsewhere, it is transferred by efficiency")
+
+
+def _say_profile(a, model) -> None:
+    """The one line every command with --profile prints: what it transferred from what."""
+    if a.profile:
+        from .sim import describe_profile
+
+        print("profile: " + describe_profile(model, a.gpu, a.profile, getattr(a, "tensor_parallel", 1) or 1,
+                                             getattr(a, "pipeline_parallel", 1) or 1))
 
 
 def _catalog_args(p: argparse.ArgumentParser) -> None:
@@ -157,12 +173,13 @@ def cmd_paper(a) -> None:
     from .plots import paper_figure
 
     out = Path(a.out)
+    _say_profile(a, _model(a))
     res = run_paper(_model(a), a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
     mem = memory_table(_model(a), a.gpu)
     sp = speedups(res)
     print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
           f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
-          f"512 output tokens), all arriving at t=0; costs: {'profile ' + a.profile if a.profile else 'roofline'}\n")
+          f"512 output tokens), all arriving at t=0; costs: {'profile ' + ' + '.join(a.profile) if a.profile else 'roofline'}\n")
     print(_fmt_results(res))
     print("\nInterval offload vs vLLM's copy-path offload of the same bytes:")
     print(sp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
@@ -183,6 +200,7 @@ def cmd_run(a) -> None:
     wl = _workload(a)
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
+    _say_profile(a, model)
     r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
@@ -213,6 +231,7 @@ def cmd_compare(a) -> None:
     if not policies:
         policies = [parse_policy(p) for p in ("none", "vllm:8", "uva:8", "interval:2", "interval:4")]
     wl, model, eng = _workload(a), _model(a), _engine(a)
+    _say_profile(a, model)
     rows = []
     for p in policies:
         try:
@@ -240,10 +259,12 @@ def cmd_optimize(a) -> None:
     from .optimize import optimize
 
     wl = _workload(a)
+    _say_profile(a, _model(a))
     mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
     r = optimize(_model(a), a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
-                 executor=_executor(a), cache_dir=a.cache_dir, profile=a.profile,
+                 executor=_executor(a), cache_dir=a.cache_dir,
+                 profile=tuple(a.profile) if a.profile and len(a.profile) > 1 else a.profile[0] if a.profile else None,
                  progress=not a.quiet)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
@@ -296,6 +317,7 @@ def cmd_study(a) -> None:
 def cmd_step(a) -> None:
     from .sim import simulate_step
 
+    _say_profile(a, _model(a))
     r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
                       context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
                       pipeline_parallel=a.pipeline_parallel)
@@ -311,6 +333,8 @@ def cmd_step(a) -> None:
 def cmd_memory(a) -> None:
     from .sim import serving_memory
 
+    if a.profile:
+        print("profile: not used (the memory layout does not depend on costs)")
     mem = serving_memory(_model(a), a.gpu, _policy(a), _engine(a))
     counts = ("kv_tokens", "block_size", "kv_blocks")
     for k, v in mem.as_dict().items():
@@ -320,22 +344,33 @@ def cmd_memory(a) -> None:
 def cmd_validate(a) -> None:
     from .fileio import atomic_write, atomic_write_text
     from .plots import predicted_vs_measured
+    from .sim.run import _load
     from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
+    source = _load(a.profile) if a.profile else None
     frames = []
     for f in files:
         probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
-        df = predict_probe(probe)
+        df = predict_probe(probe, source=source)
         s = error_summary(df)
-        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
-              f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+        if source is None:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+                  f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+        else:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
+                  f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
         cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "error"]
         print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
         w = s["worst"]
         print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
               f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
-              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()) + "\n")
+              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+        if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
+            x = error_summary(df, exclude_eager_decode=True)
+            print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
+                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}")
+        print()
         frames.append(df.assign(file=f))
     if a.json:
         atomic_write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
@@ -434,10 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
-    p = sub.add_parser("validate", help="predict a probe file's rows from its components; compare")
+    p = sub.add_parser("validate", help="predict a probe file's rows from its components (or from --profile); compare")
     p.add_argument("files", nargs="*", help="probe JSON files (default: the stored ones in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
     p.add_argument("--model", help="catalog model (default: the file's)")
+    _profile_arg(p, "predict every row of the files from this source's measurements and the datasheets "
+                    "alone (none of the files' own rows)")
     p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
     p.add_argument("--plot", help="write a predicted-vs-measured PNG")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")

@@ -176,6 +176,9 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
+        """A Profile file, a probe file, or Vidur's profiling CSVs (a directory or one .csv file)."""
+        if Path(path).is_dir() or Path(path).suffix == ".csv":
+            return cls.from_vidur(path)
         d = load_mapping(path)
         src = str(path)
         if "forward" in d and "h2d_bandwidth" in d:  # a probe file

@@ -140,8 +140,8 @@ _PROFILES: dict[tuple, Profile] = {}
 def _load_profile(path: str) -> Profile:
     """Profile.load, memoized per (path, size, mtime) so a sweep loads each file once."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("profile", str(path), "an existing Profile or probe file")
+    if not p.is_file() and not p.is_dir():
+        raise ConfigError("profile", str(path), "an existing Profile or probe file, or a directory of Vidur CSVs")
     st = p.stat()
     k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if k not in _PROFILES:
@@ -195,6 +195,11 @@ class SimConfig:
         prof = self.profile
         if isinstance(prof, os.PathLike):
             object.__setattr__(self, "profile", os.fspath(prof))
+        elif isinstance(prof, (list, tuple)):  # several sources (costs.Calibrated picks per component)
+            prof = tuple(os.fspath(x) if isinstance(x, os.PathLike) else x for x in prof)
+            if not prof or not all(isinstance(x, (str, Profile)) for x in prof):
+                raise ConfigError("profile", self.profile, "Profiles or paths to Profile/probe files")
+            object.__setattr__(self, "profile", prof if len(prof) > 1 else prof[0])
         elif prof is not None and not isinstance(prof, (str, Profile)):
             raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
         # unknown names and unreadable profiles fail here, at construction, naming what is wrong
@@ -249,7 +254,9 @@ class SimConfig:
         hw = get_gpu(self.gpu)
         return hw if self.host_link_bw is None else hw.replace(host_link_bw=self.host_link_bw)
 
-    def profile_obj(self) -> Profile | None:
+    def profile_obj(self) -> Profile | tuple[Profile, ...] | None:
+        if isinstance(self.profile, tuple):
+            return tuple(x if isinstance(x, Profile) else _load_profile(x) for x in self.profile)
         if self.profile is None or isinstance(self.profile, Profile):
             return self.profile
         return _load_profile(self.profile)
@@ -263,7 +270,8 @@ class SimConfig:
         if e.chunked_prefill:
             parts.append("chunked")
         if self.profile is not None:
-            parts.append("profile " + (Path(self.profile).name if isinstance(self.profile, str) else "(object)"))
+            profs = self.profile if isinstance(self.profile, tuple) else (self.profile,)
+            parts.append("profile " + " + ".join(Path(x).name if isinstance(x, str) else "(object)" for x in profs))
         return " | ".join(parts)
 
     def canonical(self) -> dict:
@@ -274,7 +282,7 @@ class SimConfig:
             "gpu": _spec_dict(self.hardware),
             "policy": {"kind": self.policy.kind, **_spec_dict(self.policy)},
             "engine": _spec_dict(self.engine),
-            "profile": None if prof is None else _spec_dict(prof),
+            "profile": None if prof is None else _canon(prof),
         }
 
     def key(self, workload: Workload | str | None = None) -> str:
@@ -292,8 +300,8 @@ class SimConfig:
                "cpu_offload_gb": float(p.cpu_offload_gb) if hasattr(p, "cpu_offload_gb") else None,
                "host_link_GBps": hw.host_link_bw / 1e9}
         row.update({f: getattr(self.engine, f) for f in ENGINE_FIELDS})
-        row["profile"] = None if self.profile is None else (
-            self.profile if isinstance(self.profile, str) else "(Profile object)")
+        profs = () if self.profile is None else self.profile if isinstance(self.profile, tuple) else (self.profile,)
+        row["profile"] = None if not profs else " + ".join(x if isinstance(x, str) else "(Profile object)" for x in profs)
         return row
 
     def job(self) -> tuple:

@@ -35,7 +35,26 @@ def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: in
 
 
 def _load(profile):
+    """None, a Profile, a path, or a sequence of them (several sources: see costs.Calibrated)."""
+    if isinstance(profile, (list, tuple)):
+        if not profile:
+            return None
+        loaded = tuple(_load(p) for p in profile)
+        return loaded[0] if len(loaded) == 1 else loaded
     return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
+
+
+def describe_profile(model: str | ModelSpec, gpu: str | HardwareSpec, profile, tensor_parallel: int = 1,
+                     pipeline_parallel: int = 1, cost_kw: dict | None = None) -> str:
+    """One line: what ``profile`` transfers to one GPU of this deployment, from what ("H100 llama-3.1-8b
+    profile applied to llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)"); the datasheet
+    roofline when there is no profile."""
+    lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
+    profile = _load(profile)
+    m = max(lay.stages, key=lambda s: s.layers)
+    if profile is None:
+        return f"costs: datasheet roofline of {m.name} on {lay.hw.name} (no profile)"
+    return cost_model(m, lay.hw, profile, **(cost_kw or {})).describe()
 
 
 @dataclass(frozen=True)
