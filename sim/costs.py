@@ -66,6 +66,47 @@ class LayerCost:
     link_comm: float = 0.0  # seconds of ``gpu`` spent in all-reduces over the host link (no NVLink)
 
 
+# ---- uncertainty: evidence behind every band (relative half-widths, or (low, high) factors) ----
+# Step-model structure error at measured shapes: the same-GPU validation of the H100 probe
+# (`offloadlab validate`: 36 offload rows, MAPE 2.05%, worst 5.4%); a ~90% band, not the worst row.
+BAND_STRUCTURE = 0.05
+# Efficiencies moved to another GPU: Vidur's A100 operators predicting the H100 probe
+# (`offloadlab validate --profile shared/data/profiles`): compute-bound resident rows 3.8-4.7% off,
+# worst of 38 rows 7.1%. One pair of GPUs is all the evidence there is: widened to 8%.
+BAND_TRANSFER_GPU = 0.08
+# Efficiencies moved to another model shape: Vidur's tensor-parallel-1 GEMMs and elementwise work
+# predicting the tp 2/4/8 shards' (other shapes), summed per layer: p90 7-11.5% by degree.
+BAND_TRANSFER_MODEL = 0.12
+# Datasheet only (no measurement): measured / roofline on the H100 probe's resident rows 1.07-1.34
+# (compute-bound ones), Vidur's A100 GEMMs up to 1.41 at 128 tokens; the roofline is never far slow.
+DATASHEET_GPU = (0.9, 1.5)
+# Eager launch, unmeasured: the roofline's 0.25 ms/layer against 0.68-0.86 ms measured (H100 host).
+DATASHEET_LAUNCH = (0.5, 4.0)
+# Pinned H2D from the datasheet: 80-85% of the link spec is typical (hardware.csv), ~78% on A100 hosts.
+DATASHEET_COPY = 0.06
+# Launch time from one measurement: its spread unknown (the H100 probe's four span +-13%).
+BAND_LAUNCH_ONE = 0.3
+# Same kind of host link, another machine: PCIe DMA efficiency varies by a few % host to host.
+BAND_TRANSFER_LINK = 0.05
+
+
+@dataclass(frozen=True)
+class Band:
+    """(low, high) multiplicative factors on a step's cost components: GPU time, host launch time, copy time."""
+
+    gpu: tuple[float, float]
+    host: tuple[float, float]
+    copy: tuple[float, float]
+
+
+def _sym(w: float) -> tuple[float, float]:
+    return (max(1.0 - w, 0.05), 1.0 + w)
+
+
+def _quad(*ws: float) -> float:
+    return math.sqrt(sum(w * w for w in ws))
+
+
 @dataclass(frozen=True)
 class Roofline:
     model: ModelSpec
@@ -172,6 +213,11 @@ class Roofline:
         """Seconds for one pinned host->device copy of ``nbytes`` (its share of the host link)."""
         return self.hw.host_link_latency + nbytes * self.link_share / self.hw.h2d_bw
 
+    def band(self, s: StepShape) -> Band:
+        """Datasheet only: the widest band (see DATASHEET_*)."""
+        host = (0.5, 2.0) if self.replays_graph(s) else DATASHEET_LAUNCH
+        return Band(DATASHEET_GPU, host, _sym(_quad(BAND_STRUCTURE, DATASHEET_COPY)))
+
 
 NEAR = 32.0  # a measured shape "near" a step: token counts within this factor (else: no row near, an error)
 
@@ -219,6 +265,7 @@ class Calibrated:
     _latency: float = field(init=False, repr=False, compare=False)
     _rate: float = field(init=False, repr=False, compare=False)
     _link_note: str = field(init=False, repr=False, compare=False)
+    _evidence: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         rf = self.roofline
@@ -321,6 +368,91 @@ class Calibrated:
         set_("_latency", lat)
         set_("_rate", rate)
         set_("_link_note", note)
+        set_("_evidence", self._residuals(copies, kind if copies is not None else ""))
+
+    def _residuals(self, copies: _Source | None, kind: str) -> dict:
+        """The calibration's own residuals, for ``band``: leave-one-out on its shapes and token counts,
+        the link model against the measured curve, the spread of the launch measurements."""
+        ev: dict = {}
+        # whole-layer points: each predicted by its nearest other (non-launch-bound) point
+        pts = [p for p in self._points if p[2] != 1.0]
+        loo = []
+        for i, p in enumerate(pts):
+            others = pts[:i] + pts[i + 1:]
+            if others:
+                q = min(others, key=lambda o: (o[0] - p[0]) ** 2 + 0.25 * (o[1] - p[1]) ** 2)
+                d = math.sqrt((q[0] - p[0]) ** 2 + 0.25 * (q[1] - p[1]) ** 2)
+                loo.append((p[4], abs(q[2] / p[2] - 1), d))
+        ev["points"] = loo
+        # kernel tables: each token count predicted from its neighbours (interior points), p90
+        errs = []
+        for g in self._gemms:
+            lts, rs = g[2], g[3]
+            for i in range(1, len(lts) - 1):
+                errs.append(abs(np.interp(lts[i], (lts[i - 1], lts[i + 1]), (rs[i - 1], rs[i + 1])) / rs[i] - 1))
+        ev["kernels"] = float(np.quantile(errs, 0.9)) if errs else 0.0
+        ev["gemm_shapes"] = {round(g[0], 2) for g in self._gemms}
+        # copies: the latency + size / rate model against the measured curve (16 MiB and up)
+        if copies is not None:
+            res = [abs((self._latency + n / self._rate) / (n / bw) - 1) for n, bw in copies.profile.h2d if n >= 16 * 2**20]
+            w = max(res) if res and kind == self.roofline.hw.host_link else 0.0
+            ev["copy"] = _quad(BAND_STRUCTURE, w, BAND_TRANSFER_LINK if copies.distance >= 2 and kind ==
+                               self.roofline.hw.host_link else 0.0, DATASHEET_COPY if kind != self.roofline.hw.host_link
+                               else 0.0)
+        else:
+            ev["copy"] = _quad(BAND_STRUCTURE, DATASHEET_COPY)
+        # launch: spread of the launch-bound measurements around their median
+        src = self._launch_src
+        bound = [sec for _, _, r, sec, _ in self._points if r == 1.0] if src is self._compute else []
+        if src is None:
+            ev["launch"] = DATASHEET_LAUNCH
+        else:
+            # one measurement (or a launch time given without its rows) says nothing of the spread:
+            # 30%, twice the 0.68-0.86 ms spread of the H100 probe's launch-bound rows
+            spread = (max(bound) - min(bound)) / 2 / statistics.median(bound) if len(bound) > 1 else BAND_LAUNCH_ONE
+            ev["launch"] = _sym(_quad(BAND_STRUCTURE, spread))
+        return ev
+
+    def _transfer_width(self, src: _Source | None) -> float:
+        if src is None:
+            return 0.0
+        return _quad(BAND_TRANSFER_GPU if src.distance >= 2 else 0.0, BAND_TRANSFER_MODEL if src.distance % 2 else 0.0)
+
+    def band(self, s: StepShape) -> Band:
+        """(low, high) cost factors for step ``s``, from evidence: the calibration's leave-one-out
+        residuals (growing with the distance to the nearest measured shape), BAND_STRUCTURE, the
+        transfer terms when the source is another GPU or model, datasheet factors for whatever no
+        source measured (attention under per-kernel profiles, launch, copies)."""
+        rf, ev = self.roofline, self._evidence
+        host = (0.5, 2.0) if rf.replays_graph(s) else ev["launch"]
+        copy = _sym(ev["copy"])
+        xfer = self._transfer_width(self._compute)
+        if self._points:
+            p = self._nearest(s)
+            if p[2] == 1.0:  # launch-bound measurement: the GPU time is the datasheet's
+                return Band(DATASHEET_GPU, host, copy)
+            lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
+            d = math.sqrt((p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2)
+            own = [(e, dd) for shape, e, dd in ev["points"] if shape == p[4]]
+            interp = min(1.0, d / own[0][1]) * own[0][0] if own and own[0][1] > 0 else 0.0
+            return Band(_sym(_quad(BAND_STRUCTURE, interp, xfer)), host, copy)
+        if self._gemms:
+            parts = rf.parts(s)
+            w_meas = _quad(BAND_STRUCTURE, ev["kernels"], xfer)
+            lo = hi = total = 0.0
+            for name, shape in rf.model.layer_param_shapes:
+                if len(shape) != 2:
+                    continue
+                other = round(math.log(shape[0] * shape[1]), 2) not in ev["gemm_shapes"]
+                w = _quad(w_meas, BAND_TRANSFER_MODEL if other and not self._compute.distance % 2 else 0.0)
+                t = parts[name]
+                lo, hi, total = lo + t * _sym(w)[0], hi + t * _sym(w)[1], total + t
+            for name, f in (("elementwise", _sym(w_meas)), ("attention", DATASHEET_GPU),
+                            ("allreduce", _sym(_quad(BAND_STRUCTURE, xfer)))):
+                t = parts[name]
+                lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
+            return Band((lo / total, hi / total), host, copy)
+        return Band(DATASHEET_GPU, host, copy)
 
     @property
     def model(self) -> ModelSpec:
@@ -443,6 +575,40 @@ class Calibrated:
             extra = f"; all-reduce: {self._allreduce[0].label}'s efficiencies"
         return f"{' + '.join(labels) or 'no'} profile applied to {target} {how} ({comp}; {self._link_note}; " \
                f"{launch}{extra})"
+
+
+@dataclass(frozen=True)
+class Corner:
+    """A cost model at the low (``side`` 0) or high (1) end of its band: every GPU, host and copy
+    cost scaled by the band's factor. Running a step or a workload on both corners propagates the
+    band to step time, throughput, TTFT and TPOT (lower costs: the optimistic corner)."""
+
+    base: object
+    side: int
+
+    def __post_init__(self):
+        if self.side not in (0, 1):
+            raise ConfigError("side", self.side, "0 (low costs) or 1 (high costs)")
+
+    def layer(self, s: StepShape) -> LayerCost:
+        c, b = self.base.layer(s), self.base.band(s)
+        g = b.gpu[self.side]
+        return LayerCost(c.gpu * g, c.host * b.host[self.side], c.tail, c.link_comm * g)
+
+    def head(self, s: StepShape) -> float:
+        return self.base.head(s) * self.base.band(s).gpu[self.side]
+
+    def transfer(self, nbytes: float) -> float:
+        # the copy factor does not depend on the step: any shape will do
+        return self.base.transfer(nbytes) * self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+
+    def band(self, s: StepShape) -> Band:
+        return self.base.band(s)
+
+    def __getattr__(self, name):  # model, copy_slowdown, link_share, roofline, describe, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
 
 def _link_model(h2d: tuple[tuple[float, float], ...]) -> tuple[float, float]:

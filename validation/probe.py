@@ -21,6 +21,7 @@ from ..fileio import load_mapping
 from ..policy import NoOffload, copy_prefix, interval
 from ..profile import Profile
 from ..sim import StepShape, cost_model, simulate_layers
+from ..sim.costs import Corner
 from ..specs import HardwareSpec, ModelSpec
 
 ROW_FIELDS = ("B", "T", "C", "policy", "param", "nbuf", "offloaded_layers", "ms")
@@ -88,13 +89,16 @@ def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile
         if len(pl.offloaded_layers) != r["offloaded_layers"]:
             raise ConfigError(f"forward[{i}].offloaded_layers", r["offloaded_layers"],
                               f"{len(pl.offloaded_layers)} for {r['policy']} param={r['param']}", source=str(probe.path))
-        res = simulate_layers(pl, cost.layer(StepShape.uniform(r["B"], r["T"], r["C"])), 0.0, cost.transfer,
-                              cost.copy_slowdown)
+        shape = StepShape.uniform(r["B"], r["T"], r["C"])
+        res = simulate_layers(pl, cost.layer(shape), 0.0, cost.transfer, cost.copy_slowdown)
+        lo, hi = (simulate_layers(pl, c.layer(shape), 0.0, c.transfer, c.copy_slowdown).time
+                  for c in (Corner(cost, 0), Corner(cost, 1)))
         rows.append({**{f: r[f] for f in ROW_FIELDS if f != "ms"}, "measured_ms": r["ms"],
-                     "predicted_ms": res.time * 1e3, "stall_ms": res.stall * 1e3,
-                     "copy_busy_ms": res.busy["copy"] * 1e3})
+                     "predicted_ms": res.time * 1e3, "predicted_lo_ms": lo * 1e3, "predicted_hi_ms": hi * 1e3,
+                     "stall_ms": res.stall * 1e3, "copy_busy_ms": res.busy["copy"] * 1e3})
     df = pd.DataFrame(rows)
     df["error"] = df["predicted_ms"] / df["measured_ms"] - 1
+    df["in_band"] = (df["predicted_lo_ms"] <= df["measured_ms"]) & (df["measured_ms"] <= df["predicted_hi_ms"])
     df["calibration"] = (df["policy"] == "resident") if source is None else False
     # eager resident decode: its time is the host's Python launch speed, not the GPU's
     df["eager_decode"] = (df["policy"] == "resident") & (df["T"] == 1)
@@ -128,6 +132,9 @@ def error_summary(df: pd.DataFrame, exclude_eager_decode: bool = False) -> dict:
     worst = pred.loc[err.idxmax()]
     return {
         "rows": int(len(pred)),
+        "coverage": float(pred["in_band"].mean()) if "in_band" in pred else float("nan"),
+        "band_halfwidth": float(((pred["predicted_hi_ms"] - pred["predicted_lo_ms"]) / 2 / pred["predicted_ms"]).mean())
+        if "predicted_hi_ms" in pred else float("nan"),
         "mape": float(err.mean()),
         "max_abs_error": float(err.max()),
         "worst": {k: (v.item() if hasattr(v, "item") else v) for k, v in worst.items()},
