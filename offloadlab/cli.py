@@ -164,7 +164,23 @@ def _fmt_results(df: pd.DataFrame) -> str:
     for c in ("TPOT mean ms", "TPOT p99 ms"):
         if c in t:
             t[c] = t[c] * 1e3
+    for metric, label, scale in (("throughput_rps", "req/s band", 1), ("tpot_mean_s", "TPOT ms band", 1e3)):
+        if f"{metric}_lo" in df:  # value and band side by side: the band after the value's column
+            t.insert(t.columns.get_loc(cols[metric]) + 1, label,
+                     [_band_text(lo * scale, hi * scale) for lo, hi in zip(df[f"{metric}_lo"], df[f"{metric}_hi"])])
     return t.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}")
+
+
+def _band_text(lo: float, hi: float) -> str:
+    if pd.isna(lo) or pd.isna(hi):
+        return "-"
+    f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
+    return f"{f(lo)}-{f(hi)}"
+
+
+def _with_band(row: dict, band: dict) -> dict:
+    """A result row plus ``{metric}_lo`` / ``{metric}_hi`` from ``simulate_band``."""
+    return {**row, **{f"{k}_lo": v[0] for k, v in band.items()}, **{f"{k}_hi": v[1] for k, v in band.items()}}
 
 
 def cmd_paper(a) -> None:
@@ -194,7 +210,7 @@ def cmd_paper(a) -> None:
 
 def cmd_run(a) -> None:
     from .fileio import atomic_write_text
-    from .sim import simulate
+    from .sim import simulate, simulate_band
     from .vllm_flags import format_vllm
 
     wl = _workload(a)
@@ -202,6 +218,7 @@ def cmd_run(a) -> None:
     model, eng = _model(a), _engine(a)
     _say_profile(a, model)
     r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
+    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile)
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
 
@@ -209,12 +226,17 @@ def cmd_run(a) -> None:
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
+    if band:
+        b = band
+        print(f"band (every cost at the low / high end of its evidence-derived band): req/s "
+              f"{_band_text(*b['throughput_rps'])}, TTFT mean {_band_text(*b['ttft_mean_s'])} s, TPOT mean "
+              + (f"{_band_text(*(x * 1e3 for x in b['tpot_mean_s']))} ms" if 'tpot_mean_s' in b else "-"))
     m = r.memory
     print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
           f"{m.activations / GiB:.2f}, KV cache {m.kv_cache / GiB:.2f} GiB ({m.kv_tokens} tokens); "
           f"host: {m.host_offloaded / GiB:.2f} GiB offloaded, {m.host_pinned / GiB:.2f} GiB pinned; simulated in {r.summary['wall_s']:.3f} s")
     if a.json:
-        atomic_write_text(a.json, json.dumps(r.row(), indent=1, default=float))
+        atomic_write_text(a.json, json.dumps(_with_band(r.row(), band), indent=1, default=float))
     if a.requests_csv:
         atomic_write_text(a.requests_csv, r.requests.to_csv(index=False))
     if a.trace:
@@ -224,7 +246,7 @@ def cmd_run(a) -> None:
 def cmd_compare(a) -> None:
     from .fileio import atomic_write_text
     from .policy import parse_policy
-    from .sim import simulate
+    from .sim import simulate, simulate_band
     from .vllm_flags import format_vllm, policy_from_vllm
 
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
@@ -236,6 +258,8 @@ def cmd_compare(a) -> None:
     for p in policies:
         try:
             r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False).row()
+            if not a.no_band:
+                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile))
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p, eng)})
@@ -243,6 +267,12 @@ def cmd_compare(a) -> None:
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
     print(_fmt_results(ok) if len(ok) else "no policy fits")
+    if len(ok) > 1 and "throughput_rps_lo" in ok:
+        best = ok.loc[ok["throughput_rps"].idxmax()]
+        tied = ok[(ok["throughput_rps_hi"] >= best["throughput_rps_lo"]) & (ok.index != best.name)]
+        if len(tied):
+            print(f"\nwithin the band of the best ({best['policy']}, req/s {_band_text(best['throughput_rps_lo'], best['throughput_rps_hi'])}): "
+                  + ", ".join(tied["policy"]) + " (their bands overlap: the costs cannot tell them apart)")
     if "error" in df:
         print("\ndoes not run:")
         for _, r in df[df["error"].notna()].iterrows():
@@ -321,8 +351,11 @@ def cmd_step(a) -> None:
     r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
                       context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
                       pipeline_parallel=a.pipeline_parallel)
-    print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
-          f"{r.events} SimPy events")
+    lo, hi = (simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens, context=a.context,
+                            profile=a.profile, tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
+                            corner=c).time for c in ("low", "high"))
+    print(f"step time {r.time * 1e3:.3f} ms (band {lo * 1e3:.3f}-{hi * 1e3:.3f} ms: every cost at the low / high end "
+          f"of its evidence); compute stalled on copies {r.stall * 1e3:.3f} ms; {r.events} SimPy events")
     for lane, b in r.busy.items():
         print(f"  {lane:8s} busy {b * 1e3:9.3f} ms ({b / r.time:6.1%})")
     if a.trace:
@@ -360,16 +393,19 @@ def cmd_validate(a) -> None:
         else:
             print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
                   f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
-        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "error"]
+        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
+                "predicted_hi_ms", "error"]
         print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
         w = s["worst"]
         print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
               f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
               + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+        print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
+              f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
         if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
             x = error_summary(df, exclude_eager_decode=True)
             print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
-                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}")
+                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
         print()
         frames.append(df.assign(file=f))
     if a.json:
@@ -424,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
     p.add_argument("--trace", help="write the step trace as Chrome/Perfetto JSON")
+    p.add_argument("--no-band", action="store_true", help="skip the two extra runs that give the uncertainty band")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("compare", help="several policies on one scenario: a table with bottlenecks and vLLM flags")
     _common(p, policy=False)
@@ -432,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
+    p.add_argument("--no-band", action="store_true", help="skip the two extra runs per policy that give its band")
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("study", help="before buying: which node types and sizes serve a model, with or without "
                                      "offload; --simulate for throughput, latency and GPU-hours per token")
