@@ -74,8 +74,11 @@ class Profile:
 
     def __post_init__(self):
         src = self.meta.get("source") if isinstance(self.meta, dict) else None
-        if isinstance(self.model_shape, dict):
-            object.__setattr__(self, "model_shape", tuple(sorted(self.model_shape.items())))
+        shape = self.model_shape.items() if isinstance(self.model_shape, dict) else self.model_shape
+        try:
+            object.__setattr__(self, "model_shape", tuple(sorted((str(k), v) for k, v in shape)))
+        except (TypeError, ValueError):
+            raise ConfigError("model_shape", self.model_shape, f"a mapping of {', '.join(SHAPE_FIELDS)}", source=src) from None
         if not (self.h2d or self.layer_times or self.kernels or self.allreduce):
             raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row (or layer_times, kernels "
                               "or allreduce rows)", source=src)

@@ -213,6 +213,9 @@ class Roofline:
         """Seconds for one pinned host->device copy of ``nbytes`` (its share of the host link)."""
         return self.hw.host_link_latency + nbytes * self.link_share / self.hw.h2d_bw
 
+    def describe(self) -> str:
+        return f"datasheet roofline of {self.model.name} on {self.hw.name} (no profile)"
+
     def band(self, s: StepShape) -> Band:
         """Datasheet only: the widest band (see DATASHEET_*)."""
         host = (0.5, 2.0) if self.replays_graph(s) else DATASHEET_LAUNCH

@@ -52,8 +52,6 @@ def describe_profile(model: str | ModelSpec, gpu: str | HardwareSpec, profile, t
     lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
     profile = _load(profile)
     m = max(lay.stages, key=lambda s: s.layers)
-    if profile is None:
-        return f"costs: datasheet roofline of {m.name} on {lay.hw.name} (no profile)"
     return cost_model(m, lay.hw, profile, **(cost_kw or {})).describe()
 
 

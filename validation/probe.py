@@ -75,12 +75,12 @@ def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile
     """Every forward row with ``measured_ms``, ``predicted_ms`` and ``error`` (predicted/measured - 1).
 
     ``source``: calibrate from these Profiles instead of the file's own components (every row is then
-    a prediction). ``rows_of``: predict only rows whose (B, T, C) is in this set.
+    a prediction); ``()``: from the datasheet roofline alone. ``rows_of``: predict only rows whose (B, T, C) is in this set.
     """
     if not isinstance(probe, ProbeFile):
         probe = ProbeFile.load(probe)
-    cost = cost_model(probe.model, probe.gpu, probe.profile() if source is None else source,
-                      **{"cuda_graphs": False, **cost_kw})
+    profile = probe.profile() if source is None else (source or None)  # (): no source, the datasheet alone
+    cost = cost_model(probe.model, probe.gpu, profile, **{"cuda_graphs": False, **cost_kw})
     rows = []
     for i, r in enumerate(probe.data["forward"]):
         if rows_of is not None and (r["B"], r["T"], r["C"]) not in rows_of:
