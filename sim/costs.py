@@ -1,14 +1,40 @@
 """Cost models: how long one decoder layer, the LM head and one host->device copy take.
 
-Two implementations of one small interface (``layer``, ``head``, ``transfer``, ``copy_slowdown``):
+Two implementations of one small interface (``layer``, ``head``, ``transfer``, ``copy_slowdown``,
+``band``):
 - ``Roofline``: from the HardwareSpec alone. Each kernel of a layer takes
   max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency), a launch floor); the host
   spends ``eager_launch_per_layer`` launching a layer's kernels, or almost nothing when decode steps
-  replay a CUDA graph (vLLM's default for decode batches up to 256 sequences).
-- ``Calibrated``: a measured Profile. Copy time = latency + size / streaming rate, both read off
-  the measured bandwidth curve; layer GPU
-  time = roofline x the measured/roofline ratio at the nearest measured shape; host launch time
-  from the launch-bound measurements.
+  replay a CUDA graph (vLLM's default for decode batches up to 256 sequences). ``parts`` splits a
+  layer's time by kernel class: the four GEMMs, attention, elementwise work, all-reduces.
+- ``Calibrated``: measured Profiles, transferred by efficiency (the design card's third rung:
+  "calibration transferred by efficiencies, never reused as raw times").
+
+How a calibration transfers. A Profile records what it measured: the model (its ModelSpec), the
+GPU (its HardwareSpec) and the host link. Each measured time is divided by the datasheet roofline
+of *that* model on *that* GPU, giving an efficiency ratio (measured / roofline), and the target's
+time is the target's roofline times the ratio at the corresponding size:
+- compute, whole layer (probe files, the runtime's ``offloadlab bench``): one ratio per measured
+  (B, T, C), applied at the nearest measured shape in (log tokens, log KV tokens): GEMMs,
+  attention by context and elementwise work move together, in the measured layer's mix;
+- compute, per kernel (Vidur's operator CSVs): each GEMM by tokens and weight shape (the nearest
+  measured shape, interpolated in log tokens), elementwise work by tokens; attention, which Vidur's
+  CSVs lack, from the datasheet roofline;
+- all-reduce: ratio to the ring model of the measured GPUs' link, by message size, per TP degree;
+- host launch time per layer: a property of the host, driver and Python, not of the GPU: kept;
+- copies: the measured curve (latency + size / streaming rate) when the target's host link is the
+  same kind (e.g. PCIe Gen5 x16), otherwise the target's datasheet link at the measured efficiency
+  (streaming rate / measured link's spec).
+Several Profiles combine: each component comes from the source nearest the target that measured it
+(same GPU before same model before neither). On the profile's own GPU and model the ratios give
+back the measured times exactly, so today's same-GPU accuracy is kept.
+
+How far to trust it (``band``): every cost model gives (low, high) factors for GPU, host and copy
+costs, from evidence named beside the BAND_* and DATASHEET_* constants: the calibration's
+leave-one-out residuals (growing with the distance to the nearest measured shape), the step
+model's structure error, a term per transfer across GPUs and across models, and the widest
+factors for whatever only the datasheet gives. ``Corner`` runs a cost model at either end, so a
+step, a run's throughput, TTFT and TPOT get a band by simulating the two corners.
 """
 from __future__ import annotations
 

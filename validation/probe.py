@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..catalog import get_gpu, get_model, gpu_for_device
-from ..errors import ConfigError
+from ..errors import ConfigError, OffloadLabError
 from ..fileio import load_mapping
 from ..policy import NoOffload, copy_prefix, interval
 from ..profile import Profile
@@ -40,7 +40,7 @@ class ProbeFile:
         """Read and check a probe file; ``gpu``/``model`` override the names it records."""
         src = str(path)
         d = load_mapping(path)
-        for key in ("model", "layers", "layer_bytes", "h2d_bandwidth", "layer", "forward"):
+        for key in ("layers", "layer_bytes", "h2d_bandwidth", "layer", "forward"):
             if key not in d:
                 raise ConfigError(key, None, "present in a probe file (see shared/data/README.md)", source=src)
         for i, r in enumerate(d["forward"]):
@@ -49,7 +49,16 @@ class ProbeFile:
                 raise ConfigError(f"forward[{i}].{missing[0]}", None, "present", source=src)
             if r["policy"] not in POLICIES:
                 raise ConfigError(f"forward[{i}].policy", r["policy"], f"one of {POLICIES}", source=src)
-        m = get_model(model or d["model"])
+        if model:
+            m = get_model(model)
+        else:  # the file's model: its name, else its shape fields (hidden, heads, ...), else its layer_bytes
+            if not isinstance(d["layers"], int) or d["layers"] < 1:
+                raise ConfigError("layers", d["layers"], "an integer >= 1", source=src)
+            named = Profile.from_probe_data(d, src)
+            try:
+                m = get_model(named.model)
+            except OffloadLabError:
+                m = named.source_model()
         if not isinstance(d["layers"], int) or not 1 <= d["layers"] <= m.layers:
             raise ConfigError("layers", d["layers"], f"an integer in [1, {m.layers}] for {m.name}", source=src)
         m = m.replace(layers=d["layers"])  # a probe may measure a truncated stack
