@@ -295,7 +295,7 @@ def cmd_optimize(a) -> None:
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
                  executor=_executor(a), cache_dir=a.cache_dir,
                  profile=tuple(a.profile) if a.profile and len(a.profile) > 1 else a.profile[0] if a.profile else None,
-                 progress=not a.quiet)
+                 progress=not a.quiet, band=not a.no_band)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
     print("top 10 feasible:")
@@ -494,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tpot-p99", type=float, default=None, metavar="S", help="TPOT p99 limit, seconds")
     p.add_argument("--mechanisms", default="prefetch,uva,vllm", help="comma-separated: prefetch, uva, vllm")
     _sweep_args(p, "write every candidate's row (feasible, reason, vllm_flags) as CSV")
+    p.add_argument("--no-band", action="store_true",
+                   help="skip the corner runs that say which of the best choices are within each other's bands")
     p.set_defaults(fn=cmd_optimize)
     p = sub.add_parser("step", help="one forward step: time, lanes, trace")
     _common(p)

@@ -281,3 +281,17 @@ def test_step_prints_value_and_band(probe_path, capsys):
     v, lo, hi = (float(x) for x in
                  __import__("re").match(r"step time ([\d.]+) ms \(band ([\d.]+)-([\d.]+) ms", line).groups())
     assert lo < v < hi
+
+
+def test_optimizer_says_which_choices_are_within_each_others_bands(probe):
+    from offloadlab.optimize import optimize
+    from offloadlab.policy import parse_policy
+
+    wl = make_workload("multi_news", n=6, seed=0)
+    cands = [parse_policy(p) for p in ("interval:2", "interval:2,4", "vllm:6.5")]
+    r = optimize("llama-3.1-8b", "h100", wl, candidates=cands, profile=probe, band=True)
+    note = r.explanation.splitlines()[-1]
+    assert note.startswith("Band of throughput_rps")
+    # interval k=2 with 2 or 4 buffers: the same copies, bands overlapping; named as such
+    other = "interval k=2 buf=4" if r.policy.label == "interval k=2 buf=2" else "interval k=2 buf=2"
+    assert other in note and "Within each other's bands" in note
