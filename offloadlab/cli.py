@@ -378,16 +378,21 @@ def cmd_validate(a) -> None:
     from .fileio import atomic_write, atomic_write_text
     from .plots import predicted_vs_measured
     from .sim.run import _load
-    from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
+    from .validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
+    if a.leave_one_shape_out and a.profile:
+        raise ConfigError("--leave-one-shape-out", True, "without --profile (it holds out the file's own shapes)")
     source = _load(a.profile) if a.profile else None
     frames = []
     for f in files:
         probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
-        df = predict_probe(probe, source=source)
+        df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
         s = error_summary(df)
-        if source is None:
+        if a.leave_one_shape_out:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
+                  "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
+        elif source is None:
             print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
                   f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
         else:
@@ -515,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="catalog model (default: the file's)")
     _profile_arg(p, "predict every row of the files from this source's measurements and the datasheets "
                     "alone (none of the files' own rows)")
+    p.add_argument("--leave-one-shape-out", action="store_true",
+                   help="held-out check: predict each (B, T, C) from a calibration without it")
     p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
     p.add_argument("--plot", help="write a predicted-vs-measured PNG")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")

@@ -295,3 +295,10 @@ def test_optimizer_says_which_choices_are_within_each_others_bands(probe):
     # interval k=2 with 2 or 4 buffers: the same copies, bands overlapping; named as such
     other = "interval k=2 buf=4" if r.policy.label == "interval k=2 buf=2" else "interval k=2 buf=2"
     assert other in note and "Within each other's bands" in note
+
+
+def test_validate_leave_one_shape_out_from_the_cli(probe_path, capsys):
+    assert main(["validate", str(probe_path), "--leave-one-shape-out"]) == 0
+    out = capsys.readouterr().out
+    assert "held out" in out and "MAPE 2.57%" in out  # without eager resident decode rows
+    assert main(["validate", "--leave-one-shape-out", "--profile", str(probe_path)]) == 2
