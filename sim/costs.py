@@ -196,7 +196,12 @@ class Roofline:
         return out
 
     def gpu_time(self, s: StepShape) -> float:
-        return sum(self.parts(s).values())
+        """The sum of ``parts`` (written out: this runs once per simulated step)."""
+        gemms = 0.0
+        for _, shape in self.model.layer_param_shapes:
+            if len(shape) == 2:
+                gemms += self.gemm_time(shape, s.tokens)
+        return gemms + self.attention_time(s) + self.elementwise_time(s.tokens) + 2 * self.allreduce_time(s.tokens)
 
     def allreduce_time(self, tokens: int) -> float:
         """One ring all-reduce of the hidden states across the tensor-parallel GPUs (two per layer:
@@ -290,6 +295,8 @@ class Calibrated:
     _points: tuple = field(init=False, repr=False, compare=False)
     _gemms: tuple = field(init=False, repr=False, compare=False)
     _elementwise: tuple = field(init=False, repr=False, compare=False)
+    _gemm_tables: tuple = field(init=False, repr=False, compare=False)
+    _elem_table: tuple | None = field(init=False, repr=False, compare=False)
     _launch: float = field(init=False, repr=False, compare=False)
     _latency: float = field(init=False, repr=False, compare=False)
     _rate: float = field(init=False, repr=False, compare=False)
@@ -362,14 +369,18 @@ class Calibrated:
                 srf = dataclasses.replace(compute.roofline, model=shard)
                 rows.sort()
                 if op == "elementwise":
-                    elem.append((ktp, tuple(math.log(t) for t, _ in rows),
-                                 tuple(sec / srf.elementwise_time(t) for t, sec in rows)))
+                    elem.append((ktp, np.array([math.log(t) for t, _ in rows]),
+                                 np.array([sec / srf.elementwise_time(t) for t, sec in rows])))
                 else:
                     shape = dict((n.split(".")[-2], sh) for n, sh in shard.layer_param_shapes if len(sh) == 2)[op]
-                    gemms.append((math.log(shape[0] * shape[1]), op, tuple(math.log(t) for t, _ in rows),
-                                  tuple(sec / srf.gemm_time(shape, t) for t, sec in rows)))
+                    gemms.append((math.log(shape[0] * shape[1]), op, np.array([math.log(t) for t, _ in rows]),
+                                  np.array([sec / srf.gemm_time(shape, t) for t, sec in rows])))
         set_("_gemms", tuple(gemms))
         set_("_elementwise", tuple(elem))
+        # the target's GEMMs, each with the measured table of the nearest weight shape (fixed per model)
+        set_("_gemm_tables", tuple((shape, min(gemms, key=lambda g: abs(g[0] - math.log(shape[0] * shape[1]))))
+                                   for _, shape in rf.model.layer_param_shapes if len(shape) == 2) if gemms else ())
+        set_("_elem_table", min(elem, key=lambda g: abs(math.log(g[0] / rf.model.tensor_parallel))) if elem else None)
 
         # all-reduce: measured / the measured GPUs' ring model, by message size, for this TP degree
         if ar is not None:
@@ -505,8 +516,7 @@ class Calibrated:
         return float(np.interp(math.log(tokens), lts, ratios))
 
     def _elementwise_ratio(self, tokens: int) -> float:
-        tp = self.model.tensor_parallel
-        _, lts, ratios = min(self._elementwise, key=lambda g: abs(math.log(g[0] / tp)))
+        _, lts, ratios = self._elem_table
         return float(np.interp(math.log(tokens), lts, ratios))
 
     def _allreduce_time(self, tokens: int) -> float:
@@ -520,20 +530,21 @@ class Calibrated:
     def gpu_host(self, s: StepShape) -> tuple[float, float]:
         """(GPU seconds, host seconds) of one layer for step ``s``, before CUDA graphs."""
         rf = self.roofline
-        parts = rf.parts(s)
-        parts.pop("allreduce")
+        if rf.model.tensor_parallel == 1 and self._points:  # the common case, once per simulated step
+            p = self._nearest(s)
+            return rf.gpu_time(s) * p[2], p[3]
         ar = self._allreduce_time(s.tokens)
         if self._points:
             p = self._nearest(s)
-            return sum(parts.values()) * p[2] + ar, p[3]
+            return (rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens)) * p[2] + ar, p[3]
         if self._gemms:
-            gpu = parts["attention"] + ar  # attention: no per-kernel measurement, datasheet roofline
-            for name, shape in rf.model.layer_param_shapes:
-                if len(shape) == 2:
-                    gpu += parts[name] * self._gemm_ratio(shape, s.tokens)
-            gpu += parts["elementwise"] * (self._elementwise_ratio(s.tokens) if self._elementwise else 1.0)
+            lt = math.log(s.tokens)
+            gpu = rf.attention_time(s) + ar  # attention: no per-kernel measurement, datasheet roofline
+            for shape, (_, _, lts, ratios) in self._gemm_tables:
+                gpu += rf.gemm_time(shape, s.tokens) * float(np.interp(lt, lts, ratios))
+            gpu += rf.elementwise_time(s.tokens) * (self._elementwise_ratio(s.tokens) if self._elem_table else 1.0)
             return gpu, self._launch
-        return sum(parts.values()) + ar, self._launch
+        return rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens) + ar, self._launch
 
     def layer(self, s: StepShape) -> LayerCost:
         """GPU time transferred by efficiency; host time measured (eager), unless the step replays a
