@@ -55,7 +55,7 @@ from .errors import ConfigError, OffloadLabError
 from .fileio import atomic_write_json
 from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from .profile import Profile
-from .sim import EngineConfig, Workload, simulate
+from .sim import EngineConfig, Workload, simulate, simulate_band
 from .specs import HardwareSpec, ModelSpec
 
 __all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_front", "sweep",
@@ -157,7 +157,9 @@ class SimConfig:
     (``"interval:2,4"``); ``engine``: an EngineConfig or a dict of its fields; ``host_link_bw``:
     overrides the GPU's host-link spec bandwidth (bytes/s per direction; the sustained H2D rate is
     this times the GPU's ``h2d_efficiency``); ``profile``: a Profile or a path to a Profile/probe
-    file (calibrated costs instead of the datasheet roofline). ``SimConfig.build`` and ``replace``
+    file (calibrated costs instead of the datasheet roofline), or several (a tuple); ``band``: also run
+    the cost model's low- and high-cost corners, adding ``{metric}_lo`` / ``{metric}_hi`` columns for
+    throughput, TTFT, TPOT and makespan (three simulations per row). ``SimConfig.build`` and ``replace``
     also take EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers`` (interval policy) directly.
     """
 
@@ -167,6 +169,7 @@ class SimConfig:
     engine: EngineConfig = EngineConfig()
     host_link_bw: float | None = None
     profile: str | Profile | None = None
+    band: bool = False  # also run the cost model's low/high corners: {metric}_lo / _hi columns
 
     def __post_init__(self):
         pol = self.policy
@@ -202,6 +205,8 @@ class SimConfig:
             object.__setattr__(self, "profile", prof if len(prof) > 1 else prof[0])
         elif prof is not None and not isinstance(prof, (str, Profile)):
             raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
+        if not isinstance(self.band, bool):
+            raise ConfigError("band", self.band, "True or False")
         # unknown names and unreadable profiles fail here, at construction, naming what is wrong
         self.model_spec, self.hardware, self.profile_obj()  # noqa: B018
 
@@ -283,6 +288,7 @@ class SimConfig:
             "policy": {"kind": self.policy.kind, **_spec_dict(self.policy)},
             "engine": _spec_dict(self.engine),
             "profile": None if prof is None else _canon(prof),
+            **({"band": True} if self.band else {}),  # absent when off: the keys of earlier caches hold
         }
 
     def key(self, workload: Workload | str | None = None) -> str:
@@ -306,7 +312,7 @@ class SimConfig:
 
     def job(self) -> tuple:
         """What a worker needs: resolved specs (user catalog entries need not exist on the worker)."""
-        return (self.model_spec, self.hardware, self.policy, self.engine, self.profile_obj())
+        return (self.model_spec, self.hardware, self.policy, self.engine, self.profile_obj(), self.band)
 
 
 def grid(**axes) -> list[SimConfig]:
@@ -337,9 +343,12 @@ def grid(**axes) -> list[SimConfig]:
 # ------------------------------------------------------------------------------------------------
 def _run_one(job: tuple, workload: Workload) -> tuple[dict | None, str | None, bool]:
     """(outputs, error, cacheable) of one job; never raises for a config's own failure."""
-    model, hw, policy, engine, profile = job
+    model, hw, policy, engine, profile, band = job
     try:
         row = simulate(model, hw, policy, workload, engine, profile=profile, trace_steps=False).row()
+        if band:  # the two corners of the cost model's band (see sim.simulate_band)
+            for k, (lo, hi) in simulate_band(model, hw, policy, workload, engine, profile=profile).items():
+                row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
     except Exception as e:  # noqa: BLE001 - reported in the config's row
         return None, f"{type(e).__name__}: {e}", isinstance(e, OffloadLabError)
     out = {k: _plain(v) for k, v in row.items() if k not in _DROPPED_OUTPUTS}

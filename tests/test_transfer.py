@@ -302,3 +302,17 @@ def test_validate_leave_one_shape_out_from_the_cli(probe_path, capsys):
     out = capsys.readouterr().out
     assert "held out" in out and "MAPE 2.57%" in out  # without eager resident decode rows
     assert main(["validate", "--leave-one-shape-out", "--profile", str(probe_path)]) == 2
+
+
+def test_sweep_rows_carry_bands_when_asked(probe_path):
+    from offloadlab.sweep import SimConfig, sweep
+
+    wl = make_workload("multi_news", n=4, seed=0)
+    base = SimConfig(gpu="h100", profile=probe_path)
+    df = sweep([base, base.replace(band=True)], wl, executor="serial", progress=False)
+    assert "throughput_rps_lo" in df and df["throughput_rps_lo"].isna().iloc[0]
+    r = df.iloc[1]
+    assert r["throughput_rps_lo"] < r["throughput_rps"] < r["throughput_rps_hi"]
+    assert base.key(wl) != base.replace(band=True).key(wl)
+    with pytest.raises(ConfigError, match="band"):
+        SimConfig(band="yes")
