@@ -7,6 +7,12 @@ head (the probe's stack has none). With ``source`` (Profiles measured elsewhere:
 or shape set) every row, resident ones included, is predicted from the source by efficiency
 transfer (sim/costs.py), none of the target's own measurements used. ``leave_one_shape_out``
 is the held-out check on one file: each (B, T, C) predicted from a calibration without it.
+
+Beyond shared/data/README.md's fields a probe file may say what it measured, so that it transfers:
+``hidden``, ``heads``, ``kv_heads``, ``head_dim``, ``intermediate``, ``vocab``, ``weight_bytes`` (a
+model outside the catalog; the runtime's probe writes them) and ``host_link`` (e.g. "PCIe Gen5 x16";
+default: the GPU's datasheet link). ``model`` and ``gpu`` identify the rest; an old file without
+``model`` is identified by its shape fields or ``layer_bytes``.
 """
 from __future__ import annotations
 
