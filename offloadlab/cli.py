@@ -25,8 +25,24 @@ def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
         p.add_argument("--vllm", metavar="FLAGS",
                        help="a vLLM command line's offload flags instead of --policy, e.g. "
                             "'--cpu-offload-gb 8 --offload-backend prefetch --offload-group-size 4'")
-    p.add_argument("--profile", help="a Profile or probe JSON file: calibrated costs instead of the roofline")
+    _profile_arg(p)
     _catalog_args(p)
+
+
+def _profile_arg(p: argparse.ArgumentParser, what: str = "calibrated costs instead of the datasheet roofline") -> None:
+    p.add_argument("--profile", action="append", metavar="PATH",
+                   help=f"a Profile or probe JSON file, or Vidur's profiling CSVs (a directory): {what}; repeatable "
+                        "(each cost from the source nearest the target: same GPU, then same model); measured "
+                        "elsewhere, it is transferred by efficiency")
+
+
+def _say_profile(a, model) -> None:
+    """The one line every command with --profile prints: what it transferred from what."""
+    if a.profile:
+        from .sim import describe_profile
+
+        print("profile: " + describe_profile(model, a.gpu, a.profile, getattr(a, "tensor_parallel", 1) or 1,
+                                             getattr(a, "pipeline_parallel", 1) or 1))
 
 
 def _catalog_args(p: argparse.ArgumentParser) -> None:
@@ -189,7 +205,23 @@ def _fmt_results(df: pd.DataFrame) -> str:
     for c in ("TPOT mean ms", "TPOT p99 ms"):
         if c in t:
             t[c] = t[c] * 1e3
+    for metric, label, scale in (("throughput_rps", "req/s band", 1), ("tpot_mean_s", "TPOT ms band", 1e3)):
+        if f"{metric}_lo" in df:  # value and band side by side: the band after the value's column
+            t.insert(t.columns.get_loc(cols[metric]) + 1, label,
+                     [_band_text(lo * scale, hi * scale) for lo, hi in zip(df[f"{metric}_lo"], df[f"{metric}_hi"])])
     return t.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}")
+
+
+def _band_text(lo: float, hi: float) -> str:
+    if pd.isna(lo) or pd.isna(hi):
+        return "-"
+    f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
+    return f"{f(lo)}-{f(hi)}"
+
+
+def _with_band(row: dict, band: dict) -> dict:
+    """A result row plus ``{metric}_lo`` / ``{metric}_hi`` from ``simulate_band``."""
+    return {**row, **{f"{k}_lo": v[0] for k, v in band.items()}, **{f"{k}_hi": v[1] for k, v in band.items()}}
 
 
 def cmd_paper(a) -> None:
@@ -197,12 +229,13 @@ def cmd_paper(a) -> None:
     from .plots import paper_figure
 
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
+    _say_profile(a, _model(a))
     res = run_paper(_model(a), a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
     mem = memory_table(_model(a), a.gpu)
     sp = speedups(res)
     print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
           f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
-          f"512 output tokens), all arriving at t=0; costs: {'profile ' + a.profile if a.profile else 'roofline'}\n")
+          f"512 output tokens), all arriving at t=0; costs: {'profile ' + ' + '.join(a.profile) if a.profile else 'roofline'}\n")
     print(_fmt_results(res))
     print("\nInterval offload vs vLLM's copy-path offload of the same bytes:")
     print(sp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
@@ -216,13 +249,15 @@ def cmd_paper(a) -> None:
 
 
 def cmd_run(a) -> None:
-    from .sim import simulate
+    from .sim import simulate, simulate_band
     from .vllm_flags import format_vllm
 
     wl = _workload(a)
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
+    _say_profile(a, model)
     r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
+    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile)
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
 
@@ -230,12 +265,17 @@ def cmd_run(a) -> None:
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
     print(_fmt_results(pd.DataFrame([r.row()])))
+    if band:
+        b = band
+        print(f"band (every cost at the low / high end of its evidence-derived band): req/s "
+              f"{_band_text(*b['throughput_rps'])}, TTFT mean {_band_text(*b['ttft_mean_s'])} s, TPOT mean "
+              + (f"{_band_text(*(x * 1e3 for x in b['tpot_mean_s']))} ms" if 'tpot_mean_s' in b else "-"))
     m = r.memory
     print(f"\nmemory: weights {m.weights_resident / GiB:.2f} GiB, staging {m.staging / GiB:.2f}, activations "
           f"{m.activations / GiB:.2f}, KV cache {m.kv_cache / GiB:.2f} GiB ({m.kv_tokens} tokens); "
           f"host: {m.host_offloaded / GiB:.2f} GiB offloaded, {m.host_pinned / GiB:.2f} GiB pinned; simulated in {r.summary['wall_s']:.3f} s")
     if a.json:
-        a.outputs.write_text(a.json, json.dumps(r.row(), indent=1, default=float))
+        a.outputs.write_text(a.json, json.dumps(_with_band(r.row(), band), indent=1, default=float))
     if a.requests_csv:
         a.outputs.write_text(a.requests_csv, r.requests.to_csv(index=False))
     if a.trace:
@@ -244,17 +284,20 @@ def cmd_run(a) -> None:
 
 def cmd_compare(a) -> None:
     from .policy import parse_policy
-    from .sim import simulate
+    from .sim import simulate, simulate_band
     from .vllm_flags import format_vllm, policy_from_vllm
 
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
     if not policies:
         policies = [parse_policy(p) for p in ("none", "vllm:8", "uva:8", "interval:2", "interval:4")]
     wl, model, eng = _workload(a), _model(a), _engine(a)
+    _say_profile(a, model)
     rows = []
     for p in policies:
         try:
             r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False).row()
+            if not a.no_band:
+                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile))
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p, eng)})
@@ -262,6 +305,12 @@ def cmd_compare(a) -> None:
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
     print(_fmt_results(ok) if len(ok) else "no policy fits")
+    if len(ok) > 1 and "throughput_rps_lo" in ok:
+        best = ok.loc[ok["throughput_rps"].idxmax()]
+        tied = ok[(ok["throughput_rps_hi"] >= best["throughput_rps_lo"]) & (ok.index != best.name)]
+        if len(tied):
+            print(f"\nwithin the band of the best ({best['policy']}, req/s {_band_text(best['throughput_rps_lo'], best['throughput_rps_hi'])}): "
+                  + ", ".join(tied["policy"]) + " (their bands overlap: the costs cannot tell them apart)")
     if "error" in df:
         print("\ndoes not run:")
         for _, r in df[df["error"].notna()].iterrows():
@@ -277,11 +326,13 @@ def cmd_optimize(a) -> None:
     from .optimize import optimize
 
     wl = _workload(a)
+    _say_profile(a, _model(a))
     mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
     r = optimize(_model(a), a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
-                 executor=_executor(a), cache_dir=a.cache_dir, profile=a.profile,
-                 progress=not a.quiet)
+                 executor=_executor(a), cache_dir=a.cache_dir,
+                 profile=tuple(a.profile) if a.profile and len(a.profile) > 1 else a.profile[0] if a.profile else None,
+                 progress=not a.quiet, band=not a.no_band)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
     print("top 10 feasible:")
@@ -335,11 +386,15 @@ def cmd_study(a) -> None:
 def cmd_step(a) -> None:
     from .sim import simulate_step
 
+    _say_profile(a, _model(a))
     r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
                       context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
                       pipeline_parallel=a.pipeline_parallel)
-    print(f"step time {r.time * 1e3:.3f} ms; compute stalled on copies {r.stall * 1e3:.3f} ms; "
-          f"{r.events} SimPy events")
+    lo, hi = (simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens, context=a.context,
+                            profile=a.profile, tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
+                            corner=c).time for c in ("low", "high"))
+    print(f"step time {r.time * 1e3:.3f} ms (band {lo * 1e3:.3f}-{hi * 1e3:.3f} ms: every cost at the low / high end "
+          f"of its evidence); compute stalled on copies {r.stall * 1e3:.3f} ms; {r.events} SimPy events")
     for lane, b in r.busy.items():
         print(f"  {lane:8s} busy {b * 1e3:9.3f} ms ({b / r.time:6.1%})")
     if a.trace:
@@ -350,6 +405,8 @@ def cmd_step(a) -> None:
 def cmd_memory(a) -> None:
     from .sim import serving_memory
 
+    if a.profile:
+        print("profile: not used (the memory layout does not depend on costs)")
     mem = serving_memory(_model(a), a.gpu, _policy(a), _engine(a))
     counts = ("kv_tokens", "block_size", "kv_blocks")
     for k, v in mem.as_dict().items():
@@ -358,22 +415,41 @@ def cmd_memory(a) -> None:
 
 def cmd_validate(a) -> None:
     from .plots import predicted_vs_measured
-    from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
+    from .sim.run import _load
+    from .validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
+    if a.leave_one_shape_out and a.profile:
+        raise ConfigError("--leave-one-shape-out", True, "without --profile (it holds out the file's own shapes)")
+    source = _load(a.profile) if a.profile else None
     frames = []
     for f in files:
         probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
-        df = predict_probe(probe)
+        df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
         s = error_summary(df)
-        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
-              f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
-        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "error"]
+        if a.leave_one_shape_out:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
+                  "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
+        elif source is None:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+                  f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+        else:
+            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
+                  f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
+        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
+                "predicted_hi_ms", "error"]
         print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
         w = s["worst"]
         print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
               f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
-              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()) + "\n")
+              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+        print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
+              f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
+        if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
+            x = error_summary(df, exclude_eager_decode=True)
+            print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
+                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
+        print()
         frames.append(df.assign(file=f))
     if a.json:
         a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
@@ -436,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
     p.add_argument("--trace", help="write the step trace as Chrome/Perfetto JSON")
+    p.add_argument("--no-band", action="store_true", help="skip the two extra runs that give the uncertainty band")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("compare", help="several policies on one scenario: a table with bottlenecks and vLLM flags")
     _common(p, policy=False)
@@ -444,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
+    p.add_argument("--no-band", action="store_true", help="skip the two extra runs per policy that give its band")
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("study", help="before buying: which node types and sizes serve a model, with or without "
                                      "offload; --simulate for throughput, latency and GPU-hours per token")
@@ -468,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tpot-p99", type=float, default=None, metavar="S", help="TPOT p99 limit, seconds")
     p.add_argument("--mechanisms", default="prefetch,uva,vllm", help="comma-separated: prefetch, uva, vllm")
     _sweep_args(p, "write every candidate's row (feasible, reason, vllm_flags) as CSV")
+    p.add_argument("--no-band", action="store_true",
+                   help="skip the corner runs that say which of the best choices are within each other's bands")
     p.set_defaults(fn=cmd_optimize)
     p = sub.add_parser("step", help="one forward step: time, lanes, trace")
     _common(p)
@@ -481,10 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
-    p = sub.add_parser("validate", help="predict a probe file's rows from its components; compare")
+    p = sub.add_parser("validate", help="predict a probe file's rows from its components (or from --profile); compare")
     p.add_argument("files", nargs="*", help="probe JSON files (default: the stored ones in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
     p.add_argument("--model", help="catalog model (default: the file's)")
+    _profile_arg(p, "predict every row of the files from this source's measurements and the datasheets "
+                    "alone (none of the files' own rows)")
+    p.add_argument("--leave-one-shape-out", action="store_true",
+                   help="held-out check: predict each (B, T, C) from a calibration without it")
     p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
     p.add_argument("--plot", help="write a predicted-vs-measured PNG")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
@@ -532,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
                 from .profile import Profile
 
-                Profile.load(args.profile)
+                for path in args.profile if isinstance(args.profile, list) else [args.profile]:
+                    Profile.load(path)
             args.fn(args)
         stdout.flush()
     except OffloadLabError as e:

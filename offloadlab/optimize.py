@@ -38,7 +38,8 @@ import pandas as pd
 
 from .errors import ConfigError, DoesNotFitError, OffloadLabError
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
-from .sim import EngineConfig, Workload, per_gpu, serving_memory
+from .sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
+from .sim.run import BAND_METRICS
 from .specs import GiB
 from .sweep import SimConfig, sweep
 from .vllm_flags import format_vllm
@@ -264,17 +265,39 @@ def _explain(best: pd.Series, objective: str, refs: dict[str, pd.Series | str], 
 # ------------------------------------------------------------------------------------------------
 # Search
 # ------------------------------------------------------------------------------------------------
+BAND_RIVALS = 4  # next-best feasible candidates whose bands are compared with the choice's
+
+
+def _band_note(df: pd.DataFrame, pols, objective: str, model, gpu, workload, engine, profile) -> str:
+    """Which of the next best feasible candidates have ``objective`` bands overlapping the choice's."""
+    ok = df[df["feasible"]].head(1 + BAND_RIVALS)
+    bands = {int(r["candidate"]): simulate_band(model, gpu, pols[int(r["candidate"])], workload, engine,
+                                                profile=profile)[objective] for _, r in ok.iterrows()}
+    first = int(ok.iloc[0]["candidate"])
+    lo, hi = bands[first]
+    tied = [f"{pols[c].label} ({b[0]:.3g}-{b[1]:.3g})" for c, b in bands.items()
+            if c != first and b[0] <= hi and lo <= b[1]]
+    head = f"Band of {objective} (costs at the low / high end of their evidence): {lo:.3g}-{hi:.3g}. "
+    if not tied:
+        return head + f"None of the next {len(bands) - 1} best overlaps it: the choice holds within the costs' uncertainty."
+    return head + ("Within each other's bands (the costs cannot tell them apart; the pick follows the tie rule): "
+                   + ", ".join(tied) + ".")
+
+
 def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig(), *,
              objective: str = "throughput_rps", min_kv_tokens: int | None = None,
              max_ttft_p99_s: float | None = None, max_tpot_p99_s: float | None = None,
              mechanisms: Sequence[str] = MECHANISMS, executor="serial", cache_dir=None, profile=None,
              candidates: Sequence[Policy] | None = None, wrap: bool = True, tolerance: float = 0.005,
-             progress: bool = False) -> OptimizeResult:
+             progress: bool = False, band: bool = False) -> OptimizeResult:
     """Search offload policies for the best ``objective`` under the constraints; see the module docstring.
 
     ``candidates``: an explicit list of policies instead of ``candidate_policies(...)``. ``tolerance``:
     candidates within this fraction of the best objective value count as tied (the simulator's step
     costs are binned to 0.2%), and the tie goes to more KV cache, then fewer offloaded bytes.
+    ``band``: also simulate the choice and the next best few on the low- and high-cost corners of
+    their cost models' bands and say which are within each other's bands (the costs cannot tell
+    them apart; the pick among them stays the tie rule's within ``tolerance``).
     Raises DoesNotFitError when no candidate fits at all, NoFeasiblePolicyError when some fit but none
     meets the constraints.
     """
@@ -398,5 +421,7 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
                if r.startswith("TPOT") else "failed")
         reason_counts[key] = reason_counts.get(key, 0) + 1
     text = _explain(best, objective, ref_rows, none_row, int(df["feasible"].sum()), len(df), reason_counts)
+    if band and objective in BAND_METRICS:
+        text += "\n" + _band_note(df, pols, objective, model, gpu, workload, engine, base.profile_obj())
     return OptimizeResult(table=df, best=best, policy=policy, vllm_flags=format_vllm(policy, engine), explanation=text,
                           objective=objective, references=refs, candidates=pols)

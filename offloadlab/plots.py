@@ -69,10 +69,14 @@ def timeline(trace, ax=None, title: str = ""):
 
 
 def predicted_vs_measured(df: pd.DataFrame, title: str = ""):
-    """Scatter of predicted against measured step time (log-log), y = x and a +-10% band."""
+    """Scatter of predicted against measured step time (log-log), y = x and a +-10% band; each
+    prediction's own band as a vertical bar when the rows carry ``predicted_lo_ms``/``predicted_hi_ms``."""
     fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
     markers = {"resident": "o", "sync_prefix": "s", "async_k": "^"}
     for pol, g in df.groupby("policy"):
+        if {"predicted_lo_ms", "predicted_hi_ms"} <= set(g):
+            ax.errorbar(g["measured_ms"], g["predicted_ms"], fmt="none", ecolor="0.6", elinewidth=0.8,
+                        yerr=[g["predicted_ms"] - g["predicted_lo_ms"], g["predicted_hi_ms"] - g["predicted_ms"]])
         hollow = dict(facecolors="none", edgecolors="k") if pol == "resident" else {}
         ax.scatter(g["measured_ms"], g["predicted_ms"], marker=markers.get(pol, "o"), alpha=0.8,
                    label=f"{pol} (calibration)" if pol == "resident" else pol, **hollow)

@@ -3,37 +3,58 @@
 A Profile is what a GPU measured, in the project's units (bytes, seconds). On disk (JSON or YAML)::
 
     schema: offloadlab.profile/1
-    gpu: NVIDIA H100 80GB HBM3      # free text, provenance
-    model: llama-3.1-8b             # the model shape the layer times were measured on
+    gpu: NVIDIA H100 80GB HBM3      # the GPU measured: a device name or catalog name (required
+                                    # to transfer: efficiencies are learnt against its datasheet)
+    model: llama-3.1-8b             # the model shape measured: a catalog name, or give model_shape
+    model_shape: {hidden: 4096, heads: 32, kv_heads: 8, head_dim: 128, intermediate: 14336,
+                  vocab: 128256, weight_bytes: 2}    # optional; needed when model is not in the catalog
     layers: 32                      # layers in the measured stack
+    host_link: PCIe Gen5 x16        # the host link the copies were measured over (default: the GPU's)
     h2d: [[bytes, bytes_per_s], ...]          # pinned host->device copy rate by transfer size
     layer_times: [[B, T, C, seconds], ...]    # one decoder layer, in-stack, B seqs x T new tokens
                                               # after C cached tokens
     launch_per_layer: 0.00075       # host seconds to launch one layer's kernels (eager), or null
     copy_slowdown: 1.0              # compute time multiplier while a host->device copy runs
+    kernels: [[op, tokens, tp, seconds], ...]  # per-operator times of one layer (one GPU's shard under
+                                    # tensor parallelism tp): op is qkv_proj, o_proj, gate_up_proj,
+                                    # down_proj (GEMMs) or elementwise (norms, RoPE, SiLU, adds)
+    allreduce: [[bytes, gpus, seconds], ...]   # one all-reduce over gpus GPUs of one node
     uva_gemm: [[M, bytes, seconds], ...]      # optional: a GEMM of M token rows reading a weight of
                                               # `bytes` from pinned host memory through its UVA view
     meta: {...}                     # torch/driver versions, date, command
 
+Every field but ``gpu`` and the model is optional: a Profile says what it measured and the
+cost model takes the rest from the datasheet (see sim/costs.py: ``Calibrated``).
+
 ``Profile.from_probe`` converts the public probe format (shared/data/h100_llama8b_probe.json):
 its ``h2d_bandwidth`` pinned rows, and its ``resident`` forward rows divided by ``layers`` (the
 in-stack layer time; isolated ``layer`` rows are used only for shapes with no resident row, scaled
-by the median in-stack/isolated ratio).
+by the median in-stack/isolated ratio). ``Profile.from_vidur`` reads Vidur's profiling CSVs
+(per-operator GEMM and elementwise times by token count and tensor-parallel degree, NCCL all-reduce
+times). ``source_model`` and ``source_gpu`` identify what was measured; a file that does not say
+is an error naming the field to add.
 """
 from __future__ import annotations
 
 import json
 import math
 import numbers
+import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, OffloadLabError
 from .fileio import atomic_write_json, load_mapping
+from .specs import HardwareSpec, ModelSpec
 
 SCHEMA = "offloadlab.profile/1"
 MiB = 1024**2
+GEMM_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # ModelSpec.layer_param_shapes' GEMMs
+KERNEL_OPS = (*GEMM_OPS, "elementwise")
+SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "weight_bytes")
+
+
 # The probe format (shared/data/README.md): fields of a ``forward`` row and its placements.
 PROBE_ROW_FIELDS = ("B", "T", "C", "policy", "param", "nbuf", "offloaded_layers", "ms")
 PROBE_POLICIES = ("resident", "sync_prefix", "async_k")
@@ -61,16 +82,16 @@ def _rows(d: dict, key: str, src: str) -> list:
 def check_probe(d: dict, src: str) -> None:
     """Check a probe file's fields (shared/data/README.md) before anything is computed from them: every
     size, count and time a finite number in its range, ``layers`` at most the catalog model's."""
-    for key in ("model", "layers", "h2d_bandwidth", "layer", "forward"):
+    for key in ("layers", "h2d_bandwidth", "layer", "forward"):
         if key not in d:
             raise ConfigError(key, None, "present in a probe file (see shared/data/README.md)", source=src)
-    if not isinstance(d["model"], str) or not d["model"].strip():
-        raise ConfigError("model", d["model"], "a model name (see `offloadlab list`)", source=src)
+    if "model" in d and (not isinstance(d["model"], str) or not d["model"].strip()):
+        raise ConfigError("model", d["model"], "a model name (see `offloadlab list`), or absent", source=src)
     if not _int(d["layers"], 1):
         raise ConfigError("layers", d["layers"], "an integer >= 1 (decoder layers in the measured stack)", source=src)
     from .catalog import model_names, get_model  # the catalog sits beside this module in the vocabulary
 
-    if d["model"].strip().lower() in {n.lower() for n in model_names()}:
+    if isinstance(d.get("model"), str) and d["model"].strip().lower() in {n.lower() for n in model_names()}:
         m = get_model(d["model"])
         if d["layers"] > m.layers:
             raise ConfigError("layers", d["layers"], f"an integer in [1, {m.layers}] for {m.name}", source=src)
@@ -102,57 +123,144 @@ def check_probe(d: dict, src: str) -> None:
 
 @dataclass(frozen=True)
 class Profile:
-    h2d: tuple[tuple[float, float], ...]
-    layer_times: tuple[tuple[int, int, int, float], ...]
+    h2d: tuple[tuple[float, float], ...] = ()
+    layer_times: tuple[tuple[int, int, int, float], ...] = ()
     model: str = ""
     gpu: str = ""
     layers: int = 0
     launch_per_layer: float | None = None
     copy_slowdown: float = 1.0
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    model_shape: tuple[tuple[str, float], ...] = ()  # (field, value) pairs of SHAPE_FIELDS
+    host_link: str = ""
+    kernels: tuple[tuple[str, int, int, float], ...] = ()
+    allreduce: tuple[tuple[float, int, float], ...] = ()
     uva_gemm: tuple[tuple[int, int, float], ...] = ()  # (M tokens, weight bytes, seconds), UVA reads
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         src = self.meta.get("source") if isinstance(self.meta, dict) else None
-        if not isinstance(self.h2d, (tuple, list)) or not self.h2d:
-            raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row", source=src)
+        shape = self.model_shape.items() if isinstance(self.model_shape, dict) else self.model_shape
+        try:
+            object.__setattr__(self, "model_shape", tuple(sorted((str(k), v) for k, v in shape)))
+        except (TypeError, ValueError):
+            raise ConfigError("model_shape", self.model_shape, f"a mapping of {', '.join(SHAPE_FIELDS)}", source=src) from None
+        if not (self.h2d or self.layer_times or self.kernels or self.allreduce):
+            raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row (or layer_times, kernels "
+                              "or allreduce rows)", source=src)
+        for key in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm"):
+            if not isinstance(getattr(self, key), (tuple, list)):
+                raise ConfigError(key, getattr(self, key), "a list of rows", source=src)
+            for i, row in enumerate(getattr(self, key)):
+                if not isinstance(row, (tuple, list)):
+                    raise ConfigError(f"{key}[{i}]", row, "a row: a list of numbers", source=src)
         for i, row in enumerate(self.h2d):
-            if not isinstance(row, (tuple, list)) or len(row) != 2 or not all(_positive(x) for x in row):
+            if len(row) != 2 or not all(_positive(x) for x in row):
                 raise ConfigError(f"h2d[{i}]", row, "[bytes > 0, bytes_per_s > 0], finite numbers", source=src)
-        if not isinstance(self.layer_times, (tuple, list)):
-            raise ConfigError("layer_times", self.layer_times, "a list of [B, T, C, seconds] rows", source=src)
         for i, row in enumerate(self.layer_times):
-            if not isinstance(row, (tuple, list)) or len(row) != 4 or not (
-                    _int(row[0], 1) and _int(row[1], 1) and _int(row[2], 0) and _positive(row[3])):
+            if len(row) != 4 or not (_int(row[0], 1) and _int(row[1], 1) and _int(row[2], 0) and _positive(row[3])):
                 raise ConfigError(f"layer_times[{i}]", row, "[B >= 1, T >= 1, C >= 0 integers, seconds > 0 finite]",
                                   source=src)
-        for f in ("model", "gpu"):
+        for i, row in enumerate(self.uva_gemm):
+            if len(row) != 3 or not (_int(row[0], 1) and _positive(row[1]) and _positive(row[2])):
+                raise ConfigError(f"uva_gemm[{i}]", row, "[M >= 1 integer, bytes > 0, seconds > 0, finite]", source=src)
+        for f in ("model", "gpu", "host_link"):
             if not isinstance(getattr(self, f), str):
                 raise ConfigError(f, getattr(self, f), "a string (provenance)", source=src)
         if not _int(self.layers, 0):
             raise ConfigError("layers", self.layers, "an integer >= 0 (0: not recorded)", source=src)
+        for i, row in enumerate(self.kernels):
+            if len(row) != 4 or row[0] not in KERNEL_OPS or not _positive(row[1]) or not _positive(row[2]) \
+                    or not _positive(row[3]):
+                raise ConfigError(f"kernels[{i}]", row, f"[op in {KERNEL_OPS}, tokens >= 1, tp >= 1, seconds > 0]",
+                                  source=src)
+        for i, row in enumerate(self.allreduce):
+            if len(row) != 3 or not all(_positive(x) for x in row) or row[1] < 2:
+                raise ConfigError(f"allreduce[{i}]", row, "[bytes > 0, gpus >= 2, seconds > 0]", source=src)
         lpl = self.launch_per_layer
         if lpl is not None and not (_positive(lpl) or lpl == 0 and not isinstance(lpl, bool)):
             raise ConfigError("launch_per_layer", lpl, "a finite number of seconds >= 0, or null", source=src)
         cs = self.copy_slowdown
         if not (_positive(cs) and cs >= 1.0):
             raise ConfigError("copy_slowdown", cs, "a finite multiplier >= 1", source=src)
-        if not isinstance(self.uva_gemm, (tuple, list)):
-            raise ConfigError("uva_gemm", self.uva_gemm, "a list of [M, bytes, seconds] rows", source=src)
-        for i, row in enumerate(self.uva_gemm):
-            if not isinstance(row, (tuple, list)) or len(row) != 3 or not (
-                    _int(row[0], 1) and _positive(row[1]) and _positive(row[2])):
-                raise ConfigError(f"uva_gemm[{i}]", row, "[M >= 1 integer, bytes > 0, seconds > 0, finite]", source=src)
+
+    # ---- what was measured ----
+    def source_model(self) -> ModelSpec:
+        """The model shape measured (its ``layers`` the measured stack's): the catalog entry named by
+        ``model``, with ``model_shape`` overriding; an error naming the field to add otherwise."""
+        from .catalog import get_model
+
+        src = self.meta.get("source")
+        shape = dict(self.model_shape)
+        base = None
+        if self.model:
+            try:
+                base = get_model(self.model)
+            except OffloadLabError:
+                if not shape:
+                    raise ConfigError("model", self.model, "a catalog model name, or add the field model_shape "
+                                      f"({', '.join(SHAPE_FIELDS)}) so the measured model can be identified",
+                                      source=src) from None
+        if base is None and not shape:
+            raise ConfigError("model", self.model or None, "the measured model: add the field model (a catalog "
+                              f"name) or model_shape ({', '.join(SHAPE_FIELDS)})", source=src)
+        try:
+            if base is None:
+                missing = [f for f in SHAPE_FIELDS if f not in shape and f != "weight_bytes"]
+                if missing:
+                    raise ConfigError(f"model_shape.{missing[0]}", None, "present", source=src)
+                ints = {k: int(v) if k != "weight_bytes" else float(v) for k, v in shape.items() if k in SHAPE_FIELDS}
+                base = ModelSpec(self.model or "measured", layers=max(self.layers, 1), **ints)
+            elif shape:
+                base = base.replace(**{k: (float(v) if k == "weight_bytes" else int(v)) for k, v in shape.items()
+                                       if k in SHAPE_FIELDS})
+        except ConfigError as e:
+            raise ConfigError(e.field, e.value, e.expected, source=src) from None
+        return base.replace(layers=self.layers) if self.layers >= 1 else base
+
+    def source_gpu(self) -> HardwareSpec:
+        """The GPU measured: ``gpu`` as a catalog name or alias, else as a device name."""
+        from .catalog import get_gpu, gpu_for_device
+
+        if not self.gpu:
+            raise ConfigError("gpu", None, "the measured GPU: add the field gpu (a device name such as "
+                              "'NVIDIA H100 80GB HBM3' or a catalog name)", source=self.meta.get("source"))
+        try:
+            return get_gpu(self.gpu)
+        except OffloadLabError:
+            pass
+        try:
+            return gpu_for_device(self.gpu)
+        except OffloadLabError:
+            raise ConfigError("gpu", self.gpu, "a GPU the catalog knows (device or catalog name; add yours with "
+                              "--catalog)", source=self.meta.get("source")) from None
+
+    @property
+    def link_kind(self) -> str:
+        """The host link the copies were measured over (recorded, else the measured GPU's datasheet link)."""
+        return self.host_link or self.source_gpu().host_link
+
+    def describe(self) -> str:
+        """'H100 8B' style: the GPU's catalog family and the model, for one-line messages."""
+        try:
+            gpu = self.source_gpu().name.split("-")[0]
+        except OffloadLabError:
+            gpu = self.gpu or "?"
+        return f"{gpu} {self.model or 'unnamed-model'}"
 
     # ---- files ----
     def save(self, path: str | Path) -> Path:
         d = asdict(self)
-        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ("h2d", "layer_times", "uva_gemm") else v)
+        d["model_shape"] = dict(self.model_shape)
+        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm")
+                                      else v)
                                   for k, v in d.items()}}
         return atomic_write_json(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
+        """A Profile file, a probe file, or Vidur's profiling CSVs (a directory or one .csv file)."""
+        if Path(path).is_dir() or Path(path).suffix == ".csv":
+            return cls.from_vidur(path)
         d = load_mapping(path)
         src = str(path)
         if "forward" in d and "h2d_bandwidth" in d:  # a probe file
@@ -162,25 +270,40 @@ class Profile:
         for key in ("h2d", "layer_times"):
             if not isinstance(d.get(key), list):
                 raise ConfigError(key, d.get(key), "a list of rows", source=src)
-        for key in ("h2d", "layer_times"):
-            for i, r in enumerate(d[key]):
+        for key in ("kernels", "allreduce", "uva_gemm"):
+            if not isinstance(d.get(key, []), list):
+                raise ConfigError(key, d.get(key), "a list of rows", source=src)
+        for key in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm"):
+            for i, r in enumerate(d.get(key, [])):
                 if not isinstance(r, list):
                     raise ConfigError(f"{key}[{i}]", r, "a row: a list of numbers", source=src)
         if not isinstance(d.get("meta") or {}, dict):
             raise ConfigError("meta", d.get("meta"), "a mapping (provenance), or absent", source=src)
+        if not isinstance(d.get("model_shape") or {}, dict):
+            raise ConfigError("model_shape", d.get("model_shape"), f"a mapping of {', '.join(SHAPE_FIELDS)}", source=src)
         meta = dict(d.get("meta") or {}, source=src)
-        return cls(h2d=tuple(tuple(r) for r in d["h2d"]),
-                   layer_times=tuple(tuple(r) for r in d["layer_times"]),
-                   model=d.get("model", ""), gpu=d.get("gpu", ""), layers=d.get("layers", 0),
-                   launch_per_layer=d.get("launch_per_layer"),
-                   copy_slowdown=d.get("copy_slowdown", 1.0), meta=meta,
-                   uva_gemm=tuple(tuple(r) if isinstance(r, list) else r for r in d.get("uva_gemm") or ()))
+        try:
+            return cls(h2d=tuple(tuple(r) for r in d["h2d"]),
+                       layer_times=tuple(tuple(r) for r in d["layer_times"]),
+                       model=d.get("model", ""), gpu=d.get("gpu", ""), layers=d.get("layers", 0),
+                       launch_per_layer=d.get("launch_per_layer"),
+                       copy_slowdown=d.get("copy_slowdown", 1.0),
+                       model_shape=tuple(sorted((d.get("model_shape") or {}).items())),
+                       host_link=d.get("host_link", ""),
+                       kernels=tuple(tuple(r) for r in d.get("kernels", [])),
+                       allreduce=tuple(tuple(r) for r in d.get("allreduce", [])),
+                       uva_gemm=tuple(tuple(r) for r in d.get("uva_gemm", [])), meta=meta)
+        except TypeError as e:
+            raise ConfigError("file", src, f"rows of numbers ({e})") from None
 
     @classmethod
     def from_probe(cls, path: str | Path) -> "Profile":
         """Calibrate from a probe file's component measurements and ``resident`` rows only."""
-        src = str(path)
-        d = load_mapping(path)
+        return cls.from_probe_data(load_mapping(path), str(path))
+
+    @classmethod
+    def from_probe_data(cls, d: dict, src: str = "probe") -> "Profile":
+        """``from_probe`` on a probe file's contents (e.g. a subset of its rows, for held-out checks)."""
         check_probe(d, src)
         layers = d["layers"]
         try:
@@ -196,8 +319,112 @@ class Profile:
         for k, v in isolated.items():
             times.setdefault(k, v * scale)
         return cls(h2d=h2d, layer_times=tuple((*k, v) for k, v in sorted(times.items())),
-                   model=d.get("model", ""), gpu=d.get("gpu", ""), layers=layers,
+                   model=d.get("model") or _model_from_layer_bytes(d.get("layer_bytes"), src), gpu=d.get("gpu", ""),
+                   layers=layers, model_shape=tuple(sorted((k, d[k]) for k in SHAPE_FIELDS if k in d)),
+                   host_link=d.get("host_link", ""),
                    meta={"source": src, "from": "probe", "torch": d.get("torch", "")})
+
+    @classmethod
+    def from_vidur(cls, path: str | Path, gpu: str | None = None) -> "Profile":
+        """Vidur's profiling CSVs (microsoft/vidur data/profiling): a directory holding them, or one file.
+
+        ``*mlp*.csv``: one layer's operators by ``num_tokens`` and ``num_tensor_parallel_workers``
+        (medians, ms): the four GEMMs (attn_pre_proj = fused QKV, attn_post_proj = O, mlp_up_proj =
+        fused gate+up, mlp_down_proj) and the elementwise work (input_layernorm + attn_rope +
+        post_attention_layernorm + mlp_act + 2 x add: Vidur's Llama adds the residual twice per layer).
+        The model is identified from the shape columns (n_embd, n_head, n_kv_head, n_expanded_embd,
+        vocab_size). ``*all_reduce*.csv``: NCCL all-reduce medians by size (bytes) and workers, one node
+        only (devices_per_node == num_workers). The GPU is ``gpu``, else the file name's GPU family
+        (Vidur's "a100" profiles are of A100 80GB).
+        """
+        import pandas as pd
+
+        p = Path(path)
+        files = sorted(p.glob("*.csv")) if p.is_dir() else [p]
+        if not p.exists() or not files:
+            raise ConfigError("profile", str(p), "a Vidur profiling CSV, or a directory holding them")
+        mlp = [f for f in files if "all_reduce" not in f.name and "attention" not in f.name]
+        ar = [f for f in files if "all_reduce" in f.name]
+        kernels, allreduce, shape, name = [], [], {}, ""
+        for f in mlp:
+            df = _read_csv(pd, f)
+            need = ["num_tokens", "num_tensor_parallel_workers", "n_embd", "n_head", "n_kv_head", "n_expanded_embd",
+                    "vocab_size"] + [f"time_stats.{c}.median" for c in (*_VIDUR_OPS.values(), *_VIDUR_ELEMENTWISE)]
+            missing = [c for c in need if c not in df]
+            if missing:
+                raise ConfigError(missing[0], None, "a column of Vidur's mlp.csv", source=str(f))
+            heads, kv, hid = int(df["n_head"].iloc[0]), int(df["n_kv_head"].iloc[0]), int(df["n_embd"].iloc[0])
+            shape = {"hidden": hid, "heads": heads, "kv_heads": kv, "head_dim": hid // heads,
+                     "intermediate": int(df["n_expanded_embd"].iloc[0]), "vocab": int(df["vocab_size"].iloc[0]),
+                     "weight_bytes": 2}
+            name = _model_from_shape(shape)
+            med = {op: df[f"time_stats.{c}.median"] for op, c in _VIDUR_OPS.items()}
+            elem = sum(df[f"time_stats.{c}.median"] * n for c, n in _VIDUR_ELEMENTWISE.items())
+            for i in range(len(df)):
+                t, tp = df["num_tokens"].iloc[i], df["num_tensor_parallel_workers"].iloc[i]
+                for op, col in [*med.items(), ("elementwise", elem)]:
+                    ms = col.iloc[i]
+                    if not _positive(float(ms)):
+                        raise ConfigError(f"row {i} {op} median ms", ms, "a time > 0 (not NaN)", source=str(f))
+                    kernels.append((op, int(t), int(tp), float(ms) / 1e3))
+        for f in ar:
+            df = _read_csv(pd, f)
+            need = ["size", "num_workers", "devices_per_node", "time_stats.all_reduce.median"]
+            missing = [c for c in need if c not in df]
+            if missing:
+                raise ConfigError(missing[0], None, "a column of Vidur's all_reduce.csv", source=str(f))
+            one = df[df["num_workers"] == df["devices_per_node"]]
+            for i, (size, n, ms) in enumerate(zip(one["size"], one["num_workers"], one["time_stats.all_reduce.median"])):
+                if not _positive(float(ms)):
+                    raise ConfigError(f"row {i} all_reduce median ms", ms, "a time > 0 (not NaN)", source=str(f))
+                allreduce.append((float(size), int(n), float(ms) / 1e3))
+        if not kernels and not allreduce:
+            raise ConfigError("profile", str(p), "Vidur CSVs with operator (mlp) or all_reduce rows")
+        if gpu is None:
+            m = re.search(r"(?:^|[_-])(a100|h100|a40|l40s|h200|b200)(?:[_-]|$)", files[0].name.lower())
+            if m is None:
+                raise ConfigError("gpu", None, f"the GPU Vidur measured (its file name {files[0].name!r} does not say; "
+                                  "pass gpu=)", source=str(p))
+            gpu = _VIDUR_GPUS.get(m.group(1), m.group(1))
+        return cls(kernels=tuple(sorted(kernels)), allreduce=tuple(sorted(allreduce)), model=name, gpu=gpu,
+                   model_shape=tuple(sorted(shape.items())) if shape and not name else (),
+                   layers=0, meta={"source": str(p), "from": "vidur"})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+# Vidur's operator columns -> this project's GEMM names (ModelSpec.layer_param_shapes order)
+_VIDUR_OPS = {"qkv_proj": "attn_pre_proj", "o_proj": "attn_post_proj", "gate_up_proj": "mlp_up_proj",
+              "down_proj": "mlp_down_proj"}
+_VIDUR_ELEMENTWISE = {"input_layernorm": 1, "attn_rope": 1, "post_attention_layernorm": 1, "mlp_act": 1, "add": 2}
+_VIDUR_GPUS = {"a100": "A100-SXM4-80GB", "h100": "H100-SXM5-80GB", "a40": "A40", "l40s": "L40S-48GB",
+               "h200": "H200-SXM-141GB", "b200": "B200-180GB"}
+
+
+def _read_csv(pd, f: Path):
+    try:
+        return pd.read_csv(f)
+    except Exception as e:  # pandas' parser errors have no common base class worth naming
+        raise ConfigError("file", str(f), f"a readable CSV ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
+
+
+def _model_from_shape(shape: dict) -> str:
+    """The catalog model with this layer shape ('' when none)."""
+    from .catalog import MODELS
+
+    for name, m in MODELS.items():
+        if all(getattr(m, k) == v for k, v in shape.items()):
+            return name
+    return ""
+
+
+def _model_from_layer_bytes(layer_bytes, src: str) -> str:
+    """An old probe file without ``model``: the catalog model whose layer has these bytes."""
+    from .catalog import MODELS
+
+    hits = [n for n, m in MODELS.items() if layer_bytes and m.layer_bytes == layer_bytes]
+    if not hits:
+        raise ConfigError("model", None, "the measured model: add the field model (a catalog name; no catalog model "
+                          f"has layer_bytes={layer_bytes})", source=src)
+    return hits[0]

@@ -56,7 +56,7 @@ from .fileio import atomic_write_json
 from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from .profile import Profile
 from .signals import worker_init
-from .sim import EngineConfig, Workload, simulate
+from .sim import EngineConfig, Workload, simulate, simulate_band
 from .specs import HardwareSpec, ModelSpec
 
 __all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_front", "sweep",
@@ -171,8 +171,8 @@ _PROFILES: dict[tuple, Profile] = {}
 def _load_profile(path: str) -> Profile:
     """Profile.load, memoized per (path, size, mtime) so a sweep loads each file once."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError("profile", str(path), "an existing Profile or probe file")
+    if not p.is_file() and not p.is_dir():
+        raise ConfigError("profile", str(path), "an existing Profile or probe file, or a directory of Vidur CSVs")
     st = p.stat()
     k = (str(p.resolve()), st.st_size, st.st_mtime_ns)
     if k not in _PROFILES:
@@ -188,7 +188,9 @@ class SimConfig:
     (``"interval:2,4"``); ``engine``: an EngineConfig or a dict of its fields; ``host_link_bw``:
     overrides the GPU's host-link spec bandwidth (bytes/s per direction; the sustained H2D rate is
     this times the GPU's ``h2d_efficiency``); ``profile``: a Profile or a path to a Profile/probe
-    file (calibrated costs instead of the datasheet roofline). ``SimConfig.build`` and ``replace``
+    file (calibrated costs instead of the datasheet roofline), or several (a tuple); ``band``: also run
+    the cost model's low- and high-cost corners, adding ``{metric}_lo`` / ``{metric}_hi`` columns for
+    throughput, TTFT, TPOT and makespan (three simulations per row). ``SimConfig.build`` and ``replace``
     also take EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers`` (interval policy) directly.
     """
 
@@ -198,6 +200,7 @@ class SimConfig:
     engine: EngineConfig = EngineConfig()
     host_link_bw: float | None = None
     profile: str | Profile | None = None
+    band: bool = False  # also run the cost model's low/high corners: {metric}_lo / _hi columns
 
     def __post_init__(self):
         pol = self.policy
@@ -226,8 +229,15 @@ class SimConfig:
         prof = self.profile
         if isinstance(prof, os.PathLike):
             object.__setattr__(self, "profile", os.fspath(prof))
+        elif isinstance(prof, (list, tuple)):  # several sources (costs.Calibrated picks per component)
+            prof = tuple(os.fspath(x) if isinstance(x, os.PathLike) else x for x in prof)
+            if not prof or not all(isinstance(x, (str, Profile)) for x in prof):
+                raise ConfigError("profile", self.profile, "Profiles or paths to Profile/probe files")
+            object.__setattr__(self, "profile", prof if len(prof) > 1 else prof[0])
         elif prof is not None and not isinstance(prof, (str, Profile)):
             raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
+        if not isinstance(self.band, bool):
+            raise ConfigError("band", self.band, "True or False")
         # unknown names and unreadable profiles fail here, at construction, naming what is wrong
         self.model_spec, self.hardware, self.profile_obj()  # noqa: B018
 
@@ -280,7 +290,9 @@ class SimConfig:
         hw = get_gpu(self.gpu)
         return hw if self.host_link_bw is None else hw.replace(host_link_bw=self.host_link_bw)
 
-    def profile_obj(self) -> Profile | None:
+    def profile_obj(self) -> Profile | tuple[Profile, ...] | None:
+        if isinstance(self.profile, tuple):
+            return tuple(x if isinstance(x, Profile) else _load_profile(x) for x in self.profile)
         if self.profile is None or isinstance(self.profile, Profile):
             return self.profile
         return _load_profile(self.profile)
@@ -294,7 +306,8 @@ class SimConfig:
         if e.chunked_prefill:
             parts.append("chunked")
         if self.profile is not None:
-            parts.append("profile " + (Path(self.profile).name if isinstance(self.profile, str) else "(object)"))
+            profs = self.profile if isinstance(self.profile, tuple) else (self.profile,)
+            parts.append("profile " + " + ".join(Path(x).name if isinstance(x, str) else "(object)" for x in profs))
         return " | ".join(parts)
 
     def canonical(self) -> dict:
@@ -305,7 +318,8 @@ class SimConfig:
             "gpu": _spec_dict(self.hardware),
             "policy": {"kind": self.policy.kind, **_spec_dict(self.policy)},
             "engine": _spec_dict(self.engine),
-            "profile": None if prof is None else _spec_dict(prof),
+            "profile": None if prof is None else _canon(prof),
+            **({"band": True} if self.band else {}),  # absent when off: the keys of earlier caches hold
         }
 
     def key(self, workload: Workload | str | None = None) -> str:
@@ -323,13 +337,13 @@ class SimConfig:
                "cpu_offload_gb": float(p.cpu_offload_gb) if hasattr(p, "cpu_offload_gb") else None,
                "host_link_GBps": hw.host_link_bw / 1e9}
         row.update({f: getattr(self.engine, f) for f in ENGINE_FIELDS})
-        row["profile"] = None if self.profile is None else (
-            self.profile if isinstance(self.profile, str) else "(Profile object)")
+        profs = () if self.profile is None else self.profile if isinstance(self.profile, tuple) else (self.profile,)
+        row["profile"] = None if not profs else " + ".join(x if isinstance(x, str) else "(Profile object)" for x in profs)
         return row
 
     def job(self) -> tuple:
         """What a worker needs: resolved specs (user catalog entries need not exist on the worker)."""
-        return (self.model_spec, self.hardware, self.policy, self.engine, self.profile_obj())
+        return (self.model_spec, self.hardware, self.policy, self.engine, self.profile_obj(), self.band)
 
 
 def grid(**axes) -> list[SimConfig]:
@@ -360,9 +374,12 @@ def grid(**axes) -> list[SimConfig]:
 # ------------------------------------------------------------------------------------------------
 def _run_one(job: tuple, workload: Workload) -> tuple[dict | None, str | None, bool]:
     """(outputs, error, cacheable) of one job; never raises for a config's own failure."""
-    model, hw, policy, engine, profile = job
+    model, hw, policy, engine, profile, band = job
     try:
         row = simulate(model, hw, policy, workload, engine, profile=profile, trace_steps=False).row()
+        if band:  # the two corners of the cost model's band (see sim.simulate_band)
+            for k, (lo, hi) in simulate_band(model, hw, policy, workload, engine, profile=profile).items():
+                row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
     except Exception as e:  # noqa: BLE001 - reported in the config's row
         return None, f"{type(e).__name__}: {e}", isinstance(e, OffloadLabError)
     out = {k: _plain(v) for k, v in row.items() if k not in _DROPPED_OUTPUTS}

@@ -32,7 +32,7 @@ import torch
 from offloadlab.catalog import get_model
 from offloadlab.errors import OffloadLabError
 from offloadlab.policy import NoOffload
-from offloadlab.profile import Profile
+from offloadlab.profile import SHAPE_FIELDS, Profile
 from offloadlab.specs import ModelSpec
 
 from .device import Device, resolve_device, versions
@@ -217,6 +217,8 @@ def run(spec: ModelSpec, device=None, layers: int | None = None, grid=None, size
     del model
     return Profile(h2d=tuple((r["mb"] * MiB, r["h2d_pinned_GBps"] * 1e9) for r in rates), layer_times=tuple(times),
                    model=spec.name, gpu=dev.name(), layers=n, launch_per_layer=launch,
+                   # the measured shape, so a model outside the catalog can still be transferred from
+                   model_shape={f: getattr(spec, f) for f in SHAPE_FIELDS},
                    copy_slowdown=max(1.0, statistics.median(slow)) if slow else 1.0, meta=meta,
                    uva_gemm=tuple(uva) if dev.is_cuda else ())
 

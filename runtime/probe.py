@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from offloadlab.catalog import get_model
+from offloadlab.profile import SHAPE_FIELDS
 from offloadlab.errors import OffloadLabError
 from offloadlab.fileio import atomic_write_json
 from offloadlab.policy import NoOffload, copy_prefix, interval
@@ -84,6 +85,7 @@ def measure(spec: ModelSpec, device=None, grid=PROBE_GRID, sizes_mib=None, reps:
     progress(f"probe: {v['device']}, {spec.name} x {spec.layers} layers")
     out["h2d_bandwidth"] = copy_rates(dev, sizes_mib, reps)
     out.update(model=spec.name, layers=spec.layers, layer_bytes=spec.layer_bytes,
+               **{f: getattr(spec, f) for f in SHAPE_FIELDS},  # the shape, for models outside the catalog
                layer_copy_ms=round(layer_copy_seconds(spec, dev, reps) * 1e3, 4))
     one = build(spec.replace(layers=1), NoOffload(), dev, reserve_bytes=reserve)
     out["layer"] = [{"B": B, "T": T, "C": C, "ms": round(stack_time(one, B, T, C, reps) * 1e3, 4)} for B, T, C in grid]

@@ -1,14 +1,40 @@
 """Cost models: how long one decoder layer, the LM head and one host->device copy take.
 
-Two implementations of one small interface (``layer``, ``head``, ``transfer``, ``copy_slowdown``):
+Two implementations of one small interface (``layer``, ``head``, ``transfer``, ``copy_slowdown``,
+``band``):
 - ``Roofline``: from the HardwareSpec alone. Each kernel of a layer takes
   max(FLOPs / (peak x efficiency), bytes / (HBM bandwidth x efficiency), a launch floor); the host
   spends ``eager_launch_per_layer`` launching a layer's kernels, or almost nothing when decode steps
-  replay a CUDA graph (vLLM's default for decode batches up to 256 sequences).
-- ``Calibrated``: a measured Profile. Copy time = latency + size / streaming rate, both read off
-  the measured bandwidth curve; layer GPU
-  time = roofline x the measured/roofline ratio at the nearest measured shape; host launch time
-  from the launch-bound measurements.
+  replay a CUDA graph (vLLM's default for decode batches up to 256 sequences). ``parts`` splits a
+  layer's time by kernel class: the four GEMMs, attention, elementwise work, all-reduces.
+- ``Calibrated``: measured Profiles, transferred by efficiency (the design card's third rung:
+  "calibration transferred by efficiencies, never reused as raw times").
+
+How a calibration transfers. A Profile records what it measured: the model (its ModelSpec), the
+GPU (its HardwareSpec) and the host link. Each measured time is divided by the datasheet roofline
+of *that* model on *that* GPU, giving an efficiency ratio (measured / roofline), and the target's
+time is the target's roofline times the ratio at the corresponding size:
+- compute, whole layer (probe files, the runtime's ``offloadlab bench``): one ratio per measured
+  (B, T, C), applied at the nearest measured shape in (log tokens, log KV tokens): GEMMs,
+  attention by context and elementwise work move together, in the measured layer's mix;
+- compute, per kernel (Vidur's operator CSVs): each GEMM by tokens and weight shape (the nearest
+  measured shape, interpolated in log tokens), elementwise work by tokens; attention, which Vidur's
+  CSVs lack, from the datasheet roofline;
+- all-reduce: ratio to the ring model of the measured GPUs' link, by message size, per TP degree;
+- host launch time per layer: a property of the host, driver and Python, not of the GPU: kept;
+- copies: the measured curve (latency + size / streaming rate) when the target's host link is the
+  same kind (e.g. PCIe Gen5 x16), otherwise the target's datasheet link at the measured efficiency
+  (streaming rate / measured link's spec).
+Several Profiles combine: each component comes from the source nearest the target that measured it
+(same GPU before same model before neither). On the profile's own GPU and model the ratios give
+back the measured times exactly, so today's same-GPU accuracy is kept.
+
+How far to trust it (``band``): every cost model gives (low, high) factors for GPU, host and copy
+costs, from evidence named beside the BAND_* and DATASHEET_* constants: the calibration's
+leave-one-out residuals (growing with the distance to the nearest measured shape), the step
+model's structure error, a term per transfer across GPUs and across models, and the widest
+factors for whatever only the datasheet gives. ``Corner`` runs a cost model at either end, so a
+step, a run's throughput, TTFT and TPOT get a band by simulating the two corners.
 
 UVA link traffic (``uva_read``): vLLM's UVA backend (vllm/model_executor/offloader/uva.py) replaces
 an offloaded parameter by a device view of pinned host memory, so the layer's kernels read it over
@@ -24,9 +50,12 @@ issues host reads with poor parallelism. Decode batches up to 64 tokens read eac
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ..errors import ConfigError
 from ..profile import Profile
@@ -75,6 +104,47 @@ class LayerCost:
     link_comm: float = 0.0  # seconds of ``gpu`` spent in all-reduces over the host link (no NVLink)
 
 
+# ---- uncertainty: evidence behind every band (relative half-widths, or (low, high) factors) ----
+# Step-model structure error at measured shapes: the same-GPU validation of the H100 probe
+# (`offloadlab validate`: 36 offload rows, MAPE 2.05%, worst 5.4%); a ~90% band, not the worst row.
+BAND_STRUCTURE = 0.05
+# Efficiencies moved to another GPU: Vidur's A100 operators predicting the H100 probe
+# (`offloadlab validate --profile shared/data/profiles`): compute-bound resident rows 3.8-4.7% off,
+# worst of 38 rows 7.1%. One pair of GPUs is all the evidence there is: widened to 8%.
+BAND_TRANSFER_GPU = 0.08
+# Efficiencies moved to another model shape: Vidur's tensor-parallel-1 GEMMs and elementwise work
+# predicting the tp 2/4/8 shards' (other shapes), summed per layer: p90 7-11.5% by degree.
+BAND_TRANSFER_MODEL = 0.12
+# Datasheet only (no measurement): measured / roofline on the H100 probe's resident rows 1.07-1.34
+# (compute-bound ones), Vidur's A100 GEMMs up to 1.41 at 128 tokens; the roofline is never far slow.
+DATASHEET_GPU = (0.9, 1.5)
+# Eager launch, unmeasured: the roofline's 0.25 ms/layer against 0.68-0.86 ms measured (H100 host).
+DATASHEET_LAUNCH = (0.5, 4.0)
+# Pinned H2D from the datasheet: 80-85% of the link spec is typical (hardware.csv), ~78% on A100 hosts.
+DATASHEET_COPY = 0.06
+# Launch time from one measurement: its spread unknown (the H100 probe's four span +-13%).
+BAND_LAUNCH_ONE = 0.3
+# Same kind of host link, another machine: PCIe DMA efficiency varies by a few % host to host.
+BAND_TRANSFER_LINK = 0.05
+
+
+@dataclass(frozen=True)
+class Band:
+    """(low, high) multiplicative factors on a step's cost components: GPU time, host launch time, copy time."""
+
+    gpu: tuple[float, float]
+    host: tuple[float, float]
+    copy: tuple[float, float]
+
+
+def _sym(w: float) -> tuple[float, float]:
+    return (max(1.0 - w, 0.05), 1.0 + w)
+
+
+def _quad(*ws: float) -> float:
+    return math.sqrt(sum(w * w for w in ws))
+
+
 @dataclass(frozen=True)
 class Roofline:
     model: ModelSpec
@@ -109,24 +179,44 @@ class Roofline:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
                    self.kernel_floor)
 
-    def gpu_time(self, s: StepShape) -> float:
-        m = self.model
+    def gemm_time(self, shape: tuple[int, int], tokens: int) -> float:
+        """One GEMM of an (out, in) weight over ``tokens`` rows."""
+        out_f, in_f = shape
         act = 2  # activation bytes per element
+        return self._kernel(2.0 * out_f * in_f * tokens,
+                            out_f * in_f * self.model.weight_bytes + tokens * (in_f + out_f) * act, self.matmul_eff)
+
+    def attention_time(self, s: StepShape) -> float:
+        m, act = self.model, 2
+        q = m.heads * m.head_dim
+        return self._kernel(4.0 * q * s.pairs, s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act,
+                            self.attention_eff)
+
+    def elementwise_time(self, tokens: int) -> float:
+        """Norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations."""
+        m, act = self.model, 2
         q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
-        gemms = 0.0
-        for name, shape in m.layer_param_shapes:
-            if len(shape) != 2:
-                continue
-            out_f, in_f = shape
-            gemms += self._kernel(2.0 * out_f * in_f * s.tokens,
-                                  out_f * in_f * m.weight_bytes + s.tokens * (in_f + out_f) * act, self.matmul_eff)
-        attn = self._kernel(4.0 * q * s.pairs,
-                            s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act, self.attention_eff)
-        # norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations
-        elementwise_bytes = s.tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
+        elementwise_bytes = tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
         n_elem = self.kernels_per_layer - 5
-        elem = max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
-        return gemms + attn + elem + 2 * self.allreduce_time(s.tokens)
+        return max(elementwise_bytes / (self.hw.hbm_bw * self.memory_eff), n_elem * self.kernel_floor)
+
+    def parts(self, s: StepShape) -> dict[str, float]:
+        """A layer's GPU seconds by kernel class: one entry per GEMM (by parameter name), attention,
+        elementwise, all-reduce (what the efficiency transfer of ``Calibrated`` scales class by class)."""
+        out = {name: self.gemm_time(shape, s.tokens) for name, shape in self.model.layer_param_shapes
+               if len(shape) == 2}
+        out["attention"] = self.attention_time(s)
+        out["elementwise"] = self.elementwise_time(s.tokens)
+        out["allreduce"] = 2 * self.allreduce_time(s.tokens)
+        return out
+
+    def gpu_time(self, s: StepShape) -> float:
+        """The sum of ``parts`` (written out: this runs once per simulated step)."""
+        gemms = 0.0
+        for _, shape in self.model.layer_param_shapes:
+            if len(shape) == 2:
+                gemms += self.gemm_time(shape, s.tokens)
+        return gemms + self.attention_time(s) + self.elementwise_time(s.tokens) + 2 * self.allreduce_time(s.tokens)
 
     def allreduce_time(self, tokens: int) -> float:
         """One ring all-reduce of the hidden states across the tensor-parallel GPUs (two per layer:
@@ -134,9 +224,12 @@ class Roofline:
         tp = self.model.tensor_parallel
         if tp == 1:
             return 0.0
-        nbytes = tokens * self.model.hidden * 2
+        return self.allreduce_seconds(tokens * self.model.hidden * 2, tp)
+
+    def allreduce_seconds(self, nbytes: float, gpus: int) -> float:
+        """A ring all-reduce of ``nbytes`` over ``gpus`` GPUs of this kind."""
         bw = self.hw.gpu_link_bw or self.hw.host_link_bw
-        return 2 * (tp - 1) / tp * nbytes / bw + 2 * (tp - 1) * self.allreduce_latency
+        return 2 * (gpus - 1) / gpus * nbytes / bw + 2 * (gpus - 1) * self.allreduce_latency
 
     def link_comm_time(self, s: StepShape) -> float:
         """Seconds of a layer's all-reduces that cross the GPU's host (PCIe) link, competing with
@@ -174,59 +267,313 @@ class Roofline:
         """Link seconds the kernels of a ``tokens``-row step spend reading ``nbytes`` of UVA weights."""
         return self.transfer(nbytes * self.uva_reads(tokens))
 
+    def describe(self) -> str:
+        return f"datasheet roofline of {self.model.name} on {self.hw.name} (no profile)"
+
+    def band(self, s: StepShape) -> Band:
+        """Datasheet only: the widest band (see DATASHEET_*)."""
+        host = (0.5, 2.0) if self.replays_graph(s) else DATASHEET_LAUNCH
+        return Band(DATASHEET_GPU, host, _sym(_quad(BAND_STRUCTURE, DATASHEET_COPY)))
+
+
+NEAR = 32.0  # a measured shape "near" a step: token counts within this factor (else: no row near, an error)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One Profile and the datasheet roofline of what it measured (its own model and GPU)."""
+
+    profile: Profile
+    roofline: Roofline
+    distance: int  # 0 same GPU and model, 1 another model, 2 another GPU, 3 both
+
+    @property
+    def label(self) -> str:
+        return self.profile.describe()
+
+
+def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
+    """Same layer shape (a tensor-parallel shard or pipeline stage of a model is that model)."""
+    keys = ("hidden", "head_dim", "weight_bytes")
+    return all(getattr(a, k) == getattr(b, k) for k in keys) and \
+        a.heads * a.tensor_parallel == b.heads * b.tensor_parallel and \
+        a.intermediate * a.tensor_parallel == b.intermediate * b.tensor_parallel
+
 
 @dataclass(frozen=True)
 class Calibrated:
-    """Roofline corrected by a measured Profile (see module docstring)."""
+    """The target's roofline corrected by efficiencies measured elsewhere (see module docstring).
+
+    ``profile``: one Profile or several; each component (compute, launch, copies, all-reduce) comes
+    from the source nearest the target that measured it (same GPU before same model before neither;
+    the first given on ties).
+    """
 
     roofline: Roofline
-    profile: Profile
+    profile: Profile | tuple[Profile, ...]
+    _compute: _Source | None = field(init=False, repr=False, compare=False)
+    _copies: _Source | None = field(init=False, repr=False, compare=False)
+    _launch_src: _Source | None = field(init=False, repr=False, compare=False)
+    _allreduce: tuple = field(init=False, repr=False, compare=False)
     _points: tuple = field(init=False, repr=False, compare=False)
+    _gemms: tuple = field(init=False, repr=False, compare=False)
+    _elementwise: tuple = field(init=False, repr=False, compare=False)
+    _gemm_tables: tuple = field(init=False, repr=False, compare=False)
+    _elem_table: tuple | None = field(init=False, repr=False, compare=False)
     _launch: float = field(init=False, repr=False, compare=False)
     _latency: float = field(init=False, repr=False, compare=False)
     _rate: float = field(init=False, repr=False, compare=False)
+    _link_note: str = field(init=False, repr=False, compare=False)
+    _evidence: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        rf, prof = self.roofline, self.profile
-        pts = [(StepShape.uniform(b, t, c), sec) for b, t, c, sec in prof.layer_times]
-        # launch-bound measurements: the roofline says the GPU would be done in under half the time,
-        # so the in-stack time is the host's launch time and says nothing about the GPU's.
-        roof = [rf.gpu_time(s) for s, _ in pts]
-        launch_bound = [r < 0.5 * sec for r, (_, sec) in zip(roof, pts)]
-        launch = prof.launch_per_layer
-        if launch is None:
-            bound = [sec for (s, sec), lb in zip(pts, launch_bound) if lb]
-            launch = statistics.median(bound) if bound else rf.eager_launch_per_layer
+        rf = self.roofline
+        profiles = tuple(self.profile) if isinstance(self.profile, (tuple, list)) else (self.profile,)
+        if not profiles or not all(isinstance(p, Profile) for p in profiles):
+            raise ConfigError("profile", self.profile, "a Profile or a sequence of Profiles")
+        object.__setattr__(self, "profile", profiles[0] if len(profiles) == 1 else profiles)
+        srcs = []
+        for p in profiles:
+            sm, sg = p.source_model(), p.source_gpu()
+            srf = dataclasses.replace(rf, model=sm, hw=sg, link_share=1.0)
+            srcs.append(_Source(p, srf, 2 * (sg.name != rf.hw.name) + (not _same_model(sm, rf.model))))
+
+        def pick(has):
+            cands = [x for x in srcs if has(x.profile)]
+            return min(cands, key=lambda x: x.distance) if cands else None  # min keeps the first of equals
+
+        compute = pick(lambda p: p.layer_times or p.kernels)
+        launch_src = pick(lambda p: p.launch_per_layer is not None or p.layer_times)
+        copies = pick(lambda p: p.h2d)
+        tp = rf.model.tensor_parallel
+        ar = pick(lambda p: any(n == tp for _, n, _ in p.allreduce)) if tp > 1 else None
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("_compute", compute)
+        set_("_copies", copies)
+        set_("_launch_src", launch_src)
+
+        # host launch time per layer: a property of the host and driver, kept across GPUs
+        launch = rf.eager_launch_per_layer
+        if launch_src is not None:
+            lp = launch_src.profile
+            if lp.launch_per_layer is not None:
+                launch = lp.launch_per_layer
+            else:
+                bound = [sec for b, t, c, sec in lp.layer_times
+                         if launch_src.roofline.gpu_time(StepShape.uniform(b, t, c)) < 0.5 * sec]
+                launch = statistics.median(bound) if bound else launch
+        set_("_launch", launch)
+
+        # whole-layer efficiencies (probe and microbenchmark Profiles): measured / the measured GPU's
+        # roofline of the measured model, by (tokens, KV tokens)
         points = []
-        for (s, sec), r, lb in zip(pts, roof, launch_bound):
-            ratio = 1.0 if lb else sec / r
-            host = sec if lb else launch
-            points.append((math.log(s.tokens), math.log(max(s.kv_tokens, 1)), ratio, host))
-        object.__setattr__(self, "_points", tuple(points))
-        object.__setattr__(self, "_launch", launch)
-        lat, rate = _link_model(prof.h2d)
-        object.__setattr__(self, "_latency", lat)
-        object.__setattr__(self, "_rate", rate)
+        if compute is not None and compute.profile.layer_times:
+            own_host = compute is launch_src
+            for b, t, c, sec in compute.profile.layer_times:
+                sh = StepShape.uniform(b, t, c)
+                r = compute.roofline.gpu_time(sh)
+                lb = r < 0.5 * sec  # launch-bound: the in-stack time is the host's, not the GPU's
+                points.append((math.log(sh.tokens), math.log(max(sh.kv_tokens, 1)), 1.0 if lb else sec / r,
+                               sec if (lb and own_host) else launch, (b, t, c)))
+        set_("_points", tuple(points))
+
+        # per-kernel efficiencies (Vidur): each GEMM by tokens and weight shape, elementwise by tokens
+        gemms, elem = [], []
+        if compute is not None and not points and compute.profile.kernels:
+            groups: dict = {}
+            for op, t, ktp, sec in compute.profile.kernels:
+                groups.setdefault((op, ktp), []).append((t, sec))
+            src_model = compute.roofline.model
+            for (op, ktp), rows in sorted(groups.items()):
+                try:
+                    shard = src_model.shard(ktp)
+                except ConfigError:
+                    continue
+                srf = dataclasses.replace(compute.roofline, model=shard)
+                rows.sort()
+                if op == "elementwise":
+                    elem.append((ktp, np.array([math.log(t) for t, _ in rows]),
+                                 np.array([sec / srf.elementwise_time(t) for t, sec in rows])))
+                else:
+                    shape = dict((n.split(".")[-2], sh) for n, sh in shard.layer_param_shapes if len(sh) == 2)[op]
+                    gemms.append((math.log(shape[0] * shape[1]), op, np.array([math.log(t) for t, _ in rows]),
+                                  np.array([sec / srf.gemm_time(shape, t) for t, sec in rows])))
+        set_("_gemms", tuple(gemms))
+        set_("_elementwise", tuple(elem))
+        # the target's GEMMs, each with the measured table of the nearest weight shape (fixed per model)
+        set_("_gemm_tables", tuple((shape, min(gemms, key=lambda g: abs(g[0] - math.log(shape[0] * shape[1]))))
+                                   for _, shape in rf.model.layer_param_shapes if len(shape) == 2) if gemms else ())
+        set_("_elem_table", min(elem, key=lambda g: abs(math.log(g[0] / rf.model.tensor_parallel))) if elem else None)
+
+        # all-reduce: measured / the measured GPUs' ring model, by message size, for this TP degree
+        if ar is not None:
+            rows = sorted((nb, sec) for nb, n, sec in ar.profile.allreduce if n == tp)
+            set_("_allreduce", (ar, tuple(math.log(nb) for nb, _ in rows),
+                                tuple(sec / ar.roofline.allreduce_seconds(nb, tp) for nb, sec in rows)))
+        else:
+            set_("_allreduce", ())
+
+        # copies: the measured curve when the host link is of the same kind, else the target's
+        # datasheet link at the measured efficiency (measured streaming rate / measured link's spec)
+        if copies is not None:
+            lat, rate = _link_model(copies.profile.h2d)
+            kind = copies.profile.link_kind
+            if kind != rf.hw.host_link:
+                eff = rate / copies.roofline.hw.host_link_bw
+                note = (f"copies: {rf.hw.host_link} datasheet at the {eff:.0%} efficiency {copies.label} measured "
+                        f"on {kind}")
+                lat, rate = rf.hw.host_link_latency, rf.hw.host_link_bw * eff
+            else:
+                note = f"copies: {copies.label}'s measured {kind} curve"
+        else:
+            lat, rate = rf.hw.host_link_latency, rf.hw.h2d_bw
+            note = "copies: datasheet"
+        set_("_latency", lat)
+        set_("_rate", rate)
+        set_("_link_note", note)
+        set_("_evidence", self._residuals(copies, kind if copies is not None else ""))
+
+    def _residuals(self, copies: _Source | None, kind: str) -> dict:
+        """The calibration's own residuals, for ``band``: leave-one-out on its shapes and token counts,
+        the link model against the measured curve, the spread of the launch measurements."""
+        ev: dict = {}
+        # whole-layer points: each predicted by its nearest other (non-launch-bound) point
+        pts = [p for p in self._points if p[2] != 1.0]
+        loo = []
+        for i, p in enumerate(pts):
+            others = pts[:i] + pts[i + 1:]
+            if others:
+                q = min(others, key=lambda o: (o[0] - p[0]) ** 2 + 0.25 * (o[1] - p[1]) ** 2)
+                d = math.sqrt((q[0] - p[0]) ** 2 + 0.25 * (q[1] - p[1]) ** 2)
+                loo.append((p[4], abs(q[2] / p[2] - 1), d))
+        ev["points"] = loo
+        # kernel tables: each token count predicted from its neighbours (interior points), p90
+        errs = []
+        for g in self._gemms:
+            lts, rs = g[2], g[3]
+            for i in range(1, len(lts) - 1):
+                errs.append(abs(np.interp(lts[i], (lts[i - 1], lts[i + 1]), (rs[i - 1], rs[i + 1])) / rs[i] - 1))
+        ev["kernels"] = float(np.quantile(errs, 0.9)) if errs else 0.0
+        ev["gemm_shapes"] = {round(g[0], 2) for g in self._gemms}
+        # copies: the latency + size / rate model against the measured curve (16 MiB and up)
+        if copies is not None:
+            res = [abs((self._latency + n / self._rate) / (n / bw) - 1) for n, bw in copies.profile.h2d if n >= 16 * 2**20]
+            w = max(res) if res and kind == self.roofline.hw.host_link else 0.0
+            ev["copy"] = _quad(BAND_STRUCTURE, w, BAND_TRANSFER_LINK if copies.distance >= 2 and kind ==
+                               self.roofline.hw.host_link else 0.0, DATASHEET_COPY if kind != self.roofline.hw.host_link
+                               else 0.0)
+        else:
+            ev["copy"] = _quad(BAND_STRUCTURE, DATASHEET_COPY)
+        # launch: spread of the launch-bound measurements around their median
+        src = self._launch_src
+        bound = [sec for _, _, r, sec, _ in self._points if r == 1.0] if src is self._compute else []
+        if src is None:
+            ev["launch"] = DATASHEET_LAUNCH
+        else:
+            # one measurement (or a launch time given without its rows) says nothing of the spread:
+            # 30%, twice the 0.68-0.86 ms spread of the H100 probe's launch-bound rows
+            spread = (max(bound) - min(bound)) / 2 / statistics.median(bound) if len(bound) > 1 else BAND_LAUNCH_ONE
+            ev["launch"] = _sym(_quad(BAND_STRUCTURE, spread))
+        return ev
+
+    def _transfer_width(self, src: _Source | None) -> float:
+        if src is None:
+            return 0.0
+        return _quad(BAND_TRANSFER_GPU if src.distance >= 2 else 0.0, BAND_TRANSFER_MODEL if src.distance % 2 else 0.0)
+
+    def band(self, s: StepShape) -> Band:
+        """(low, high) cost factors for step ``s``, from evidence: the calibration's leave-one-out
+        residuals (growing with the distance to the nearest measured shape), BAND_STRUCTURE, the
+        transfer terms when the source is another GPU or model, datasheet factors for whatever no
+        source measured (attention under per-kernel profiles, launch, copies)."""
+        rf, ev = self.roofline, self._evidence
+        host = (0.5, 2.0) if rf.replays_graph(s) else ev["launch"]
+        copy = _sym(ev["copy"])
+        xfer = self._transfer_width(self._compute)
+        if self._points:
+            p = self._nearest(s)
+            if p[2] == 1.0:  # launch-bound measurement: the GPU time is the datasheet's
+                return Band(DATASHEET_GPU, host, copy)
+            lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
+            d = math.sqrt((p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2)
+            own = [(e, dd) for shape, e, dd in ev["points"] if shape == p[4]]
+            interp = min(1.0, d / own[0][1]) * own[0][0] if own and own[0][1] > 0 else 0.0
+            return Band(_sym(_quad(BAND_STRUCTURE, interp, xfer)), host, copy)
+        if self._gemms:
+            parts = rf.parts(s)
+            w_meas = _quad(BAND_STRUCTURE, ev["kernels"], xfer)
+            lo = hi = total = 0.0
+            for name, shape in rf.model.layer_param_shapes:
+                if len(shape) != 2:
+                    continue
+                other = round(math.log(shape[0] * shape[1]), 2) not in ev["gemm_shapes"]
+                w = _quad(w_meas, BAND_TRANSFER_MODEL if other and not self._compute.distance % 2 else 0.0)
+                t = parts[name]
+                lo, hi, total = lo + t * _sym(w)[0], hi + t * _sym(w)[1], total + t
+            for name, f in (("elementwise", _sym(w_meas)), ("attention", DATASHEET_GPU),
+                            ("allreduce", _sym(_quad(BAND_STRUCTURE, xfer)))):
+                t = parts[name]
+                lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
+            return Band((lo / total, hi / total), host, copy)
+        return Band(DATASHEET_GPU, host, copy)
 
     @property
     def model(self) -> ModelSpec:
         return self.roofline.model
 
     @property
+    def profiles(self) -> tuple[Profile, ...]:
+        return self.profile if isinstance(self.profile, tuple) else (self.profile,)
+
+    @property
     def copy_slowdown(self) -> float:
-        return self.profile.copy_slowdown
+        return self._compute.profile.copy_slowdown if self._compute is not None else self.roofline.copy_slowdown
 
     def _nearest(self, s: StepShape):
         lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
         return min(self._points, key=lambda p: (p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2) if self._points else None
 
-    def layer(self, s: StepShape) -> LayerCost:
-        """GPU time scaled by the nearest measurement; host time measured (eager), unless the step
-        replays a CUDA graph (``roofline.cuda_graphs``), which the eager measurements do not cover."""
+    def _gemm_ratio(self, shape: tuple[int, int], tokens: int) -> float:
+        lp = math.log(shape[0] * shape[1])
+        _, _, lts, ratios = min(self._gemms, key=lambda g: abs(g[0] - lp))
+        return float(np.interp(math.log(tokens), lts, ratios))
+
+    def _elementwise_ratio(self, tokens: int) -> float:
+        _, lts, ratios = self._elem_table
+        return float(np.interp(math.log(tokens), lts, ratios))
+
+    def _allreduce_time(self, tokens: int) -> float:
         rf = self.roofline
-        r = rf.gpu_time(s)
-        p = self._nearest(s)
-        gpu, host = (r, self._launch) if p is None else (r * p[2], p[3])
+        if not self._allreduce or rf.model.tensor_parallel == 1:
+            return 2 * rf.allreduce_time(tokens)
+        _, lbs, ratios = self._allreduce
+        nbytes = tokens * rf.model.hidden * 2
+        return 2 * rf.allreduce_seconds(nbytes, rf.model.tensor_parallel) * float(np.interp(math.log(nbytes), lbs, ratios))
+
+    def gpu_host(self, s: StepShape) -> tuple[float, float]:
+        """(GPU seconds, host seconds) of one layer for step ``s``, before CUDA graphs."""
+        rf = self.roofline
+        if rf.model.tensor_parallel == 1 and self._points:  # the common case, once per simulated step
+            p = self._nearest(s)
+            return rf.gpu_time(s) * p[2], p[3]
+        ar = self._allreduce_time(s.tokens)
+        if self._points:
+            p = self._nearest(s)
+            return (rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens)) * p[2] + ar, p[3]
+        if self._gemms:
+            lt = math.log(s.tokens)
+            gpu = rf.attention_time(s) + ar  # attention: no per-kernel measurement, datasheet roofline
+            for shape, (_, _, lts, ratios) in self._gemm_tables:
+                gpu += rf.gemm_time(shape, s.tokens) * float(np.interp(lt, lts, ratios))
+            gpu += rf.elementwise_time(s.tokens) * (self._elementwise_ratio(s.tokens) if self._elem_table else 1.0)
+            return gpu, self._launch
+        return rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens) + ar, self._launch
+
+    def layer(self, s: StepShape) -> LayerCost:
+        """GPU time transferred by efficiency; host time measured (eager), unless the step replays a
+        CUDA graph (``roofline.cuda_graphs``), which the eager measurements do not cover."""
+        rf = self.roofline
+        gpu, host = self.gpu_host(s)
         if rf.replays_graph(s):
             host = rf.graph_launch_per_layer
         return LayerCost(gpu, host, rf.kernel_floor, min(rf.link_comm_time(s), gpu))
@@ -241,8 +588,12 @@ class Calibrated:
 
     def uva_read(self, nbytes: float, tokens: int) -> float:
         """Measured UVA GEMM seconds per weight byte at ``tokens`` rows (Profile.uva_gemm), else the
-        roofline's tile assumption over the measured copy rate."""
-        rows = self.profile.uva_gemm
+        roofline's tile assumption over the measured copy rate. The rows come from the copy source's
+        Profile (the same host link), else from any given Profile that measured them."""
+        profiles = (self.profile,) if isinstance(self.profile, Profile) else tuple(self.profile)
+        if self._copies is not None:
+            profiles = (self._copies.profile,) + profiles
+        rows = next((p.uva_gemm for p in profiles if p.uva_gemm), ())
         if not rows:
             return self._latency + nbytes * self.roofline.uva_reads(tokens) * self.roofline.link_share / self._rate
         return nbytes * uva_seconds_per_byte(rows, tokens) * self.roofline.link_share
@@ -250,6 +601,93 @@ class Calibrated:
     @property
     def link_share(self) -> float:
         return self.roofline.link_share
+
+    # ---- what was transferred, and how near the measurements are ----
+    def measured_tokens(self) -> tuple[int, ...]:
+        """Token counts per step the compute calibration measured (empty: none, datasheet compute)."""
+        if self._points:
+            return tuple(sorted({b * t for _, _, _, _, (b, t, c) in self._points}))
+        if self._compute is not None and self._compute.profile.kernels:
+            return tuple(sorted({t for _, t, _, _ in self._compute.profile.kernels}))
+        return ()
+
+    def check_near(self, lo: int, hi: int, what: str = "steps") -> None:
+        """Raise when the compute calibration has no measured shape within a factor NEAR of the
+        step token counts ``lo``..``hi`` a simulation will ask for."""
+        toks = self.measured_tokens()
+        if not toks:
+            return
+        for n in {lo, hi}:
+            near = min(toks, key=lambda t: abs(math.log(t / n)))
+            if abs(math.log(near / n)) > math.log(NEAR):
+                raise ConfigError("profile", self._compute.profile.meta.get("source", self._compute.label),
+                                  f"a measured row near {what} of {n} tokens (nearest measured: {near} tokens; "
+                                  f"measure shapes within {NEAR:.0f}x)")
+
+    def describe(self) -> str:
+        """One line: what was transferred from what, e.g. 'H100 llama-3.1-8b profile applied to
+        llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)'."""
+        rf = self.roofline
+        target = f"{rf.model.name} on {rf.hw.name}"
+        c = self._compute
+        srcs = [x for x in (c, self._copies, self._launch_src) if x is not None]
+        labels = list(dict.fromkeys(x.label for x in srcs))
+        if c is not None and all(x.distance == 0 for x in srcs):
+            how = "as measured (same GPU and model)"
+        else:
+            how = "by efficiency transfer"
+        if c is None:
+            comp = "compute: datasheet roofline"
+        elif self._points:
+            comp = f"compute: {c.label}'s whole-layer efficiencies by tokens and context"
+        else:
+            comp = f"compute: {c.label}'s GEMM efficiencies by tokens and shape, elementwise by tokens, " \
+                   "attention from the datasheet"
+        launch = f"launch: {self._launch * 1e3:.3f} ms/layer from " + \
+            (f"{self._launch_src.label} (host time kept)" if self._launch_src else "the roofline default")
+        extra = ""
+        if self._allreduce:
+            extra = f"; all-reduce: {self._allreduce[0].label}'s efficiencies"
+        return f"{' + '.join(labels) or 'no'} profile applied to {target} {how} ({comp}; {self._link_note}; " \
+               f"{launch}{extra})"
+
+
+@dataclass(frozen=True)
+class Corner:
+    """A cost model at the low (``side`` 0) or high (1) end of its band: every GPU, host and copy
+    cost scaled by the band's factor. Running a step or a workload on both corners propagates the
+    band to step time, throughput, TTFT and TPOT (lower costs: the optimistic corner)."""
+
+    base: object
+    side: int
+
+    def __post_init__(self):
+        if self.side not in (0, 1):
+            raise ConfigError("side", self.side, "0 (low costs) or 1 (high costs)")
+
+    def layer(self, s: StepShape) -> LayerCost:
+        c, b = self.base.layer(s), self.base.band(s)
+        g = b.gpu[self.side]
+        return LayerCost(c.gpu * g, c.host * b.host[self.side], c.tail, c.link_comm * g)
+
+    def head(self, s: StepShape) -> float:
+        return self.base.head(s) * self.base.band(s).gpu[self.side]
+
+    def transfer(self, nbytes: float) -> float:
+        # the copy factor does not depend on the step: any shape will do
+        return self.base.transfer(nbytes) * self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+
+    def uva_read(self, nbytes: float, tokens: int) -> float:
+        """UVA's reads are host-link transfers: scaled by the copy factor like ``transfer``."""
+        return self.base.uva_read(nbytes, tokens) * self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+
+    def band(self, s: StepShape) -> Band:
+        return self.base.band(s)
+
+    def __getattr__(self, name):  # model, copy_slowdown, link_share, roofline, describe, ...
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
 
 def uva_seconds_per_byte(rows, tokens: int) -> float:

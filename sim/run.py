@@ -14,7 +14,7 @@ from ..policy import NoOffload, Placement, Policy
 from ..profile import Profile
 from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace
-from .costs import StepShape, cost_model
+from .costs import Corner, StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
 from .parallel import Layout
@@ -35,7 +35,24 @@ def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: in
 
 
 def _load(profile):
+    """None, a Profile, a path, or a sequence of them (several sources: see costs.Calibrated)."""
+    if isinstance(profile, (list, tuple)):
+        if not profile:
+            return None
+        loaded = tuple(_load(p) for p in profile)
+        return loaded[0] if len(loaded) == 1 else loaded
     return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
+
+
+def describe_profile(model: str | ModelSpec, gpu: str | HardwareSpec, profile, tensor_parallel: int = 1,
+                     pipeline_parallel: int = 1, cost_kw: dict | None = None) -> str:
+    """One line: what ``profile`` transfers to one GPU of this deployment, from what ("H100 llama-3.1-8b
+    profile applied to llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)"); the datasheet
+    roofline when there is no profile."""
+    lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
+    profile = _load(profile)
+    m = max(lay.stages, key=lambda s: s.layers)
+    return cost_model(m, lay.hw, profile, **(cost_kw or {})).describe()
 
 
 @dataclass(frozen=True)
@@ -45,23 +62,39 @@ class _Stage:
     cost: object
 
 
-def _resolve(lay: Layout, policy: Policy, profile, cost_kw) -> list[_Stage]:
+CORNERS = {"low": 0, "high": 1}  # low costs (optimistic) and high costs (pessimistic) ends of the band
+
+
+def _resolve(lay: Layout, policy: Policy, profile, cost_kw, corner: str | None = None,
+             tokens: tuple[int, int] | None = None) -> list[_Stage]:
     """Each stage's placement and cost model; every GPU copies over its share of a host link, whatever
-    the cost model's copy rate is, datasheet or measured."""
+    the cost model's copy rate is, datasheet or measured. ``corner``: the cost model at one end of its
+    uncertainty band. ``tokens``: the step sizes the caller will ask for (a profile must have a
+    measured row near them)."""
+    if corner is not None and corner not in CORNERS:
+        raise ConfigError("corner", corner, "None, 'low' or 'high'")
     profile = _load(profile)
     kw = {"link_share": lay.link_share, **(cost_kw or {})}
-    return [_Stage(m, policy.place(m), cost_model(m, lay.hw, profile, **kw)) for m in lay.stages]
+    out = []
+    for m in lay.stages:
+        cost = cost_model(m, lay.hw, profile, **kw)
+        if tokens is not None and hasattr(cost, "check_near"):
+            cost.check_near(*tokens)
+        out.append(_Stage(m, policy.place(m), Corner(cost, CORNERS[corner]) if corner else cost))
+    return out
 
 
 def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None = None, *,
                   batch: int = 1, new_tokens: int = 1, context: int = 0, profile: Profile | str | os.PathLike | None = None,
-                  cost_kw: dict | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> StepResult:
+                  cost_kw: dict | None = None, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                  corner: str | None = None) -> StepResult:
     """One forward pass of ``batch`` sequences adding ``new_tokens`` after ``context`` cached ones.
 
     Returns the step time, per-lane busy seconds (per GPU, averaged over pipeline stages), the
     compute-stream stall and the per-layer Trace (under pipeline parallelism, stage s's spans carry
     ``gpu`` = its first GPU, s x tensor_parallel; the stages run one after the other, with a
-    "send" span between them).
+    "send" span between them). ``corner``: "low" or "high", the step on the low- or high-cost end of
+    the cost model's uncertainty band (``costs.Band``).
     """
     lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
     policy = policy if policy is not None else NoOffload()
@@ -70,7 +103,7 @@ def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Polic
     if isinstance(new_tokens, int) and isinstance(context, int) and new_tokens + context > window:
         raise ConfigError("context+new_tokens", context + new_tokens, f"at most {window}, {lay.model.name}'s context "
                           "window (max_context)")
-    stages = _resolve(lay, policy, profile, cost_kw)
+    stages = _resolve(lay, policy, profile, cost_kw, corner, (shape.tokens, shape.tokens))
     pp = len(stages)
     t, stall, events, spans = 0.0, 0.0, 0, []
     busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
@@ -167,13 +200,14 @@ class RunResult:
 
 def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None, workload: Workload,
              engine: EngineConfig = EngineConfig(), *, profile: Profile | str | os.PathLike | None = None,
-             cost_kw: dict | None = None, trace_steps: bool = True) -> RunResult:
-    """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload."""
+             cost_kw: dict | None = None, trace_steps: bool = True, corner: str | None = None) -> RunResult:
+    """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload. ``corner``:
+    "low" or "high" runs on that end of the cost model's uncertainty band (see ``simulate_band``)."""
     wall = time.perf_counter()
     lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)
     hw = lay.hw
     policy = policy if policy is not None else NoOffload()
-    stages = _resolve(lay, policy, profile, cost_kw)
+    stages = _resolve(lay, policy, profile, cost_kw, corner, (1, engine.max_num_batched_tokens))
     for r in workload.requests:  # the request's own limits first, then (below) the memory plan's
         if r.prompt_len + r.output_len > engine.max_model_len:
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
@@ -222,5 +256,21 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
                   max_num_batched_tokens=engine.max_num_batched_tokens,
                   h2d_GBps=hw.h2d_bw / lay.link_share / 1e9,  # each GPU's share of its host link
-                  profile=bool(profile))
+                  profile=bool(profile), corner=corner or "")
     return RunResult(summary, reqs, mem, config, loop.steps)
+
+
+BAND_METRICS = ("throughput_rps", "output_tok_s", "ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "tpot_p99_s",
+                "makespan_s")
+
+
+def simulate_band(model, gpu, policy, workload: Workload, engine: EngineConfig = EngineConfig(), *,
+                  profile=None, cost_kw: dict | None = None) -> dict:
+    """The run on the low- and high-cost corners of its cost model's band: ``{metric: (low, high)}``
+    for BAND_METRICS (ordered low <= high), i.e. the interval each metric falls in when every cost
+    sits anywhere in its evidence-derived band."""
+    lo = simulate(model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw, trace_steps=False,
+                  corner="low").summary
+    hi = simulate(model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw, trace_steps=False,
+                  corner="high").summary
+    return {k: tuple(sorted((lo[k], hi[k]))) for k in BAND_METRICS if k in lo and k in hi}

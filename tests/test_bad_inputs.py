@@ -48,7 +48,7 @@ DEL = object()
 
 
 def profile_text(**changes) -> str:
-    d = {"schema": "offloadlab.profile/1", "model": "llama-3.1-8b", "gpu": "x", "layers": 32,
+    d = {"schema": "offloadlab.profile/1", "model": "llama-3.1-8b", "gpu": "H100-SXM5-80GB", "layers": 32,
          "h2d": [[1048576, 3.0e10], [268435456, 5.2e10]], "layer_times": [[1, 2048, 0, 0.0017], [1, 1, 2048, 0.0004]],
          "launch_per_layer": None, "copy_slowdown": 1.0}
     d.update(changes)
@@ -351,7 +351,7 @@ CASES = [
      {"p.json": probe(lambda d: d.update(forward=[r for r in d["forward"] if r["policy"] == "resident"]))},
      "at least one sync_prefix or async_k row"),
     ("probe-layer-bytes", ["validate", "p.json"], {"p.json": probe(_set("layer_bytes", 12))}, "layer_bytes=12"),
-    ("probe-model-unknown", ["validate", "p.json"], {"p.json": probe(_set("model", "llama-9"))}, "unknown model 'llama-9'"),
+    ("probe-model-unknown", ["validate", "p.json"], {"p.json": probe(_set("model", "llama-9"))}, "model='llama-9': expected a catalog model name"),
     ("probe-model-number", ["validate", "p.json"], {"p.json": probe(_set("model", 8))}, "model=8"),
     ("probe-gpu-number", ["validate", "p.json"], {"p.json": probe(_set("gpu", 100))}, "gpu=100"),
     ("probe-offloaded-mismatch", ["validate", "p.json"], {"p.json": probe(_set("forward.1.offloaded_layers", 3))},
@@ -376,7 +376,7 @@ CASES = [
     ("profile-h2d-row-short", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[[1]])}, "h2d[0]=(1,)"),
     ("profile-h2d-row-number", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[7])}, "h2d[0]=7"),
     ("profile-h2d-neg", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[[1, -5]])}, "h2d[0]=(1, -5)"),
-    ("profile-h2d-empty", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[])}, "h2d=()"),
+    ("profile-h2d-empty", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[], layer_times=[])}, "h2d=()"),
     ("profile-h2d-inf", R + ["--profile", "p.json"], {"p.json": profile_text(h2d=[[1, float("inf")]])}, "h2d[0]=(1, inf)"),
     ("profile-layer-nan", R + ["--profile", "p.json"], {"p.json": profile_text(layer_times=[[1, 1, 0, float("nan")]])},
      "layer_times[0]=(1, 1, 0, nan)"),

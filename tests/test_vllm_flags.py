@@ -184,7 +184,8 @@ def test_uva_reads_calibrate_from_a_measured_uva_gemm():
     assert uva_seconds_per_byte(rows, 1) == pytest.approx(5e-11)
     assert uva_seconds_per_byte(rows, 8) == pytest.approx(5e-11 + 0.5 * 1.5e-10)  # log-interpolated
     assert uva_seconds_per_byte(rows, 1024) == pytest.approx(4 * 8e-10)  # beyond: one read per M-tile more
-    prof = Profile(h2d=((1 << 20, 2e10), (1 << 30, 5e10)), layer_times=(), uva_gemm=rows)
+    prof = Profile(h2d=((1 << 20, 2e10), (1 << 30, 5e10)), layer_times=(), uva_gemm=rows, model="llama-3.1-8b",
+                   gpu="H100-SXM5-80GB")
     cost = cost_model(M8, get_gpu("h100"), prof)
     pl = VllmUva(6.5).place(M8)
     for tokens in (1, 64, 256):

@@ -6,7 +6,8 @@ from its component measurements and ``resident`` rows only, and predicts every o
 the test suite replays each one, so a change that breaks fidelity cannot land.
 """
 from .compare import compare_traces, trace_metrics
-from .probe import ProbeFile, error_summary, predict_probe
+from .probe import ProbeFile, error_summary, leave_one_shape_out, predict_probe
 from .stored import StoredMeasurement, stored_measurements
 
-__all__ = ["compare_traces", "trace_metrics", "ProbeFile", "StoredMeasurement", "error_summary", "predict_probe", "stored_measurements"]
+__all__ = ["compare_traces", "trace_metrics", "ProbeFile", "StoredMeasurement", "error_summary", "leave_one_shape_out", "predict_probe",
+           "stored_measurements"]
