@@ -319,13 +319,28 @@ def cmd_memory(a) -> None:
 
 def cmd_validate(a) -> None:
     from .fileio import atomic_write, atomic_write_text
-    from .plots import predicted_vs_measured
+    from .plots import predicted_vs_measured, serving_replay
     from .validation import ProbeFile, error_summary, predict_probe, stored_measurements
+    from .validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
-    frames = []
+    runs = [f for f in files if is_serving_run(f)]
+    if runs and len(runs) != len(files) and (a.json or a.plot):
+        raise ConfigError("--json/--plot", a.json or a.plot, "one kind of input: probe files or serving-run directories")
+    if a.vllm_version and len(runs) != len(files):
+        raise ConfigError("--vllm-version", a.vllm_version, "serving-run directories only (probe files have no engine)")
+    # everything read and resolved before anything is simulated
+    probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
+    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
+             for f in runs}
+    frames, replays = [], []
     for f in files:
-        probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
+        if f in plans:
+            c = replay_serving_run(plans[f])
+            print(format_comparison(c) + "\n")
+            replays.append(c)
+            continue
+        probe = probes[f]
         df = predict_probe(probe)
         s = error_summary(df)
         print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
@@ -338,11 +353,24 @@ def cmd_validate(a) -> None:
               + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()) + "\n")
         frames.append(df.assign(file=f))
     if a.json:
-        atomic_write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
+        if replays:
+            out = [c.json_dict() for c in replays]
+            atomic_write_text(a.json, json.dumps(out[0] if len(out) == 1 else out, indent=1, default=float))
+        else:
+            atomic_write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
-        fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
-        atomic_write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
-        print(f"wrote {a.plot}")
+        for i, c in enumerate(replays):
+            path = Path(a.plot)
+            if len(replays) > 1:
+                path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+            fig = serving_replay(c.requests, c.run.timeseries, c.result.occupancy,
+                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})")
+            atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+            print(f"wrote {path}")
+        if frames:
+            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
+            atomic_write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+            print(f"wrote {a.plot}")
 
 
 def cmd_list(a) -> None:
@@ -434,12 +462,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
-    p = sub.add_parser("validate", help="predict a probe file's rows from its components; compare")
-    p.add_argument("files", nargs="*", help="probe JSON files (default: the stored ones in validation/traces)")
+    p = sub.add_parser("validate", help="predict a probe file's rows from its components, or replay a real "
+                                        "serving run (a directory: meta.json + requests.jsonl); compare")
+    p.add_argument("files", nargs="*", help="probe JSON files or serving-run directories (default: the stored "
+                                            "probes in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
-    p.add_argument("--model", help="catalog model (default: the file's)")
-    p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
-    p.add_argument("--plot", help="write a predicted-vs-measured PNG")
+    p.add_argument("--model", help="catalog model (default: the file's; a run's Hugging Face id maps to the catalog)")
+    p.add_argument("--profile", help="serving runs: a Profile or probe JSON file, calibrated costs instead of the roofline")
+    p.add_argument("--vllm-version", help="serving runs: the vLLM version whose engine replays it (default: meta.json's)")
+    p.add_argument("--json", help="probes: every row with measured_ms and predicted_ms; serving runs: "
+                                  "{requests: [...], summary: {...}}")
+    p.add_argument("--plot", help="write a predicted-vs-measured PNG (serving runs: CDFs and running/waiting over time)")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",

@@ -1,0 +1,179 @@
+"""vLLM's V1 engine (vLLM >= 0.8): its scheduler and KV block pool on top of the step model.
+
+What it models, and the vLLM file each rule comes from:
+- one token budget per step (``max_num_batched_tokens``): RUNNING requests first, in order (a decode
+  is one token, a partial prefill its next chunk), then WAITING ones up to ``max_num_seqs``; no
+  prefill/decode phases (vllm/v1/core/sched/scheduler.py, ``Scheduler.schedule``);
+- a running request that cannot get its blocks preempts the last running request (FCFS), itself
+  included, by recompute: its blocks are freed, ``num_computed_tokens`` set to 0 and it goes back
+  to the front of the waiting queue (scheduler.py, ``_preempt_request``); a step that preempted
+  admits no waiting request (scheduler.py: ``if not preempted_reqs``);
+- admission of a waiting request needs blocks for its chunk, and, with
+  ``scheduler_reserve_full_isl`` (vllm/config/scheduler.py, default True in vLLM 0.19), for its
+  whole sequence (vllm/v1/core/kv_cache_manager.py, ``allocate_slots(full_sequence_must_fit=...)``);
+  no watermark (V0's 1% is gone);
+- block 0 is the null block: ``num_gpu_blocks - 1`` are usable (vllm/v1/core/block_pool.py);
+- prefix caching: full blocks are hashed when scheduled; freed blocks go to the tail of one LRU free
+  queue, a request's in reverse order, keeping their hash until a new allocation pops them from
+  the head (block_pool.py, ``FreeKVCacheBlockQueue``, ``get_new_blocks``); a (re-)admitted request
+  reuses the longest run of its own full blocks still cached, at most ``num_tokens - 1`` tokens
+  (kv_cache_manager.py, ``get_computed_blocks``). Requests are assumed to share no prefix with each
+  other (token counts carry no token ids), so caching pays off when a preempted request returns;
+- the host's work per step (scheduling, input preparation, sampling, output processing) runs
+  beside the GPU's step with async scheduling (vllm/v1/core/sched/async_scheduler.py), before it
+  otherwise.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+from .costs import StepShape
+from .serving import EngineConfig, ServingLoop, _Seq
+
+# Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
+# sampling, detokenizing and handing outputs to the API server (Python). ASSUMPTIONS, not
+# measurements (none of the shared data times them): a fixed ~1 ms (a few tensor copies, a
+# sampler launch and one device->host sync at tens of microseconds each, plus the engine
+# loop's Python) and ~20 us per scheduled request (its share of the Python loops over requests).
+STEP_HOST_S = 1e-3
+STEP_HOST_PER_SEQ_S = 20e-6
+
+
+class BlockPool:
+    """vLLM V1's KV block pool: one LRU queue of free blocks, cached ones keyed by (request, block,
+    admission) so a request finds only its own blocks of its last admission."""
+
+    def __init__(self, blocks: int, caching: bool, block_size: int):
+        assert blocks >= 2, f"a block pool needs the null block and one more, not {blocks}"
+        self.caching, self.block_size = caching, block_size
+        self._anon = itertools.count()
+        # block 0 is the null block (never free): blocks - 1 usable
+        self.queue: OrderedDict = OrderedDict((("free", next(self._anon)), None) for _ in range(blocks - 1))
+
+    @property
+    def free(self) -> int:
+        return len(self.queue)
+
+    def take(self, n: int) -> None:
+        """Pop ``n`` blocks from the head (evicting their cached hashes)."""
+        assert n <= len(self.queue), f"taking {n} blocks of {len(self.queue)} free"
+        for _ in range(n):
+            self.queue.popitem(last=False)
+
+    def give_back(self, s: _Seq) -> None:
+        """Free every block of ``s`` to the tail, last block first (evicted before the prefix)."""
+        for i in reversed(range(s.blocks)):
+            cached = self.caching and i < s.hashed
+            self.queue[(s.req.id, i, s.gen) if cached else ("free", next(self._anon))] = None
+        s.blocks = s.hashed = 0
+
+    def hits(self, s: _Seq) -> int:
+        """Full blocks of ``s``'s previous admission still cached, from its first (at most
+        ``num_tokens - 1`` tokens: the last token is always computed to sample from)."""
+        if not self.caching or not s.gen:
+            return 0
+        limit, n = (s.known - 1) // self.block_size, 0
+        while n < limit and (s.req.id, n, s.gen) in self.queue:
+            n += 1
+        return n
+
+    def touch(self, s: _Seq, n: int) -> None:
+        for i in range(n):
+            del self.queue[(s.req.id, i, s.gen)]
+
+
+class V1ServingLoop(ServingLoop):
+    """The V1 scheduler over a ServingLoop's arrivals, steps and records (no bulk decode: every
+    step is scheduled, as V1 does; identical steps still cost a look-up in the StepModel)."""
+
+    def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True):
+        assert engine.scheduler == "v1", f"V1ServingLoop needs scheduler='v1', not {engine.scheduler!r}"
+        super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=False)
+        self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
+        self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
+        self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
+
+    # ---- blocks ----
+    def _release(self, s: _Seq) -> None:
+        self.pool.give_back(s)
+
+    def _allocate(self, s: _Seq, tokens: int) -> bool:
+        need = self._blocks_for(tokens) - s.blocks
+        if need > self.pool.free:
+            return False
+        if need > 0:
+            self.pool.take(need)
+            s.blocks += need
+        return True
+
+    def _hash(self, s: _Seq, n: int) -> None:
+        if self.cfg.prefix_caching:
+            s.hashed = min(s.computed + n, s.known) // self.cfg.block_size
+
+    # ---- scheduling (vllm/v1/core/sched/scheduler.py, Scheduler.schedule) ----
+    def _schedule(self) -> list[tuple[_Seq, int]]:
+        cfg, pool = self.cfg, self.pool
+        budget = cfg.max_num_batched_tokens
+        batch: list[tuple[_Seq, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            s = self.running[i]
+            n = min(s.uncomputed, budget)
+            scheduled = True
+            while not self._allocate(s, s.computed + n):
+                victim = self.running.pop()  # FCFS: the last running request
+                self._preempt(victim)
+                preempted = True
+                if victim is s:  # nothing left to preempt but itself
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            self._hash(s, n)
+            batch.append((s, n))
+            budget -= n
+            i += 1
+        if not preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                s = self.waiting[0]
+                hit = pool.hits(s)
+                n = s.known - hit * cfg.block_size
+                if not cfg.chunked_prefill and n > budget:
+                    break
+                n = min(n, budget)
+                # blocks for the whole sequence must be free (cached hits among them: they leave the free queue)
+                if cfg.reserve_full_isl and self._blocks_for(min(s.known, cfg.max_model_len)) > pool.free:
+                    break
+                if self._blocks_for(hit * cfg.block_size + n) > pool.free:
+                    break
+                pool.touch(s, hit)
+                s.gen += 1
+                s.blocks = s.hashed = hit
+                s.computed = hit * cfg.block_size
+                self.cached_tokens += s.computed
+                assert self._allocate(s, s.computed + n), "admission checked the free blocks"
+                self._hash(s, n)
+                self.waiting.popleft()
+                self.running.append(s)
+                batch.append((s, n))
+                budget -= n
+        if self.trace_steps:
+            self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
+        return batch
+
+    def _preempt(self, victim: _Seq) -> None:
+        self._release(victim)
+        victim.computed = 0
+        victim.preempted += 1
+        self.preemptions += 1
+        self.waiting.appendleft(victim)
+
+    # ---- one step: the forward pass and the host's work around it ----
+    def _step(self, shape: StepShape):
+        res = self.sm.run(shape)
+        host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * shape.seqs
+        t = max(res.time, host) if self.cfg.async_scheduling else res.time + host
+        yield self.env.timeout(t)
+        return res
