@@ -15,7 +15,7 @@ from ..profile import Profile
 from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace
 from .costs import StepShape, cost_model
-from .memory import MemoryPlan, plan_memory
+from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
 from .parallel import Layout
 from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
@@ -106,7 +106,8 @@ def _memory(lay: Layout, placements: list[Placement], engine: EngineConfig) -> M
     plans = [plan_memory(m, lay.hw, p, gpu_memory_utilization=engine.gpu_memory_utilization,
                          max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                          max_model_len=engine.max_model_len, block_size=engine.block_size,
-                         overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
+                         overhead=engine.overhead_bytes, gpus=engine.tensor_parallel,
+                         logit_bytes=V1_SAMPLER_BYTES_PER_LOGIT if engine.scheduler == "v1" else V0_LOGIT_BYTES)
              for m, p in zip(lay.stages, placements)]
     if len(plans) == 1:
         return plans[0]
