@@ -62,7 +62,9 @@ def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None,
         raise ConfigError(unknown[0], given[unknown[0]], f"an engine setting ({', '.join(EngineConfig.__dataclass_fields__)})")
     v = parse_version(version)
     if engine_generation(version) == "v0":
-        eng = EngineConfig(**{"scheduler": "v0", **given})
+        # V0 (the paper's 0.7) is modelled without prefix caching; settings only V1 has are left out
+        v0 = {k: v for k, v in given.items() if k not in ("prefix_caching", "reserve_full_isl", "async_scheduling")}
+        eng = EngineConfig(**{**v0, "scheduler": "v0"})
         return eng, {"cuda_graphs": not eager}
     tokens, seqs = batch_defaults(gpu, entry_point, gpu_memory_bytes)
     max_model_len = given.get("max_model_len") or (model.max_context if model is not None else 8192)
