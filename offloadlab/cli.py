@@ -18,7 +18,8 @@ from .specs import GiB
 
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
-    p.add_argument("--model", default="llama-3.1-8b", help="catalog name (see `offloadlab list`)")
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help="catalog name (see `offloadlab list`), or a Hugging Face config.json (or its directory)")
     p.add_argument("--gpu", default="A100-SXM4-40GB", help="catalog name or alias (see `offloadlab list`)")
     if policy:
         p.add_argument("--policy", default="interval:2",
@@ -48,10 +49,11 @@ def _executor(a):
 
 
 def _model(a, name: str | None = None):
-    """The catalog model (``--model``, or ``name``), with an fp8 KV cache when --kv-cache-dtype asks for one."""
-    from .catalog import get_model
+    """The model (``--model``, or ``name``: a catalog name or a Hugging Face config.json), with an fp8 KV
+    cache when --kv-cache-dtype asks for one."""
+    from .hf_config import model_from_arg
 
-    m = get_model(name or a.model)
+    m = model_from_arg(name or a.model)
     return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
 
 
@@ -467,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="probe JSON files or serving-run directories (default: the stored "
                                             "probes in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
-    p.add_argument("--model", help="catalog model (default: the file's; a run's Hugging Face id maps to the catalog)")
+    p.add_argument("--model", help="catalog model or a Hugging Face config.json (default: the file's; a run's Hugging "
+                                   "Face id maps to the catalog)")
     p.add_argument("--profile", help="serving runs: a Profile or probe JSON file, calibrated costs instead of the roofline")
     p.add_argument("--vllm-version", help="serving runs: the vLLM version whose engine replays it (default: meta.json's)")
     p.add_argument("--json", help="probes: every row with measured_ms and predicted_ms; serving runs: "
