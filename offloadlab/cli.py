@@ -95,14 +95,20 @@ def _settle_engine(a) -> None:
             if theirs.setdefault(k, v) != v:
                 raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)} | {"kv_cache_dtype": "auto"}
+    a.engine_given = {}  # the settings given on a command line (a --vllm-version fills the rest its way)
     for k, flag in ENGINE_FLAGS.items():
         if not hasattr(a, k):
             continue
         mine, vllm = getattr(a, k), theirs.get(k)
         if mine is not None and vllm is not None and mine != vllm:
             raise ConfigError(flag, mine, f"what the --vllm command line says ({vllm}), or one of the two left out")
-        setattr(a, k, mine if mine is not None else vllm if vllm is not None else defaults[k])
+        given = mine if mine is not None else vllm
+        if given is not None:
+            a.engine_given[k] = given
+        setattr(a, k, given if given is not None else defaults[k])
     a.block_size = theirs.get("block_size", defaults["block_size"])
+    if "block_size" in theirs:
+        a.engine_given["block_size"] = a.block_size
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -132,8 +138,17 @@ def _workload(a):
 
 
 def _engine(a):
+    """The EngineConfig of the command line; with --vllm-version, that version's engine (V0 or V1) and
+    defaults for what the command line leaves unset (the CUDA-graph settings go to ``a.cost_kw``)."""
     from .sim import EngineConfig
 
+    if getattr(a, "vllm_version", None):
+        from .catalog import get_gpu
+        from .sim.vllm_engine import vllm_engine
+
+        given = {k: v for k, v in a.engine_given.items() if k != "kv_cache_dtype"}
+        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **given)
+        return eng
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
@@ -185,7 +200,7 @@ def cmd_run(a) -> None:
     wl = _workload(a)
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
-    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
+    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
 
@@ -415,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
+    p.add_argument("--vllm-version", help="serve as that vLLM version does: V0 (< 0.8) or V1 (chunked prefill, prefix "
+                                          "caching, its defaults for unset engine flags on this GPU)")
     _workload_args(p)
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")

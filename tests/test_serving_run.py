@@ -141,3 +141,19 @@ def test_replay_is_deterministic(tmp_path):
     d = small_run(tmp_path)
     a, b = replay_serving_run(d).requests, replay_serving_run(d).requests
     assert a.equals(b)
+
+
+def test_run_with_a_vllm_version_takes_its_engine_and_defaults(tmp_path):
+    wl = tmp_path / "w.csv"
+    wl.write_text("prompt_len,output_len,arrival\n3000,20,0\n500,30,0.1\n")
+    for version, scheduler, budget in (("0.19.0", "v1", 2048), ("0.7.3", "v0", 8192)):
+        out = tmp_path / f"{version}.json"
+        assert main(["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--max-model-len", "8192",
+                     "--vllm-version", version, "--json", str(out)]) == 0
+        row = json.loads(out.read_text())
+        assert (row["scheduler"], row["max_num_batched_tokens"]) == (scheduler, budget)
+        assert row["chunked_prefill"] is (scheduler == "v1")
+    # a flag given on the command line wins over the version's default
+    assert main(["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--max-model-len", "8192",
+                 "--vllm-version", "0.19.0", "--max-num-batched-tokens", "4096", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["max_num_batched_tokens"] == 4096
