@@ -84,12 +84,16 @@ class BlockPool:
 
 
 class V1ServingLoop(ServingLoop):
-    """The V1 scheduler over a ServingLoop's arrivals, steps and records (no bulk decode: every
-    step is scheduled, as V1 does; identical steps still cost a look-up in the StepModel)."""
+    """The V1 scheduler over a ServingLoop's arrivals, steps and records. Decode steps of an unchanging
+    batch are taken together (``_decode_run``) when nothing could join it: no preemption this step
+    (a preempted request may fit again at once), and the waiting queue stopped on the KV cache or
+    max_num_seqs, which decode steps only make fuller; ``bulk=False`` schedules every step."""
 
-    def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True):
+    def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
+                 bulk: bool = True):
         assert engine.scheduler == "v1", f"V1ServingLoop needs scheduler='v1', not {engine.scheduler!r}"
-        super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=False)
+        super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=bulk)
+        self.bulk = bulk
         self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
@@ -159,6 +163,7 @@ class V1ServingLoop(ServingLoop):
                 self.running.append(s)
                 batch.append((s, n))
                 budget -= n
+        self.fast_forward = self.bulk and not preempted  # read by ServingLoop._engine
         if self.trace_steps:
             self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
         return batch
@@ -171,9 +176,50 @@ class V1ServingLoop(ServingLoop):
         self.waiting.appendleft(victim)
 
     # ---- one step: the forward pass and the host's work around it ----
+    def _wall(self, res, seqs: int) -> float:
+        host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * seqs
+        return max(res.time, host) if self.cfg.async_scheduling else res.time + host
+
     def _step(self, shape: StepShape):
         res = self.sm.run(shape)
-        host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * shape.seqs
-        t = max(res.time, host) if self.cfg.async_scheduling else res.time + host
-        yield self.env.timeout(t)
+        yield self.env.timeout(self._wall(res, shape.seqs))
         return res
+
+    def _decode_run(self):
+        """Decode steps of the whole running batch until a request finishes, a request arrives or the
+        free blocks would run out (then the scheduler decides again). Blocks for the first step were
+        allocated by _schedule."""
+        env, bs, run = self.env, self.cfg.block_size, self.running
+        B = len(run)
+        n = min(s.output_len - s.generated for s in run)
+
+        def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
+            return sum(max(0, -(-(s.known + m - 1) // bs) - s.blocks) for s in run)
+
+        lo, hi = 1, n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if blocks_needed(mid) <= self.pool.free:
+                lo = mid
+            else:
+                hi = mid - 1
+        kv0 = sum(s.known for s in run)
+        arrival = self.feed.next_arrival()
+        t, steps = env.now, 0
+        while steps < lo:
+            kv = kv0 + B * steps
+            res = self.sm.run(StepShape(B, B, kv, kv, True))
+            dt = self._wall(res, B)
+            self._record(res, t, t + dt, "decode", B)
+            t += dt
+            steps += 1
+            if t >= arrival:
+                break
+        yield env.timeout(t - env.now)
+        for s in list(run):
+            assert self._allocate(s, s.known + steps - 1), "the run checked the free blocks"
+            s.computed += steps
+            s.generated += steps - 1
+            if self.cfg.prefix_caching:
+                s.hashed = s.computed // bs
+            self._sample(s, env.now)

@@ -147,3 +147,22 @@ def test_vllm_engine_per_version():
         parse_version("latest")
     with pytest.raises(ConfigError, match="swap_space"):
         vllm_engine("0.19.0", hw, m, swap_space=4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 150), st.integers(1, 80), st.floats(0, 0.02)), min_size=1, max_size=10),
+       blocks=st.integers(20, 60), caching=st.booleans())
+def test_bulk_decode_runs_change_nothing(reqs, blocks, caching):
+    wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
+    if any(r.total_tokens > (blocks - 1) * 16 for r in wl):
+        return
+    eng = v1(max_num_batched_tokens=64, max_num_seqs=6, prefix_caching=caching)
+    out = []
+    for bulk in (False, True):
+        sm = StepModel(NoOffload().place(MODEL), cost_model(MODEL, HW, graph_mode="piecewise", max_graph_batch=64))
+        lp = V1ServingLoop(sm, eng, blocks * 16, bulk=bulk)
+        lp.run(wl)
+        out.append([(s.first, s.finish, s.preempted, s.generated) for s in lp.seqs])
+    assert [o[2:] for o in out[0]] == [o[2:] for o in out[1]]
+    times = [[t for o in run for t in o[:2]] for run in out]
+    assert times[0] == pytest.approx(times[1], rel=1e-12)  # summation order only
