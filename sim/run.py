@@ -19,7 +19,7 @@ from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan
 from .metrics import request_frame, summarize
 from .parallel import Layout
 from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
-from .serving_v1 import V1ServingLoop
+from .serving_v1 import V1PipelinedServing, V1ServingLoop
 from .step import StepModel, StepResult, events_processed
 from .workload import Workload
 
@@ -185,8 +185,6 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     mem = _memory(lay, [st.placement for st in stages], engine)  # the placements just made, not made again
     pp = lay.pipeline_parallel
     v1 = engine.scheduler == "v1"
-    if v1 and pp > 1:
-        raise ConfigError("pipeline_parallel", pp, "1 with the V1 scheduler (V1's pipeline batch queue is not modelled)")
     if v1:  # V1: no watermark, block 0 is the null block (vllm/v1/core/block_pool.py)
         fits, less = (mem.kv_blocks - 1) * engine.block_size, "less V1's null block"
     else:
@@ -201,7 +199,9 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     shared: dict = {}  # stages equal but for their name and place in the pipeline share one StepModel
     sms = [shared.setdefault((st.placement, st.model.replace(name="", stage=0), st.model.has_embedding,
                               st.model.has_head), StepModel(st.placement, st.cost)) for st in stages]
-    if v1:
+    if v1 and pp > 1:
+        loop = V1PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
+    elif v1:
         loop = V1ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     elif pp == 1:
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)

@@ -90,10 +90,10 @@ class V1ServingLoop(ServingLoop):
     max_num_seqs, which decode steps only make fuller; ``bulk=False`` schedules every step."""
 
     def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
-                 bulk: bool = True):
+                 bulk: bool = True, **loop_kw):
         assert engine.scheduler == "v1", f"V1ServingLoop needs scheduler='v1', not {engine.scheduler!r}"
-        super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=bulk)
-        self.bulk = bulk
+        super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=bulk, **loop_kw)
+        self.bulk = bulk and self.pipeline is None
         self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
@@ -125,6 +125,9 @@ class V1ServingLoop(ServingLoop):
         while i < len(self.running) and budget > 0:
             s = self.running[i]
             n = min(s.uncomputed, budget)
+            if n <= 0:  # pipeline parallelism: its last tokens are still in flight (scheduler.py: continue)
+                i += 1
+                continue
             scheduled = True
             while not self._allocate(s, s.computed + n):
                 victim = self.running.pop()  # FCFS: the last running request
@@ -223,3 +226,66 @@ class V1ServingLoop(ServingLoop):
             if self.cfg.prefix_caching:
                 s.hashed = s.computed // bs
             self._sample(s, env.now)
+
+
+class V1PipelinedServing(V1ServingLoop):
+    """Pipeline parallelism under V1: one scheduler, one KV block pool (every stage holds its layers'
+    KV of every token, so the tightest stage sets the blocks) and a batch queue of up to ``pp``
+    batches in flight (vllm/v1/engine/core.py, ``step_with_batch_queue``). A request's computed tokens
+    advance when it is scheduled (scheduler.py, ``_update_after_schedule``), so a decode whose token is
+    still in flight is skipped and a long prompt's chunks follow each other down the pipeline; its
+    token is sampled when its batch leaves the last stage, and a request preempted meanwhile drops it.
+    Async scheduling is not supported with pipeline parallelism (vllm/config/scheduler.py): the
+    scheduler's host work precedes each batch."""
+
+    def __init__(self, step_models, send, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True):
+        import simpy
+
+        from .serving import Pipeline
+
+        env = simpy.Environment()
+        super().__init__(None, engine, kv_tokens, trace_steps, bulk=False, env=env,
+                         pipeline=Pipeline(env, step_models, send))
+        self.depth = len(step_models)
+        self.in_flight = 0
+        self.wake = env.event()
+
+    def _engine(self):
+        env = self.env
+        while True:
+            while self.arrived.items:
+                self.waiting.append((yield self.arrived.get()))
+            batch = self._schedule() if self.in_flight < self.depth else []
+            if batch:
+                shape = StepShape.of([(k, s.computed) for s, k in batch])
+                tagged = [(s, k, s.preempted) for s, k in batch]
+                for s, k in batch:
+                    s.computed += k
+                host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * len(batch)
+                yield env.timeout(host)  # the scheduler and input preparation, before the batch leaves
+                self.in_flight += 1
+                env.process(self._batch(shape, tagged))
+                continue
+            if not self.in_flight and self.running:
+                raise RuntimeError("scheduler stalled: running requests but nothing scheduled")  # a bug
+            if not self.in_flight and self.waiting and not self.feed.more_coming():
+                raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # a bug
+            get = self.arrived.get()
+            got = yield env.any_of([get, self.wake])
+            if get in got:
+                self.waiting.append(get.value)
+            else:
+                get.cancel()
+
+    def _batch(self, shape: StepShape, tagged):
+        t0 = self.env.now
+        res = yield from self.pipeline.step(shape)
+        kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k, _ in tagged) else "mixed")
+        self._record(res, t0, self.env.now, kind, len(tagged))
+        for s, k, preempted in tagged:
+            if s.preempted == preempted and s.computed == s.known and s in self.running:
+                self._sample(s, self.env.now)
+        self.in_flight -= 1
+        if not self.wake.triggered:
+            self.wake.succeed()
+        self.wake = self.env.event()

@@ -81,6 +81,8 @@ def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None,
                     max_model_len=max_model_len, gpu_memory_utilization=0.9, block_size=16,
                     prefix_caching=True,  # generative models support it: on (arg_utils.py)
                     reserve_full_isl=v >= RESERVE_FULL_ISL_SINCE, async_scheduling=v >= ASYNC_SCHEDULING_SINCE)
+    if given.get("pipeline_parallel", 1) > 1:
+        defaults["async_scheduling"] = False  # not supported with pipeline parallelism (vllm/config/scheduler.py)
     eng = EngineConfig(**{**defaults, **given})
     if capture is None:
         # vllm/config/vllm.py (_set_cudagraph_sizes): min(2 x max_num_seqs, 512), then at most the budget
