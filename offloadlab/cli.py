@@ -75,6 +75,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
 
 
+def _vllm_version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vllm-version", help="serve as that vLLM version does: V0 (< 0.8) or V1 (chunked prefill, prefix "
+                                          "caching, its defaults for unset engine flags on this GPU)")
+
+
 def _parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tensor_parallel", help="default 1")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, dest="pipeline_parallel", help="default 1")
@@ -233,7 +238,8 @@ def cmd_compare(a) -> None:
     rows = []
     for p in policies:
         try:
-            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False).row()
+            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
+                         cost_kw=getattr(a, "cost_kw", None)).row()
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p, eng)})
@@ -430,8 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
-    p.add_argument("--vllm-version", help="serve as that vLLM version does: V0 (< 0.8) or V1 (chunked prefill, prefix "
-                                          "caching, its defaults for unset engine flags on this GPU)")
+    _vllm_version_arg(p)
     _workload_args(p)
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
@@ -442,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", help="repeatable; default: none, vllm:8, uva:8, interval:2, interval:4")
     p.add_argument("--vllm", action="append", metavar="FLAGS", help="repeatable: a vLLM command line's offload flags")
     _engine_args(p)
+    _vllm_version_arg(p)
     _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
     p.set_defaults(fn=cmd_compare)
