@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -17,7 +18,8 @@ from .specs import GiB
 
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
-    p.add_argument("--model", default="llama-3.1-8b", help="catalog name (see `offloadlab list`)")
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help="catalog name (see `offloadlab list`), or a Hugging Face config.json (or its directory)")
     p.add_argument("--gpu", default="A100-SXM4-40GB", help="catalog name or alias (see `offloadlab list`)")
     if policy:
         p.add_argument("--policy",
@@ -63,10 +65,11 @@ def _executor(a):
 
 
 def _model(a, name: str | None = None):
-    """The catalog model (``--model``, or ``name``), with an fp8 KV cache when --kv-cache-dtype asks for one."""
-    from .catalog import get_model
+    """The model (``--model``, or ``name``: a catalog name or a Hugging Face config.json), with an fp8 KV
+    cache when --kv-cache-dtype asks for one."""
+    from .hf_config import model_from_arg
 
-    m = get_model(name or a.model)
+    m = model_from_arg(name or a.model)
     return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
 
 
@@ -86,6 +89,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunked-prefill", action="store_true", default=None)
     _parallel_args(p)
     p.add_argument("--mode", choices=["prefill+decode", "prefill-only"], default="prefill+decode")
+
+
+def _vllm_version_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vllm-version", help="serve as that vLLM version does: V0 (< 0.8) or V1 (chunked prefill, prefix "
+                                          "caching, its defaults for unset engine flags on this GPU)")
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -113,14 +121,20 @@ def _settle_engine(a) -> None:
             if theirs.setdefault(k, v) != v:
                 raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
     defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)} | {"kv_cache_dtype": "auto"}
+    a.engine_given = {}  # the settings given on a command line (a --vllm-version fills the rest its way)
     for k, flag in ENGINE_FLAGS.items():
         if not hasattr(a, k):
             continue
         mine, vllm = getattr(a, k), theirs.get(k)
         if mine is not None and vllm is not None and mine != vllm:
             raise ConfigError(flag, mine, f"what the --vllm command line says ({vllm}), or one of the two left out")
-        setattr(a, k, mine if mine is not None else vllm if vllm is not None else defaults[k])
+        given = mine if mine is not None else vllm
+        if given is not None:
+            a.engine_given[k] = given
+        setattr(a, k, given if given is not None else defaults[k])
     a.block_size = theirs.get("block_size", defaults["block_size"])
+    if "block_size" in theirs:
+        a.engine_given["block_size"] = a.block_size
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -187,8 +201,17 @@ def _workload(a):
 
 
 def _engine(a):
+    """The EngineConfig of the command line; with --vllm-version, that version's engine (V0 or V1) and
+    defaults for what the command line leaves unset (the CUDA-graph settings go to ``a.cost_kw``)."""
     from .sim import EngineConfig
 
+    if getattr(a, "vllm_version", None):
+        from .catalog import get_gpu
+        from .sim.vllm_engine import vllm_engine
+
+        given = {k: v for k, v in a.engine_given.items() if k != "kv_cache_dtype"}
+        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **given)
+        return eng
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
@@ -256,8 +279,9 @@ def cmd_run(a) -> None:
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
     _say_profile(a, model)
-    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile)
-    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile)
+    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
+    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile,
+                                              cost_kw=getattr(a, "cost_kw", None))
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from .sim import layout
 
@@ -295,9 +319,11 @@ def cmd_compare(a) -> None:
     rows = []
     for p in policies:
         try:
-            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False).row()
+            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
+                         cost_kw=getattr(a, "cost_kw", None)).row()
             if not a.no_band:
-                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile))
+                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile,
+                                                cost_kw=getattr(a, "cost_kw", None)))
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p, eng)})
@@ -414,17 +440,33 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    from .plots import predicted_vs_measured
+    from .plots import predicted_vs_measured, serving_replay
     from .sim.run import _load
     from .validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
+    from .validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
-    if a.leave_one_shape_out and a.profile:
-        raise ConfigError("--leave-one-shape-out", True, "without --profile (it holds out the file's own shapes)")
-    source = _load(a.profile) if a.profile else None
-    frames = []
+    runs = [f for f in files if is_serving_run(f)]
+    if runs and len(runs) != len(files) and (a.json or a.plot):
+        raise ConfigError("--json/--plot", a.json or a.plot, "one kind of input: probe files or serving-run directories")
+    if a.vllm_version and len(runs) != len(files):
+        raise ConfigError("--vllm-version", a.vllm_version, "serving-run directories only (probe files have no engine)")
+    if a.leave_one_shape_out and (a.profile or runs):
+        raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
+                          "own shapes)")
+    # everything read and resolved before anything is simulated
+    source = _load(a.profile) if a.profile and len(runs) != len(files) else None
+    probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
+    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
+             for f in runs}
+    frames, replays = [], []
     for f in files:
-        probe = ProbeFile.load(f, gpu=a.gpu, model=a.model)
+        if f in plans:
+            c = replay_serving_run(plans[f])
+            print(format_comparison(c) + "\n")
+            replays.append(c)
+            continue
+        probe = probes[f]
         df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
         s = error_summary(df)
         if a.leave_one_shape_out:
@@ -452,11 +494,24 @@ def cmd_validate(a) -> None:
         print()
         frames.append(df.assign(file=f))
     if a.json:
-        a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
+        if replays:
+            out = [c.json_dict() for c in replays]
+            a.outputs.write_text(a.json, json.dumps(out[0] if len(out) == 1 else out, indent=1, default=float))
+        else:
+            a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
-        fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
-        a.outputs.write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
-        print(f"wrote {a.plot}")
+        for i, c in enumerate(replays):
+            path = Path(a.plot)
+            if len(replays) > 1:
+                path = path.with_name(f"{path.stem}-{i}{path.suffix}")
+            fig = serving_replay(c.requests, c.run.timeseries, c.result.occupancy,
+                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})")
+            a.outputs.write(path, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110), binary=True)
+            print(f"wrote {path}")
+        if frames:
+            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
+            a.outputs.write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+            print(f"wrote {a.plot}")
 
 
 def cmd_list(a) -> None:
@@ -508,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
+    _vllm_version_arg(p)
     _workload_args(p)
     p.add_argument("--json", help="write the result row as JSON")
     p.add_argument("--requests-csv", help="write per-request rows as CSV")
@@ -519,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", action="append", help="repeatable; default: none, vllm:8, uva:8, interval:2, interval:4")
     p.add_argument("--vllm", action="append", metavar="FLAGS", help="repeatable: a vLLM command line's offload flags")
     _engine_args(p)
+    _vllm_version_arg(p)
     _workload_args(p)
     p.add_argument("--csv", help="write the table as CSV")
     p.add_argument("--no-band", action="store_true", help="skip the two extra runs per policy that give its band")
@@ -561,16 +618,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
-    p = sub.add_parser("validate", help="predict a probe file's rows from its components (or from --profile); compare")
-    p.add_argument("files", nargs="*", help="probe JSON files (default: the stored ones in validation/traces)")
+    p = sub.add_parser("validate", help="predict a probe file's rows from its components (or from --profile), or "
+                                        "replay a real serving run (a directory: meta.json + requests.jsonl); compare")
+    p.add_argument("files", nargs="*", help="probe JSON files or serving-run directories (default: the stored "
+                                            "probes in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
-    p.add_argument("--model", help="catalog model (default: the file's)")
-    _profile_arg(p, "predict every row of the files from this source's measurements and the datasheets "
-                    "alone (none of the files' own rows)")
+    p.add_argument("--model", help="catalog model or a Hugging Face config.json (default: the file's; a run's Hugging "
+                                   "Face id maps to the catalog)")
+    _profile_arg(p, "probes: predict every row of the files from this source's measurements and the datasheets "
+                    "alone (none of the files' own rows); serving runs: calibrated costs instead of the roofline")
     p.add_argument("--leave-one-shape-out", action="store_true",
                    help="held-out check: predict each (B, T, C) from a calibration without it")
-    p.add_argument("--json", help="write every row with measured_ms and predicted_ms")
-    p.add_argument("--plot", help="write a predicted-vs-measured PNG")
+    p.add_argument("--vllm-version", help="serving runs: the vLLM version whose engine replays it (default: meta.json's)")
+    p.add_argument("--json", help="probes: every row with measured_ms and predicted_ms; serving runs: "
+                                  "{requests: [...], summary: {...}}")
+    p.add_argument("--plot", help="write a predicted-vs-measured PNG (serving runs: CDFs and running/waiting over time)")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",

@@ -290,3 +290,35 @@ def length_distributions(workloads: dict, title: str = ""):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def serving_replay(rows: pd.DataFrame, timeseries: pd.DataFrame | None = None, occupancy=(), title: str = ""):
+    """A replayed serving run: measured vs predicted CDFs of TTFT, TPOT and e2e (``rows``: the
+    ``measured_*_s`` / ``predicted_*_s`` columns), and running / waiting requests over time, measured
+    (``timeseries``: t, running, waiting per second) against predicted (``occupancy``: (time,
+    running, waiting) per simulated step)."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4), constrained_layout=True)
+    for ax, (m, label, scale) in zip(axes, [("ttft", "TTFT (s)", 1), ("tpot", "TPOT (ms)", 1e3),
+                                            ("e2e", "end-to-end (s)", 1)]):
+        for who, style in (("measured", "-"), ("predicted", "--")):
+            v = np.sort(rows[f"{who}_{m}_s"].to_numpy() * scale)
+            ax.plot(v, np.arange(1, len(v) + 1) / len(v), style, label=who)
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    ax = axes[3]
+    if timeseries is not None:
+        ax.plot(timeseries["t"], timeseries["running"], "-", color="#1f77b4", label="running, measured")
+        ax.plot(timeseries["t"], timeseries["waiting"], "-", color="#d62728", label="waiting, measured")
+    if len(occupancy):
+        occ = np.asarray(occupancy, dtype=float)
+        ax.plot(occ[:, 0], occ[:, 1], "--", color="#1f77b4", label="running, predicted")
+        ax.plot(occ[:, 0], occ[:, 2], "--", color="#d62728", label="waiting, predicted")
+    ax.set_xlabel("time since the first request (s)")
+    ax.set_ylabel("requests")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig

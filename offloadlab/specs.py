@@ -44,6 +44,8 @@ class ModelSpec:
     tensor_parallel: int = 1  # > 1: this spec is one GPU's shard (see ``shard``)
     pipeline_parallel: int = 1  # > 1: this spec is one pipeline stage (see ``stages``)
     stage: int = 0  # which stage, 0-based
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over each head's q and k (Qwen3)
 
     def __post_init__(self):
         _check_positive(self, "layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab",
@@ -59,9 +61,14 @@ class ModelSpec:
     @property
     def layer_param_shapes(self) -> tuple[tuple[str, tuple[int, ...]], ...]:
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = (("self_attn.qkv_proj.bias", (q + 2 * kv,)),) if self.qkv_bias else ()
+        norms = ((("self_attn.q_norm.weight", (self.head_dim,)), ("self_attn.k_norm.weight", (self.head_dim,)))
+                 if self.qk_norm else ())
         return (
             ("self_attn.qkv_proj.weight", (q + 2 * kv, self.hidden)),
+            *bias,
             ("self_attn.o_proj.weight", (self.hidden, q)),
+            *norms,
             ("mlp.gate_up_proj.weight", (2 * self.intermediate, self.hidden)),
             ("mlp.down_proj.weight", (self.hidden, self.intermediate)),
             ("input_layernorm.weight", (self.hidden,)),

@@ -158,6 +158,14 @@ class Roofline:
     graph_launch_per_layer: float = 5e-6  # host seconds per layer when a CUDA graph is replayed
     cuda_graphs: bool = True
     max_graph_batch: int = 256
+    # "decode": V0's CUDA graphs, decode steps of up to max_graph_batch sequences; "piecewise": V1's
+    # FULL_AND_PIECEWISE (vllm/config/compilation.py, cudagraph_mode): uniform decode steps of up to
+    # max_graph_batch tokens replay one full graph, other steps of up to max_graph_batch tokens replay
+    # the graphs between attention ops (attention launched eagerly), longer steps run compiled code
+    graph_mode: str = "decode"
+    # host seconds per layer of a piecewise replay: one graph launch and the eager attention and
+    # KV-cache-write custom ops (~3 launches of ~10 us through Python; an ASSUMPTION, not measured)
+    piecewise_launch_per_layer: float = 30e-6
     copy_slowdown: float = 1.0
     allreduce_latency: float = 5e-6  # seconds per ring hop
     link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
@@ -174,6 +182,8 @@ class Roofline:
             raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
         if isinstance(self.uva_tile_m, bool) or not isinstance(self.uva_tile_m, int) or self.uva_tile_m < 1:
             raise ConfigError("uva_tile_m", self.uva_tile_m, "an integer >= 1 (token rows per M-tile)")
+        if self.graph_mode not in ("decode", "piecewise"):
+            raise ConfigError("graph_mode", self.graph_mode, "'decode' (V0) or 'piecewise' (V1)")
 
     def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
@@ -237,11 +247,18 @@ class Roofline:
         return 0.0 if self.hw.gpu_link_bw else 2 * self.allreduce_time(s.tokens)
 
     def replays_graph(self, s: StepShape) -> bool:
-        """vLLM captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs."""
+        """vLLM V0 captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs; V1
+        (``graph_mode="piecewise"``) every step of up to ``max_graph_batch`` tokens, in pieces."""
+        if self.graph_mode == "piecewise":
+            return self.cuda_graphs and s.tokens <= self.max_graph_batch
         return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
 
     def launch_time(self, s: StepShape) -> float:
-        return self.graph_launch_per_layer if self.replays_graph(s) else self.eager_launch_per_layer
+        if not self.replays_graph(s):
+            return self.eager_launch_per_layer
+        if self.graph_mode == "piecewise" and not s.decode_only:
+            return self.piecewise_launch_per_layer
+        return self.graph_launch_per_layer
 
     def layer(self, s: StepShape) -> LayerCost:
         return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor, self.link_comm_time(s))
@@ -575,7 +592,7 @@ class Calibrated:
         rf = self.roofline
         gpu, host = self.gpu_host(s)
         if rf.replays_graph(s):
-            host = rf.graph_launch_per_layer
+            host = rf.launch_time(s)
         return LayerCost(gpu, host, rf.kernel_floor, min(rf.link_comm_time(s), gpu))
 
     def head(self, s: StepShape) -> float:

@@ -43,22 +43,31 @@ class MemoryPlan:
         return d
 
 
-def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int) -> float:
-    """Peak activation bytes of one step: one layer's live tensors plus fp32 logits of each sequence
-    (on the stage that holds the LM head)."""
-    logits = max_seqs * model.vocab * 4 if model.has_head else 0
+# Bytes per logit at the peak of vLLM V1's start-up profiling of the sampler: ``_dummy_sampler_run``
+# (vllm/v1/worker/gpu_model_runner.py) samples max_num_seqs rows of logits with top-p 0.9 and top-k
+# vocab-1, so apply_top_k_top_p (vllm/v1/sample/ops/topk_topp_sampler.py) sorts them: at the sort the
+# bf16 logits (2), their fp32 copy (4), the sorted values (4) and the int64 sort indices (8) are alive.
+V1_SAMPLER_BYTES_PER_LOGIT = 18
+V0_LOGIT_BYTES = 4  # V0: the fp32 logits
+
+
+def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, logit_bytes: float = V0_LOGIT_BYTES
+                    ) -> float:
+    """Peak activation bytes of one step: one layer's live tensors plus ``logit_bytes`` per logit of
+    each sequence (on the stage that holds the LM head)."""
+    logits = max_seqs * model.vocab * logit_bytes if model.has_head else 0
     return max_batched_tokens * model.activation_bytes_per_token() + logits
 
 
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
                 max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
-                overhead: float = 0.5 * GiB, gpus: int = 1) -> MemoryPlan:
+                overhead: float = 0.5 * GiB, gpus: int = 1, logit_bytes: float = V0_LOGIT_BYTES) -> MemoryPlan:
     """Lay out one GPU's memory; raise DoesNotFitError naming what does not fit. ``gpus`` GPUs of
     a node (tensor parallelism) pin their offloaded shards in the same host memory."""
     capacity = gpu_memory_utilization * hw.memory_bytes
     resident = model.weight_total_bytes - placement.offloaded_bytes
     staging = placement.staging_bytes
-    act = activation_peak(model, max_batched_tokens, max_seqs)
+    act = activation_peak(model, max_batched_tokens, max_seqs, logit_bytes)
     kv = capacity - resident - staging - act - overhead
     per_token = model.kv_bytes_per_token
     kv_tokens = max(int(kv // (per_token * block_size)), 0) * block_size

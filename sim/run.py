@@ -15,10 +15,11 @@ from ..profile import Profile
 from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace
 from .costs import Corner, StepShape, cost_model
-from .memory import MemoryPlan, plan_memory
+from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
 from .parallel import Layout
 from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
+from .serving_v1 import V1PipelinedServing, V1ServingLoop
 from .step import StepModel, StepResult, events_processed
 from .workload import Workload
 
@@ -142,7 +143,8 @@ def _memory(lay: Layout, placements: list[Placement], engine: EngineConfig) -> M
     plans = [plan_memory(m, lay.hw, p, gpu_memory_utilization=engine.gpu_memory_utilization,
                          max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                          max_model_len=engine.max_model_len, block_size=engine.block_size,
-                         overhead=engine.overhead_bytes, gpus=engine.tensor_parallel)
+                         overhead=engine.overhead_bytes, gpus=engine.tensor_parallel,
+                         logit_bytes=V1_SAMPLER_BYTES_PER_LOGIT if engine.scheduler == "v1" else V0_LOGIT_BYTES)
              for m, p in zip(lay.stages, placements)]
     if len(plans) == 1:
         return plans[0]
@@ -181,6 +183,8 @@ class RunResult:
     config: dict = field(default_factory=dict)
     # (start, end, kind, batch size) per step; a fifth field, the virtual engine, under pipeline parallelism
     steps: list = field(default_factory=list, repr=False)
+    # (time, running, waiting) requests when each step was scheduled (the V1 engine records it)
+    occupancy: list = field(default_factory=list, repr=False)
 
     @property
     def trace(self) -> Trace:
@@ -218,17 +222,26 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                               "without chunked prefill (a preempted request is recomputed in one step)")
     mem = _memory(lay, [st.placement for st in stages], engine)  # the placements just made, not made again
     pp = lay.pipeline_parallel
-    fits = int(mem.kv_blocks // pp * (1 - WATERMARK)) * engine.block_size  # a virtual engine's share
+    v1 = engine.scheduler == "v1"
+    if v1:  # V1: no watermark, block 0 is the null block (vllm/v1/core/block_pool.py)
+        fits, less = (mem.kv_blocks - 1) * engine.block_size, "less V1's null block"
+    else:
+        fits = int(mem.kv_blocks // pp * (1 - WATERMARK)) * engine.block_size  # a virtual engine's share
+        less = "less vLLM's 1% watermark"
     for r in workload.requests:
         if r.prompt_len + r.output_len > fits:
             raise DoesNotFitError(
                 f"request {r.id}: prompt_len+output_len={r.prompt_len + r.output_len} tokens exceed the KV cache's "
-                f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) less vLLM's 1% watermark "
+                f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) {less} "
                 f"({fits}); vLLM would ignore it")
     shared: dict = {}  # stages equal but for their name and place in the pipeline share one StepModel
     sms = [shared.setdefault((st.placement, st.model.replace(name="", stage=0), st.model.has_embedding,
                               st.model.has_head), StepModel(st.placement, st.cost)) for st in stages]
-    if pp == 1:
+    if v1 and pp > 1:
+        loop = V1PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
+    elif v1:
+        loop = V1ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
+    elif pp == 1:
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     else:
         loop = PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
@@ -254,10 +267,12 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
                   offloaded_bytes=placement.offloaded_bytes,  # per GPU of the first stage
                   workload=workload.name, mode=engine.mode, chunked_prefill=engine.chunked_prefill,
                   gpu_memory_utilization=engine.gpu_memory_utilization, max_num_seqs=engine.max_num_seqs,
-                  max_num_batched_tokens=engine.max_num_batched_tokens,
+                  max_num_batched_tokens=engine.max_num_batched_tokens, scheduler=engine.scheduler,
                   h2d_GBps=hw.h2d_bw / lay.link_share / 1e9,  # each GPU's share of its host link
                   profile=bool(profile), corner=corner or "")
-    return RunResult(summary, reqs, mem, config, loop.steps)
+    if v1:
+        summary["prefix_cached_tokens"] = loop.cached_tokens
+    return RunResult(summary, reqs, mem, config, loop.steps, getattr(loop, "occupancy", []))
 
 
 BAND_METRICS = ("throughput_rps", "output_tok_s", "ttft_mean_s", "ttft_p99_s", "tpot_mean_s", "tpot_p99_s",

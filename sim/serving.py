@@ -39,6 +39,12 @@ class EngineConfig:
     overhead_bytes: float = 0.5 * 1024**3  # CUDA context, cuBLAS workspaces, CUDA graphs
     tensor_parallel: int = 1  # GPUs of one node sharing every layer (vLLM's --tensor-parallel-size)
     pipeline_parallel: int = 1  # stages of consecutive layers, one virtual engine each (--pipeline-parallel-size)
+    # Which vLLM engine schedules: "v0" (this module; vLLM <= 0.7, the paper's) or "v1" (sim/serving_v1.py;
+    # vLLM >= 0.8). The fields below apply to V1 only; sim/vllm_engine.py sets them per vLLM version.
+    scheduler: str = "v0"
+    prefix_caching: bool = False  # full-block hashes: a preempted request finds its own blocks again
+    reserve_full_isl: bool = False  # admit a waiting request only if its whole sequence's blocks are free
+    async_scheduling: bool = False  # the host prepares step n+1 while the GPU runs step n
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -52,14 +58,21 @@ class EngineConfig:
             raise ConfigError("mode", self.mode, "'prefill+decode' or 'prefill-only'")
         if not self.overhead_bytes >= 0:
             raise ConfigError("overhead_bytes", self.overhead_bytes, "bytes >= 0")
+        if self.scheduler not in ("v0", "v1"):
+            raise ConfigError("scheduler", self.scheduler, "'v0' or 'v1' (vLLM's engine generation)")
+        if self.scheduler == "v0" and (self.prefix_caching or self.reserve_full_isl or self.async_scheduling):
+            raise ConfigError("scheduler", self.scheduler, "'v1' for prefix_caching, reserve_full_isl or "
+                              "async_scheduling (V1 engine features)")
 
 
 class _Seq:
-    __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted", "sent")
+    __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted", "sent",
+                 "hashed", "gen")
 
     def __init__(self, req: Request, output_len: int):
         self.req, self.output_len = req, output_len
         self.generated = self.computed = self.blocks = self.preempted = 0
+        self.hashed = self.gen = 0  # V1 prefix caching: full blocks hashed; admissions so far
         self.first = self.finish = math.nan
         self.sent = req.arrival  # when the client sent it: later than arrival only under max_concurrency
 

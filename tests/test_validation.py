@@ -6,14 +6,21 @@ import pytest
 from offloadlab import ConfigError, UnknownNameError
 from offloadlab.cli import main
 from offloadlab.validation import ProbeFile, error_summary, predict_probe, stored_measurements
+from offloadlab.validation.serving_run import replay_serving_run
 from conftest import SHARED_DATA
 
 STORED = stored_measurements()
+PROBES = [m for m in STORED if m.kind == "probe"]
 
 
 @pytest.mark.parametrize("m", STORED, ids=[m.path.name for m in STORED])
 def test_stored_measurement_within_tolerance(m):
-    assert m.kind == "probe", f"no replay for kind {m.kind!r} yet"
+    assert m.kind in ("probe", "serving"), f"no replay for kind {m.kind!r} yet"
+    if m.kind == "serving":  # a real vLLM run replayed request by request (validation/serving_run.py)
+        s = replay_serving_run(m.path, trace_steps=False).summary
+        errors = {k: s[f"error_{k}"] for k in m.tolerance}
+        assert all(abs(errors[k]) <= tol for k, tol in m.tolerance.items()), errors
+        return
     s = error_summary(predict_probe(m.path))
     assert s["mape"] <= m.tolerance["mape"], s
     assert s["max_abs_error"] <= m.tolerance["max_abs_error"], s

@@ -29,7 +29,10 @@ def stored_measurements() -> list[StoredMeasurement]:
             if key not in e:
                 raise ConfigError(f"[{i}].{key}", None, "present", source=str(index))
         tol = e["tolerance"]
-        if not isinstance(tol, dict) or not {"mape", "max_abs_error"} <= set(tol):
+        if e["kind"] == "serving":  # a run directory: the largest error allowed per summary figure
+            if not isinstance(tol, dict) or not tol or not all(isinstance(v, (int, float)) for v in tol.values()):
+                raise ConfigError(f"[{i}].tolerance", tol, "{summary figure: largest |error|, ...}", source=str(index))
+        elif not isinstance(tol, dict) or not {"mape", "max_abs_error"} <= set(tol):
             raise ConfigError(f"[{i}].tolerance", tol, "{mape: x, max_abs_error: y}", source=str(index))
         prov = {k: v for k, v in e.items() if k not in ("file", "kind", "gpu", "tolerance")}
         out.append(StoredMeasurement(folder / e["file"], e["kind"], e["gpu"], tol, prov))

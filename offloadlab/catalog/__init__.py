@@ -1,7 +1,8 @@
 """Catalogs: model name -> ModelSpec, GPU name -> HardwareSpec; users add their own from YAML/JSON.
 
 The GPU table is ``hardware.csv`` beside this file, a verbatim copy of the project's datasheet
-facts (shared/data/hardware.csv; a test keeps the two identical).
+facts (shared/data/hardware.csv; a test keeps the two identical), and ``hardware_more.csv`` (same
+columns): GPUs people serve on beyond those, each row's source in its note column.
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ _HOST_MEMORY = {"GH200-96GB": 480 * GB}
 # has 4 A100-40GB on one host, each on its own x16 link, and two 200 Gb/s Slingshot NICs for the
 # four; GH200 is one superchip per NVLink-C2C link with one 200 Gb/s NIC.
 _NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "L40S-48GB": (8, 2, 50),
-          "H100-PCIe-80GB": (8, 2, 50)}
+          "H100-PCIe-80GB": (8, 2, 50),
+          # workstation cards: up to 4 in one tower, each on its own x16 link, a 100 Gb/s NIC
+          "RTX-4090-24GB": (4, 1, 12.5), "RTX-5090-32GB": (4, 1, 12.5), "RTX-6000-Ada-48GB": (4, 1, 12.5),
+          "RTX-PRO-6000-Blackwell-96GB": (4, 1, 12.5)}
 _DEFAULT_NODE = (8, 2, 50)
 # Short names people type.
 _ALIASES = {
@@ -53,7 +57,24 @@ _ALIASES = {
     "h100": "H100-SXM5-80GB", "h100-sxm": "H100-SXM5-80GB", "h100-pcie": "H100-PCIe-80GB",
     "h200": "H200-SXM-141GB", "gh200": "GH200-96GB", "b200": "B200-180GB",
     "mi300x": "MI300X-192GB", "l40s": "L40S-48GB",
+    "rtx4090": "RTX-4090-24GB", "rtx-4090": "RTX-4090-24GB", "4090": "RTX-4090-24GB",
+    "rtx5090": "RTX-5090-32GB", "rtx-5090": "RTX-5090-32GB", "5090": "RTX-5090-32GB",
+    "rtx6000-ada": "RTX-6000-Ada-48GB", "rtx-6000-ada": "RTX-6000-Ada-48GB",
+    "rtx-pro-6000": "RTX-PRO-6000-Blackwell-96GB", "rtx-pro-6000-blackwell": "RTX-PRO-6000-Blackwell-96GB",
+    "l4": "L4-24GB", "l40": "L40-48GB", "a10g": "A10G-24GB", "h100-nvl": "H100-NVL-94GB", "h20": "H20-96GB",
 }
+# Device names as torch.cuda.get_device_name() prints them (and vLLM records them), where the GPU
+# family in the catalog name alone is ambiguous ("RTX" is four GPUs here).
+_DEVICE_NAMES = {
+    "NVIDIA GeForce RTX 4090": "RTX-4090-24GB", "NVIDIA GeForce RTX 5090": "RTX-5090-32GB",
+    "NVIDIA RTX 6000 Ada Generation": "RTX-6000-Ada-48GB",
+    "NVIDIA RTX PRO 6000 Blackwell Workstation Edition": "RTX-PRO-6000-Blackwell-96GB",
+    "NVIDIA RTX PRO 6000 Blackwell Server Edition": "RTX-PRO-6000-Blackwell-96GB",
+    "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition": "RTX-PRO-6000-Blackwell-96GB",
+    "NVIDIA L4": "L4-24GB", "NVIDIA L40": "L40-48GB", "NVIDIA L40S": "L40S-48GB", "NVIDIA A10G": "A10G-24GB",
+    "NVIDIA H100 NVL": "H100-NVL-94GB", "NVIDIA H20": "H20-96GB",
+}
+_TABLES = ("hardware.csv", "hardware_more.csv")
 
 _user_models: dict[str, ModelSpec] = {}
 _user_gpus: dict[str, HardwareSpec] = {}
@@ -65,9 +86,10 @@ def _key(name: str) -> str:
 
 @lru_cache(maxsize=1)
 def _datasheet_gpus() -> dict[str, HardwareSpec]:
-    text = resources.files(__package__).joinpath("hardware.csv").read_text()
     out = {}
-    for row in csv.DictReader(text.splitlines()):
+    rows = [row for table in _TABLES
+            for row in csv.DictReader(resources.files(__package__).joinpath(table).read_text().splitlines())]
+    for row in rows:
         name = row["gpu"]
         out[name] = HardwareSpec(
             name=name,
@@ -126,9 +148,13 @@ def gpu_for_device(device_name: str) -> HardwareSpec:
     "NVIDIA A100-SXM4-40GB" -> A100-SXM4-40GB. The family must match; memory size and form factor
     (PCIe or not) break ties.
     """
+    table = {**_datasheet_gpus(), **_user_gpus}
+    exact = _DEVICE_NAMES.get(device_name.strip())
+    if exact in table:
+        return table[exact]
     dev = device_name.upper().replace(" ", "-")
     best, best_score = None, 0
-    for name, spec in {**_datasheet_gpus(), **_user_gpus}.items():
+    for name, spec in table.items():
         family, *rest = name.upper().split("-")
         if not re.search(rf"(^|[^A-Z0-9]){family}($|[^A-Z0-9])", dev):
             continue

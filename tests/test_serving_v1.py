@@ -1,0 +1,204 @@
+"""vLLM's V1 engine (sim/serving_v1.py) and its per-version defaults (sim/vllm_engine.py)."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from offloadlab.catalog import get_gpu, get_model
+from offloadlab.errors import ConfigError
+from offloadlab.policy import NoOffload
+from offloadlab.sim import EngineConfig, simulate
+from offloadlab.sim.costs import cost_model
+from offloadlab.sim.serving_v1 import V1ServingLoop
+from offloadlab.sim.step import StepModel
+from offloadlab.sim.vllm_engine import batch_defaults, engine_generation, parse_version, vllm_engine
+from offloadlab.sim.workload import Request, Workload, fixed
+from offloadlab.specs import GiB, HardwareSpec, ModelSpec
+
+MODEL = ModelSpec("tiny", layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=1000,
+                  max_context=4096)
+HW = HardwareSpec("toy", memory_bytes=8 * GiB, hbm_bw=1e12, peak_flops=1e14, host_link_bw=1e10)
+
+
+def v1(**kw) -> EngineConfig:
+    base = dict(scheduler="v1", chunked_prefill=True, max_model_len=1024, max_num_batched_tokens=64,
+                max_num_seqs=8, block_size=16, prefix_caching=True, reserve_full_isl=True)
+    return EngineConfig(**{**base, **kw})
+
+
+class Checked(V1ServingLoop):
+    """Checks block accounting and the step limits at every scheduling decision."""
+
+    def _schedule(self):
+        batch = super()._schedule()
+        held = sum(s.blocks for s in self.seqs)
+        assert held + self.pool.free == self.total_blocks - 1, "blocks leaked (block 0 is the null block)"
+        assert sum(k for _, k in batch) <= self.cfg.max_num_batched_tokens
+        assert len(self.running) <= self.cfg.max_num_seqs
+        assert len({id(s) for s, _ in batch}) == len(batch)
+        for s, k in batch:
+            assert s.blocks * self.cfg.block_size >= s.computed + k, "a scheduled token without a KV slot"
+        self.batches.append([(s.req.id, k, s.computed) for s, k in batch])
+        return batch
+
+
+def loop(eng: EngineConfig, kv_tokens: int) -> Checked:
+    sm = StepModel(NoOffload().place(MODEL), cost_model(MODEL, HW, graph_mode="piecewise", max_graph_batch=64))
+    lp = Checked(sm, eng, kv_tokens)
+    lp.batches = []
+    return lp
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 60), st.floats(0, 0.05)), min_size=1, max_size=12),
+       blocks=st.integers(16, 60), budget=st.integers(16, 96), seqs=st.integers(1, 6),
+       caching=st.booleans(), reserve=st.booleans())
+def test_every_request_is_served_with_blocks_conserved(reqs, blocks, budget, seqs, caching, reserve):
+    eng = v1(max_num_batched_tokens=budget, max_num_seqs=seqs, prefix_caching=caching, reserve_full_isl=reserve)
+    wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
+    if any(r.total_tokens > (blocks - 1) * 16 for r in wl):
+        return  # simulate() refuses these (vLLM would ignore them)
+    lp = loop(eng, blocks * 16)
+    lp.run(wl)
+    for s in lp.seqs:
+        assert s.generated == s.req.output_len and s.finish >= s.first >= s.req.arrival
+    assert lp.pool.free == blocks - 1  # everything back in the pool at the end
+
+
+def test_running_requests_go_first_then_prompt_chunks_fill_the_budget():
+    wl = [Request(0, 40, 5, 0.0), Request(1, 40, 5, 0.0), Request(2, 200, 5, 0.0)]
+    lp = loop(v1(max_num_batched_tokens=64), 4096)
+    lp.run(wl)
+    # step 1: request 0 whole (40) + 24 tokens of request 1; step 2: 16 of request 1, then 48 of request 2
+    assert lp.batches[0] == [(0, 40, 0), (1, 24, 0)]
+    assert lp.batches[1] == [(0, 1, 40), (1, 16, 24), (2, 47, 0)]  # request 0 decodes first
+
+
+def test_reserve_full_isl_waits_for_the_whole_prompt():
+    # 10 usable blocks (160 tokens): request 0 holds 4 blocks; request 1's prompt needs 8 blocks
+    wl = [Request(0, 60, 40, 0.0), Request(1, 120, 2, 0.001)]
+    admitted = {}
+    for reserve in (True, False):
+        lp = loop(v1(max_num_batched_tokens=32, reserve_full_isl=reserve), 11 * 16)
+        lp.run(wl)
+        admitted[reserve] = next(i for i, b in enumerate(lp.batches) if any(r == 1 for r, _, _ in b))
+    # without the reservation it starts on its first 32-token chunk right away (and preempts later)
+    assert admitted[False] < admitted[True]
+
+
+def test_prefix_cache_makes_recompute_after_preemption_cheaper():
+    wl = Workload("w", tuple(Request(i, 150, 120, 0.0) for i in range(4)))
+    runs = {}
+    for caching in (False, True):
+        lp = loop(v1(max_num_batched_tokens=256, prefix_caching=caching), 30 * 16)
+        lp.run(list(wl.requests))
+        computed = sum(k for b in lp.batches for _, k, _ in b)
+        runs[caching] = (lp.preemptions, computed, lp.cached_tokens, lp.env.now)
+    assert runs[False][0] > 0 and runs[True][0] > 0, runs  # the KV cache is too small: preemption
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    assert runs[True][1] < runs[False][1]  # fewer tokens computed again
+
+
+def test_v1_needs_a_v1_scheduler_for_its_features():
+    with pytest.raises(ConfigError, match="scheduler"):
+        EngineConfig(prefix_caching=True)
+    with pytest.raises(ConfigError, match="scheduler"):
+        EngineConfig(scheduler="v2")
+
+
+def test_simulate_runs_v1_and_v0_and_v1_records_occupancy():
+    wl = fixed(20, 300, 50)
+    r1 = simulate("llama-3.1-8b", "rtx4090", None, wl, v1(max_model_len=4096, max_num_batched_tokens=2048,
+                                                            max_num_seqs=256))
+    r0 = simulate("llama-3.1-8b", "rtx4090", None, wl, EngineConfig(max_model_len=4096, max_num_batched_tokens=2048))
+    assert r1.summary["requests"] == r0.summary["requests"] == 20
+    assert r1.config["scheduler"] == "v1" and r0.config["scheduler"] == "v0"
+    assert r1.occupancy and not r0.occupancy
+    assert all(run + wait <= 20 for _, run, wait in r1.occupancy)
+    # V1 sizes its KV cache after profiling the sampler on max_num_seqs rows (more than V0's fp32 logits)
+    assert r1.memory.activations > r0.memory.activations
+
+
+@pytest.mark.parametrize("gpu,entry,expected", [
+    ("rtx4090", "serve", (2048, 256)), ("rtx4090", "llm", (8192, 256)),
+    ("h100", "serve", (8192, 1024)), ("h100", "llm", (16384, 1024)),
+    ("a100-80gb", "serve", (2048, 256)),  # an A100 gets the small defaults whatever its memory
+    ("l4", "serve", (2048, 256)), ("h200", "serve", (8192, 1024)),
+])
+def test_batch_defaults_follow_vllm_arg_utils(gpu, entry, expected):
+    assert batch_defaults(get_gpu(gpu), entry) == expected
+
+
+def test_vllm_engine_per_version():
+    m, hw = get_model("llama-3.1-8b"), get_gpu("rtx4090")
+    eng, kw = vllm_engine("0.19.0", hw, m)
+    assert (eng.scheduler, eng.chunked_prefill, eng.prefix_caching, eng.reserve_full_isl, eng.async_scheduling) == \
+        ("v1", True, True, True, True)
+    assert (eng.max_num_batched_tokens, eng.max_num_seqs, eng.max_model_len) == (2048, 256, 131072)
+    assert kw == {"cuda_graphs": True, "graph_mode": "piecewise", "max_graph_batch": 512}
+    eng, kw = vllm_engine("0.10.1", hw, m, max_num_seqs=4, enforce_eager=True)
+    assert eng.scheduler == "v1" and not eng.async_scheduling and not eng.reserve_full_isl
+    assert eng.max_num_seqs == 4 and kw["cuda_graphs"] is False and kw["max_graph_batch"] == 8
+    eng, kw = vllm_engine("v0.7.3", hw, m, max_model_len=8192)
+    assert eng.scheduler == "v0" and not eng.chunked_prefill and kw == {"cuda_graphs": True}
+    assert engine_generation("0.8.0") == "v1" and parse_version("0.10.1.dev3+gabc") == (0, 10, 1)
+    with pytest.raises(ConfigError, match="vllm_version"):
+        parse_version("latest")
+    with pytest.raises(ConfigError, match="swap_space"):
+        vllm_engine("0.19.0", hw, m, swap_space=4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 150), st.integers(1, 80), st.floats(0, 0.02)), min_size=1, max_size=10),
+       blocks=st.integers(20, 60), caching=st.booleans())
+def test_bulk_decode_runs_change_nothing(reqs, blocks, caching):
+    wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
+    if any(r.total_tokens > (blocks - 1) * 16 for r in wl):
+        return
+    eng = v1(max_num_batched_tokens=64, max_num_seqs=6, prefix_caching=caching)
+    out = []
+    for bulk in (False, True):
+        sm = StepModel(NoOffload().place(MODEL), cost_model(MODEL, HW, graph_mode="piecewise", max_graph_batch=64))
+        lp = V1ServingLoop(sm, eng, blocks * 16, bulk=bulk)
+        lp.run(wl)
+        out.append([(s.first, s.finish, s.preempted, s.generated) for s in lp.seqs])
+    assert [o[2:] for o in out[0]] == [o[2:] for o in out[1]]
+    times = [[t for o in run for t in o[:2]] for run in out]
+    assert times[0] == pytest.approx(times[1], rel=1e-12)  # summation order only
+
+
+def test_pipeline_parallel_v1_serves_everything_and_keeps_a_token_per_traversal():
+    m, hw = get_model("llama-3.1-8b"), get_gpu("h100")
+    one = fixed(1, 500, 40)
+    base = dict(max_model_len=4096, max_num_batched_tokens=2048, max_num_seqs=64)
+    r1 = simulate(m, hw, None, one, v1(**base))
+    r2 = simulate(m, hw, None, one, v1(**base, pipeline_parallel=2))
+    # one request: each token crosses both stages (half the layers each) one after the other
+    assert r2.requests["output_len"].iloc[0] == 40
+    assert r2.summary["tpot_mean_s"] == pytest.approx(r1.summary["tpot_mean_s"], rel=0.15)
+    # many requests: two batches in flight, every request served once, blocks within the pool
+    many = Workload("w", tuple(Request(i, 300 + 37 * i, 20 + i, 0.01 * i) for i in range(40)))
+    r = simulate(m, hw, None, many, v1(**base, pipeline_parallel=2))
+    assert (r.requests["output_len"] == [20 + i for i in range(40)]).all()
+    assert r.summary["throughput_rps"] > 0 and r.config["pipeline_parallel"] == 2
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 150), st.integers(1, 40), st.floats(0, 0.02)), min_size=1, max_size=10),
+       blocks=st.integers(20, 50), depth=st.integers(2, 4))
+def test_pipelined_v1_conserves_blocks_and_finishes(reqs, blocks, depth):
+    from offloadlab.sim.serving import Pipeline  # noqa: F401  (the stages V1PipelinedServing drives)
+    from offloadlab.sim.serving_v1 import V1PipelinedServing
+
+    wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
+    if any(r.total_tokens > (blocks - 1) * 16 for r in wl):
+        return
+    stage = MODEL.replace(layers=2)
+    sms = [StepModel(NoOffload().place(stage), cost_model(stage, HW, graph_mode="piecewise", max_graph_batch=64))
+           for _ in range(depth)]
+    lp = V1PipelinedServing(sms, lambda i, tokens: 1e-6, v1(max_num_batched_tokens=64, max_num_seqs=6), blocks * 16)
+    lp.run(wl)
+    for s in lp.seqs:
+        assert s.generated == s.req.output_len and s.finish >= s.first >= s.req.arrival
+    assert lp.pool.free == blocks - 1 and lp.in_flight == 0

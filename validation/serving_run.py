@@ -1,0 +1,384 @@
+"""Serving-run directories (the second public measurement format): read, replay, compare.
+
+A run directory holds ``meta.json`` (vLLM version, engine kwargs, KV cache, hardware) and
+``requests.jsonl`` (one row per request: request_id, input_toks, output_toks, queued_ts,
+first_token_ts, last_token_ts; one monotonic clock, seconds), ``timeseries.csv`` optionally (one row
+per second: running, waiting, ...). Layout and definitions: shared/data/README.md (LLMServingSim's
+bench format). Measured as that project defines it:
+TTFT = first_token_ts - queued_ts; TPOT = (last_token_ts - first_token_ts) / max(1, output_toks - 1);
+e2e = last_token_ts - queued_ts.
+
+``serving_requests(path)`` is the workload source: prompt_len, output_len and arrival (queued_ts
+relative to the first) per request, in file order. ``replay_serving_run`` simulates the requests on
+the engine the run used (sim/vllm_engine.py: that vLLM version's defaults for whatever
+engine_kwargs leaves unset) and compares request by request.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..catalog import get_gpu, get_model, gpu_for_device, model_names
+from ..errors import ConfigError, OffloadLabError, UnknownNameError
+from ..specs import HardwareSpec, ModelSpec
+
+REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
+# engine_kwargs (vLLM's EngineArgs names) -> EngineConfig fields / vllm_engine settings
+ENGINE_KWARGS = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+                 "max_model_len": "max_model_len", "gpu_memory_utilization": "gpu_memory_utilization",
+                 "block_size": "block_size", "enable_chunked_prefill": "chunked_prefill",
+                 "enable_prefix_caching": "prefix_caching", "tensor_parallel_size": "tensor_parallel",
+                 "pipeline_parallel_size": "pipeline_parallel", "enforce_eager": "enforce_eager",
+                 "async_scheduling": "async_scheduling"}
+# engine kwargs that do not change what is simulated
+IGNORED_KWARGS = {"model", "seed", "dtype", "data_parallel_size", "enable_expert_parallel", "kv_cache_dtype",
+                  "tokenizer", "served_model_name", "trust_remote_code", "revision"}
+METRICS = ("ttft", "tpot", "e2e")
+STATS = ("mean", "p50", "p90", "p99")
+
+
+def is_serving_run(path: str | Path) -> bool:
+    """A serving run is a directory; a probe is a file."""
+    return Path(path).is_dir()
+
+
+@dataclass(frozen=True)
+class ServingRun:
+    path: Path
+    meta: dict
+    requests: pd.DataFrame  # file order: request_id, prompt_len, output_len, arrival, measured ttft/tpot/e2e
+    timeseries: pd.DataFrame | None = field(default=None, compare=False)
+
+    @property
+    def vllm_version(self) -> str | None:
+        return self.meta.get("vllm_version")
+
+    @property
+    def engine_kwargs(self) -> dict:
+        return dict(self.meta.get("engine_kwargs") or {})
+
+    @property
+    def measured_kv_blocks(self) -> int | None:
+        return (self.meta.get("kv_cache") or {}).get("num_gpu_blocks")
+
+    @property
+    def device_name(self) -> str | None:
+        return (self.meta.get("hardware") or {}).get("device_name")
+
+    @property
+    def device_memory_bytes(self) -> float | None:
+        return (self.meta.get("hardware") or {}).get("device_total_memory_bytes")
+
+    @property
+    def resolved(self) -> dict:
+        return self.meta.get("resolved_config") or {}
+
+
+def _num(row: dict, key: str, i: int, src: str, integer: bool = False, minimum: float | None = None):
+    v = row[key]
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
+        kind = "an integer" if integer else "a finite number"
+        raise ConfigError(f"requests.jsonl line {i + 1}: {key}", v,
+                          f"{kind}{'' if minimum is None else f' >= {minimum}'}", source=src)
+    return v
+
+
+def load_serving_run(path: str | Path) -> ServingRun:
+    """Read and check a run directory; every problem is one ConfigError naming the file, line and field."""
+    d = Path(path)
+    if not d.is_dir():
+        raise ConfigError("serving run", str(d), "a directory holding meta.json and requests.jsonl")
+    for name in ("meta.json", "requests.jsonl"):
+        if not (d / name).is_file():
+            raise ConfigError(name, None, f"present in the serving-run directory {d}")
+    src = str(d / "meta.json")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("meta.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=src) from None
+    if not isinstance(meta, dict):
+        raise ConfigError("meta.json", type(meta).__name__, "a JSON object", source=src)
+    kw = meta.get("engine_kwargs")
+    if kw is not None and not isinstance(kw, dict):
+        raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=src)
+    src = str(d / "requests.jsonl")
+    rows = []
+    for i, line in enumerate((d / "requests.jsonl").read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"requests.jsonl line {i + 1}", line[:60], f"a JSON object ({e.msg})", source=src) from None
+        if not isinstance(r, dict):
+            raise ConfigError(f"requests.jsonl line {i + 1}", r, "a JSON object", source=src)
+        missing = [f for f in REQUEST_FIELDS if f not in r]
+        if missing:
+            raise ConfigError(f"requests.jsonl line {i + 1}: {missing[0]}", None, "present", source=src)
+        prompt = _num(r, "input_toks", i, src, integer=True, minimum=1)
+        output = _num(r, "output_toks", i, src, integer=True, minimum=1)
+        q, f, last = (_num(r, k, i, src) for k in ("queued_ts", "first_token_ts", "last_token_ts"))
+        if f < q:
+            raise ConfigError(f"requests.jsonl line {i + 1}: first_token_ts", f, f">= queued_ts ({q})", source=src)
+        if last < f:
+            raise ConfigError(f"requests.jsonl line {i + 1}: last_token_ts", last, f">= first_token_ts ({f})",
+                              source=src)
+        rows.append((str(r["request_id"]), prompt, output, q, f, last))
+    if not rows:
+        raise ConfigError("requests.jsonl", "empty", "one row per request", source=src)
+    df = pd.DataFrame(rows, columns=["request_id", "prompt_len", "output_len", "queued_ts", "first_token_ts",
+                                     "last_token_ts"])
+    dup = df["request_id"][df["request_id"].duplicated()]
+    if len(dup):
+        raise ConfigError("requests.jsonl: request_id", dup.iloc[0], "unique", source=src)
+    t0 = df["queued_ts"].min()
+    df["arrival"] = df["queued_ts"] - t0
+    df["ttft"] = df["first_token_ts"] - df["queued_ts"]
+    df["tpot"] = (df["last_token_ts"] - df["first_token_ts"]) / np.maximum(1, df["output_len"] - 1)
+    df["e2e"] = df["last_token_ts"] - df["queued_ts"]
+    ts = None
+    if (d / "timeseries.csv").is_file():
+        ts = pd.read_csv(d / "timeseries.csv")
+        need = {"t", "running", "waiting"}
+        if not need <= set(ts.columns):
+            raise ConfigError("timeseries.csv columns", sorted(ts.columns), f"at least {sorted(need)}",
+                              source=str(d / "timeseries.csv"))
+    return ServingRun(d, meta, df, ts)
+
+
+def serving_requests(path: str | Path | ServingRun) -> list[dict]:
+    """The run's requests as a workload: request_id, prompt_len, output_len, arrival (s after the
+    first request was queued), in file order."""
+    run = path if isinstance(path, ServingRun) else load_serving_run(path)
+    cols = ["request_id", "prompt_len", "output_len", "arrival"]
+    return [dict(zip(cols, (r[0], int(r[1]), int(r[2]), float(r[3])))) for r in run.requests[cols].itertuples(index=False)]
+
+
+def workload_of(run: ServingRun):
+    """A sim Workload (request ids = row numbers in requests.jsonl)."""
+    from ..sim.workload import Request, Workload
+
+    reqs = tuple(Request(i, r["prompt_len"], r["output_len"], r["arrival"]) for i, r in enumerate(serving_requests(run)))
+    return Workload(run.path.name, reqs)
+
+
+# ---- what ran: model, GPU, engine ----
+def model_for_hf_id(hf_id: str) -> ModelSpec:
+    """A Hugging Face id (``meta-llama/Llama-3.1-8B``, ``meta-llama/Meta-Llama-3.1-8B-Instruct``) ->
+    the catalog model of the same shape (instruction-tuned variants share their base's shape)."""
+    name = str(hf_id).rstrip("/").split("/")[-1].lower()
+    candidates = [name]
+    for prefix in ("meta-",):
+        if name.startswith(prefix):
+            candidates.append(name[len(prefix):])
+    for c in list(candidates):
+        for suffix in ("-instruct", "-chat", "-hf"):
+            if c.endswith(suffix):
+                candidates.append(c[: -len(suffix)])
+    for c in candidates:
+        if c in model_names():
+            return get_model(c)
+    raise UnknownNameError("model (Hugging Face id; give --model NAME or a config.json)", hf_id, model_names())
+
+
+def resolve_model(run: ServingRun, model: str | ModelSpec | None = None) -> ModelSpec:
+    if isinstance(model, ModelSpec):
+        return model
+    if model:
+        from ..hf_config import model_from_arg
+
+        return model_from_arg(model)
+    hf_id = run.meta.get("model") or run.engine_kwargs.get("model")
+    if not hf_id:
+        raise ConfigError("model", None, "a model id in meta.json, or --model NAME|config.json",
+                          source=str(run.path / "meta.json"))
+    return model_for_hf_id(hf_id)
+
+
+def resolve_gpu(run: ServingRun, gpu: str | HardwareSpec | None = None) -> HardwareSpec:
+    """--gpu, else meta.json's hardware.device_name; the device's memory as measured when recorded
+    (vLLM sizes the KV cache from torch's total, which the datasheet's "24 GB" is not exactly)."""
+    if gpu is not None:
+        return get_gpu(gpu)
+    name = run.device_name
+    if not name:
+        raise ConfigError("hardware.device_name", None, "the GPU's name in meta.json, or give one with --gpu NAME "
+                          "(see `offloadlab list`; add yours with --catalog FILE)", source=str(run.path / "meta.json"))
+    try:
+        hw = gpu_for_device(name)
+    except UnknownNameError as e:
+        raise ConfigError("hardware.device_name", name, "a GPU in the catalog: give one with --gpu NAME (see "
+                          "`offloadlab list`) or add it with --catalog FILE", source=str(run.path / "meta.json")) from None
+    mem = run.device_memory_bytes
+    if isinstance(mem, (int, float)) and mem > 0:
+        hw = hw.replace(memory_bytes=float(mem))
+    return hw
+
+
+def engine_settings(run: ServingRun) -> dict:
+    """engine_kwargs as vllm_engine settings (absent or null: the version's default); a kwarg that
+    would change the simulation but is not modelled is an error, not ignored."""
+    out = {}
+    src = str(run.path / "meta.json")
+    for k, v in run.engine_kwargs.items():
+        if k in ENGINE_KWARGS:
+            out[ENGINE_KWARGS[k]] = v
+        elif k not in IGNORED_KWARGS and v is not None:
+            raise ConfigError(f"engine_kwargs.{k}", v, f"one of the modelled settings ({', '.join(sorted(ENGINE_KWARGS))}) "
+                              f"or one that does not change timing ({', '.join(sorted(IGNORED_KWARGS))})", source=src)
+    kv = run.engine_kwargs.get("kv_cache_dtype")
+    if kv not in (None, "auto"):
+        raise ConfigError("engine_kwargs.kv_cache_dtype", kv, "auto (an fp8 KV cache is not replayed yet)", source=src)
+    # what the engine resolved, where the run recorded it (meta.json resolved_config)
+    sched = run.resolved.get("scheduler_config") or {}
+    if out.get("async_scheduling") is None and isinstance(sched.get("async_scheduling"), bool):
+        out["async_scheduling"] = sched["async_scheduling"]
+    if "scheduler_reserve_full_isl" in sched and isinstance(sched["scheduler_reserve_full_isl"], bool):
+        out["reserve_full_isl"] = sched["scheduler_reserve_full_isl"]
+    comp = run.resolved.get("compilation_config") or {}
+    if isinstance(comp.get("max_cudagraph_capture_size"), int):
+        out["max_cudagraph_capture_size"] = comp["max_cudagraph_capture_size"]
+    cache = run.meta.get("kv_cache") or {}
+    for key, field_ in (("block_size", "block_size"), ("gpu_memory_utilization", "gpu_memory_utilization"),
+                        ("enable_prefix_caching", "prefix_caching")):
+        if out.get(field_) is None and cache.get(key) is not None:
+            out[field_] = cache[key]
+    return out
+
+
+@dataclass
+class ServingComparison:
+    """Measured vs predicted, request by request (``requests``) and summed up (``summary``)."""
+
+    run: ServingRun
+    model: ModelSpec
+    gpu: HardwareSpec
+    engine: object
+    requests: pd.DataFrame
+    summary: dict
+    result: object  # the sim RunResult
+
+    def json_dict(self) -> dict:
+        cols = ["request_id"] + [f"{w}_{m}_s" for m in METRICS for w in ("measured", "predicted")]
+        return {"requests": self.requests[cols].to_dict("records"), "summary": self.summary}
+
+
+def _stats(v: np.ndarray) -> dict:
+    return {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+            "p99": float(np.percentile(v, 99))}
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Everything a replay needs, resolved and checked (no simulation yet)."""
+
+    run: ServingRun
+    model: ModelSpec
+    gpu: HardwareSpec
+    engine: object  # EngineConfig
+    cost_kw: dict
+    version: str
+    profile: object = None
+
+
+def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None = None,
+                model: str | ModelSpec | None = None, profile=None, vllm_version: str | None = None) -> ReplayPlan:
+    """Resolve the model, GPU, vLLM version and engine of ``run``; every bad input raises here."""
+    from ..sim.vllm_engine import vllm_engine
+
+    if not isinstance(run, ServingRun):
+        run = load_serving_run(run)
+    m, hw = resolve_model(run, model), resolve_gpu(run, gpu)
+    version = vllm_version or run.vllm_version
+    if not version:
+        raise ConfigError("vllm_version", None, "the run's vLLM version in meta.json, or --vllm-version X.Y.Z",
+                          source=str(run.path / "meta.json"))
+    eng, cost_kw = vllm_engine(version, hw, m, **engine_settings(run))
+    if eng.tensor_parallel * eng.pipeline_parallel > 1:
+        raise ConfigError("engine_kwargs.tensor_parallel_size x pipeline_parallel_size",
+                          eng.tensor_parallel * eng.pipeline_parallel, "1 (multi-GPU runs are not replayed yet)",
+                          source=str(run.path / "meta.json"))
+    if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
+        from ..sim.run import _load
+
+        profile = _load(profile)
+    return ReplayPlan(run, m, hw, eng, cost_kw, version, profile)
+
+
+def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, **resolve
+                       ) -> ServingComparison:
+    """Replay every request of ``run`` on its engine, model and GPU (``gpu``, ``model``, ``profile``,
+    ``vllm_version`` override what the run says); compare with what was measured. Everything is
+    resolved, and bad input reported, before the simulation starts."""
+    from ..sim import simulate
+
+    plan = run if isinstance(run, ReplayPlan) else plan_replay(run, **resolve)
+    run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
+    wl = workload_of(run)
+    res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
+    pred = res.requests.sort_values("id").reset_index(drop=True)
+    meas = run.requests.reset_index(drop=True)
+    rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
+                         "output_len": meas["output_len"], "arrival_s": meas["arrival"]})
+    for mtr in METRICS:
+        rows[f"measured_{mtr}_s"] = meas[mtr]
+    rows["predicted_ttft_s"] = pred["ttft"]
+    # TPOT as the run defines it (a one-token output divides by 1, not NaN)
+    rows["predicted_tpot_s"] = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
+    rows["predicted_e2e_s"] = pred["e2e"]
+    rows["predicted_preemptions"] = pred["preemptions"]
+    summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
+                     "scheduler": eng.scheduler, "requests": len(rows)}
+    for mtr in METRICS:
+        for who in ("measured", "predicted"):
+            for k, v in _stats(rows[f"{who}_{mtr}_s"].to_numpy()).items():
+                summary[f"{who}_{mtr}_{k}_s"] = v
+    makespan_m = float(meas["last_token_ts"].max() - meas["queued_ts"].min())
+    makespan_p = float(res.summary["makespan_s"])
+    out_tokens = int(meas["output_len"].sum())
+    summary.update(measured_makespan_s=makespan_m, predicted_makespan_s=makespan_p,
+                   measured_throughput_rps=len(rows) / makespan_m, predicted_throughput_rps=len(rows) / makespan_p,
+                   measured_output_tok_s=out_tokens / makespan_m, predicted_output_tok_s=out_tokens / makespan_p,
+                   measured_kv_blocks=run.measured_kv_blocks, predicted_kv_blocks=res.memory.kv_blocks,
+                   predicted_preemptions=int(res.summary["preemptions"]),
+                   predicted_prefix_cached_tokens=int(res.summary.get("prefix_cached_tokens", 0)))
+    for key in [k for k in summary if k.startswith("measured_") and isinstance(summary[k], float)]:
+        name = key[len("measured_"):]
+        p = summary.get(f"predicted_{name}")
+        if isinstance(p, float) and summary[key]:
+            summary[f"error_{name}"] = p / summary[key] - 1
+    return ServingComparison(run, m, hw, eng, rows, summary, res)
+
+
+def format_comparison(c: ServingComparison) -> str:
+    """The printed table: measured vs predicted, with the relative error."""
+    s = c.summary
+    e = c.engine
+    lines = [f"{c.run.path}: {c.model.name} on {c.gpu.name} ({c.gpu.memory_bytes / 1e9:.2f} GB), vLLM {s['vllm_version']} "
+             f"({e.scheduler.upper()} engine: max_num_seqs {e.max_num_seqs}, max_num_batched_tokens "
+             f"{e.max_num_batched_tokens}, chunked prefill {'on' if e.chunked_prefill else 'off'}, prefix caching "
+             f"{'on' if e.prefix_caching else 'off'}, async scheduling {'on' if e.async_scheduling else 'off'}); "
+             f"{s['requests']} requests replayed", "",
+             f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}"]
+    for mtr, unit, scale in (("ttft", "s", 1), ("tpot", "ms", 1e3), ("e2e", "s", 1)):
+        for st in STATS:
+            k = f"{mtr}_{st}_s"
+            lines.append(f"{mtr.upper() + ' ' + st + ' ' + unit:16s} {s['measured_' + k] * scale:11.3f} "
+                         f"{s['predicted_' + k] * scale:11.3f} {s['error_' + k]:+8.1%}")
+    lines.append(f"{'throughput req/s':16s} {s['measured_throughput_rps']:11.3f} {s['predicted_throughput_rps']:11.3f} "
+                 f"{s['error_throughput_rps']:+8.1%}")
+    lines.append(f"{'output tok/s':16s} {s['measured_output_tok_s']:11.1f} {s['predicted_output_tok_s']:11.1f} "
+                 f"{s['error_output_tok_s']:+8.1%}")
+    lines.append(f"{'makespan s':16s} {s['measured_makespan_s']:11.1f} {s['predicted_makespan_s']:11.1f} "
+                 f"{s['error_makespan_s']:+8.1%}")
+    mb = s["measured_kv_blocks"]
+    kv_err = f"{s['predicted_kv_blocks'] / mb - 1:+8.1%}" if mb else ""
+    lines.append(f"{'KV blocks':16s} {mb if mb is not None else 'n/a':>11} {s['predicted_kv_blocks']:11d} {kv_err}")
+    lines.append(f"{'preemptions':16s} {'n/a':>11s} {s['predicted_preemptions']:11d}")
+    return "\n".join(lines)
