@@ -311,17 +311,29 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
     return ReplayPlan(run, m, hw, eng, cost_kw, version, profile)
 
 
-def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, **resolve
-                       ) -> ServingComparison:
+def _predicted(res) -> dict[str, np.ndarray]:
+    """Per-request TTFT, TPOT and e2e of a simulated run, in request-id order, as the run defines them
+    (a one-token output's TPOT divides by 1, not NaN)."""
+    pred = res.requests.sort_values("id").reset_index(drop=True)
+    return {"ttft": pred["ttft"].to_numpy(), "e2e": pred["e2e"].to_numpy(),
+            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy()}
+
+
+def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, band: bool = True,
+                       **resolve) -> ServingComparison:
     """Replay every request of ``run`` on its engine, model and GPU (``gpu``, ``model``, ``profile``,
     ``vllm_version`` override what the run says); compare with what was measured. Everything is
-    resolved, and bad input reported, before the simulation starts."""
+    resolved, and bad input reported, before the simulation starts. ``band``: also replay on the low-
+    and high-cost corners of the cost model's evidence band (sim/costs.py), giving each mean metric,
+    the throughput and the makespan a band, and saying whether the measured value falls inside."""
     from ..sim import simulate
 
     plan = run if isinstance(run, ReplayPlan) else plan_replay(run, **resolve)
     run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
     wl = workload_of(run)
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
+    corners = [simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=False,
+                        corner=c) for c in ("low", "high")] if band else []
     pred = res.requests.sort_values("id").reset_index(drop=True)
     meas = run.requests.reset_index(drop=True)
     rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
@@ -353,6 +365,16 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
         p = summary.get(f"predicted_{name}")
         if isinstance(p, float) and summary[key]:
             summary[f"error_{name}"] = p / summary[key] - 1
+    if corners:
+        ends = []
+        for r in corners:
+            d = {f"{mtr}_mean_s": float(np.mean(v)) for mtr, v in _predicted(r).items()}
+            span = float(r.summary["makespan_s"])
+            ends.append({**d, "makespan_s": span, "throughput_rps": len(rows) / span})
+        for name in ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throughput_rps", "makespan_s"):
+            lo, hi = sorted((ends[0][name], ends[1][name]))
+            summary[f"band_lo_{name}"], summary[f"band_hi_{name}"] = lo, hi
+            summary[f"inside_band_{name}"] = bool(lo <= summary[f"measured_{name}"] <= hi)
     return ServingComparison(run, m, hw, eng, rows, summary, res)
 
 
@@ -365,18 +387,26 @@ def format_comparison(c: ServingComparison) -> str:
              f"{e.max_num_batched_tokens}, chunked prefill {'on' if e.chunked_prefill else 'off'}, prefix caching "
              f"{'on' if e.prefix_caching else 'off'}, async scheduling {'on' if e.async_scheduling else 'off'}); "
              f"{s['requests']} requests replayed", "",
-             f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}"]
+             f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}  band (every cost at the low / "
+             "high end of its evidence)"]
+
+    def band(name: str, scale: float = 1.0, fmt: str = ".3f") -> str:
+        if f"band_lo_{name}" not in s:
+            return ""
+        inside = "measured inside" if s[f"inside_band_{name}"] else "measured OUTSIDE"
+        return f"  {s[f'band_lo_{name}'] * scale:{fmt}}-{s[f'band_hi_{name}'] * scale:{fmt}} ({inside})"
+
     for mtr, unit, scale in (("ttft", "s", 1), ("tpot", "ms", 1e3), ("e2e", "s", 1)):
         for st in STATS:
             k = f"{mtr}_{st}_s"
             lines.append(f"{mtr.upper() + ' ' + st + ' ' + unit:16s} {s['measured_' + k] * scale:11.3f} "
-                         f"{s['predicted_' + k] * scale:11.3f} {s['error_' + k]:+8.1%}")
+                         f"{s['predicted_' + k] * scale:11.3f} {s['error_' + k]:+8.1%}" + band(k, scale))
     lines.append(f"{'throughput req/s':16s} {s['measured_throughput_rps']:11.3f} {s['predicted_throughput_rps']:11.3f} "
-                 f"{s['error_throughput_rps']:+8.1%}")
+                 f"{s['error_throughput_rps']:+8.1%}" + band("throughput_rps"))
     lines.append(f"{'output tok/s':16s} {s['measured_output_tok_s']:11.1f} {s['predicted_output_tok_s']:11.1f} "
                  f"{s['error_output_tok_s']:+8.1%}")
     lines.append(f"{'makespan s':16s} {s['measured_makespan_s']:11.1f} {s['predicted_makespan_s']:11.1f} "
-                 f"{s['error_makespan_s']:+8.1%}")
+                 f"{s['error_makespan_s']:+8.1%}" + band("makespan_s", fmt=".1f"))
     mb = s["measured_kv_blocks"]
     kv_err = f"{s['predicted_kv_blocks'] / mb - 1:+8.1%}" if mb else ""
     lines.append(f"{'KV blocks':16s} {mb if mb is not None else 'n/a':>11} {s['predicted_kv_blocks']:11d} {kv_err}")
