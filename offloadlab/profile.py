@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -395,6 +396,17 @@ class Profile:
 
 
 # Vidur's operator columns -> this project's GEMM names (ModelSpec.layer_param_shapes order)
+def load_profiles(profile):
+    """None, a Profile, a path, or a sequence of them (several sources: see sim.costs.Calibrated) ->
+    None, a Profile or a tuple of Profiles."""
+    if isinstance(profile, (list, tuple)):
+        if not profile:
+            return None
+        loaded = tuple(load_profiles(p) for p in profile)
+        return loaded[0] if len(loaded) == 1 else loaded
+    return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
+
+
 _VIDUR_OPS = {"qkv_proj": "attn_pre_proj", "o_proj": "attn_post_proj", "gate_up_proj": "mlp_up_proj",
               "down_proj": "mlp_down_proj"}
 _VIDUR_ELEMENTWISE = {"input_layernorm": 1, "attn_rope": 1, "post_attention_layernorm": 1, "mlp_act": 1, "add": 2}

@@ -11,7 +11,7 @@ import pandas as pd
 from ..catalog import get_gpu, get_model
 from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Placement, Policy
-from ..profile import Profile
+from ..profile import Profile, load_profiles
 from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace
 from .costs import Corner, StepShape, cost_model
@@ -35,23 +35,13 @@ def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: in
     return max(layout(model, gpu, tensor_parallel, pipeline_parallel).stages, key=lambda m: m.layers)
 
 
-def _load(profile):
-    """None, a Profile, a path, or a sequence of them (several sources: see costs.Calibrated)."""
-    if isinstance(profile, (list, tuple)):
-        if not profile:
-            return None
-        loaded = tuple(_load(p) for p in profile)
-        return loaded[0] if len(loaded) == 1 else loaded
-    return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
-
-
 def describe_profile(model: str | ModelSpec, gpu: str | HardwareSpec, profile, tensor_parallel: int = 1,
                      pipeline_parallel: int = 1, cost_kw: dict | None = None) -> str:
     """One line: what ``profile`` transfers to one GPU of this deployment, from what ("H100 llama-3.1-8b
     profile applied to llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)"); the datasheet
     roofline when there is no profile."""
     lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
-    profile = _load(profile)
+    profile = load_profiles(profile)
     m = max(lay.stages, key=lambda s: s.layers)
     return cost_model(m, lay.hw, profile, **(cost_kw or {})).describe()
 
@@ -74,7 +64,7 @@ def _resolve(lay: Layout, policy: Policy, profile, cost_kw, corner: str | None =
     measured row near them)."""
     if corner is not None and corner not in CORNERS:
         raise ConfigError("corner", corner, "None, 'low' or 'high'")
-    profile = _load(profile)
+    profile = load_profiles(profile)
     kw = {"link_share": lay.link_share, **(cost_kw or {})}
     out = []
     for m in lay.stages:

@@ -11,7 +11,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from offloadlab import NoOffload, VllmCopy, interval, plots  # noqa: E402
+from offloadlab import NoOffload, VllmCopy, interval  # noqa: E402
+from offloadlab.apps import plots  # noqa: E402
 from offloadlab.sim import longbench_multi_news, simulate  # noqa: E402
 
 

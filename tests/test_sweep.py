@@ -1,4 +1,4 @@
-"""offloadlab.sweep: grids, keys, cache, errors in rows, and the same frame from every executor."""
+"""offloadlab.apps.sweep: grids, keys, cache, errors in rows, and the same frame from every executor."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ import json
 import pandas as pd
 import pytest
 
-import offloadlab.sweep as sw
+import offloadlab.apps.sweep as sw
 from offloadlab import ConfigError, UnknownNameError, interval
 from offloadlab.policy import NoOffload, VllmCopy
 from offloadlab.sim import EngineConfig, longbench_multi_news
-from offloadlab.sweep import INPUT_COLUMNS, SimConfig, grid, pareto_front, sweep
+from offloadlab.apps.sweep import INPUT_COLUMNS, SimConfig, grid, pareto_front, sweep
 
 # small and fast: 12 requests of up to ~2k prompt tokens, 32 output tokens
 WL = longbench_multi_news(12, output_len=32)
@@ -258,20 +258,22 @@ def test_pareto_front():
 def test_the_cache_fingerprint_covers_every_module_a_simulated_row_imports():
     # read from the sources, not a hand-written list: offloadlab.metrics (how runs are summarised) was
     # once missing, so editing it served stale cached rows
-    mods = sw._imported_modules("offloadlab.sweep")
+    mods = sw._imported_modules("offloadlab.apps.sweep")
     import offloadlab.sim.run as run_mod
 
     for needed in ("offloadlab.metrics", "offloadlab.sim.metrics", "offloadlab.sim.step", "offloadlab.sim.serving",
                    "offloadlab.schedule", "offloadlab.policy", "offloadlab.specs", run_mod.__name__):
         assert needed in mods, needed
-    assert not any(m.startswith(("offloadlab.runtime", "offloadlab.cli")) for m in mods), "only what a row runs"
+    assert not any(m.startswith(("offloadlab.runtime", "offloadlab.apps.cli")) for m in mods), "only what a row runs"
 
 
 def test_the_cache_fingerprint_changes_with_any_imported_source(monkeypatch):
     from pathlib import Path
 
+    import offloadlab.metrics
+
     real = Path.read_bytes
-    target = Path(sw.__file__).parent / "metrics.py"
+    target = Path(offloadlab.metrics.__file__)
     monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == target else b""))
     assert sw._code_fingerprint() != sw.CODE_FINGERPRINT
     monkeypatch.undo()

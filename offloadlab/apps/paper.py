@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .policy import NoOffload, VllmCopy, budget_for, interval
-from .sim import EngineConfig, longbench_multi_news, serving_memory, simulate
-from .sim.workload import check_fits_in_memory
-from .specs import GiB
+from ..catalog import get_gpu, get_model
+from ..policy import NoOffload, VllmCopy, budget_for, interval
+from ..sim import EngineConfig, longbench_multi_news, serving_memory, simulate
+from ..sim.workload import check_fits_in_memory
+from ..specs import GiB
 
 PAPER_MODEL = "llama-3.1-8b"
 PAPER_GPU = "A100-SXM4-40GB"

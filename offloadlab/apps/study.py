@@ -1,6 +1,6 @@
 """The "before buying" study: which node types and sizes can serve a model, how fast, at what cost.
 
-    from offloadlab.study import can_serve, serve
+    from offloadlab.apps.study import can_serve, serve
     fit = can_serve(models, ["H100-SXM5-80GB", "H200-SXM-141GB"], counts=[1, 2, 4, 8])
     table = serve(fit, longbench_multi_news(200))
 
@@ -8,7 +8,7 @@ A deployment of n GPUs is vLLM's usual layout: tensor parallelism over the GPUs 
 pipeline parallelism across nodes when n is larger (``deployment``). For each (model, GPU type, n)
 ``can_serve`` decides from the memory plan alone whether it fits without offload, with the paper's
 interval-k offload (two staging buffers) for which k, or not at all (and why). ``serve`` simulates
-every fitting candidate (no offload and each fitting k) with ``offloadlab.sweep`` and keeps, per
+every fitting candidate (no offload and each fitting k) with ``offloadlab.apps.sweep`` and keeps, per
 deployment, the best without offload and the best with it: offloading more frees KV cache for
 bigger batches, offloading less copies less, and the best k is where those balance.
 """
@@ -19,12 +19,11 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .errors import ConfigError, DoesNotFitError
-from .policy import NoOffload, Policy, interval
-from .sim import EngineConfig, Workload, serving_memory
-from .sim.run import layout
-from .specs import HardwareSpec, ModelSpec
+from ..catalog import get_gpu, get_model
+from ..errors import ConfigError, DoesNotFitError
+from ..policy import NoOffload, Policy, interval
+from ..sim import EngineConfig, Workload, layout, serving_memory
+from ..specs import HardwareSpec, ModelSpec
 from .sweep import SimConfig, sweep
 
 KS = (1, 2, 3, 4, 6, 8)  # interval k tried for each deployment

@@ -1,6 +1,6 @@
 """A policy optimizer: the best offload policy for a model, a GPU and a workload, and why.
 
-    from offloadlab.optimize import optimize
+    from offloadlab.apps.optimize import optimize
     from offloadlab.sim import EngineConfig, longbench_multi_news
 
     res = optimize("llama-3.1-8b", "a100-40gb", longbench_multi_news(100),
@@ -20,7 +20,7 @@ bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one 
 the LM head in steps that replay a CUDA graph, as vLLM does: sim/step.py ``join``); ``wrap=False``
 searches the paper's design instead.
 
-Each candidate is simulated with ``offloadlab.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
+Each candidate is simulated with ``offloadlab.apps.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
 there). A candidate is infeasible when it does not fit (its sweep row holds the error), when its KV
 cache is below ``min_kv_tokens`` (known from the memory plan alone: not simulated), or when its TTFT
 or TPOT p99 is above the limit. The best is the feasible candidate with the best ``objective`` (ties:
@@ -36,13 +36,13 @@ from typing import Sequence
 
 import pandas as pd
 
-from .errors import ConfigError, DoesNotFitError, OffloadLabError
-from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
-from .sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
-from .sim.run import BAND_METRICS
-from .specs import GiB
+from ..errors import ConfigError, DoesNotFitError, OffloadLabError
+from ..policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
+from ..sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
+from ..sim import BAND_METRICS
+from ..specs import GiB
 from .sweep import SimConfig, sweep
-from .vllm_flags import format_vllm
+from ..vllm_flags import format_vllm
 
 __all__ = ["MECHANISMS", "OBJECTIVES", "NoFeasiblePolicyError", "OptimizeResult", "bound_reason", "candidate_policies",
            "optimize"]

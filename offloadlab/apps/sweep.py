@@ -1,6 +1,6 @@
 """Design-space sweeps: many simulated configurations in parallel, one tidy row each, cached on disk.
 
-    from offloadlab.sweep import grid, sweep
+    from offloadlab.apps.sweep import grid, sweep
     from offloadlab.sim import longbench_multi_news
 
     configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], buffers=[1, 2],
@@ -50,14 +50,14 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .errors import ConfigError, OffloadLabError
-from .fileio import atomic_write_json
-from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
-from .profile import Profile
+from ..catalog import get_gpu, get_model
+from ..errors import ConfigError, OffloadLabError
+from ..fileio import atomic_write_json
+from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
+from ..profile import Profile
 from .signals import worker_init
-from .sim import EngineConfig, Workload, simulate, simulate_band
-from .specs import HardwareSpec, ModelSpec
+from ..sim import EngineConfig, Workload, simulate, simulate_band
+from ..specs import HardwareSpec, ModelSpec
 
 __all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_front", "sweep",
            "workload_fingerprint"]
@@ -411,7 +411,7 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     ctx = None
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["offloadlab.sweep"])
+        ctx.set_forkserver_preload(["offloadlab.apps.sweep"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
 
 
@@ -540,7 +540,7 @@ def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor
                 warnings.warn(f"{len(failed)} of {len(futures)} tasks failed in the executor, not in the simulator "
                               f"(first: {failed[0]}); their rows hold the error, and they are not cached, so the "
                               "next run retries them", RuntimeWarning, stacklevel=2)
-    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.signals): no task is worth waiting for
+    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.apps.signals): no task is worth waiting for
         if own is not None:
             _end_workers(own)
         raise
