@@ -17,7 +17,7 @@ WL = longbench_multi_news(12, output_len=32)
 
 
 def small_grid():
-    return grid(k=[2, 4], buffers=[1, 2], host_link_GBps=[16, 64], gpu_memory_utilization=0.8)
+    return grid(k=[2, 4], slots=[1, 2], host_link_GBps=[16, 64], gpu_memory_utilization=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,14 @@ def serial_frame():
 
 # ---- grid and keys ------------------------------------------------------------------------------
 def test_grid_is_the_cartesian_product_last_axis_fastest():
-    cs = grid(gpu=["a100", "h100"], k=[2, 3, 4], buffers=[1, 2], host_link_GBps=[16, None], mode="prefill-only")
+    cs = grid(gpu=["a100", "h100"], k=[2, 3, 4], slots=[1, 2], host_link_GBps=[16, None], mode="prefill-only")
     assert len(cs) == 2 * 3 * 2 * 2
     assert [c.host_link_bw for c in cs[:2]] == [16e9, None]
     assert cs[0].policy == interval(2, 1) and cs[2].policy == interval(2, 2) and cs[4].policy == interval(3, 1)
     assert {c.hardware.name for c in cs[:12]} == {"A100-SXM4-40GB"}
     assert all(c.engine.mode == "prefill-only" for c in cs)
     assert len({c.key(WL) for c in cs}) == len(cs)
-    assert [c.key(WL) for c in cs] == [c.key(WL) for c in grid(gpu=["a100", "h100"], k=[2, 3, 4], buffers=[1, 2],
+    assert [c.key(WL) for c in cs] == [c.key(WL) for c in grid(gpu=["a100", "h100"], k=[2, 3, 4], slots=[1, 2],
                                                               host_link_GBps=[16, None], mode="prefill-only")]
     assert grid(k=[]) == []
 
@@ -47,7 +47,7 @@ def test_key_covers_every_input_and_the_workload():
     assert SimConfig.build(gpu="a100", policy="interval:2,2", gpu_memory_utilization=0.8).key(WL) == k
     assert base.replace(host_link_GBps=32).key(WL) == k  # the A100's catalog link is 32 GB/s
     assert base.replace(engine={"gpu_memory_utilization": 0.8}).key(WL) == k
-    others = [base.replace(host_link_GBps=16), base.replace(k=2, buffers=3), base.replace(gpu="a100-80gb"),
+    others = [base.replace(host_link_GBps=16), base.replace(k=2, slots=3), base.replace(gpu="a100-80gb"),
               base.replace(gpu_memory_utilization=0.9), base.replace(mode="prefill-only"),
               base.replace(max_num_seqs=128), base.replace(chunked_prefill=True), base.replace(model="llama-3.2-1b"),
               base.replace(policy=VllmCopy(6.5)), base.replace(policy=NoOffload())]
@@ -63,8 +63,8 @@ def test_bad_configs_fail_at_construction_naming_the_field():
         grid(bandwidth=[1, 2])
     with pytest.raises(ConfigError, match="k"):
         grid(policy=["none"], k=[2])
-    with pytest.raises(ConfigError, match="buffers"):
-        grid(buffers=[1, 2])
+    with pytest.raises(ConfigError, match="slots"):
+        grid(slots=[1, 2])
     with pytest.raises(ConfigError, match="k \\(group size\\)"):
         grid(k=[0])
     with pytest.raises(ConfigError, match="host_link_bw"):
@@ -90,7 +90,7 @@ def test_one_row_per_config_in_input_order_with_inputs_and_outputs(serial_frame)
     assert len(df) == len(cs)
     assert list(df.columns[:len(INPUT_COLUMNS)]) == list(INPUT_COLUMNS) and df.columns[-1] == "error"
     assert list(df["key"]) == [c.key(WL) for c in cs]
-    assert list(df["k"]) == [c.policy.group for c in cs] and list(df["buffers"]) == [c.policy.slots for c in cs]
+    assert list(df["k"]) == [c.policy.group for c in cs] and list(df["slots"]) == [c.policy.slots for c in cs]
     assert list(df["host_link_GBps"]) == [16.0, 64.0] * 4
     assert df["error"].isna().all()
     for col in ("throughput_rps", "ttft_p90_s", "tpot_p50_s", "mem_kv_cache", "mem_staging", "offloaded_layers",
@@ -101,7 +101,7 @@ def test_one_row_per_config_in_input_order_with_inputs_and_outputs(serial_frame)
     # more host bandwidth is never slower; two buffers cost one more layer of staging memory
     fast, slow = df[df.host_link_GBps == 64], df[df.host_link_GBps == 16]
     assert (fast["throughput_rps"].to_numpy() >= slow["throughput_rps"].to_numpy()).all()
-    two, one = df[df.buffers == 2], df[df.buffers == 1]
+    two, one = df[df.slots == 2], df[df.slots == 1]
     assert (two["mem_staging"].to_numpy() > one["mem_staging"].to_numpy()).all()
 
 

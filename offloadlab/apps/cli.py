@@ -70,7 +70,7 @@ def _model(a, name: str | None = None):
     from ..hf_config import model_from_arg
 
     m = model_from_arg(name or a.model)
-    return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
+    return m.with_kv_cache_dtype(a.kv_cache_dtype)
 
 
 # Engine settings: default None here, so that EngineConfig holds the defaults and a --vllm command
@@ -120,7 +120,7 @@ def _settle_engine(a) -> None:
         for k, v in engine_from_vllm(line).items():
             if theirs.setdefault(k, v) != v:
                 raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)} | {"kv_cache_dtype": "auto"}
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     a.engine_given = {}  # the settings given on a command line (a --vllm-version fills the rest its way)
     for k, flag in ENGINE_FLAGS.items():
         if not hasattr(a, k):
@@ -209,13 +209,13 @@ def _engine(a):
         from ..catalog import get_gpu
         from ..sim.vllm_engine import vllm_engine
 
-        given = {k: v for k, v in a.engine_given.items() if k != "kv_cache_dtype"}
-        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **given)
+        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **a.engine_given)
         return eng
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
-                        pipeline_parallel=a.pipeline_parallel, block_size=a.block_size)
+                        pipeline_parallel=a.pipeline_parallel, block_size=a.block_size,
+                        kv_cache_dtype=a.kv_cache_dtype)
 
 
 def _fmt_results(df: pd.DataFrame) -> str:

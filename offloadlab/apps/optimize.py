@@ -36,8 +36,9 @@ from typing import Sequence
 
 import pandas as pd
 
+from ..checks import check_bool, check_range, is_positive
 from ..errors import ConfigError, DoesNotFitError, OffloadLabError
-from ..policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
+from ..policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, floor_budget, interval
 from ..sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
 from ..sim import BAND_METRICS
 from ..specs import GiB
@@ -75,17 +76,13 @@ def _memory_ok(model, gpu, policy, engine, min_kv_tokens) -> bool:
     return min_kv_tokens is None or mem.kv_tokens >= min_kv_tokens
 
 
-def _offloaded_count(layers: int, g: int, n: int) -> int:
-    return sum(1 for i in range(layers) if i % g >= g - n)
-
-
 def _smallest_budget(model, gpu, engine, kind, total_gib: float, min_kv_tokens) -> float | None:
     """The smallest budget (0.01 GiB steps) with which ``kind`` fits and meets min_kv_tokens; None when
     no offload already does, or no budget does. Scans 1/32 steps first (pinned host memory can fail at
     large budgets), then bisects inside the first step that works."""
     if _memory_ok(model, gpu, NoOffload(), engine, min_kv_tokens):
         return None
-    grid = [math.floor(total_gib * i / 32 * 100) / 100 for i in range(33)]
+    grid = [floor_budget(total_gib * i / 32) for i in range(33)]
     lo = None
     for a, b in zip(grid, grid[1:]):
         if b > 0 and _memory_ok(model, gpu, kind(b), engine, min_kv_tokens):
@@ -114,7 +111,7 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
         layout: dict[int, tuple[int, int]] = {}  # offloaded layers -> (g, n), the smallest g
         for g in groups:
             for n in range(1, g + 1):
-                layout.setdefault(_offloaded_count(L, g, n), (g, n))
+                layout.setdefault(Prefetch(g, n).offloaded_count(L), (g, n))
         counts = sorted(layout)
         fits = [c for c in counts
                 if _memory_ok(model, gpu, Prefetch(*layout[c], slots=1), engine, min_kv_tokens)]
@@ -132,10 +129,10 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
     for mech, kind in (("uva", VllmUva), ("vllm", VllmCopy)):
         if mech not in mechanisms:
             continue
-        budgets = {math.floor(total_gib * f * 100) / 100 for f in _BUDGET_FRACTIONS}
+        budgets = {floor_budget(total_gib * f) for f in _BUDGET_FRACTIONS}
         least = _smallest_budget(model, gpu, engine, kind, total_gib, min_kv_tokens)
         if least is not None:
-            budgets |= {least, min(math.floor(total_gib * 100) / 100, round(least + layer_gib, 2))}
+            budgets |= {least, min(floor_budget(total_gib), round(least + layer_gib, 2))}
         out += [kind(b) for b in sorted(budgets) if b > 0]
     return out
 
@@ -177,8 +174,7 @@ class OptimizeResult:
 def _check_limit(name: str, v, integer: bool = False):
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)) \
-            or (integer and v != int(v)):
+    if not is_positive(v) or (integer and v != int(v)):
         raise ConfigError(name, v, "a positive integer" if integer else "a positive number of seconds")
     return int(v) if integer else float(v)
 
@@ -310,10 +306,8 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
         raise ConfigError("engine", engine, "an EngineConfig")
     if not isinstance(workload, Workload):
         raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(100))")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ConfigError("tolerance", tolerance, "a fraction in [0, 1)")
-    if not isinstance(wrap, bool):
-        raise ConfigError("wrap", wrap, "True or False")
+    check_range("tolerance", tolerance, 0, 1, "a fraction in [0, 1)", high_open=True)
+    check_bool("wrap", wrap)
     base = SimConfig(model=model, gpu=gpu, engine=engine, profile=profile)  # bad names fail here
     model, gpu = base.model_spec, base.hardware
     shard = per_gpu(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)  # what a GPU holds, offloads

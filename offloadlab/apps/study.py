@@ -20,6 +20,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ..catalog import get_gpu, get_model
+from ..checks import check_int
 from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Policy, interval
 from ..sim import EngineConfig, Workload, layout, serving_memory
@@ -32,8 +33,7 @@ KS = (1, 2, 3, 4, 6, 8)  # interval k tried for each deployment
 def deployment(gpu: str | HardwareSpec, gpus: int) -> tuple[int, int]:
     """(tensor_parallel, pipeline_parallel) for ``gpus`` GPUs: TP inside one node, PP across whole nodes."""
     hw = get_gpu(gpu)
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise ConfigError("gpus", gpus, "an integer >= 1")
+    check_int("gpus", gpus, 1)
     per = hw.gpus_per_node
     if gpus <= per:
         return gpus, 1
@@ -62,7 +62,7 @@ def can_serve(models: Mapping[str, str | ModelSpec], gpus: Iterable[str | Hardwa
     ks = sorted(set(ks), reverse=True)
     rows = []
     for label, model in models.items():
-        m = get_model(model)
+        m = get_model(model).with_kv_cache_dtype(engine.kv_cache_dtype)
         for gpu in gpus:
             hw = get_gpu(gpu)
             for n in counts:

@@ -3,7 +3,7 @@
     from offloadlab.apps.sweep import grid, sweep
     from offloadlab.sim import longbench_multi_news
 
-    configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], buffers=[1, 2],
+    configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], slots=[1, 2],
                    host_link_GBps=[16, 32, 64], gpu_memory_utilization=0.8)
     df = sweep(configs, longbench_multi_news(200), cache_dir="results/cache/my_sweep")
 
@@ -51,6 +51,7 @@ from typing import Any, Iterable, Mapping
 import pandas as pd
 
 from ..catalog import get_gpu, get_model
+from ..checks import check_bool, check_int, check_positive
 from ..errors import ConfigError, OffloadLabError
 from ..fileio import atomic_write_json
 from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
@@ -63,11 +64,11 @@ __all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_fro
            "workload_fingerprint"]
 
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
-INPUT_COLUMNS = ("model", "gpu", "policy", "policy_kind", "k", "per_group", "buffers", "cpu_offload_gb",
+INPUT_COLUMNS = ("model", "gpu", "policy", "policy_kind", "k", "per_group", "slots", "cpu_offload_gb",
                  "host_link_GBps", *ENGINE_FIELDS, "profile", "workload", "key")
 # Outputs of RunResult.row() that are not deterministic (wall-clock time): left out of sweep rows.
 _DROPPED_OUTPUTS = ("wall_s",)
-_INT_COLUMNS = ("k", "per_group", "buffers")
+_INT_COLUMNS = ("k", "per_group", "slots")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class SimConfig:
     file (calibrated costs instead of the datasheet roofline), or several (a tuple); ``band``: also run
     the cost model's low- and high-cost corners, adding ``{metric}_lo`` / ``{metric}_hi`` columns for
     throughput, TTFT, TPOT and makespan (three simulations per row). ``SimConfig.build`` and ``replace``
-    also take EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers`` (interval policy) directly.
+    also take EngineConfig fields, ``host_link_GBps`` and ``k``/``slots`` (interval policy) directly.
     """
 
     model: str | ModelSpec = "llama-3.1-8b"
@@ -223,8 +224,7 @@ class SimConfig:
         object.__setattr__(self, "engine", eng)
         bw = self.host_link_bw
         if bw is not None:
-            if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not (bw > 0 and math.isfinite(bw)):
-                raise ConfigError("host_link_bw", bw, "a positive number of bytes/s, or None for the GPU's spec")
+            check_positive("host_link_bw", bw, "a positive number of bytes/s, or None for the GPU's spec")
             object.__setattr__(self, "host_link_bw", float(bw))
         prof = self.profile
         if isinstance(prof, os.PathLike):
@@ -236,15 +236,14 @@ class SimConfig:
             object.__setattr__(self, "profile", prof if len(prof) > 1 else prof[0])
         elif prof is not None and not isinstance(prof, (str, Profile)):
             raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
-        if not isinstance(self.band, bool):
-            raise ConfigError("band", self.band, "True or False")
+        check_bool("band", self.band)
         # unknown names and unreadable profiles fail here, at construction, naming what is wrong
         self.model_spec, self.hardware, self.profile_obj()  # noqa: B018
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def build(cls, **fields) -> "SimConfig":
-        """Like the constructor, also taking EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers``."""
+        """Like the constructor, also taking EngineConfig fields, ``host_link_GBps`` and ``k``/``slots``."""
         return cls()._with(fields)
 
     def replace(self, **changes) -> "SimConfig":
@@ -253,7 +252,7 @@ class SimConfig:
 
     def _with(self, changes: Mapping[str, Any]) -> "SimConfig":
         own = {f.name for f in dataclasses.fields(self)}
-        extra = {"host_link_GBps", "k", "buffers"}
+        extra = {"host_link_GBps", "k", "slots"}
         for name in changes:
             if name not in own and name not in ENGINE_FIELDS and name not in extra:
                 raise ConfigError("config field", name, "one of " + ", ".join([*own, *sorted(extra), *ENGINE_FIELDS]))
@@ -266,12 +265,12 @@ class SimConfig:
             if gbps is not None and (isinstance(gbps, bool) or not isinstance(gbps, (int, float))):
                 raise ConfigError("host_link_GBps", gbps, "a positive number of GB/s, or None for the GPU's spec")
             fields["host_link_bw"] = None if gbps is None else gbps * 1e9
-        if "k" in changes or "buffers" in changes:
+        if "k" in changes or "slots" in changes:
             if "policy" in changes:
-                raise ConfigError("k", changes.get("k"), "not given together with policy (k/buffers make interval(k, buffers))")
+                raise ConfigError("k", changes.get("k"), "not given together with policy (k/slots make interval(k, slots))")
             if "k" not in changes:
-                raise ConfigError("buffers", changes["buffers"], "given together with k (interval k with that many buffers)")
-            fields["policy"] = interval(changes["k"], changes.get("buffers", 2))
+                raise ConfigError("slots", changes["slots"], "given together with k (interval k with that many staging slots)")
+            fields["policy"] = interval(changes["k"], changes.get("slots", 2))
         eng = {n: v for n, v in changes.items() if n in ENGINE_FIELDS}
         if eng:
             base = fields["engine"]
@@ -282,7 +281,8 @@ class SimConfig:
     # ---- resolved inputs -----------------------------------------------------------------------
     @property
     def model_spec(self) -> ModelSpec:
-        return get_model(self.model)
+        """The model, with the engine's KV-cache dtype applied (as the simulator lays it out)."""
+        return get_model(self.model).with_kv_cache_dtype(self.engine.kv_cache_dtype)
 
     @property
     def hardware(self) -> HardwareSpec:
@@ -333,7 +333,7 @@ class SimConfig:
         prefetch = isinstance(p, Prefetch)
         row = {"model": self.model_spec.name, "gpu": hw.name, "policy": p.label, "policy_kind": p.kind,
                "k": p.group if prefetch else None, "per_group": p.per_group if prefetch else None,
-               "buffers": p.slots if prefetch else None,
+               "slots": p.slots if prefetch else None,
                "cpu_offload_gb": float(p.cpu_offload_gb) if hasattr(p, "cpu_offload_gb") else None,
                "host_link_GBps": hw.host_link_bw / 1e9}
         row.update({f: getattr(self.engine, f) for f in ENGINE_FIELDS})
@@ -351,7 +351,7 @@ def grid(**axes) -> list[SimConfig]:
 
     Axes are SimConfig fields (``model``, ``gpu``, ``policy``, ``engine``, ``host_link_bw``,
     ``profile``), EngineConfig fields (``gpu_memory_utilization``, ``mode``, ``max_num_seqs``, ...),
-    ``host_link_GBps`` (GB/s; None = the GPU's spec) and ``k``/``buffers`` (interval(k, buffers)
+    ``host_link_GBps`` (GB/s; None = the GPU's spec) and ``k``/``slots`` (interval(k, slots)
     policies; not together with ``policy``). A value that is a string or not a list/tuple/range is one
     fixed value. ``len(grid(a=[1, 2], b=[3, 4, 5])) == 6``.
     """
@@ -474,8 +474,8 @@ def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor
             raise ConfigError(f"configs[{i}]", c, "a SimConfig (see grid())")
     if not isinstance(workload, Workload):
         raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(200))")
-    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
-        raise ConfigError("chunksize", chunksize, "an integer >= 1 or None")
+    if chunksize is not None:
+        check_int("chunksize", chunksize, 1, expected="an integer >= 1 or None")
     if isinstance(executor, str) and executor != "serial":
         raise ConfigError("executor", executor, "None, 'serial', a number of processes or a concurrent.futures.Executor")
     if isinstance(executor, bool) or (isinstance(executor, int) and executor < 1):
