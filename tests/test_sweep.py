@@ -88,11 +88,11 @@ def test_one_row_per_config_in_input_order_with_inputs_and_outputs(serial_frame)
     df = serial_frame
     cs = small_grid()
     assert len(df) == len(cs)
-    assert list(df.columns[:len(INPUT_COLUMNS)]) == list(INPUT_COLUMNS) and df.columns[-1] == "error"
+    assert list(df.columns[:len(INPUT_COLUMNS)]) == list(INPUT_COLUMNS) and list(df.columns[-2:]) == ["error", "error_kind"]
     assert list(df["key"]) == [c.key(WL) for c in cs]
     assert list(df["k"]) == [c.policy.group for c in cs] and list(df["slots"]) == [c.policy.slots for c in cs]
     assert list(df["host_link_GBps"]) == [16.0, 64.0] * 4
-    assert df["error"].isna().all()
+    assert df["error"].isna().all() and df["error_kind"].isna().all()
     for col in ("throughput_rps", "ttft_p90_s", "tpot_p50_s", "mem_kv_cache", "mem_staging", "offloaded_layers",
                 "util_copy", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
         assert col in df.columns and df[col].notna().all(), col
@@ -134,10 +134,21 @@ def test_a_config_that_raises_is_reported_in_its_row(tmp_path):
     df = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
     assert df["error"].isna().tolist() == [True, False, True]
     assert df.loc[1, "error"].startswith("DoesNotFitError: llama-3.1-70b on A100-SXM4-40GB")
+    assert df["error_kind"].tolist() == [None, sw.DOES_NOT_FIT, None]  # typed where caught, not parsed from text
     assert pd.isna(df.loc[1, "throughput_rps"]) and df.loc[1, "model"] == "llama-3.1-70b"
     assert df.loc[0, "throughput_rps"] > 0
-    # a project error is deterministic, so it is cached too
+    # a project error is deterministic, so it is cached too, with its kind
     assert len(list(tmp_path.glob("*.json"))) == 3
+    again = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
+    pd.testing.assert_frame_equal(again, df)
+
+
+def test_a_bad_value_met_inside_the_simulator_is_a_bad_config_row():
+    from offloadlab.sim import EngineConfig
+
+    cs = [SimConfig.build(k=2, engine=EngineConfig(max_model_len=64))]  # every request is longer than 64 tokens
+    df = sweep(cs, WL, executor="serial", progress=False)
+    assert df.loc[0, "error"].startswith("ConfigError") and df.loc[0, "error_kind"] == sw.BAD_CONFIG
 
 
 def test_an_unexpected_exception_is_reported_and_not_cached(tmp_path, monkeypatch):
@@ -151,7 +162,7 @@ def test_an_unexpected_exception_is_reported_and_not_cached(tmp_path, monkeypatc
     monkeypatch.setattr(sw, "simulate", flaky)
     cs = [SimConfig.build(k=2), SimConfig.build(k=4)]
     df = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
-    assert df["error"].tolist() == [None, "RuntimeError: boom"]
+    assert df["error"].tolist() == [None, "RuntimeError: boom"] and df["error_kind"].tolist() == [None, sw.FAILED]
     assert [p.stem for p in tmp_path.glob("*.json")] == [cs[0].key(WL)]
 
 
@@ -225,7 +236,7 @@ def test_a_task_lost_by_the_executor_is_reported_warned_and_not_cached(tmp_path)
     cs = small_grid()[:3]
     with pytest.warns(RuntimeWarning, match="failed in the executor.*worker died"):
         df = sweep(cs, WL, executor=Broken(), cache_dir=tmp_path, progress=False)
-    assert df["error"].tolist() == ["BrokenExecutor: worker died"] * 3
+    assert df["error"].tolist() == ["BrokenExecutor: worker died"] * 3 and set(df["error_kind"]) == {sw.EXECUTOR}
     assert not list(tmp_path.glob("*.json"))
 
 
