@@ -18,7 +18,7 @@ from offloadlab.sim.workload import BYTES_PER_REQUEST
 
 def peak_rss(args: list[str]) -> float:
     """Peak resident bytes of one ``offloadlab`` process (Linux: ru_maxrss is in KiB)."""
-    proc = subprocess.Popen([sys.executable, "-m", "offloadlab.cli", *args], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "offloadlab.apps.cli", *args], stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, f"offloadlab {' '.join(args)} failed"
     return usage.ru_maxrss * 1024.0

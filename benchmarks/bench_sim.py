@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import time
 
-from offloadlab.paper import PAPER_ENGINE, PAPER_GPU, PAPER_MODEL, paper_policies
+from offloadlab.apps.paper import PAPER_ENGINE, PAPER_GPU, PAPER_MODEL, paper_policies
 from offloadlab.policy import NoOffload, interval
 from offloadlab.sim import EngineConfig, longbench_multi_news, simulate
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import pandas as pd
 
 from offloadlab.fileio import atomic_write_json
-from offloadlab.paper import PAPER_GPU, PAPER_MODEL
+from offloadlab.apps.paper import PAPER_GPU, PAPER_MODEL
 from offloadlab.sim import longbench_multi_news
-from offloadlab.sweep import grid, sweep
+from offloadlab.apps.sweep import grid, sweep
 
-AXES = dict(model=PAPER_MODEL, gpu=PAPER_GPU, k=[2, 3, 4, 6, 8], buffers=[1, 2, 3, 4],
+AXES = dict(model=PAPER_MODEL, gpu=PAPER_GPU, k=[2, 3, 4, 6, 8], slots=[1, 2, 3, 4],
             host_link_GBps=[8, 16, 32, 64, 128], gpu_memory_utilization=[0.7, 0.75, 0.8, 0.85, 0.9],
             mode=["prefill-only", "prefill+decode"])
 

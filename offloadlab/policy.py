@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Union
 
+from .checks import check_bool, check_int, check_range
 from .errors import ConfigError
 from .schedule import SlotSchedule
 from .specs import GiB, ModelSpec
@@ -126,11 +127,6 @@ def slab_chunks(total: int, chunk: int = SLAB_CHUNK, min_tail: int = SLAB_MIN_TA
 HOST_ALLOCS = ("param", "slab", "exact")
 
 
-def _check_bool(name: str, v) -> None:
-    if not isinstance(v, bool):
-        raise ConfigError(name, v, "True or False")
-
-
 @dataclass(frozen=True)
 class NoOffload:
     kind = "none"
@@ -195,11 +191,9 @@ class _Budget:
     mechanism = ""
 
     def __post_init__(self):
-        v = self.cpu_offload_gb
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise ConfigError("cpu_offload_gb", v, "a number of GiB >= 0")
+        check_range("cpu_offload_gb", self.cpu_offload_gb, 0, math.inf, "a number of GiB >= 0")
         _check_params(self.params)
-        _check_bool("pin_memory", self.pin_memory)
+        check_bool("pin_memory", self.pin_memory)
 
     @property
     def label(self) -> str:
@@ -211,11 +205,16 @@ class _Budget:
         return pl if self.pin_memory else dataclasses.replace(pl, host_alloc="exact")
 
 
+def floor_budget(gib: float) -> float:
+    """``gib`` rounded down to the 0.01 GiB steps offload budgets are written in."""
+    return math.floor(gib * 100) / 100
+
+
 def budget_for(offloaded_bytes: int) -> float:
     """The ``--cpu-offload-gb`` that makes vLLM's walk offload the same layers as ``offloaded_bytes``
     of whole layers: rounded down to 0.01 GiB (less than a down_proj), since a budget a hair above
     the bytes would take one more parameter, and one below still ends inside the same last layer."""
-    return math.floor(offloaded_bytes / GiB * 100) / 100
+    return floor_budget(offloaded_bytes / GiB)
 
 
 @dataclass(frozen=True)
@@ -250,15 +249,12 @@ class Prefetch:
 
     def __post_init__(self):
         for name in ("group", "per_group", "slots"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                field = {"group": "k (group size)", "slots": "staging buffers"}.get(name, name)
-                raise ConfigError(field, v, "an integer >= 1")
+            check_int({"group": "k (group size)", "slots": "staging buffers"}.get(name, name), getattr(self, name), 1)
         if self.per_group > self.group:
             raise ConfigError("per_group", self.per_group, f"at most group={self.group}")
         _check_params(self.params)
         for name in ("wrap", "pin_memory", "slab"):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
 
     @property
     def label(self) -> str:
@@ -271,7 +267,12 @@ class Prefetch:
         return f"prefetch g={self.group} n={self.per_group} s={self.slots}{sel}"
 
     def is_offloaded(self, layer: int) -> bool:
+        """The one home of the rule: the last ``per_group`` of every ``group`` layers."""
         return layer % self.group >= self.group - self.per_group
+
+    def offloaded_count(self, layers: int) -> int:
+        """How many of ``layers`` layers this policy offloads."""
+        return sum(1 for i in range(layers) if self.is_offloaded(i))
 
     def place(self, model: ModelSpec) -> Placement:
         sel = _selected(model, self.params)
@@ -285,20 +286,20 @@ class Prefetch:
 
 def copy_prefix(model: ModelSpec, layers: int) -> Placement:
     """The copy path with exactly layers 0..layers-1 offloaded, whole (the probe's ``sync_prefix``)."""
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 0 <= layers <= model.layers:
-        raise ConfigError("layers", layers, f"an integer in [0, {model.layers}]")
+    check_int("layers", layers, 0, model.layers)
     full = model.layer_param_bytes
     return Placement(tuple(full if i < layers else () for i in range(model.layers)), model.layer_bytes, "copy")
 
 
-def interval(k: int, buffers: int = 2) -> Prefetch:
-    """The paper's policy: layer i offloaded when i % k == k-1, ``buffers`` staging buffers."""
-    return Prefetch(group=k, per_group=1, slots=buffers)
+def interval(k: int, slots: int = 2) -> Prefetch:
+    """The paper's policy: layer i offloaded when i % k == k-1, ``slots`` staging buffers (the paper's
+    "buffers")."""
+    return Prefetch(group=k, per_group=1, slots=slots)
 
 
 Policy = Union[NoOffload, VllmCopy, VllmUva, Prefetch]
 
-_SYNTAX = "none | vllm:GIB | uva:GIB | interval:K[,BUFFERS] | prefetch:G,N,S"
+_SYNTAX = "none | vllm:GIB | uva:GIB | interval:K[,BUFFERS] | prefetch:G,N,S"  # BUFFERS, S: staging slots
 
 
 def parse_policy(text: str) -> Policy:

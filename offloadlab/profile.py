@@ -37,15 +37,16 @@ is an error naming the field to add.
 from __future__ import annotations
 
 import json
-import math
-import numbers
+import os
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .checks import is_int as _int, is_positive as _positive
 from .errors import ConfigError, OffloadLabError
 from .fileio import atomic_write_json, load_mapping
+from .policy import NoOffload, Placement, copy_prefix, interval
 from .specs import HardwareSpec, ModelSpec
 
 SCHEMA = "offloadlab.profile/1"
@@ -60,12 +61,17 @@ PROBE_ROW_FIELDS = ("B", "T", "C", "policy", "param", "nbuf", "offloaded_layers"
 PROBE_POLICIES = ("resident", "sync_prefix", "async_k")
 
 
-def _int(v, minimum: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
-
-
-def _positive(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+def probe_placement(model: ModelSpec, policy: str, param: int, nbuf: int) -> Placement:
+    """The Placement a probe row's (policy, param, nbuf) measured (shared/data/README.md): ``resident``
+    none offloaded; ``sync_prefix`` layers 0..param-1 on the copy path; ``async_k`` the paper's
+    interval k=param with nbuf staging slots. The probe's names end here."""
+    if policy == "resident":
+        return NoOffload().place(model)
+    if policy == "sync_prefix":
+        return copy_prefix(model, param)
+    if policy == "async_k":
+        return interval(param, slots=nbuf).place(model)
+    raise ConfigError("policy", policy, f"one of {PROBE_POLICIES}")
 
 
 def _rows(d: dict, key: str, src: str) -> list:
@@ -395,6 +401,17 @@ class Profile:
 
 
 # Vidur's operator columns -> this project's GEMM names (ModelSpec.layer_param_shapes order)
+def load_profiles(profile):
+    """None, a Profile, a path, or a sequence of them (several sources: see sim.costs.Calibrated) ->
+    None, a Profile or a tuple of Profiles."""
+    if isinstance(profile, (list, tuple)):
+        if not profile:
+            return None
+        loaded = tuple(load_profiles(p) for p in profile)
+        return loaded[0] if len(loaded) == 1 else loaded
+    return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
+
+
 _VIDUR_OPS = {"qkv_proj": "attn_pre_proj", "o_proj": "attn_post_proj", "gate_up_proj": "mlp_up_proj",
               "down_proj": "mlp_down_proj"}
 _VIDUR_ELEMENTWISE = {"input_layernorm": 1, "attn_rope": 1, "post_attention_layernorm": 1, "mlp_act": 1, "add": 2}

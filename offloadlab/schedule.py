@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from .checks import check_bool, check_int
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,8 @@ class SlotSchedule:
 
     def __post_init__(self):
         for name, low in (("offloaded", 0), ("slots", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"SlotSchedule.{name}", v, f"an integer >= {low}")
-        if not isinstance(self.wrap, bool):
-            raise ConfigError("SlotSchedule.wrap", self.wrap, "True or False")
+            check_int(f"SlotSchedule.{name}", getattr(self, name), low)
+        check_bool("SlotSchedule.wrap", self.wrap)
 
     @property
     def ring(self) -> int:

@@ -10,19 +10,23 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .checks import check_int, check_positive, check_range
 from .errors import ConfigError
 
 GiB = 1024**3
 GB = 1e9
+ACT_BYTES = 2  # bytes per element of activations and hidden states (bf16/fp16): the one home of this width
+# vLLM's --kv-cache-dtype values modelled (vllm/config/cache.py CacheDType); bytes per KV element, None:
+# the model's own dtype
+KV_CACHE_DTYPES = {"auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 
 
 def _check_positive(obj, *names: str, integer: bool = False) -> None:
     for n in names:
-        v = getattr(obj, n)
-        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or not 0 < v < math.inf:
-            kind = "a positive integer" if integer else "a positive finite number"
-            raise ConfigError(f"{type(obj).__name__}.{n}", v, kind)
+        if integer:
+            check_int(f"{type(obj).__name__}.{n}", getattr(obj, n), 1, expected="a positive integer")
+        else:
+            check_positive(f"{type(obj).__name__}.{n}", getattr(obj, n))
 
 
 @dataclass(frozen=True)
@@ -152,17 +156,30 @@ class ModelSpec:
         """Live activation bytes per batched token at the peak of one layer (residual, qkv, MLP)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         elems = 2 * self.hidden + q + 2 * kv + 3 * self.intermediate
-        return int(elems * 2)  # activations in 16-bit
+        return int(elems * ACT_BYTES)
+
+    def hidden_state_bytes(self, tokens: int) -> int:
+        """Bytes of ``tokens`` rows of hidden states (what an all-reduce or a pipeline send moves)."""
+        return tokens * self.hidden * ACT_BYTES
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
+
+    def with_kv_cache_dtype(self, dtype: str) -> "ModelSpec":
+        """This model with vLLM's ``--kv-cache-dtype`` applied (``KV_CACHE_DTYPES``): "auto" keeps the
+        model's own KV element size, fp8 stores one byte and names the model ``<name>+kv-fp8``."""
+        if dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", dtype, "one of " + ", ".join(KV_CACHE_DTYPES))
+        nbytes = KV_CACHE_DTYPES[dtype]
+        if nbytes is None or (self.kv_bytes == nbytes and self.name.endswith("+kv-fp8")):
+            return self
+        return dataclasses.replace(self, name=f"{self.name}+kv-fp8", kv_bytes=nbytes)
 
     def shard(self, tp: int) -> "ModelSpec":
         """One GPU's part under tensor parallelism over ``tp`` GPUs, as vLLM splits a Llama:
         attention heads, MLP columns and the vocabulary (embedding, LM head) divided by ``tp``; KV
         heads divided too, or replicated (one per GPU) when there are fewer than ``tp``; norms whole."""
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ConfigError("tensor_parallel", tp, "an integer >= 1")
+        check_int("tensor_parallel", tp, 1)
         if tp == 1:
             return self
         if self.tensor_parallel != 1 or self.pipeline_parallel != 1:
@@ -178,8 +195,7 @@ class ModelSpec:
         """The ``pp`` pipeline stages, as vLLM splits the layers (``get_pp_indices``): evenly, the
         remainder one layer each to the stages before the last, from the second-to-last backwards
         (the last stage also runs the LM head). Apply to a whole model or to a tensor-parallel shard."""
-        if isinstance(pp, bool) or not isinstance(pp, int) or not 1 <= pp <= self.layers:
-            raise ConfigError("pipeline_parallel", pp, f"an integer in 1..{self.layers} (the layers of {self.name})")
+        check_int("pipeline_parallel", pp, 1, self.layers, f"an integer in 1..{self.layers} (the layers of {self.name})")
         if pp == 1:
             return (self,)
         if self.pipeline_parallel != 1:
@@ -215,13 +231,9 @@ class HardwareSpec:
     def __post_init__(self):
         _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes",
                         "network_bw")
-        eff = self.h2d_efficiency
-        if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not (0 < eff <= 1):
-            raise ConfigError(f"HardwareSpec.h2d_efficiency", self.h2d_efficiency, "a number in (0, 1]")
+        check_range("HardwareSpec.h2d_efficiency", self.h2d_efficiency, 0, 1, "a number in (0, 1]", low_open=True)
         for f in ("host_link_latency", "network_latency"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ConfigError(f"HardwareSpec.{f}", getattr(self, f), "a number >= 0 seconds")
+            check_range(f"HardwareSpec.{f}", getattr(self, f), 0, math.inf, "a number >= 0 seconds", high_open=True)
         _check_positive(self, "gpus_per_node", "gpus_per_host_link", integer=True)
         if self.gpus_per_host_link > self.gpus_per_node:
             raise ConfigError("HardwareSpec.gpus_per_host_link", self.gpus_per_host_link,

@@ -30,8 +30,16 @@ from .fileio import atomic_write_text
 
 SCHEMA = "offloadlab.trace/1"
 KINDS = ("compute", "copy", "wait", "launch", "step", "send")
+# The lanes of one GPU whose busy seconds a step or a run reports (host dispatch, compute stream, copy
+# stream, host link); the trace adds the serving loop's "engine" lane.
+BUSY_LANES = ("host", "compute", "copy", "link")
 # Known lanes get fixed Chrome thread ids (1..5) in this order; other lanes follow, by first use.
-LANE_ORDER = ("host", "compute", "copy", "link", "engine")
+LANE_ORDER = (*BUSY_LANES, "engine")
+
+
+def idle_lanes() -> dict[str, float]:
+    """Busy seconds per lane of ``BUSY_LANES``, all zero: what a step or a run adds to."""
+    return dict.fromkeys(BUSY_LANES, 0.0)
 SPAN_FIELDS = ("lane", "kind", "start", "end", "layer", "step", "name", "gpu")
 FRAME_COLUMNS = ("lane", "kind", "layer", "step", "name", "gpu", "start", "end", "duration")
 _US = 1e6  # microseconds per second

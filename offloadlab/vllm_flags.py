@@ -43,6 +43,7 @@ import shlex
 
 from .errors import ConfigError, from_argparse
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
+from .specs import KV_CACHE_DTYPES as _KV_DTYPES
 
 DISABLE_UVA = "VLLM_WEIGHT_OFFLOADING_DISABLE_UVA"
 DISABLE_PIN = "VLLM_WEIGHT_OFFLOADING_DISABLE_PIN_MEMORY"  # vllm/model_executor/offloader/base.py should_pin_memory
@@ -52,7 +53,7 @@ V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 V2_RUNNER_DEFAULT_SINCE = (0, 25)
 #: First vLLM version with the prefetch backend (vllm/model_executor/offloader/prefetch.py, PR #29941).
 PREFETCH_SINCE = (0, 17)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's --kv-cache-dtype values modelled
+KV_CACHE_DTYPES = tuple(_KV_DTYPES)  # vLLM's --kv-cache-dtype values modelled (specs.KV_CACHE_DTYPES)
 
 
 def _finite(text: str) -> float:
@@ -139,7 +140,7 @@ def unmodelled_flags(args: str | list[str]) -> list[str]:
 
 
 def engine_from_vllm(args: str | list[str]) -> dict:
-    """The engine settings a vLLM command line sets (EngineConfig field names, plus ``kv_cache_dtype``);
+    """The engine settings a vLLM command line sets (EngineConfig field names);
     flags it does not set are left out, so the caller's defaults stand."""
     unmodelled_flags(args)  # misspellings are errors
     a, _ = _engine_parser().parse_known_args(_argv(args)[0])

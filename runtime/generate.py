@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
+from offloadlab.checks import check_int
 from offloadlab.errors import ConfigError, DoesNotFitError
 from offloadlab.metrics import summarize, with_latencies
 from offloadlab.specs import GiB
@@ -95,8 +96,7 @@ def run_workload(model: Transformer, workload, batch_size: int = 8, *, seed: int
 
     ``realtime``: a batch starts no earlier than its last request's arrival (wall clock since the
     start); False ignores arrivals (all requests waiting at time 0)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError("batch_size", batch_size, "an integer >= 1")
+    check_int("batch_size", batch_size, 1)
     reqs = _requests(workload)
     spec, dev = model.spec, getattr(model, "dev", None)
     batches = [reqs[i:i + batch_size] for i in range(0, len(reqs), batch_size)]

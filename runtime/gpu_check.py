@@ -234,7 +234,7 @@ def main(argv=None) -> int:
 
     for name in probes:
         def validate(name=name):
-            r = subprocess.run([sys.executable, "-m", "offloadlab.cli", "validate", str(out / f"{name}.json"), "--json",
+            r = subprocess.run([sys.executable, "-m", "offloadlab.apps.cli", "validate", str(out / f"{name}.json"), "--json",
                                 str(out / f"validate_{name}.json")], capture_output=True, text=True, timeout=120)
             (out / f"validate_{name}.txt").write_text(r.stdout + r.stderr)
             if r.returncode:

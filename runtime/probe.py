@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from offloadlab.catalog import get_model
-from offloadlab.profile import SHAPE_FIELDS
+from offloadlab.profile import SHAPE_FIELDS, probe_placement
 from offloadlab.errors import OffloadLabError
 from offloadlab.fileio import atomic_write_json
-from offloadlab.policy import NoOffload, copy_prefix, interval
+from offloadlab.policy import NoOffload
 from offloadlab.specs import GiB, ModelSpec
 from offloadlab.trace import Trace
 
@@ -48,16 +48,6 @@ def default_policies(layers: int) -> list[tuple[str, int, int]]:
     return ([("resident", 0, 0)] + [("sync_prefix", m, 0) for m in sorted({max(1, layers // 2), max(1, layers // 4)},
                                                                           reverse=True)]
             + [("async_k", 2, 2), ("async_k", 4, 2), ("async_k", 2, 1), ("async_k", 2, 4)])
-
-
-def placement_for(spec: ModelSpec, policy: str, param: int, nbuf: int):
-    if policy == "resident":
-        return NoOffload().place(spec)
-    if policy == "sync_prefix":
-        return copy_prefix(spec, param)
-    if policy == "async_k":
-        return interval(param, nbuf).place(spec)
-    raise ValueError(f"unknown probe policy {policy!r}")
 
 
 def layer_copy_seconds(spec: ModelSpec, dev, reps: int = 5) -> float:
@@ -92,7 +82,7 @@ def measure(spec: ModelSpec, device=None, grid=PROBE_GRID, sizes_mib=None, reps:
     del one
     rows = []
     for policy, param, nbuf in policies:
-        pl = placement_for(spec, policy, param, nbuf)
+        pl = probe_placement(spec, policy, param, nbuf)
         model = build(spec, pl, dev, reserve_bytes=reserve, seed=0)
         for B, T, C in grid:
             ms = stack_time(model, B, T, C, reps) * 1e3

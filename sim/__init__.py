@@ -8,7 +8,7 @@ loop), ``workload`` (request generators, vLLM's arrivals, replays), ``sharegpt``
 from .costs import Calibrated, LayerCost, Roofline, StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .parallel import Layout
-from .run import (RunResult, describe_profile, layout, per_gpu, serving_memory, simulate, simulate_band,
+from .run import (BAND_METRICS, RunResult, describe_profile, layout, per_gpu, serving_memory, simulate, simulate_band,
                   simulate_step)
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
@@ -16,7 +16,7 @@ from . import sharegpt
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [
-    "Calibrated", "EngineConfig", "describe_profile", "LayerCost", "Layout", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
+    "BAND_METRICS", "Calibrated", "EngineConfig", "describe_profile", "LayerCost", "Layout", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
     "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "layout",
     "plan_memory", "per_gpu", "serving_memory", "simulate", "simulate_band", "simulate_layers", "simulate_step",
 ]

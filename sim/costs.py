@@ -57,9 +57,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import check_int
 from ..errors import ConfigError
 from ..profile import Profile
-from ..specs import HardwareSpec, ModelSpec
+from ..specs import ACT_BYTES, HardwareSpec, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,7 @@ class StepShape:
     def uniform(cls, batch: int, new: int, context: int) -> "StepShape":
         """``batch`` sequences, each adding ``new`` tokens after ``context`` cached ones."""
         for name, v, lo in (("batch", batch, 1), ("new_tokens", new, 1), ("context", context, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(name, v, f"an integer >= {lo}")
+            check_int(name, v, lo)
         pairs = batch * (new * context + new * (new + 1) / 2)
         return cls(batch, batch * new, pairs, batch * (context + new), new == 1)
 
@@ -191,8 +191,7 @@ class Roofline:
             raise ConfigError("copy_slowdown", self.copy_slowdown, "a multiplier >= 1")
         if not self.link_share >= 1:
             raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
-        if isinstance(self.uva_tile_m, bool) or not isinstance(self.uva_tile_m, int) or self.uva_tile_m < 1:
-            raise ConfigError("uva_tile_m", self.uva_tile_m, "an integer >= 1 (token rows per M-tile)")
+        check_int("uva_tile_m", self.uva_tile_m, 1, expected="an integer >= 1 (token rows per M-tile)")
         if self.graph_mode not in ("decode", "piecewise"):
             raise ConfigError("graph_mode", self.graph_mode, "'decode' (V0) or 'piecewise' (V1)")
 
@@ -203,19 +202,19 @@ class Roofline:
     def gemm_time(self, shape: tuple[int, int], tokens: int) -> float:
         """One GEMM of an (out, in) weight over ``tokens`` rows."""
         out_f, in_f = shape
-        act = 2  # activation bytes per element
+        act = ACT_BYTES
         return self._kernel(2.0 * out_f * in_f * tokens,
                             out_f * in_f * self.model.weight_bytes + tokens * (in_f + out_f) * act, self.matmul_eff)
 
     def attention_time(self, s: StepShape) -> float:
-        m, act = self.model, 2
+        m, act = self.model, ACT_BYTES
         q = m.heads * m.head_dim
         return self._kernel(4.0 * q * s.pairs, s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act,
                             self.attention_eff)
 
     def elementwise_time(self, tokens: int) -> float:
         """Norms, RoPE, SiLU*mul, residual adds, KV-cache write: read+write of the activations."""
-        m, act = self.model, 2
+        m, act = self.model, ACT_BYTES
         q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
         elementwise_bytes = tokens * act * (8 * m.hidden + 2 * (q + 2 * kv) + 3 * m.intermediate)
         n_elem = self.kernels_per_layer - 5
@@ -245,7 +244,7 @@ class Roofline:
         tp = self.model.tensor_parallel
         if tp == 1:
             return 0.0
-        return self.allreduce_seconds(tokens * self.model.hidden * 2, tp)
+        return self.allreduce_seconds(self.model.hidden_state_bytes(tokens), tp)
 
     def allreduce_seconds(self, nbytes: float, gpus: int) -> float:
         """A ring all-reduce of ``nbytes`` over ``gpus`` GPUs of this kind."""
@@ -575,7 +574,7 @@ class Calibrated:
         if not self._allreduce or rf.model.tensor_parallel == 1:
             return 2 * rf.allreduce_time(tokens)
         _, lbs, ratios = self._allreduce
-        nbytes = tokens * rf.model.hidden * 2
+        nbytes = rf.model.hidden_state_bytes(tokens)
         return 2 * rf.allreduce_seconds(nbytes, rf.model.tensor_parallel) * float(np.interp(math.log(nbytes), lbs, ratios))
 
     def gpu_host(self, s: StepShape) -> tuple[float, float]:

@@ -11,16 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..checks import check_int
 from ..errors import ConfigError
 from ..specs import HardwareSpec, ModelSpec
 
-ACT_BYTES = 2  # bytes per element of the hidden states sent between stages (bf16)
 P2P_LATENCY = 10e-6  # seconds per send between GPUs of one node
-
-
-def _check_int(name: str, v, lo: int = 1) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(name, v, f"an integer >= {lo}")
 
 
 @dataclass(frozen=True)
@@ -35,8 +30,8 @@ class Layout:
 
     def __post_init__(self):
         tp, pp, hw = self.tensor_parallel, self.pipeline_parallel, self.hw
-        _check_int("tensor_parallel", tp)
-        _check_int("pipeline_parallel", pp)
+        check_int("tensor_parallel", tp)
+        check_int("pipeline_parallel", pp)
         if tp > hw.gpus_per_node:
             raise ConfigError("tensor_parallel", tp, f"at most the {hw.gpus_per_node} GPUs of a {hw.name} node "
                               "(tensor parallelism stays inside a node)")
@@ -68,7 +63,7 @@ class Layout:
 
     def send_bytes(self, tokens: int) -> int:
         """Bytes each GPU of a stage sends to the next: the hidden states of the step's tokens."""
-        return tokens * self.model.hidden * ACT_BYTES
+        return self.model.hidden_state_bytes(tokens)
 
     def send_time(self, stage: int, tokens: int) -> float:
         """Seconds to hand ``tokens`` tokens' hidden states from ``stage`` to the next one: over

@@ -11,9 +11,9 @@ import pandas as pd
 from ..catalog import get_gpu, get_model
 from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Placement, Policy
-from ..profile import Profile
+from ..profile import Profile, load_profiles
 from ..specs import GiB, HardwareSpec, ModelSpec
-from ..trace import Span, Trace
+from ..trace import Span, Trace, idle_lanes
 from .costs import Corner, StepShape, cost_model
 from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
 from .metrics import request_frame, summarize
@@ -25,8 +25,10 @@ from .workload import Workload
 
 
 def layout(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
-           pipeline_parallel: int = 1) -> Layout:
-    return Layout(get_model(model), get_gpu(gpu), tensor_parallel, pipeline_parallel)
+           pipeline_parallel: int = 1, kv_cache_dtype: str = "auto") -> Layout:
+    """The deployment: ``model`` (with vLLM's ``kv_cache_dtype`` applied) over tensor x pipeline GPUs."""
+    return Layout(get_model(model).with_kv_cache_dtype(kv_cache_dtype), get_gpu(gpu), tensor_parallel,
+                  pipeline_parallel)
 
 
 def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
@@ -35,23 +37,13 @@ def per_gpu(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: in
     return max(layout(model, gpu, tensor_parallel, pipeline_parallel).stages, key=lambda m: m.layers)
 
 
-def _load(profile):
-    """None, a Profile, a path, or a sequence of them (several sources: see costs.Calibrated)."""
-    if isinstance(profile, (list, tuple)):
-        if not profile:
-            return None
-        loaded = tuple(_load(p) for p in profile)
-        return loaded[0] if len(loaded) == 1 else loaded
-    return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
-
-
 def describe_profile(model: str | ModelSpec, gpu: str | HardwareSpec, profile, tensor_parallel: int = 1,
                      pipeline_parallel: int = 1, cost_kw: dict | None = None) -> str:
     """One line: what ``profile`` transfers to one GPU of this deployment, from what ("H100 llama-3.1-8b
     profile applied to llama-3.1-70b on H200-SXM-141GB by efficiency transfer (...)"); the datasheet
     roofline when there is no profile."""
     lay = layout(model, gpu, tensor_parallel, pipeline_parallel)
-    profile = _load(profile)
+    profile = load_profiles(profile)
     m = max(lay.stages, key=lambda s: s.layers)
     return cost_model(m, lay.hw, profile, **(cost_kw or {})).describe()
 
@@ -74,7 +66,7 @@ def _resolve(lay: Layout, policy: Policy, profile, cost_kw, corner: str | None =
     measured row near them)."""
     if corner is not None and corner not in CORNERS:
         raise ConfigError("corner", corner, "None, 'low' or 'high'")
-    profile = _load(profile)
+    profile = load_profiles(profile)
     kw = {"link_share": lay.link_share, **(cost_kw or {})}
     out = []
     for m in lay.stages:
@@ -107,7 +99,7 @@ def simulate_step(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Polic
     stages = _resolve(lay, policy, profile, cost_kw, corner, (shape.tokens, shape.tokens))
     pp = len(stages)
     t, stall, events, spans = 0.0, 0.0, 0, []
-    busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+    busy = idle_lanes()
     for i, st in enumerate(stages):
         res = StepModel(st.placement, st.cost, quantum=0.0).run(shape, trace=True)
         gpu = i * lay.tensor_parallel
@@ -165,7 +157,7 @@ def serving_memory(model: str | ModelSpec, gpu: str | HardwareSpec, placement, e
     with pipeline parallelism, the stage with the fewest KV tokens (every stage keeps the KV of
     every token for its layers), with the pinned host memory of the fullest node. ``placement`` is
     a Policy, or under tensor parallelism alone the Placement of the per-GPU shard."""
-    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)
+    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel, engine.kv_cache_dtype)
     if isinstance(placement, Placement):
         if lay.pipeline_parallel > 1:
             raise ConfigError("placement", placement, "a Policy (each pipeline stage places it on its own layers)")
@@ -208,7 +200,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload. ``corner``:
     "low" or "high" runs on that end of the cost model's uncertainty band (see ``simulate_band``)."""
     wall = time.perf_counter()
-    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)
+    lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel, engine.kv_cache_dtype)
     hw = lay.hw
     policy = policy if policy is not None else NoOffload()
     stages = _resolve(lay, policy, profile, cost_kw, corner, (1, engine.max_num_batched_tokens))

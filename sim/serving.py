@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import simpy
 
+from ..checks import check_int
 from ..errors import ConfigError
+from ..specs import KV_CACHE_DTYPES
 from .costs import StepShape
 from .step import CountingEnvironment, StepModel, StepResult
 from .workload import Request
@@ -45,15 +47,18 @@ class EngineConfig:
     prefix_caching: bool = False  # full-block hashes: a preempted request finds its own blocks again
     reserve_full_isl: bool = False  # admit a waiting request only if its whole sequence's blocks are free
     async_scheduling: bool = False  # the host prepares step n+1 while the GPU runs step n
+    # vLLM's --kv-cache-dtype: "auto" keeps the model's, fp8* one byte per element (specs.KV_CACHE_DTYPES;
+    # applied to the model by ModelSpec.with_kv_cache_dtype wherever the simulator lays out a deployment)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError("gpu_memory_utilization", self.gpu_memory_utilization, "a fraction in (0, 1]")
         for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "tensor_parallel",
                   "pipeline_parallel"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f, v, "an integer >= 1")
+            check_int(f, getattr(self, f), 1)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", self.kv_cache_dtype, "one of " + ", ".join(KV_CACHE_DTYPES))
         if self.mode not in ("prefill+decode", "prefill-only"):
             raise ConfigError("mode", self.mode, "'prefill+decode' or 'prefill-only'")
         if not self.overhead_bytes >= 0:

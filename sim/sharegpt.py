@@ -38,6 +38,7 @@ from typing import IO, Iterator
 
 import numpy as np
 
+from ..checks import check_int
 from ..errors import ConfigError
 from ..fileio import atomic_write_text
 
@@ -281,13 +282,10 @@ def sample(lengths: Lengths, n: int, seed: int = 0, output_len: int | None = Non
     The shuffle is over the packaged (truncated) file's 17,400 two-turn conversations, so for a given seed the
     picked conversations are not those vLLM picks from the full file; the rules and their statistics are.
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ConfigError("n", n, "an integer >= 1")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError("seed", seed, "an integer >= 0")
-    if output_len is not None and (isinstance(output_len, bool) or not isinstance(output_len, (int, np.integer))
-                                   or output_len < 1):
-        raise ConfigError("sharegpt_output_len", output_len, "an integer >= 1")
+    check_int("n", n, 1)
+    check_int("seed", seed, 0)
+    if output_len is not None:
+        check_int("sharegpt_output_len", output_len, 1)
     order = list(range(len(lengths.prompt_len)))
     if shuffle:
         random.Random(seed).shuffle(order)  # == random.seed(seed); random.shuffle(data)

@@ -27,7 +27,7 @@ import simpy
 
 from ..errors import ConfigError
 from ..policy import Placement
-from ..trace import Span, Trace
+from ..trace import Span, Trace, idle_lanes
 from .costs import LayerCost, StepShape
 
 
@@ -187,7 +187,7 @@ class _Lanes:
         self.copy_done = {g: env.event() for g in prefetched}
         self.released = {g: env.event() for g in prefetched}
         self.spans: list[Span] = []
-        self.busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+        self.busy = idle_lanes()
         self.copying = 0  # copies in flight (compute runs copy_slowdown times slower meanwhile)
         self.stall = 0.0
 
@@ -339,7 +339,7 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     copy_end = [[0.0] * n for _ in range(P + extra)]
     released = [[0.0] * n for _ in range(P)]
     last = P - 1
-    busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
+    busy = idle_lanes()
     stall = 0.0
     host_free = compute_free = copier_free = pass_end = 0.0
     issued = 0  # copies placed on the copy stream so far (pass-major)

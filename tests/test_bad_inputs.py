@@ -1,7 +1,7 @@
 """Bad input, table-driven: every command and file format ends with exit 2, one line on stderr naming the
 field, the value and what was expected, no traceback, and no new file (issue 16's reliability targets).
 
-Each case runs ``offloadlab.cli.main`` in-process in an empty directory holding only the files the case
+Each case runs ``offloadlab.apps.cli.main`` in-process in an empty directory holding only the files the case
 writes; the directory must hold exactly those afterwards. Serving-run directories (issue 12) are not here.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from offloadlab import catalog
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = json.loads((ROOT / "validation" / "traces" / "h100_llama8b_probe.json").read_text())

@@ -6,7 +6,7 @@ import sys
 import pandas as pd
 import pytest
 
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 
 
 def test_paper_writes_table_csvs_and_plot(tmp_path, capsys):
@@ -105,7 +105,7 @@ def test_malformed_workload_and_catalog_files(tmp_path, capsys):
 
 
 def test_console_script_exits_nonzero_without_traceback():
-    p = subprocess.run([sys.executable, "-m", "offloadlab.cli", "run", "--gpu", "nope"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "offloadlab.apps.cli", "run", "--gpu", "nope"], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "unknown GPU" in p.stderr
 
 
@@ -140,7 +140,7 @@ def test_engine_defaults_in_the_help_are_engine_configs():
     """The CLI leaves engine defaults to EngineConfig (so a --vllm line can set them); its help names them."""
     import re
 
-    from offloadlab.cli import build_parser
+    from offloadlab.apps.cli import build_parser
     from offloadlab.sim import EngineConfig
 
     sub = build_parser()._subparsers._group_actions[0].choices["run"]

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from offloadlab import Span, Trace, interval, get_model
-from offloadlab.plots import compare_timelines
+from offloadlab.apps.plots import compare_timelines
 from offloadlab.sim import simulate_step
 from offloadlab.validation import compare_traces, trace_metrics
 

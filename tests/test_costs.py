@@ -27,15 +27,56 @@ def test_step_shape_rejects_bad_values(field, value):
         StepShape.uniform(args["batch"], args["new_tokens"], args["context"])
 
 
-def test_roofline_large_prefill_is_compute_bound_by_hand():
-    rf = Roofline(M8, H100, matmul_eff=1.0, attention_eff=1.0, memory_eff=1.0, kernel_floor=0.0)
-    T = 8192
-    # GEMM FLOPs of one 8B layer: 2 * 218,103,808 matmul params * T; attention 4 * 4096 * T(T+1)/2
-    gemm = 2 * 218_103_808 * T / 989e12
-    attn = 4 * 4096 * (T * (T + 1) / 2) / 989e12
-    elem_bytes = T * 2 * (8 * 4096 + 2 * (4096 + 2 * 1024) + 3 * 14336)
-    t = rf.gpu_time(StepShape.uniform(1, T, 0))
-    assert t == pytest.approx(gemm + attn + elem_bytes / 3.35e12, rel=1e-6)
+# Llama-3.1-8B's decoder layer from its published shapes (hidden 4096, 32 query and 8 KV heads of 128,
+# MLP 14336): q 4096x4096, k and v 1024x4096, o 4096x4096, gate, up 14336x4096, down 4096x14336
+M8_GEMM_WEIGHTS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
+                   (4096, 14336)]
+INF = 1e30  # "infinite" FLOP/s or bandwidth: the other limit alone sets the time
+
+
+def _brute_force_flops(seqs: list[tuple[int, int]]) -> float:
+    """FLOPs of one 8B layer, counted token by token: every GEMM weight does a multiply and an add
+    per weight element per token; each new token's query meets every key up to and including its own
+    position, one multiply-add for q.k and one for p.v per head dimension of each of the 32 heads."""
+    flops = 0.0
+    for new, context in seqs:
+        for j in range(new):
+            flops += sum(2 * o * i for o, i in M8_GEMM_WEIGHTS)
+            for _key in range(context + j + 1):
+                flops += 32 * 128 * (2 + 2)
+    return flops
+
+
+@pytest.mark.parametrize("seqs", [[(8192, 0)], [(3, 5), (1, 10)], [(1, 4096)] * 4, [(512, 1000), (7, 0)]])
+def test_roofline_with_infinite_bandwidth_is_flops_over_peak(seqs):
+    """The FLOP-bound limit: every kernel's time is its FLOPs over the peak (efficiency 1), so a layer
+    takes all its FLOPs, counted independently, over 989 TFLOP/s."""
+    rf = Roofline(M8, H100.replace(hbm_bw=INF), matmul_eff=1.0, attention_eff=1.0, memory_eff=1.0, kernel_floor=0.0)
+    assert rf.gpu_time(StepShape.of(seqs)) == pytest.approx(_brute_force_flops(seqs) / 989e12, rel=1e-9)
+
+
+@pytest.mark.parametrize("batch,context", [(1, 0), (1, 8000), (16, 2048)])
+def test_roofline_with_infinite_flops_reads_the_weights_and_the_kv_cache(batch, context):
+    """The byte-bound limit of a decode step: the layer's weights (from the parameter shapes, bf16) and
+    every sequence's K and V (8 heads x 128 x 2 bytes each, the new token's included) over 3.35 TB/s;
+    the activations (a few MB against hundreds) add at most 2% at these batch sizes."""
+    rf = Roofline(M8, H100.replace(peak_flops=INF), memory_eff=1.0, kernel_floor=0.0)
+    weights = 2 * sum(o * i for o, i in M8_GEMM_WEIGHTS)
+    kv = batch * (context + 1) * 2 * 8 * 128 * 2
+    t = rf.gpu_time(StepShape.uniform(batch, 1, context))
+    assert (weights + kv) / 3.35e12 <= t <= 1.02 * (weights + kv) / 3.35e12
+
+
+@pytest.mark.parametrize("seqs", [[(8192, 0)], [(1, 4096)] * 64, [(256, 3000)] * 3])
+def test_roofline_lies_between_its_two_limits(seqs):
+    """Each kernel takes the larger of its FLOP and byte times: the layer is at least the slower limit
+    and at most the two added."""
+    kw = dict(matmul_eff=0.7, attention_eff=0.5, memory_eff=0.8, kernel_floor=0.0)
+    shape = StepShape.of(seqs)
+    t = Roofline(M8, H100, **kw).gpu_time(shape)
+    flop_bound = Roofline(M8, H100.replace(hbm_bw=INF), **kw).gpu_time(shape)
+    byte_bound = Roofline(M8, H100.replace(peak_flops=INF), **kw).gpu_time(shape)
+    assert max(flop_bound, byte_bound) <= t * (1 + 1e-12) and t <= (flop_bound + byte_bound) * (1 + 1e-12)
 
 
 def test_roofline_decode_reads_weights_and_kv_by_hand():

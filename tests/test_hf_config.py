@@ -4,7 +4,7 @@ import json
 import pytest
 
 from offloadlab.catalog import get_model
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.errors import ConfigError
 from offloadlab.hf_config import model_from_arg, model_from_hf_config
 

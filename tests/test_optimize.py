@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from offloadlab import DoesNotFitError, NoOffload, Prefetch, VllmCopy, VllmUva, interval
-from offloadlab.cli import main
-from offloadlab.optimize import NoFeasiblePolicyError, candidate_policies, optimize
+from offloadlab.apps.cli import main
+from offloadlab.apps.optimize import NoFeasiblePolicyError, candidate_policies, optimize
 from offloadlab.sim import EngineConfig, longbench_multi_news, serving_memory
 from offloadlab.vllm_flags import policy_from_vllm
 
@@ -124,7 +124,7 @@ def test_cli_optimize_bad_input(capsys, args):
           offloaded_bytes=1), ["copies hide behind compute", "busy only 40%"]),
 ])
 def test_bound_reason_names_the_limit_and_its_numbers(row, words):
-    from offloadlab.optimize import bound_reason
+    from offloadlab.apps.optimize import bound_reason
 
     text = bound_reason(row)
     for w in words:

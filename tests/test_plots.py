@@ -11,7 +11,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from offloadlab import NoOffload, VllmCopy, interval, plots  # noqa: E402
+from offloadlab import NoOffload, VllmCopy, interval  # noqa: E402
+from offloadlab.apps import plots  # noqa: E402
 from offloadlab.sim import longbench_multi_news, simulate  # noqa: E402
 
 
@@ -22,37 +23,37 @@ def _close():
 
 
 def sweep_like() -> pd.DataFrame:
-    """A frame shaped like sweep()'s: k x buffers x bandwidth for interval, plus a vLLM baseline."""
+    """A frame shaped like sweep()'s: k x slots x bandwidth for interval, plus a vLLM baseline."""
     rows = []
     for bw in (16.0, 32.0, 64.0):
         for k in (2, 4, 8):
             for b in (1, 2):
-                rows.append({"policy": f"interval k={k} buf={b}", "policy_kind": "prefetch", "k": k, "buffers": b,
+                rows.append({"policy": f"interval k={k} buf={b}", "policy_kind": "prefetch", "k": k, "slots": b,
                              "host_link_GBps": bw, "throughput_rps": bw / k + b / 10, "tpot_mean_s": k / bw / 10,
                              "mem_kv_cache": 2.0**30 * (20 + 8 / k - b), "error": None})
-        rows.append({"policy": "vllm 6.5GiB", "policy_kind": "vllm", "k": None, "buffers": None, "host_link_GBps": bw,
+        rows.append({"policy": "vllm 6.5GiB", "policy_kind": "vllm", "k": None, "slots": None, "host_link_GBps": bw,
                      "throughput_rps": bw / 4, "tpot_mean_s": 1 / bw, "mem_kv_cache": 2.0**30 * 24, "error": None})
     df = pd.DataFrame(rows)
-    df["k"], df["buffers"] = df["k"].astype("Int64"), df["buffers"].astype("Int64")
+    df["k"], df["slots"] = df["k"].astype("Int64"), df["slots"].astype("Int64")
     return df
 
 
 def test_heatmap_cells_labels_and_units():
     df = sweep_like()
     one = df[(df.host_link_GBps == 32) & (df.policy_kind == "prefetch")]
-    fig = plots.heatmap(one, "k", "buffers", "throughput_rps")
+    fig = plots.heatmap(one, "k", "slots", "throughput_rps")
     assert isinstance(fig, Figure)
     ax, cbar = fig.axes  # the map and its colour bar
-    assert ax.get_xlabel() == "k" and ax.get_ylabel() == "buffers"
+    assert ax.get_xlabel() == "k" and ax.get_ylabel() == "slots"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
     assert cbar.get_ylabel() == "throughput (requests/s)"
     img = ax.get_images()[0].get_array()
-    assert img.shape == (2, 3) and img[0, 0] == pytest.approx(32 / 2 + 0.1)  # row = buffers 1, column = k 2
+    assert img.shape == (2, 3) and img[0, 0] == pytest.approx(32 / 2 + 0.1)  # row = slots 1, column = k 2
     assert len(ax.texts) == 6
     # TPOT shown in ms; several rows per cell are averaged; a missing cell stays blank
-    part = df[(df.policy_kind == "prefetch") & ~((df.k == 8) & (df.buffers == 2))]
-    fig = plots.heatmap(part, "k", "buffers", "tpot_mean_s", annotate=False)
+    part = df[(df.policy_kind == "prefetch") & ~((df.k == 8) & (df.slots == 2))]
+    fig = plots.heatmap(part, "k", "slots", "tpot_mean_s", annotate=False)
     ax = fig.axes[0]
     arr = np.ma.filled(ax.get_images()[0].get_array(), np.nan)
     assert arr[0, 0] == pytest.approx(np.mean([2 / bw / 10 * 1e3 for bw in (16, 32, 64)]))

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.errors import ConfigError
-from offloadlab.outputs import OutputSet
+from offloadlab.apps.outputs import OutputSet
 
-CLI = [sys.executable, "-m", "offloadlab.cli"]
+CLI = [sys.executable, "-m", "offloadlab.apps.cli"]
 
 
 def _files(root: Path) -> list[str]:
@@ -28,7 +28,7 @@ def _files(root: Path) -> list[str]:
 
 # ---------------------------------------------------------------- all or nothing
 def test_a_failure_while_writing_leaves_no_output_and_no_directory(tmp_path, monkeypatch, capsys):
-    import offloadlab.plots as plots
+    import offloadlab.apps.plots as plots
 
     class Fig:
         def savefig(self, f, **kw):
@@ -68,7 +68,7 @@ def test_outputs_appear_together_at_the_end(tmp_path, monkeypatch, capsys):
 
 def test_sweep_cache_files_follow_the_umask(tmp_path):
     from offloadlab.sim.workload import fixed
-    from offloadlab.sweep import SimConfig, sweep
+    from offloadlab.apps.sweep import SimConfig, sweep
 
     old = os.umask(0o002)
     try:
@@ -107,7 +107,7 @@ def test_a_read_only_directory_is_refused_before_the_work(tmp_path, capsys):
 
 def test_a_directory_without_write_permission_is_refused_before_the_work(tmp_path, monkeypatch, capsys):
     """As root (CI containers) a read-only directory is writable, so the permission check is made to fail."""
-    import offloadlab.outputs as outputs
+    import offloadlab.apps.outputs as outputs
     import offloadlab.sim as sim
 
     monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
@@ -118,7 +118,7 @@ def test_a_directory_without_write_permission_is_refused_before_the_work(tmp_pat
 
 
 def test_a_rename_that_fails_at_the_end_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
-    import offloadlab.outputs as outputs
+    import offloadlab.apps.outputs as outputs
 
     def refuse(src, dst):
         raise PermissionError(13, "Permission denied")

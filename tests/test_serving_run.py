@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.errors import ConfigError
 from offloadlab.validation.serving_run import (load_serving_run, model_for_hf_id, plan_replay, replay_serving_run,
                                                serving_requests)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SHARED_DATA
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.errors import ConfigError
 from offloadlab.sim import EngineConfig, simulate, sharegpt as sg
 from offloadlab.sim.workload import (Request, Workload, fixed, from_serving_run, from_vllm_result, make_workload,
@@ -321,7 +321,7 @@ def test_serving_run_errors(tmp_path, capsys):
 
 
 def test_sweep_cache_key_sees_the_concurrency_limit():
-    from offloadlab.sweep import workload_fingerprint
+    from offloadlab.apps.sweep import workload_fingerprint
 
     wl = fixed(4, 16, 4)
     assert workload_fingerprint(wl) == workload_fingerprint(wl.with_max_concurrency(None))

@@ -459,7 +459,7 @@ def test_catalog_file_is_all_or_nothing(tmp_path, clean_user_catalog):
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5, 8, 16])
 def test_paper_compares_equal_offloaded_layers(k):
-    from offloadlab.paper import paper_policies
+    from offloadlab.apps.paper import paper_policies
 
     none, vllm, ours = paper_policies(k=k)
     m = get_model("llama-3.1-8b")

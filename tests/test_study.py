@@ -4,7 +4,7 @@ import pytest
 from offloadlab import ConfigError, DoesNotFitError, NoOffload, get_gpu, get_model, interval
 from offloadlab.sim import EngineConfig, serving_memory, simulate
 from offloadlab.sim.workload import fixed
-from offloadlab.study import can_serve, deployment, serve
+from offloadlab.apps.study import can_serve, deployment, serve
 
 
 def test_deployment_tensor_parallel_in_a_node_pipeline_across_nodes():

@@ -1,4 +1,4 @@
-"""offloadlab.sweep: grids, keys, cache, errors in rows, and the same frame from every executor."""
+"""offloadlab.apps.sweep: grids, keys, cache, errors in rows, and the same frame from every executor."""
 from __future__ import annotations
 
 import json
@@ -6,18 +6,18 @@ import json
 import pandas as pd
 import pytest
 
-import offloadlab.sweep as sw
+import offloadlab.apps.sweep as sw
 from offloadlab import ConfigError, UnknownNameError, interval
 from offloadlab.policy import NoOffload, VllmCopy
 from offloadlab.sim import EngineConfig, longbench_multi_news
-from offloadlab.sweep import INPUT_COLUMNS, SimConfig, grid, pareto_front, sweep
+from offloadlab.apps.sweep import INPUT_COLUMNS, SimConfig, grid, pareto_front, sweep
 
 # small and fast: 12 requests of up to ~2k prompt tokens, 32 output tokens
 WL = longbench_multi_news(12, output_len=32)
 
 
 def small_grid():
-    return grid(k=[2, 4], buffers=[1, 2], host_link_GBps=[16, 64], gpu_memory_utilization=0.8)
+    return grid(k=[2, 4], slots=[1, 2], host_link_GBps=[16, 64], gpu_memory_utilization=0.8)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,14 @@ def serial_frame():
 
 # ---- grid and keys ------------------------------------------------------------------------------
 def test_grid_is_the_cartesian_product_last_axis_fastest():
-    cs = grid(gpu=["a100", "h100"], k=[2, 3, 4], buffers=[1, 2], host_link_GBps=[16, None], mode="prefill-only")
+    cs = grid(gpu=["a100", "h100"], k=[2, 3, 4], slots=[1, 2], host_link_GBps=[16, None], mode="prefill-only")
     assert len(cs) == 2 * 3 * 2 * 2
     assert [c.host_link_bw for c in cs[:2]] == [16e9, None]
     assert cs[0].policy == interval(2, 1) and cs[2].policy == interval(2, 2) and cs[4].policy == interval(3, 1)
     assert {c.hardware.name for c in cs[:12]} == {"A100-SXM4-40GB"}
     assert all(c.engine.mode == "prefill-only" for c in cs)
     assert len({c.key(WL) for c in cs}) == len(cs)
-    assert [c.key(WL) for c in cs] == [c.key(WL) for c in grid(gpu=["a100", "h100"], k=[2, 3, 4], buffers=[1, 2],
+    assert [c.key(WL) for c in cs] == [c.key(WL) for c in grid(gpu=["a100", "h100"], k=[2, 3, 4], slots=[1, 2],
                                                               host_link_GBps=[16, None], mode="prefill-only")]
     assert grid(k=[]) == []
 
@@ -47,7 +47,7 @@ def test_key_covers_every_input_and_the_workload():
     assert SimConfig.build(gpu="a100", policy="interval:2,2", gpu_memory_utilization=0.8).key(WL) == k
     assert base.replace(host_link_GBps=32).key(WL) == k  # the A100's catalog link is 32 GB/s
     assert base.replace(engine={"gpu_memory_utilization": 0.8}).key(WL) == k
-    others = [base.replace(host_link_GBps=16), base.replace(k=2, buffers=3), base.replace(gpu="a100-80gb"),
+    others = [base.replace(host_link_GBps=16), base.replace(k=2, slots=3), base.replace(gpu="a100-80gb"),
               base.replace(gpu_memory_utilization=0.9), base.replace(mode="prefill-only"),
               base.replace(max_num_seqs=128), base.replace(chunked_prefill=True), base.replace(model="llama-3.2-1b"),
               base.replace(policy=VllmCopy(6.5)), base.replace(policy=NoOffload())]
@@ -63,8 +63,8 @@ def test_bad_configs_fail_at_construction_naming_the_field():
         grid(bandwidth=[1, 2])
     with pytest.raises(ConfigError, match="k"):
         grid(policy=["none"], k=[2])
-    with pytest.raises(ConfigError, match="buffers"):
-        grid(buffers=[1, 2])
+    with pytest.raises(ConfigError, match="slots"):
+        grid(slots=[1, 2])
     with pytest.raises(ConfigError, match="k \\(group size\\)"):
         grid(k=[0])
     with pytest.raises(ConfigError, match="host_link_bw"):
@@ -88,11 +88,11 @@ def test_one_row_per_config_in_input_order_with_inputs_and_outputs(serial_frame)
     df = serial_frame
     cs = small_grid()
     assert len(df) == len(cs)
-    assert list(df.columns[:len(INPUT_COLUMNS)]) == list(INPUT_COLUMNS) and df.columns[-1] == "error"
+    assert list(df.columns[:len(INPUT_COLUMNS)]) == list(INPUT_COLUMNS) and list(df.columns[-2:]) == ["error", "error_kind"]
     assert list(df["key"]) == [c.key(WL) for c in cs]
-    assert list(df["k"]) == [c.policy.group for c in cs] and list(df["buffers"]) == [c.policy.slots for c in cs]
+    assert list(df["k"]) == [c.policy.group for c in cs] and list(df["slots"]) == [c.policy.slots for c in cs]
     assert list(df["host_link_GBps"]) == [16.0, 64.0] * 4
-    assert df["error"].isna().all()
+    assert df["error"].isna().all() and df["error_kind"].isna().all()
     for col in ("throughput_rps", "ttft_p90_s", "tpot_p50_s", "mem_kv_cache", "mem_staging", "offloaded_layers",
                 "util_copy", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
         assert col in df.columns and df[col].notna().all(), col
@@ -101,7 +101,7 @@ def test_one_row_per_config_in_input_order_with_inputs_and_outputs(serial_frame)
     # more host bandwidth is never slower; two buffers cost one more layer of staging memory
     fast, slow = df[df.host_link_GBps == 64], df[df.host_link_GBps == 16]
     assert (fast["throughput_rps"].to_numpy() >= slow["throughput_rps"].to_numpy()).all()
-    two, one = df[df.buffers == 2], df[df.buffers == 1]
+    two, one = df[df.slots == 2], df[df.slots == 1]
     assert (two["mem_staging"].to_numpy() > one["mem_staging"].to_numpy()).all()
 
 
@@ -134,10 +134,21 @@ def test_a_config_that_raises_is_reported_in_its_row(tmp_path):
     df = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
     assert df["error"].isna().tolist() == [True, False, True]
     assert df.loc[1, "error"].startswith("DoesNotFitError: llama-3.1-70b on A100-SXM4-40GB")
+    assert df["error_kind"].tolist() == [None, sw.DOES_NOT_FIT, None]  # typed where caught, not parsed from text
     assert pd.isna(df.loc[1, "throughput_rps"]) and df.loc[1, "model"] == "llama-3.1-70b"
     assert df.loc[0, "throughput_rps"] > 0
-    # a project error is deterministic, so it is cached too
+    # a project error is deterministic, so it is cached too, with its kind
     assert len(list(tmp_path.glob("*.json"))) == 3
+    again = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
+    pd.testing.assert_frame_equal(again, df)
+
+
+def test_a_bad_value_met_inside_the_simulator_is_a_bad_config_row():
+    from offloadlab.sim import EngineConfig
+
+    cs = [SimConfig.build(k=2, engine=EngineConfig(max_model_len=64))]  # every request is longer than 64 tokens
+    df = sweep(cs, WL, executor="serial", progress=False)
+    assert df.loc[0, "error"].startswith("ConfigError") and df.loc[0, "error_kind"] == sw.BAD_CONFIG
 
 
 def test_an_unexpected_exception_is_reported_and_not_cached(tmp_path, monkeypatch):
@@ -151,7 +162,7 @@ def test_an_unexpected_exception_is_reported_and_not_cached(tmp_path, monkeypatc
     monkeypatch.setattr(sw, "simulate", flaky)
     cs = [SimConfig.build(k=2), SimConfig.build(k=4)]
     df = sweep(cs, WL, executor="serial", cache_dir=tmp_path, progress=False)
-    assert df["error"].tolist() == [None, "RuntimeError: boom"]
+    assert df["error"].tolist() == [None, "RuntimeError: boom"] and df["error_kind"].tolist() == [None, sw.FAILED]
     assert [p.stem for p in tmp_path.glob("*.json")] == [cs[0].key(WL)]
 
 
@@ -225,7 +236,7 @@ def test_a_task_lost_by_the_executor_is_reported_warned_and_not_cached(tmp_path)
     cs = small_grid()[:3]
     with pytest.warns(RuntimeWarning, match="failed in the executor.*worker died"):
         df = sweep(cs, WL, executor=Broken(), cache_dir=tmp_path, progress=False)
-    assert df["error"].tolist() == ["BrokenExecutor: worker died"] * 3
+    assert df["error"].tolist() == ["BrokenExecutor: worker died"] * 3 and set(df["error_kind"]) == {sw.EXECUTOR}
     assert not list(tmp_path.glob("*.json"))
 
 
@@ -258,20 +269,22 @@ def test_pareto_front():
 def test_the_cache_fingerprint_covers_every_module_a_simulated_row_imports():
     # read from the sources, not a hand-written list: offloadlab.metrics (how runs are summarised) was
     # once missing, so editing it served stale cached rows
-    mods = sw._imported_modules("offloadlab.sweep")
+    mods = sw._imported_modules("offloadlab.apps.sweep")
     import offloadlab.sim.run as run_mod
 
     for needed in ("offloadlab.metrics", "offloadlab.sim.metrics", "offloadlab.sim.step", "offloadlab.sim.serving",
                    "offloadlab.schedule", "offloadlab.policy", "offloadlab.specs", run_mod.__name__):
         assert needed in mods, needed
-    assert not any(m.startswith(("offloadlab.runtime", "offloadlab.cli")) for m in mods), "only what a row runs"
+    assert not any(m.startswith(("offloadlab.runtime", "offloadlab.apps.cli")) for m in mods), "only what a row runs"
 
 
 def test_the_cache_fingerprint_changes_with_any_imported_source(monkeypatch):
     from pathlib import Path
 
+    import offloadlab.metrics
+
     real = Path.read_bytes
-    target = Path(sw.__file__).parent / "metrics.py"
+    target = Path(offloadlab.metrics.__file__)
     monkeypatch.setattr(Path, "read_bytes", lambda p: real(p) + (b"# edited" if p == target else b""))
     assert sw._code_fingerprint() != sw.CODE_FINGERPRINT
     monkeypatch.undo()

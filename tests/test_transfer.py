@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from offloadlab import ConfigError, interval
 from offloadlab.catalog import get_gpu, get_model
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.profile import Profile
 from offloadlab.sim import Roofline, StepShape, cost_model, simulate, simulate_band, simulate_step, make_workload
 from offloadlab.sim.costs import Corner
@@ -284,7 +284,7 @@ def test_step_prints_value_and_band(probe_path, capsys):
 
 
 def test_optimizer_says_which_choices_are_within_each_others_bands(probe):
-    from offloadlab.optimize import optimize
+    from offloadlab.apps.optimize import optimize
     from offloadlab.policy import parse_policy
 
     wl = make_workload("multi_news", n=6, seed=0)
@@ -305,7 +305,7 @@ def test_validate_leave_one_shape_out_from_the_cli(probe_path, capsys):
 
 
 def test_sweep_rows_carry_bands_when_asked(probe_path):
-    from offloadlab.sweep import SimConfig, sweep
+    from offloadlab.apps.sweep import SimConfig, sweep
 
     wl = make_workload("multi_news", n=4, seed=0)
     base = SimConfig(gpu="h100", profile=probe_path)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from offloadlab import ConfigError, UnknownNameError
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.validation import ProbeFile, error_summary, predict_probe, stored_measurements
 from offloadlab.validation.serving_run import replay_serving_run
 from conftest import SHARED_DATA

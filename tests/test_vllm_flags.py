@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offloadlab import ConfigError, get_gpu, get_model
-from offloadlab.cli import main
+from offloadlab.apps.cli import main
 from offloadlab.policy import NoOffload, Prefetch, VllmCopy, VllmUva, interval
 from offloadlab.sim import simulate_step
 from offloadlab.vllm_flags import format_vllm, policy_from_vllm, unmodelled_flags, vllm_args

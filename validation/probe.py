@@ -24,8 +24,7 @@ import pandas as pd
 from ..catalog import get_gpu, get_model, gpu_for_device
 from ..errors import ConfigError, OffloadLabError
 from ..fileio import load_mapping
-from ..policy import NoOffload, copy_prefix, interval
-from ..profile import PROBE_POLICIES as POLICIES, PROBE_ROW_FIELDS as ROW_FIELDS, Profile, check_probe
+from ..profile import PROBE_POLICIES as POLICIES, PROBE_ROW_FIELDS as ROW_FIELDS, Profile, check_probe, probe_placement
 from ..sim import StepShape, cost_model, simulate_layers
 from ..sim.costs import Corner
 from ..specs import HardwareSpec, ModelSpec
@@ -72,14 +71,6 @@ class ProbeFile:
         return Profile.from_probe(self.path)
 
 
-def placement_of(row: dict, model: ModelSpec):
-    if row["policy"] == "resident":
-        return NoOffload().place(model)
-    if row["policy"] == "sync_prefix":
-        return copy_prefix(model, row["param"])
-    return interval(row["param"], row["nbuf"]).place(model)
-
-
 def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile, ...] | None = None,
                   rows_of=None, **cost_kw) -> pd.DataFrame:
     """Every forward row with ``measured_ms``, ``predicted_ms`` and ``error`` (predicted/measured - 1).
@@ -95,7 +86,7 @@ def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile
     for i, r in enumerate(probe.data["forward"]):
         if rows_of is not None and (r["B"], r["T"], r["C"]) not in rows_of:
             continue
-        pl = placement_of(r, probe.model)
+        pl = probe_placement(probe.model, r["policy"], r["param"], r["nbuf"])
         if len(pl.offloaded_layers) != r["offloaded_layers"]:
             raise ConfigError(f"forward[{i}].offloaded_layers", r["offloaded_layers"],
                               f"{len(pl.offloaded_layers)} for {r['policy']} param={r['param']}", source=str(probe.path))

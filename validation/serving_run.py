@@ -305,9 +305,9 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
                           eng.tensor_parallel * eng.pipeline_parallel, "1 (multi-GPU runs are not replayed yet)",
                           source=str(run.path / "meta.json"))
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
-        from ..sim.run import _load
+        from ..profile import load_profiles
 
-        profile = _load(profile)
+        profile = load_profiles(profile)
     return ReplayPlan(run, m, hw, eng, cost_kw, version, profile)
 
 

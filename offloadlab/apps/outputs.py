@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError
-from .fileio import temp_beside
+from ..errors import ConfigError
+from ..fileio import temp_beside
 
 
 def _nearest_existing(p: Path) -> Path:

@@ -1,6 +1,6 @@
 """A policy optimizer: the best offload policy for a model, a GPU and a workload, and why.
 
-    from offloadlab.optimize import optimize
+    from offloadlab.apps.optimize import optimize
     from offloadlab.sim import EngineConfig, longbench_multi_news
 
     res = optimize("llama-3.1-8b", "a100-40gb", longbench_multi_news(100),
@@ -20,7 +20,7 @@ bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one 
 the LM head in steps that replay a CUDA graph, as vLLM does: sim/step.py ``join``); ``wrap=False``
 searches the paper's design instead.
 
-Each candidate is simulated with ``offloadlab.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
+Each candidate is simulated with ``offloadlab.apps.sweep.sweep`` (so ``executor`` and ``cache_dir`` work as
 there). A candidate is infeasible when it does not fit (its sweep row holds the error), when its KV
 cache is below ``min_kv_tokens`` (known from the memory plan alone: not simulated), or when its TTFT
 or TPOT p99 is above the limit. The best is the feasible candidate with the best ``objective`` (ties:
@@ -29,20 +29,20 @@ the best value counts as a tie).
 """
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import pandas as pd
 
-from .errors import ConfigError, DoesNotFitError, OffloadLabError
-from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, interval
-from .sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
-from .sim.run import BAND_METRICS
-from .specs import GiB
-from .sweep import SimConfig, sweep
-from .vllm_flags import format_vllm
+from ..checks import check_bool, check_range, is_positive
+from ..errors import ConfigError, DoesNotFitError, OffloadLabError
+from ..policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva, budget_for, floor_budget, interval
+from ..sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
+from ..sim import BAND_METRICS
+from ..specs import GiB
+from .sweep import DOES_NOT_FIT, SimConfig, sweep
+from ..vllm_flags import format_vllm
 
 __all__ = ["MECHANISMS", "OBJECTIVES", "NoFeasiblePolicyError", "OptimizeResult", "bound_reason", "candidate_policies",
            "optimize"]
@@ -75,17 +75,13 @@ def _memory_ok(model, gpu, policy, engine, min_kv_tokens) -> bool:
     return min_kv_tokens is None or mem.kv_tokens >= min_kv_tokens
 
 
-def _offloaded_count(layers: int, g: int, n: int) -> int:
-    return sum(1 for i in range(layers) if i % g >= g - n)
-
-
 def _smallest_budget(model, gpu, engine, kind, total_gib: float, min_kv_tokens) -> float | None:
     """The smallest budget (0.01 GiB steps) with which ``kind`` fits and meets min_kv_tokens; None when
     no offload already does, or no budget does. Scans 1/32 steps first (pinned host memory can fail at
     large budgets), then bisects inside the first step that works."""
     if _memory_ok(model, gpu, NoOffload(), engine, min_kv_tokens):
         return None
-    grid = [math.floor(total_gib * i / 32 * 100) / 100 for i in range(33)]
+    grid = [floor_budget(total_gib * i / 32) for i in range(33)]
     lo = None
     for a, b in zip(grid, grid[1:]):
         if b > 0 and _memory_ok(model, gpu, kind(b), engine, min_kv_tokens):
@@ -114,7 +110,7 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
         layout: dict[int, tuple[int, int]] = {}  # offloaded layers -> (g, n), the smallest g
         for g in groups:
             for n in range(1, g + 1):
-                layout.setdefault(_offloaded_count(L, g, n), (g, n))
+                layout.setdefault(Prefetch(g, n).offloaded_count(L), (g, n))
         counts = sorted(layout)
         fits = [c for c in counts
                 if _memory_ok(model, gpu, Prefetch(*layout[c], slots=1), engine, min_kv_tokens)]
@@ -132,10 +128,10 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
     for mech, kind in (("uva", VllmUva), ("vllm", VllmCopy)):
         if mech not in mechanisms:
             continue
-        budgets = {math.floor(total_gib * f * 100) / 100 for f in _BUDGET_FRACTIONS}
+        budgets = {floor_budget(total_gib * f) for f in _BUDGET_FRACTIONS}
         least = _smallest_budget(model, gpu, engine, kind, total_gib, min_kv_tokens)
         if least is not None:
-            budgets |= {least, min(math.floor(total_gib * 100) / 100, round(least + layer_gib, 2))}
+            budgets |= {least, min(floor_budget(total_gib), round(least + layer_gib, 2))}
         out += [kind(b) for b in sorted(budgets) if b > 0]
     return out
 
@@ -177,8 +173,7 @@ class OptimizeResult:
 def _check_limit(name: str, v, integer: bool = False):
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)) \
-            or (integer and v != int(v)):
+    if not is_positive(v) or (integer and v != int(v)):
         raise ConfigError(name, v, "a positive integer" if integer else "a positive number of seconds")
     return int(v) if integer else float(v)
 
@@ -284,6 +279,20 @@ def _band_note(df: pd.DataFrame, pols, objective: str, model, gpu, workload, eng
                    + ", ".join(tied) + ".")
 
 
+# Why a candidate is infeasible (the ``infeasible`` column; ``reason`` says it in words)
+_INFEASIBLE = {DOES_NOT_FIT: "does not fit", "min_kv_tokens": "KV cache below min_kv_tokens",
+               "ttft": "TTFT p99 over the limit", "tpot": "TPOT p99 over the limit", "failed": "failed"}
+_SHORT = {DOES_NOT_FIT: "does not", "min_kv_tokens": "KV cache", "ttft": "TTFT p99", "tpot": "TPOT p99",
+          "failed": "failed"}  # in NoFeasiblePolicyError's counts
+
+
+@dataclass(frozen=True)
+class _Limits:
+    min_kv_tokens: int | None = None
+    max_ttft_p99_s: float | None = None
+    max_tpot_p99_s: float | None = None
+
+
 def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig(), *,
              objective: str = "throughput_rps", min_kv_tokens: int | None = None,
              max_ttft_p99_s: float | None = None, max_tpot_p99_s: float | None = None,
@@ -300,91 +309,131 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
     them apart; the pick among them stays the tie rule's within ``tolerance``).
     Raises DoesNotFitError when no candidate fits at all, NoFeasiblePolicyError when some fit but none
     meets the constraints.
+
+    Four steps: the candidates, each evaluated (simulated, or screened out by its memory plan), ranked,
+    and the best explained against references.
     """
     if objective not in OBJECTIVES:
         raise ConfigError("objective", objective, "one of " + ", ".join(OBJECTIVES))
-    min_kv_tokens = _check_limit("min_kv_tokens", min_kv_tokens, integer=True)
-    max_ttft_p99_s = _check_limit("max_ttft_p99_s", max_ttft_p99_s)
-    max_tpot_p99_s = _check_limit("max_tpot_p99_s", max_tpot_p99_s)
+    limits = _Limits(_check_limit("min_kv_tokens", min_kv_tokens, integer=True),
+                     _check_limit("max_ttft_p99_s", max_ttft_p99_s), _check_limit("max_tpot_p99_s", max_tpot_p99_s))
     if not isinstance(engine, EngineConfig):
         raise ConfigError("engine", engine, "an EngineConfig")
     if not isinstance(workload, Workload):
         raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(100))")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
-        raise ConfigError("tolerance", tolerance, "a fraction in [0, 1)")
-    if not isinstance(wrap, bool):
-        raise ConfigError("wrap", wrap, "True or False")
+    check_range("tolerance", tolerance, 0, 1, "a fraction in [0, 1)", high_open=True)
+    check_bool("wrap", wrap)
     base = SimConfig(model=model, gpu=gpu, engine=engine, profile=profile)  # bad names fail here
     model, gpu = base.model_spec, base.hardware
-    shard = per_gpu(model, gpu, engine.tensor_parallel, engine.pipeline_parallel)  # what a GPU holds, offloads
-    if candidates is None:
-        pols = candidate_policies(model, gpu, engine, mechanisms=mechanisms, min_kv_tokens=min_kv_tokens, wrap=wrap)
-    else:
-        pols = list(candidates)
-        kinds = typing.get_args(Policy)
-        for i, p in enumerate(pols):
-            if not isinstance(p, kinds):
-                raise ConfigError(f"candidates[{i}]", p, "a Policy")
-        if not pols:
-            raise ConfigError("candidates", pols, "at least one Policy")
-    configs = [base.replace(policy=p) for p in pols]
 
-    # candidates whose KV cache is below min_kv_tokens: known from the memory plan, not simulated
-    pre: dict[int, tuple[int, float]] = {}
-    if min_kv_tokens is not None:
+    pols = _candidates(model, gpu, engine, candidates, mechanisms, limits.min_kv_tokens, wrap)
+    df = _evaluate(base, pols, workload, limits, executor, cache_dir, progress)
+    _check_some_fit(df, pols, per_gpu(model, gpu, engine.tensor_parallel, engine.pipeline_parallel), base)
+    df = _rank(df, objective, tolerance)
+    best = df.iloc[0]
+    policy = pols[int(best["candidate"])]
+    refs, ref_rows = _references(best, policy, base, workload, cache_dir)
+    none_rows = df[df["policy_kind"] == "none"]
+    reasons: dict[str, int] = {}  # infeasible candidates by kind, in ranked order of first appearance
+    for kind in df["infeasible"].dropna():
+        reasons[_INFEASIBLE[kind]] = reasons.get(_INFEASIBLE[kind], 0) + 1
+    text = _explain(best, objective, ref_rows, none_rows.iloc[0] if len(none_rows) else None,
+                    int(df["feasible"].sum()), len(df), reasons)
+    if band and objective in BAND_METRICS:
+        text += "\n" + _band_note(df, pols, objective, model, gpu, workload, engine, base.profile_obj())
+    return OptimizeResult(table=df, best=best, policy=policy, vllm_flags=format_vllm(policy, engine), explanation=text,
+                          objective=objective, references=refs, candidates=pols)
+
+
+def _candidates(model, gpu, engine, candidates, mechanisms, min_kv_tokens, wrap) -> list[Policy]:
+    """``candidate_policies``, or the caller's list, checked."""
+    if candidates is None:
+        return candidate_policies(model, gpu, engine, mechanisms=mechanisms, min_kv_tokens=min_kv_tokens, wrap=wrap)
+    pols = list(candidates)
+    kinds = typing.get_args(Policy)
+    for i, p in enumerate(pols):
+        if not isinstance(p, kinds):
+            raise ConfigError(f"candidates[{i}]", p, "a Policy")
+    if not pols:
+        raise ConfigError("candidates", pols, "at least one Policy")
+    return pols
+
+
+def _evaluate(base: SimConfig, pols: list[Policy], workload: Workload, limits: _Limits, executor, cache_dir,
+              progress: bool) -> pd.DataFrame:
+    """One row per candidate, in candidate order: its sweep row (or, when its memory plan alone leaves
+    less KV cache than min_kv_tokens, just that plan: not simulated), ``infeasible`` (None or why,
+    typed: the sweep's error_kind, or the limit it breaks), ``feasible``, ``reason`` and ``vllm_flags``."""
+    model, gpu, engine = base.model_spec, base.hardware, base.engine
+    configs = [base.replace(policy=p) for p in pols]
+    screened: dict[int, tuple[int, float]] = {}  # candidate -> (KV tokens, KV bytes) below min_kv_tokens
+    if limits.min_kv_tokens is not None:
         for i, p in enumerate(pols):
             try:
                 mem = serving_memory(model, gpu, p, engine)
             except DoesNotFitError:
                 continue  # the sweep reports it
-            if mem.kv_tokens < min_kv_tokens:
-                pre[i] = (mem.kv_tokens, mem.kv_cache)
-    run = [i for i in range(len(pols)) if i not in pre]
+            if mem.kv_tokens < limits.min_kv_tokens:
+                screened[i] = (mem.kv_tokens, mem.kv_cache)
+    run = [i for i in range(len(pols)) if i not in screened]
     df = sweep([configs[i] for i in run], workload, executor=executor, cache_dir=cache_dir, progress=progress)
     df.index = run
-    if pre:
-        extra = pd.DataFrame([{**configs[i].inputs(), "workload": workload.name, "mem_kv_tokens": pre[i][0],
-                               "mem_kv_cache": pre[i][1], "error": None} for i in pre], index=list(pre))
+    if screened:
+        extra = pd.DataFrame([{**configs[i].inputs(), "workload": workload.name, "mem_kv_tokens": kv,
+                               "mem_kv_cache": kv_bytes, "error": None, "error_kind": None}
+                              for i, (kv, kv_bytes) in screened.items()], index=list(screened))
         df = pd.concat([df, extra]) if len(df) else extra
     df = df.sort_index()
     df.insert(0, "candidate", df.index)
-
-    reasons: list[str | None] = []
-    for i, r in df.iterrows():
-        if r["error"] is not None and not (isinstance(r["error"], float) and math.isnan(r["error"])):
-            reasons.append("does not fit: " + str(r["error"]).split(": ", 1)[-1] if str(r["error"]).startswith(
-                "DoesNotFitError") else str(r["error"]))
-        elif i in pre:
-            reasons.append(f"KV cache {int(pre[i][0]):,} tokens < min_kv_tokens {min_kv_tokens:,}")
-        elif max_ttft_p99_s is not None and not r["ttft_p99_s"] <= max_ttft_p99_s:
-            reasons.append(f"TTFT p99 {r['ttft_p99_s']:.3g} s > {max_ttft_p99_s:g} s")
-        elif max_tpot_p99_s is not None and not r["tpot_p99_s"] <= max_tpot_p99_s:
-            reasons.append(f"TPOT p99 {r['tpot_p99_s'] * 1e3:.3g} ms > {max_tpot_p99_s * 1e3:g} ms")
-        else:
-            reasons.append(None)
-    df["feasible"] = [r is None for r in reasons]
-    df["reason"] = pd.Series(reasons, index=df.index, dtype=object)
+    why = [_why_infeasible(i, r, screened, limits) for i, r in df.iterrows()]
+    df["infeasible"] = pd.Series([w[0] for w in why], index=df.index, dtype=object)
+    df["feasible"] = df["infeasible"].isna()
+    df["reason"] = pd.Series([w[1] for w in why], index=df.index, dtype=object)
     df["vllm_flags"] = [format_vllm(pols[i], engine) for i in df.index]
-    failed = df["error"].map(lambda e: isinstance(e, str))
-    fits = df[~failed]
-    if not len(fits) and not df["error"].str.startswith("DoesNotFitError").all():
-        other = df.loc[~df["error"].str.startswith("DoesNotFitError"), "error"].iloc[0]
-        raise OffloadLabError(f"no candidate policy ran: {other}")
+    return df
+
+
+def _why_infeasible(i: int, r: pd.Series, screened: dict, limits: _Limits) -> tuple[str | None, str | None]:
+    """(kind, words) of what makes candidate ``i`` infeasible, or (None, None)."""
+    if isinstance(r["error"], str):
+        if r["error_kind"] == DOES_NOT_FIT:
+            return DOES_NOT_FIT, "does not fit: " + r["error"].split(": ", 1)[-1]
+        return "failed", r["error"]
+    if i in screened:
+        return "min_kv_tokens", f"KV cache {int(screened[i][0]):,} tokens < min_kv_tokens {limits.min_kv_tokens:,}"
+    if limits.max_ttft_p99_s is not None and not r["ttft_p99_s"] <= limits.max_ttft_p99_s:
+        return "ttft", f"TTFT p99 {r['ttft_p99_s']:.3g} s > {limits.max_ttft_p99_s:g} s"
+    if limits.max_tpot_p99_s is not None and not r["tpot_p99_s"] <= limits.max_tpot_p99_s:
+        return "tpot", f"TPOT p99 {r['tpot_p99_s'] * 1e3:.3g} ms > {limits.max_tpot_p99_s * 1e3:g} ms"
+    return None, None
+
+
+def _check_some_fit(df: pd.DataFrame, pols: list[Policy], shard, base: SimConfig) -> None:
+    """No candidate ran: DoesNotFitError (naming what the most offload lacks), or the first other error;
+    some ran but none is feasible: NoFeasiblePolicyError with the reasons counted."""
+    fits = df[~df["error"].map(lambda e: isinstance(e, str))]
     if not len(fits):
+        other = df[df["error_kind"] != DOES_NOT_FIT]
+        if len(other):
+            raise OffloadLabError(f"no candidate policy ran: {other['error'].iloc[0]}")
+        model, gpu, engine = base.model_spec, base.hardware, base.engine
         most = max(range(len(pols)), key=lambda i: pols[i].place(shard).offloaded_bytes)
         raise DoesNotFitError(
             f"{model.name} does not fit on {gpu.name} (tensor_parallel={engine.tensor_parallel}, "
             f"pipeline_parallel={engine.pipeline_parallel}, "
             f"gpu_memory_utilization={engine.gpu_memory_utilization}) with any of {len(pols)} candidate policies; "
             f"offloading the most ({pols[most].label}): {df.loc[most, 'reason'].removeprefix('does not fit: ')}")
-
-    more_better = OBJECTIVES[objective]
-    ok = df[df["feasible"]]
-    if not len(ok):
-        counts = df["reason"].dropna().str.split(" ").str[0:2].str.join(" ").value_counts()
+    if not df["feasible"].any():
+        counts = df["infeasible"].dropna().map(_SHORT).value_counts()
         raise NoFeasiblePolicyError(
             f"no candidate meets the constraints ({len(fits)} of {len(df)} fit; "
             + ", ".join(f"{c} by {k}" for k, c in counts.items()) + ")", df)
+
+
+def _rank(df: pd.DataFrame, objective: str, tolerance: float) -> pd.DataFrame:
+    """Best first: feasible ones, those within ``tolerance`` of the best ``objective`` value by more KV
+    cache then fewer offloaded bytes, the rest by the objective; then candidate order."""
+    more_better = OBJECTIVES[objective]
     score = pd.to_numeric(df[objective], errors="coerce")
     top = score[df["feasible"]].max() if more_better else score[df["feasible"]].min()
     near = df["feasible"] & ((score >= top - tolerance * abs(top)) if more_better
@@ -393,35 +442,26 @@ def optimize(model, gpu, workload: Workload, engine: EngineConfig = EngineConfig
                           "b": pd.to_numeric(df["offloaded_bytes"], errors="coerce"),
                           "s": -score if more_better else score, "i": df.index})
     order.loc[~near, ["kv", "b"]] = 0  # outside the tolerance: by the objective alone
-    df = df.loc[order.sort_values(["f", "near", "kv", "b", "s", "i"], na_position="last").index].reset_index(drop=True)
-    best = df.iloc[0]
-    policy = pols[int(best["candidate"])]
+    return df.loc[order.sort_values(["f", "near", "kv", "b", "s", "i"], na_position="last").index].reset_index(drop=True)
 
-    # references: the paper's interval k=2 (2 buffers), vLLM's copy path of the same bytes as the best
+
+def _references(best: pd.Series, policy: Policy, base: SimConfig, workload: Workload, cache_dir
+                ) -> tuple[pd.DataFrame, dict[str, pd.Series | str]]:
+    """The paper's interval k=2 (2 slots) and vLLM's copy path of the same bytes as the best (as k=2's
+    when the best offloads nothing), simulated: their rows, and per name the row or why it does not run."""
+    engine = base.engine
+    shard = per_gpu(base.model_spec, base.hardware, engine.tensor_parallel, engine.pipeline_parallel)
     k2 = interval(2, 2)
     same = policy if int(best["offloaded_bytes"]) > 0 else k2
-    copy_gib = budget_for(same.place(shard).offloaded_bytes)
     ref_pols = {"the paper's interval k=2, 2 buffers": k2,
                 "vLLM's copy path of the same bytes" + ("" if same is policy else " as k=2"):
                     VllmCopy(policy.cpu_offload_gb, policy.params) if isinstance(policy, (VllmCopy, VllmUva))
-                    else VllmCopy(copy_gib)}
+                    else VllmCopy(budget_for(same.place(shard).offloaded_bytes))}
     refs = sweep([base.replace(policy=p) for p in ref_pols.values()], workload, executor="serial",
                  cache_dir=cache_dir, progress=False)
     refs.insert(0, "reference", list(ref_pols))
-    ref_rows: dict[str, pd.Series | str] = {}
-    for (name, _), (_, r) in zip(ref_pols.items(), refs.iterrows()):
-        ref_rows[name] = r if r["error"] is None else \
+    rows: dict[str, pd.Series | str] = {}
+    for name, (_, r) in zip(ref_pols, refs.iterrows()):
+        rows[name] = r if r["error"] is None else \
             f"{r['policy']} does not run ({r['error'].removeprefix('DoesNotFitError: ').split('; ')[0]})"
-    none_rows = df[df["policy_kind"] == "none"]
-    none_row = none_rows.iloc[0] if len(none_rows) else None
-    reason_counts: dict[str, int] = {}
-    for r in df["reason"].dropna():
-        key = ("does not fit" if r.startswith("does not fit") else "KV cache below min_kv_tokens" if "min_kv" in r
-               else "TTFT p99 over the limit" if r.startswith("TTFT") else "TPOT p99 over the limit"
-               if r.startswith("TPOT") else "failed")
-        reason_counts[key] = reason_counts.get(key, 0) + 1
-    text = _explain(best, objective, ref_rows, none_row, int(df["feasible"].sum()), len(df), reason_counts)
-    if band and objective in BAND_METRICS:
-        text += "\n" + _band_note(df, pols, objective, model, gpu, workload, engine, base.profile_obj())
-    return OptimizeResult(table=df, best=best, policy=policy, vllm_flags=format_vllm(policy, engine), explanation=text,
-                          objective=objective, references=refs, candidates=pols)
+    return refs, rows

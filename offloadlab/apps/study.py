@@ -1,6 +1,6 @@
 """The "before buying" study: which node types and sizes can serve a model, how fast, at what cost.
 
-    from offloadlab.study import can_serve, serve
+    from offloadlab.apps.study import can_serve, serve
     fit = can_serve(models, ["H100-SXM5-80GB", "H200-SXM-141GB"], counts=[1, 2, 4, 8])
     table = serve(fit, longbench_multi_news(200))
 
@@ -8,7 +8,7 @@ A deployment of n GPUs is vLLM's usual layout: tensor parallelism over the GPUs 
 pipeline parallelism across nodes when n is larger (``deployment``). For each (model, GPU type, n)
 ``can_serve`` decides from the memory plan alone whether it fits without offload, with the paper's
 interval-k offload (two staging buffers) for which k, or not at all (and why). ``serve`` simulates
-every fitting candidate (no offload and each fitting k) with ``offloadlab.sweep`` and keeps, per
+every fitting candidate (no offload and each fitting k) with ``offloadlab.apps.sweep`` and keeps, per
 deployment, the best without offload and the best with it: offloading more frees KV cache for
 bigger batches, offloading less copies less, and the best k is where those balance.
 """
@@ -19,12 +19,12 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .errors import ConfigError, DoesNotFitError
-from .policy import NoOffload, Policy, interval
-from .sim import EngineConfig, Workload, serving_memory
-from .sim.run import layout
-from .specs import HardwareSpec, ModelSpec
+from ..catalog import get_gpu, get_model
+from ..checks import check_int
+from ..errors import ConfigError, DoesNotFitError
+from ..policy import NoOffload, Policy, interval
+from ..sim import EngineConfig, Workload, layout, serving_memory
+from ..specs import HardwareSpec, ModelSpec
 from .sweep import SimConfig, sweep
 
 KS = (1, 2, 3, 4, 6, 8)  # interval k tried for each deployment
@@ -33,8 +33,7 @@ KS = (1, 2, 3, 4, 6, 8)  # interval k tried for each deployment
 def deployment(gpu: str | HardwareSpec, gpus: int) -> tuple[int, int]:
     """(tensor_parallel, pipeline_parallel) for ``gpus`` GPUs: TP inside one node, PP across whole nodes."""
     hw = get_gpu(gpu)
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
-        raise ConfigError("gpus", gpus, "an integer >= 1")
+    check_int("gpus", gpus, 1)
     per = hw.gpus_per_node
     if gpus <= per:
         return gpus, 1
@@ -63,7 +62,7 @@ def can_serve(models: Mapping[str, str | ModelSpec], gpus: Iterable[str | Hardwa
     ks = sorted(set(ks), reverse=True)
     rows = []
     for label, model in models.items():
-        m = get_model(model)
+        m = get_model(model).with_kv_cache_dtype(engine.kv_cache_dtype)
         for gpu in gpus:
             hw = get_gpu(gpu)
             for n in counts:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import ConfigError, OffloadLabError
+from ..errors import ConfigError, OffloadLabError
 from .outputs import OutputSet, PipeSafeStdout
-from .vllm_flags import KV_CACHE_DTYPES
-from .specs import GiB
+from ..vllm_flags import KV_CACHE_DTYPES
+from ..specs import GiB
 
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
@@ -41,7 +41,7 @@ def _profile_arg(p: argparse.ArgumentParser, what: str = "calibrated costs inste
 def _say_profile(a, model) -> None:
     """The one line every command with --profile prints: what it transferred from what."""
     if a.profile:
-        from .sim import describe_profile
+        from ..sim import describe_profile
 
         print("profile: " + describe_profile(model, a.gpu, a.profile, getattr(a, "tensor_parallel", 1) or 1,
                                              getattr(a, "pipeline_parallel", 1) or 1))
@@ -55,7 +55,7 @@ def _catalog_args(p: argparse.ArgumentParser) -> None:
 
 def _sweep_args(p: argparse.ArgumentParser, csv_help: str) -> None:
     p.add_argument("--jobs", type=int, default=1, help="processes (default 1: serial)")
-    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.sweep)")
+    p.add_argument("--cache-dir", help="cache each simulated candidate here (see offloadlab.apps.sweep)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--csv", help=csv_help)
 
@@ -67,10 +67,10 @@ def _executor(a):
 def _model(a, name: str | None = None):
     """The model (``--model``, or ``name``: a catalog name or a Hugging Face config.json), with an fp8 KV
     cache when --kv-cache-dtype asks for one."""
-    from .hf_config import model_from_arg
+    from ..hf_config import model_from_arg
 
     m = model_from_arg(name or a.model)
-    return m.replace(name=f"{m.name}+kv-fp8", kv_bytes=1) if a.kv_cache_dtype.startswith("fp8") else m
+    return m.with_kv_cache_dtype(a.kv_cache_dtype)
 
 
 # Engine settings: default None here, so that EngineConfig holds the defaults and a --vllm command
@@ -106,8 +106,8 @@ def _settle_engine(a) -> None:
     brings its -tp, --max-model-len, ...), else EngineConfig's defaults; the two disagreeing is an error."""
     import dataclasses
 
-    from .sim import EngineConfig
-    from .vllm_flags import engine_from_vllm, unmodelled_flags
+    from ..sim import EngineConfig
+    from ..vllm_flags import engine_from_vllm, unmodelled_flags
 
     lines = a.vllm if isinstance(getattr(a, "vllm", None), list) else [a.vllm] if getattr(a, "vllm", None) else []
     if getattr(a, "vllm", None) is not None and not isinstance(a.vllm, list) and getattr(a, "policy", None) is not None:
@@ -120,7 +120,7 @@ def _settle_engine(a) -> None:
         for k, v in engine_from_vllm(line).items():
             if theirs.setdefault(k, v) != v:
                 raise ConfigError(f"--vllm {ENGINE_FLAGS.get(k, k)}", v, f"the same in every --vllm line ({theirs[k]})")
-    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)} | {"kv_cache_dtype": "auto"}
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     a.engine_given = {}  # the settings given on a command line (a --vllm-version fills the rest its way)
     for k, flag in ENGINE_FLAGS.items():
         if not hasattr(a, k):
@@ -158,27 +158,27 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
 
 def _policy(a):
     if a.vllm is not None:
-        from .vllm_flags import policy_from_vllm
+        from ..vllm_flags import policy_from_vllm
 
         return policy_from_vllm(a.vllm)
-    from .policy import parse_policy
+    from ..policy import parse_policy
 
     return parse_policy("interval:2" if a.policy is None else a.policy)
 
 
 def _workload(a):
-    from .sim import make_workload
+    from ..sim import make_workload
 
     kw = {}
     if str(a.workload).strip().lower() == "sharegpt":
-        from .sim import sharegpt
+        from ..sim import sharegpt
 
         tok = a.tokenizer
         if tok is None:
             models = a.model if isinstance(a.model, list) else [a.model or "llama-3.1-8b"]
             families = {sharegpt.tokenizer_for_model(m) for m in models}
             if len(families) > 1:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError("tokenizer", None, f"one family for all models (found {sorted(families)}): pass "
                                   "--tokenizer")
@@ -187,7 +187,7 @@ def _workload(a):
         if a.sharegpt_output_len is not None:
             kw["output_len"] = a.sharegpt_output_len
     elif a.tokenizer is not None or a.sharegpt_output_len is not None or a.sharegpt_source != "auto":
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         raise ConfigError("workload", a.workload, "sharegpt when --tokenizer or --sharegpt-* options are given")
     wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate, burstiness=a.burstiness,
@@ -203,19 +203,19 @@ def _workload(a):
 def _engine(a):
     """The EngineConfig of the command line; with --vllm-version, that version's engine (V0 or V1) and
     defaults for what the command line leaves unset (the CUDA-graph settings go to ``a.cost_kw``)."""
-    from .sim import EngineConfig
+    from ..sim import EngineConfig
 
     if getattr(a, "vllm_version", None):
-        from .catalog import get_gpu
-        from .sim.vllm_engine import vllm_engine
+        from ..catalog import get_gpu
+        from ..sim.vllm_engine import vllm_engine
 
-        given = {k: v for k, v in a.engine_given.items() if k != "kv_cache_dtype"}
-        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **given)
+        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **a.engine_given)
         return eng
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
-                        pipeline_parallel=a.pipeline_parallel, block_size=a.block_size)
+                        pipeline_parallel=a.pipeline_parallel, block_size=a.block_size,
+                        kv_cache_dtype=a.kv_cache_dtype)
 
 
 def _fmt_results(df: pd.DataFrame) -> str:
@@ -272,8 +272,8 @@ def cmd_paper(a) -> None:
 
 
 def cmd_run(a) -> None:
-    from .sim import simulate, simulate_band
-    from .vllm_flags import format_vllm
+    from ..sim import simulate, simulate_band
+    from ..vllm_flags import format_vllm
 
     wl = _workload(a)
     policy = _policy(a)
@@ -283,7 +283,7 @@ def cmd_run(a) -> None:
     band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile,
                                               cost_kw=getattr(a, "cost_kw", None))
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
-        from .sim import layout
+        from ..sim import layout
 
         print("deployment: " + layout(model, a.gpu, eng.tensor_parallel, eng.pipeline_parallel).describe()
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
@@ -307,9 +307,9 @@ def cmd_run(a) -> None:
 
 
 def cmd_compare(a) -> None:
-    from .policy import parse_policy
-    from .sim import simulate, simulate_band
-    from .vllm_flags import format_vllm, policy_from_vllm
+    from ..policy import parse_policy
+    from ..sim import simulate, simulate_band
+    from ..vllm_flags import format_vllm, policy_from_vllm
 
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
     if not policies:
@@ -410,7 +410,7 @@ def cmd_study(a) -> None:
 
 
 def cmd_step(a) -> None:
-    from .sim import simulate_step
+    from ..sim import simulate_step
 
     _say_profile(a, _model(a))
     r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
@@ -429,7 +429,7 @@ def cmd_step(a) -> None:
 
 
 def cmd_memory(a) -> None:
-    from .sim import serving_memory
+    from ..sim import serving_memory
 
     if a.profile:
         print("profile: not used (the memory layout does not depend on costs)")
@@ -441,9 +441,9 @@ def cmd_memory(a) -> None:
 
 def cmd_validate(a) -> None:
     from .plots import predicted_vs_measured, serving_replay
-    from .sim.run import _load
-    from .validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
-    from .validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
+    from ..profile import load_profiles
+    from ..validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
+    from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
     runs = [f for f in files if is_serving_run(f)]
@@ -455,7 +455,7 @@ def cmd_validate(a) -> None:
         raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
                           "own shapes)")
     # everything read and resolved before anything is simulated
-    source = _load(a.profile) if a.profile and len(runs) != len(files) else None
+    source = load_profiles(a.profile) if a.profile and len(runs) != len(files) else None
     probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
     plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
              for f in runs}
@@ -515,7 +515,7 @@ def cmd_validate(a) -> None:
 
 
 def cmd_list(a) -> None:
-    from .catalog import get_gpu, get_model, gpu_names, model_names
+    from ..catalog import get_gpu, get_model, gpu_names, model_names
 
     print("models:")
     for n in model_names():
@@ -532,7 +532,7 @@ def cmd_list(a) -> None:
 
 def cmd_bench(a) -> None:
     try:
-        from .runtime import microbench
+        from ..runtime import microbench
     except ImportError as e:  # torch is the runtime extra
         raise ConfigError("runtime", str(e), "torch installed: pip install -e '.[runtime]'") from None
     rc = microbench.main(a.args)
@@ -544,7 +544,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are ConfigErrors: one line naming option, value and what was expected."""
 
     def error(self, message):
-        from .errors import from_argparse
+        from ..errors import from_argparse
 
         raise from_argparse(message)
 
@@ -646,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options naming files a command writes: checked before any work, written together at its end
-# (offloadlab.outputs); and directories it fills as it goes (a sweep's cache).
+# (offloadlab.apps.outputs); and directories it fills as it goes (a sweep's cache).
 OUTPUT_FILES = {"json": "--json", "requests_csv": "--requests-csv", "trace": "--trace", "csv": "--csv", "plot": "--plot"}
 OUTPUT_DIRS = {"cache_dir": "--cache-dir"}
 
@@ -671,12 +671,12 @@ def main(argv: list[str] | None = None) -> int:
             args.outputs = outputs
             _check_outputs(args, outputs)
             if getattr(args, "catalog", None):
-                from .catalog import load_catalog_file
+                from ..catalog import load_catalog_file
 
                 load_catalog_file(args.catalog)
             _settle_engine(args)
             if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
-                from .profile import Profile
+                from ..profile import Profile
 
                 for path in args.profile if isinstance(args.profile, list) else [args.profile]:
                     Profile.load(path)

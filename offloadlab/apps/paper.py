@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .policy import NoOffload, VllmCopy, budget_for, interval
-from .sim import EngineConfig, longbench_multi_news, serving_memory, simulate
-from .sim.workload import check_fits_in_memory
-from .specs import GiB
+from ..catalog import get_gpu, get_model
+from ..policy import NoOffload, VllmCopy, budget_for, interval
+from ..sim import EngineConfig, longbench_multi_news, serving_memory, simulate
+from ..sim.workload import check_fits_in_memory
+from ..specs import GiB
 
 PAPER_MODEL = "llama-3.1-8b"
 PAPER_GPU = "A100-SXM4-40GB"
@@ -22,10 +22,10 @@ PAPER_ENGINE = EngineConfig(gpu_memory_utilization=0.8)
 MODES = ("prefill-only", "prefill+decode")
 
 
-def paper_policies(model=PAPER_MODEL, k: int = 2, buffers: int = 2):
+def paper_policies(model=PAPER_MODEL, k: int = 2, slots: int = 2):
     """No offload; vLLM copy path offloading the same bytes as interval k; interval k."""
     m = get_model(model)
-    ours = interval(k, buffers)
+    ours = interval(k, slots)
     return [NoOffload(), VllmCopy(budget_for(ours.place(m).offloaded_bytes)), ours]
 
 
@@ -59,10 +59,10 @@ def speedups(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def memory_table(model=PAPER_MODEL, gpu=PAPER_GPU, engine: EngineConfig = PAPER_ENGINE,
-                 vllm_gib=(2, 4, 6.5, 8), ks=(2, 3, 4), buffers: int = 2) -> pd.DataFrame:
+                 vllm_gib=(2, 4, 6.5, 8), ks=(2, 3, 4), slots: int = 2) -> pd.DataFrame:
     """Like the paper's Fig. 5: GPU memory for weights, staging and the KV cache per policy."""
     m, hw = get_model(model), get_gpu(gpu)
-    pols = [NoOffload(), *(VllmCopy(g) for g in vllm_gib), *(interval(k, buffers) for k in ks)]
+    pols = [NoOffload(), *(VllmCopy(g) for g in vllm_gib), *(interval(k, slots) for k in ks)]
     rows = []
     for p in pols:
         pl = p.place(m)

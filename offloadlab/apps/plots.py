@@ -105,7 +105,7 @@ def compare_timelines(simulated, measured, title: str = ""):
     return fig
 
 
-# ---- sweeps (offloadlab.sweep DataFrames) and per-request latency --------------------------------
+# ---- sweeps (offloadlab.apps.sweep DataFrames) and per-request latency --------------------------------
 _UNITS = {"throughput_rps": ("throughput (requests/s)", 1.0), "output_tok_s": ("output tokens/s", 1.0),
           "total_tok_s": ("tokens/s", 1.0), "ttft": ("TTFT (s)", 1.0), "tpot": ("TPOT (ms)", 1e3),
           "e2e": ("end-to-end latency (s)", 1.0)}
@@ -239,7 +239,7 @@ def latency_cdfs(runs, metrics=("ttft", "tpot"), title: str = ""):
 
 def by_gpu_count(table: pd.DataFrame, metric: str = "tok_s_per_gpu", *, panel: str = "model", line: str = "gpu",
                  logy: bool = True, title: str = ""):
-    """The "before buying" view (``offloadlab.study.serve``'s table): one panel per ``panel`` value,
+    """The "before buying" view (``offloadlab.apps.study.serve``'s table): one panel per ``panel`` value,
     ``metric`` against the number of GPUs, one colour per ``line`` value; solid without offload,
     dashed with the best offload policy (hollow markers)."""
     label, d = _scaled(table, (panel, line, "gpus", "offload"), metric)

@@ -1,9 +1,9 @@
 """Design-space sweeps: many simulated configurations in parallel, one tidy row each, cached on disk.
 
-    from offloadlab.sweep import grid, sweep
+    from offloadlab.apps.sweep import grid, sweep
     from offloadlab.sim import longbench_multi_news
 
-    configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], buffers=[1, 2],
+    configs = grid(model="llama-3.1-8b", gpu=["a100-40gb", "h100"], k=[2, 4, 8], slots=[1, 2],
                    host_link_GBps=[16, 32, 64], gpu_memory_utilization=0.8)
     df = sweep(configs, longbench_multi_news(200), cache_dir="results/cache/my_sweep")
 
@@ -13,8 +13,9 @@
 - ``grid(**axes)``: the cartesian product of axis values, last axis varying fastest.
 - ``sweep(configs, workload, executor=None, cache_dir=None)``: a DataFrame with one row per config,
   in input order: the input columns (``INPUT_COLUMNS``), every output column of
-  ``RunResult.row()`` except its wall-clock time, and ``error`` (None, or the message of the
-  exception the config raised, e.g. a DoesNotFitError: the sweep itself never fails on one).
+  ``RunResult.row()`` except its wall-clock time, ``error`` (None, or the message of the
+  exception the config raised, e.g. a DoesNotFitError: the sweep itself never fails on one) and
+  ``error_kind`` (None, or one of ``ERROR_KINDS``, set where the exception is caught).
 
 Parallel through any ``concurrent.futures.Executor``: a process pool by default, ``"serial"`` to
 run inline, an int for a pool of that many processes, or e.g. ``distributed.Client(...).get_executor()``
@@ -50,24 +51,26 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from .catalog import get_gpu, get_model
-from .errors import ConfigError, OffloadLabError
-from .fileio import atomic_write_json
-from .policy import NoOffload, Policy, Prefetch, interval, parse_policy
-from .profile import Profile
+from ..catalog import get_gpu, get_model
+from ..checks import check_bool, check_int, check_positive
+from ..errors import ConfigError, DoesNotFitError, OffloadLabError
+from ..fileio import atomic_write_json
+from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
+from ..profile import Profile
 from .signals import worker_init
-from .sim import EngineConfig, Workload, simulate, simulate_band
-from .specs import HardwareSpec, ModelSpec
+from ..sim import EngineConfig, Workload, simulate, simulate_band
+from ..specs import HardwareSpec, ModelSpec
 
-__all__ = ["CODE_FINGERPRINT", "INPUT_COLUMNS", "SimConfig", "grid", "pareto_front", "sweep",
+__all__ = ["BAD_CONFIG", "CODE_FINGERPRINT", "DOES_NOT_FIT", "ERROR_KINDS", "EXECUTOR", "FAILED", "INPUT_COLUMNS",
+           "SimConfig", "grid", "pareto_front", "sweep",
            "workload_fingerprint"]
 
 ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
-INPUT_COLUMNS = ("model", "gpu", "policy", "policy_kind", "k", "per_group", "buffers", "cpu_offload_gb",
+INPUT_COLUMNS = ("model", "gpu", "policy", "policy_kind", "k", "per_group", "slots", "cpu_offload_gb",
                  "host_link_GBps", *ENGINE_FIELDS, "profile", "workload", "key")
 # Outputs of RunResult.row() that are not deterministic (wall-clock time): left out of sweep rows.
 _DROPPED_OUTPUTS = ("wall_s",)
-_INT_COLUMNS = ("k", "per_group", "buffers")
+_INT_COLUMNS = ("k", "per_group", "slots")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class SimConfig:
     file (calibrated costs instead of the datasheet roofline), or several (a tuple); ``band``: also run
     the cost model's low- and high-cost corners, adding ``{metric}_lo`` / ``{metric}_hi`` columns for
     throughput, TTFT, TPOT and makespan (three simulations per row). ``SimConfig.build`` and ``replace``
-    also take EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers`` (interval policy) directly.
+    also take EngineConfig fields, ``host_link_GBps`` and ``k``/``slots`` (interval policy) directly.
     """
 
     model: str | ModelSpec = "llama-3.1-8b"
@@ -223,8 +226,7 @@ class SimConfig:
         object.__setattr__(self, "engine", eng)
         bw = self.host_link_bw
         if bw is not None:
-            if isinstance(bw, bool) or not isinstance(bw, (int, float)) or not (bw > 0 and math.isfinite(bw)):
-                raise ConfigError("host_link_bw", bw, "a positive number of bytes/s, or None for the GPU's spec")
+            check_positive("host_link_bw", bw, "a positive number of bytes/s, or None for the GPU's spec")
             object.__setattr__(self, "host_link_bw", float(bw))
         prof = self.profile
         if isinstance(prof, os.PathLike):
@@ -236,15 +238,14 @@ class SimConfig:
             object.__setattr__(self, "profile", prof if len(prof) > 1 else prof[0])
         elif prof is not None and not isinstance(prof, (str, Profile)):
             raise ConfigError("profile", prof, "a Profile, a path to a Profile/probe file, or None")
-        if not isinstance(self.band, bool):
-            raise ConfigError("band", self.band, "True or False")
+        check_bool("band", self.band)
         # unknown names and unreadable profiles fail here, at construction, naming what is wrong
         self.model_spec, self.hardware, self.profile_obj()  # noqa: B018
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
     def build(cls, **fields) -> "SimConfig":
-        """Like the constructor, also taking EngineConfig fields, ``host_link_GBps`` and ``k``/``buffers``."""
+        """Like the constructor, also taking EngineConfig fields, ``host_link_GBps`` and ``k``/``slots``."""
         return cls()._with(fields)
 
     def replace(self, **changes) -> "SimConfig":
@@ -253,7 +254,7 @@ class SimConfig:
 
     def _with(self, changes: Mapping[str, Any]) -> "SimConfig":
         own = {f.name for f in dataclasses.fields(self)}
-        extra = {"host_link_GBps", "k", "buffers"}
+        extra = {"host_link_GBps", "k", "slots"}
         for name in changes:
             if name not in own and name not in ENGINE_FIELDS and name not in extra:
                 raise ConfigError("config field", name, "one of " + ", ".join([*own, *sorted(extra), *ENGINE_FIELDS]))
@@ -266,12 +267,12 @@ class SimConfig:
             if gbps is not None and (isinstance(gbps, bool) or not isinstance(gbps, (int, float))):
                 raise ConfigError("host_link_GBps", gbps, "a positive number of GB/s, or None for the GPU's spec")
             fields["host_link_bw"] = None if gbps is None else gbps * 1e9
-        if "k" in changes or "buffers" in changes:
+        if "k" in changes or "slots" in changes:
             if "policy" in changes:
-                raise ConfigError("k", changes.get("k"), "not given together with policy (k/buffers make interval(k, buffers))")
+                raise ConfigError("k", changes.get("k"), "not given together with policy (k/slots make interval(k, slots))")
             if "k" not in changes:
-                raise ConfigError("buffers", changes["buffers"], "given together with k (interval k with that many buffers)")
-            fields["policy"] = interval(changes["k"], changes.get("buffers", 2))
+                raise ConfigError("slots", changes["slots"], "given together with k (interval k with that many staging slots)")
+            fields["policy"] = interval(changes["k"], changes.get("slots", 2))
         eng = {n: v for n, v in changes.items() if n in ENGINE_FIELDS}
         if eng:
             base = fields["engine"]
@@ -282,7 +283,8 @@ class SimConfig:
     # ---- resolved inputs -----------------------------------------------------------------------
     @property
     def model_spec(self) -> ModelSpec:
-        return get_model(self.model)
+        """The model, with the engine's KV-cache dtype applied (as the simulator lays it out)."""
+        return get_model(self.model).with_kv_cache_dtype(self.engine.kv_cache_dtype)
 
     @property
     def hardware(self) -> HardwareSpec:
@@ -333,7 +335,7 @@ class SimConfig:
         prefetch = isinstance(p, Prefetch)
         row = {"model": self.model_spec.name, "gpu": hw.name, "policy": p.label, "policy_kind": p.kind,
                "k": p.group if prefetch else None, "per_group": p.per_group if prefetch else None,
-               "buffers": p.slots if prefetch else None,
+               "slots": p.slots if prefetch else None,
                "cpu_offload_gb": float(p.cpu_offload_gb) if hasattr(p, "cpu_offload_gb") else None,
                "host_link_GBps": hw.host_link_bw / 1e9}
         row.update({f: getattr(self.engine, f) for f in ENGINE_FIELDS})
@@ -351,7 +353,7 @@ def grid(**axes) -> list[SimConfig]:
 
     Axes are SimConfig fields (``model``, ``gpu``, ``policy``, ``engine``, ``host_link_bw``,
     ``profile``), EngineConfig fields (``gpu_memory_utilization``, ``mode``, ``max_num_seqs``, ...),
-    ``host_link_GBps`` (GB/s; None = the GPU's spec) and ``k``/``buffers`` (interval(k, buffers)
+    ``host_link_GBps`` (GB/s; None = the GPU's spec) and ``k``/``slots`` (interval(k, slots)
     policies; not together with ``policy``). A value that is a string or not a list/tuple/range is one
     fixed value. ``len(grid(a=[1, 2], b=[3, 4, 5])) == 6``.
     """
@@ -372,8 +374,34 @@ def grid(**axes) -> list[SimConfig]:
 # ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
-def _run_one(job: tuple, workload: Workload) -> tuple[dict | None, str | None, bool]:
-    """(outputs, error, cacheable) of one job; never raises for a config's own failure."""
+# A row's failure, typed where the exception is caught (the ``error_kind`` column; ``error`` keeps the message)
+DOES_NOT_FIT = "does_not_fit"  # a DoesNotFitError: the configuration does not fit in GPU or host memory
+BAD_CONFIG = "bad_config"  # another of the project's own checks (OffloadLabError: a bad value, ...)
+FAILED = "failed"  # any other exception in the simulator (not cached: the next run retries it)
+EXECUTOR = "executor"  # the task failed in the executor, not in the simulator (a dead worker, pickling)
+ERROR_KINDS = (DOES_NOT_FIT, BAD_CONFIG, FAILED, EXECUTOR)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One configuration's result: outputs, or the error's message and kind."""
+
+    outputs: dict | None = None
+    error: str | None = None
+    kind: str | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        """Results and the project's own errors are; anything else is retried next time."""
+        return self.kind in (None, DOES_NOT_FIT, BAD_CONFIG)
+
+
+def _error_kind(e: BaseException) -> str:
+    return DOES_NOT_FIT if isinstance(e, DoesNotFitError) else BAD_CONFIG if isinstance(e, OffloadLabError) else FAILED
+
+
+def _run_one(job: tuple, workload: Workload) -> _Outcome:
+    """One job's outcome; never raises for a config's own failure."""
     model, hw, policy, engine, profile, band = job
     try:
         row = simulate(model, hw, policy, workload, engine, profile=profile, trace_steps=False).row()
@@ -381,12 +409,11 @@ def _run_one(job: tuple, workload: Workload) -> tuple[dict | None, str | None, b
             for k, (lo, hi) in simulate_band(model, hw, policy, workload, engine, profile=profile).items():
                 row[f"{k}_lo"], row[f"{k}_hi"] = lo, hi
     except Exception as e:  # noqa: BLE001 - reported in the config's row
-        return None, f"{type(e).__name__}: {e}", isinstance(e, OffloadLabError)
-    out = {k: _plain(v) for k, v in row.items() if k not in _DROPPED_OUTPUTS}
-    return out, None, True
+        return _Outcome(error=f"{type(e).__name__}: {e}", kind=_error_kind(e))
+    return _Outcome(outputs={k: _plain(v) for k, v in row.items() if k not in _DROPPED_OUTPUTS})
 
 
-def _run_chunk(jobs: list[tuple], workload: Workload) -> list[tuple[dict | None, str | None, bool]]:
+def _run_chunk(jobs: list[tuple], workload: Workload) -> list[_Outcome]:
     """A worker task: several configurations, one round trip."""
     return [_run_one(j, workload) for j in jobs]
 
@@ -395,63 +422,159 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
 
 
+# ---- the cache: one JSON file per configuration ------------------------------------------------
+class _Cache:
+    """``dir/<key>.json`` per finished configuration, valid while the code fingerprint is the same."""
+
+    def __init__(self, directory: str | os.PathLike | None):
+        self.dir = Path(directory) if directory is not None else None
+
+    def read(self, key: str) -> _Outcome | None:
+        if self.dir is None:
+            return None
+        try:
+            entry = json.loads((self.dir / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or entry.get("key") != key or entry.get("code") != CODE_FINGERPRINT:
+            return None
+        return _Outcome(entry.get("outputs"), entry.get("error"), entry.get("error_kind"))
+
+    def write(self, key: str, label: str, out: _Outcome) -> None:
+        if self.dir is not None and out.cacheable:
+            atomic_write_json(self.dir / f"{key}.json", {"key": key, "code": CODE_FINGERPRINT, "config": label,
+                                                         "outputs": out.outputs, "error": out.error,
+                                                         "error_kind": out.kind})
+
+
+# ---- executors ---------------------------------------------------------------------------------
 def _process_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool: forked workers from a single-threaded parent (a script: fast, no main guard
     needed), else workers from a fork server with offloadlab imported (forking a multi-threaded parent,
     such as a Jupyter kernel or a Dask client, can deadlock; Python 3.14 made forkserver the default).
+    The sweep's progress bar starts no monitor thread (``_progress_bar``), so it does not count here.
     """
     import multiprocessing as mp
     import threading
 
     methods = mp.get_all_start_methods()
-    others = [t for t in threading.enumerate()
-              if t is not threading.main_thread() and type(t).__name__ != "TMonitor"]  # tqdm's idle monitor
-    if "fork" in methods and not others:
+    if "fork" in methods and threading.active_count() == 1:
         return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=worker_init)
     ctx = None
     if "forkserver" in methods:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["offloadlab.sweep"])
+        ctx.set_forkserver_preload(["offloadlab.apps.sweep"])
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
 
 
-def _end_workers(pool: ProcessPoolExecutor) -> None:
-    """Kill a pool's workers now (Ctrl-C, SIGTERM): waiting for their tasks could take minutes, and a
-    worker left behind would outlive the command."""
-    stop = getattr(pool, "terminate_workers", None)  # Python >= 3.14
-    if stop is not None:
-        stop()
-        return
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        if proc.is_alive():
-            proc.terminate()
+class _OwnPool:
+    """A process pool this sweep creates and ends: shut down when done, its workers killed at once on
+    Ctrl-C or SIGTERM (waiting for their tasks could take minutes, and a worker left behind would
+    outlive the command). Its workers are the child processes started after it was made
+    (``multiprocessing.active_children``; Python >= 3.14: ``terminate_workers``)."""
 
+    def __init__(self, workers: int):
+        import multiprocessing as mp
 
-def _workers(executor) -> int:
-    n = getattr(executor, "_max_workers", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    client = getattr(executor, "_client", None)  # distributed's ClientExecutor
-    if client is not None:
-        try:
-            return max(1, sum(client.nthreads().values()))
-        except Exception:  # noqa: BLE001 - a guess is enough for chunking
-            pass
-    return os.cpu_count() or 1
+        self.workers = workers
+        self._before = set(mp.active_children())
+        self.pool = _process_pool(workers)
+
+    def kill(self) -> None:
+        import multiprocessing as mp
+
+        stop = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
+        if stop is not None:
+            stop()
+            return
+        for proc in mp.active_children():
+            if proc not in self._before:
+                proc.terminate()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _read_cache(path: Path, key: str) -> tuple[dict | None, str | None] | None:
+def _run_serial(todo: list[str], jobs: dict, workload: Workload, chunksize: int | None, finish) -> None:
+    for chunk in _chunks(todo, chunksize or 1):
+        finish(chunk, _run_chunk([jobs[k] for k in chunk], workload))
+
+
+def _run_parallel(executor: Executor, workers: int, todo: list[str], jobs: dict, workload: Workload,
+                  chunksize: int | None, finish) -> None:
+    """Submit the jobs in chunks (about four tasks per worker, at most 16 configs each) and ``finish``
+    each chunk as it completes; a task the executor loses fills its rows with an EXECUTOR error."""
+    size = chunksize or max(1, min(16, math.ceil(len(todo) / (4 * workers))))
+    futures, failed = {}, []
+    for chunk in _chunks(todo, size):
+        futures[executor.submit(_run_chunk, [jobs[k] for k in chunk], workload)] = chunk
     try:
-        entry = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(entry, dict) or entry.get("key") != key or entry.get("code") != CODE_FINGERPRINT:
-        return None
-    return entry.get("outputs"), entry.get("error")
+        for fut in as_completed(futures):
+            chunk = futures[fut]
+            try:
+                outs = fut.result()
+            except Exception as e:  # noqa: BLE001 - a dead worker or an unpicklable task
+                outs = [_Outcome(error=f"{type(e).__name__}: {e}", kind=EXECUTOR)] * len(chunk)
+                failed.append(f"{type(e).__name__}: {e}")
+            finish(chunk, outs)
+    finally:
+        for fut in futures:
+            fut.cancel()
+    if failed:
+        warnings.warn(f"{len(failed)} of {len(futures)} tasks failed in the executor, not in the simulator "
+                      f"(first: {failed[0]}); their rows hold the error, and they are not cached, so the "
+                      "next run retries them", RuntimeWarning, stacklevel=3)
+
+
+def _execute(executor, todo: list[str], jobs: dict, workload: Workload, chunksize: int | None, finish) -> None:
+    """Run ``jobs[k]`` for every k of ``todo`` on ``executor`` (see ``sweep``), calling ``finish``."""
+    if executor == "serial" or len(todo) <= 1:
+        return _run_serial(todo, jobs, workload, chunksize, finish)
+    if executor is not None and not isinstance(executor, int):  # the caller's, left running
+        # concurrent.futures has no public worker count: chunk for this machine's cores (``chunksize`` overrides)
+        return _run_parallel(executor, os.cpu_count() or 1, todo, jobs, workload, chunksize, finish)
+    own = _OwnPool(executor or os.cpu_count() or 1)
+    try:
+        _run_parallel(own.pool, own.workers, todo, jobs, workload, chunksize, finish)
+    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.apps.signals): no task is worth waiting for
+        own.kill()
+        raise
+    finally:
+        own.close()
+
+
+def _progress_bar(**kw):
+    """tqdm's bar without its monitor thread (tqdm: "set monitor_interval to 0 to disable the thread"):
+    a sweep's bar must not make the process multi-threaded before its pool forks (``_process_pool``)."""
+    from tqdm import tqdm
+
+    class NoMonitor(tqdm):
+        monitor_interval = 0
+
+    return NoMonitor(**kw)
+
+
+# ---- the sweep ---------------------------------------------------------------------------------
+def _check_sweep_args(configs, workload, executor, chunksize) -> list[SimConfig]:
+    if isinstance(configs, SimConfig):
+        configs = [configs]
+    configs = list(configs)
+    for i, c in enumerate(configs):
+        if not isinstance(c, SimConfig):
+            raise ConfigError(f"configs[{i}]", c, "a SimConfig (see grid())")
+    if not isinstance(workload, Workload):
+        raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(200))")
+    if chunksize is not None:
+        check_int("chunksize", chunksize, 1, expected="an integer >= 1 or None")
+    if isinstance(executor, str) and executor != "serial":
+        raise ConfigError("executor", executor, "None, 'serial', a number of processes or a concurrent.futures.Executor")
+    if isinstance(executor, bool) or (isinstance(executor, int) and executor < 1):
+        raise ConfigError("executor", executor, "a number of processes >= 1")
+    return configs
 
 
 def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor: Executor | str | int | None = None,
@@ -463,118 +586,62 @@ def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor
     ``"serial"`` (inline), an int (a process pool of that many workers) or any
     concurrent.futures.Executor (left running; e.g. ``distributed.Client(...).get_executor()``).
     ``cache_dir``: one JSON file per finished config, read back on the next call.
-    ``chunksize``: configs per task (default: about four tasks per worker, at most 16 configs each).
-    Duplicate configs are simulated once.
+    ``chunksize``: configs per task (default: about four tasks per worker, at most 16 configs each;
+    for an executor given here, this machine's cores stand for its workers).
+    Duplicate configs are simulated once. A failed row holds ``error`` (the message) and
+    ``error_kind`` (``ERROR_KINDS``: does_not_fit, bad_config, failed, executor).
     """
-    if isinstance(configs, SimConfig):
-        configs = [configs]
-    configs = list(configs)
-    for i, c in enumerate(configs):
-        if not isinstance(c, SimConfig):
-            raise ConfigError(f"configs[{i}]", c, "a SimConfig (see grid())")
-    if not isinstance(workload, Workload):
-        raise ConfigError("workload", workload, "a Workload (e.g. offloadlab.sim.longbench_multi_news(200))")
-    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
-        raise ConfigError("chunksize", chunksize, "an integer >= 1 or None")
-    if isinstance(executor, str) and executor != "serial":
-        raise ConfigError("executor", executor, "None, 'serial', a number of processes or a concurrent.futures.Executor")
-    if isinstance(executor, bool) or (isinstance(executor, int) and executor < 1):
-        raise ConfigError("executor", executor, "a number of processes >= 1")
-
+    configs = _check_sweep_args(configs, workload, executor, chunksize)
     wfp = workload_fingerprint(workload)
     keys = [c.key(wfp) for c in configs]
     first: dict[str, int] = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
-    results: dict[str, tuple[dict | None, str | None]] = {}
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if cache is not None:
-        for k in first:
-            hit = _read_cache(cache / f"{k}.json", k)
-            if hit is not None:
-                results[k] = hit
+    cache = _Cache(cache_dir)
+    results: dict[str, _Outcome] = {k: hit for k in first if (hit := cache.read(k)) is not None}
     todo = [k for k in first if k not in results]
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(first), initial=len(first) - len(todo), disable=not progress, desc="sweep", unit="config")
+    bar = _progress_bar(total=len(first), initial=len(first) - len(todo), disable=not progress, desc="sweep", unit="config")
     if len(first) - len(todo):
         bar.set_postfix(cached=len(first) - len(todo))
 
-    def finish(chunk_keys: list[str], outs: list[tuple[dict | None, str | None, bool]]) -> None:
-        for k, (out, err, cacheable) in zip(chunk_keys, outs):
-            results[k] = (out, err)
-            if cache is not None and cacheable:
-                atomic_write_json(cache / f"{k}.json", {"key": k, "code": CODE_FINGERPRINT,
-                                                        "config": configs[first[k]].label, "outputs": out,
-                                                        "error": err})
+    def finish(chunk_keys: list[str], outs: list[_Outcome]) -> None:
+        for k, out in zip(chunk_keys, outs):
+            results[k] = out
+            cache.write(k, configs[first[k]].label, out)
         bar.update(len(chunk_keys))
 
-    jobs = {k: configs[first[k]].job() for k in todo}
-    serial = executor == "serial" or len(todo) <= 1
-    own = None
     try:
-        if serial:
-            for chunk in _chunks(todo, chunksize or 1):
-                finish(chunk, _run_chunk([jobs[k] for k in chunk], workload))
-        else:
-            if executor is None or isinstance(executor, int):
-                own = executor = _process_pool(executor or os.cpu_count() or 1)
-            size = chunksize or max(1, min(16, math.ceil(len(todo) / (4 * _workers(executor)))))
-            futures, failed = {}, []
-            for chunk in _chunks(todo, size):
-                futures[executor.submit(_run_chunk, [jobs[k] for k in chunk], workload)] = chunk
-            try:
-                for fut in as_completed(futures):
-                    chunk = futures[fut]
-                    try:
-                        outs = fut.result()
-                    except Exception as e:  # noqa: BLE001 - a dead worker or an unpicklable task
-                        outs = [(None, f"{type(e).__name__}: {e}", False)] * len(chunk)
-                        failed.append(f"{type(e).__name__}: {e}")
-                    finish(chunk, outs)
-            finally:
-                for fut in futures:
-                    fut.cancel()
-            if failed:
-                warnings.warn(f"{len(failed)} of {len(futures)} tasks failed in the executor, not in the simulator "
-                              f"(first: {failed[0]}); their rows hold the error, and they are not cached, so the "
-                              "next run retries them", RuntimeWarning, stacklevel=2)
-    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.signals): no task is worth waiting for
-        if own is not None:
-            _end_workers(own)
-        raise
+        _execute(executor, todo, {k: configs[first[k]].job() for k in todo}, workload, chunksize, finish)
     finally:
         bar.close()
-        if own is not None:
-            own.shutdown(wait=True, cancel_futures=True)
+    return _frame([_row(c, k, workload.name, results[k]) for c, k in zip(configs, keys)])
 
-    rows = []
-    for c, k in zip(configs, keys):
-        out, err = results[k]
-        row = {**c.inputs(), "workload": workload.name, "key": k}
-        if out:
-            row.update({n: v for n, v in out.items() if n not in row})
-        row["error"] = err
-        rows.append(row)
-    return _frame(rows)
+
+def _row(config: SimConfig, key: str, workload: str, out: _Outcome) -> dict:
+    row = {**config.inputs(), "workload": workload, "key": key}
+    if out.outputs:
+        row.update({n: v for n, v in out.outputs.items() if n not in row})
+    row["error"], row["error_kind"] = out.error, out.kind
+    return row
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     """Columns in a fixed order: inputs, outputs (as the first successful row has them), error."""
     cols = list(INPUT_COLUMNS)
+    tail = ("error", "error_kind")
     for r in rows:
         if r["error"] is None:
-            cols += [c for c in r if c not in cols and c != "error"]
+            cols += [c for c in r if c not in cols and c not in tail]
             break
     for r in rows:  # outputs only some rows have (none today; kept in a stable order)
-        cols += [c for c in r if c not in cols and c != "error"]
-    cols.append("error")
+        cols += [c for c in r if c not in cols and c not in tail]
+    cols += tail
     df = pd.DataFrame(rows, columns=cols)
     for c in _INT_COLUMNS:
         df[c] = df[c].astype("Int64")
     df["cpu_offload_gb"] = df["cpu_offload_gb"].astype(float)
-    for c in ("profile", "error"):  # None where absent, not NaN
+    for c in ("profile", *tail):  # None where absent, not NaN
         df[c] = pd.Series([r[c] for r in rows], index=df.index, dtype=object)
     return df
 
