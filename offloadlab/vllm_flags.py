@@ -251,6 +251,21 @@ def vllm_args(policy: Policy, vllm_version=None) -> tuple[list[str], dict[str, s
     return out + ["--offload-backend", "uva"], env
 
 
+def slot_race(policy: Policy, layers: int) -> str | None:
+    """Why vLLM's prefetch backend would compute with the wrong weights for ``policy`` on a stage of
+    ``layers`` layers, or None. It binds offloaded layer m to slot m % s and, after layer i, starts
+    the next step's copy of layer (i + s) % n (vllm/model_executor/offloader/prefetch.py), which lands
+    in a slot a later layer of the same step still reads when s < n and s does not divide n. This
+    project's schedule waits for the slot's last reader instead (offloadlab/schedule.py)."""
+    if not isinstance(policy, Prefetch):
+        return None
+    n, s = policy.offloaded_count(layers), policy.slots
+    if s < n and n % s:
+        return (f"--offload-prefetch-step {s} does not divide the {n} offloaded layers: vLLM's prefetch backend "
+                f"would overwrite a staging slot before its layer has read it (use a step dividing {n})")
+    return None
+
+
 def format_vllm(policy: Policy, engine=None, vllm_version=None) -> str:
     """The command-line fragment, environment first:
     ``VLLM_USE_V2_MODEL_RUNNER=0 vllm serve MODEL --cpu-offload-gb 8.0 --offload-backend uva``;

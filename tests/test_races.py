@@ -212,3 +212,27 @@ def test_schedule_every_slot_has_one_copy_per_layer_and_wrap_issues_each_first_c
 def test_schedule_rejects_bad_counts(args):
     with pytest.raises(ConfigError):
         SlotSchedule(*args)
+
+
+# ---------------------------------------------------------------- vLLM's own schedule, for deployments
+@given(st.integers(1, 40), st.integers(1, 8), st.integers(1, 8))
+def test_slot_race_flags_exactly_the_layouts_where_vllms_next_copy_lands_on_a_slot_still_to_be_read(layers, g, s):
+    from offloadlab.vllm_flags import slot_race
+
+    pol = Prefetch(min(g, layers), 1, s, wrap=True)
+    n = pol.offloaded_count(layers)
+    # vLLM (prefetch.py): offloaded layer m reads slot m % s; after layer i it copies layer (i + s) % n
+    # into slot ((i + s) % n) % s. A race: a layer j > i of the same step reading that slot with other
+    # contents (j is not the copied layer itself)
+    racy = any(((i + s) % n) % s == j % s and j != (i + s) % n
+               for i in range(n) if i + s >= n for j in range(i + 1, n)) if n else False
+    assert (slot_race(pol, layers) is not None) == racy, (n, s)
+
+
+def test_the_optimizer_never_proposes_a_racy_vllm_prefetch_deployment():
+    from offloadlab.apps.optimize import candidate_policies
+    from offloadlab.vllm_flags import slot_race
+
+    pols = candidate_policies("llama-3.1-70b", "h200", mechanisms=("prefetch",))
+    prefetch = [p for p in pols if isinstance(p, Prefetch)]
+    assert prefetch and all(slot_race(p, 80) is None for p in prefetch)

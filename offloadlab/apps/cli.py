@@ -60,6 +60,17 @@ def _sweep_args(p: argparse.ArgumentParser, csv_help: str) -> None:
     p.add_argument("--csv", help=csv_help)
 
 
+def _warn_slot_race(policy, model, eng) -> None:
+    """A note on stderr when vLLM's prefetch backend would race on this deployment (vllm_flags.slot_race)."""
+    from ..catalog import get_model
+    from ..vllm_flags import slot_race
+
+    m = get_model(model) if isinstance(model, str) else model
+    why = next((w for st in m.stages(eng.pipeline_parallel) if (w := slot_race(policy, st.layers))), None)
+    if why:
+        print(f"note: {policy.label}: {why}", file=sys.stderr)
+
+
 def _executor(a):
     return "serial" if a.jobs == 1 else a.jobs
 
@@ -288,6 +299,7 @@ def cmd_run(a) -> None:
         print("deployment: " + layout(model, a.gpu, eng.tensor_parallel, eng.pipeline_parallel).describe()
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
+    _warn_slot_race(policy, model, eng)
     print(_fmt_results(pd.DataFrame([r.row()])))
     if band:
         b = band
@@ -327,6 +339,7 @@ def cmd_compare(a) -> None:
         except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
             r = {"policy": p.label, "error": str(e)}
         rows.append({**r, "vllm_flags": format_vllm(p, eng)})
+        _warn_slot_race(p, model, eng)
     df = pd.DataFrame(rows)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df

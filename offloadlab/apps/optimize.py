@@ -12,7 +12,9 @@
 The candidates (``candidate_policies``): no offload; the prefetch layouts "last n of every g
 layers" (g in 1..min(L, 16) plus L/4, L/3, L/2, L), one layout per distinct number of offloaded
 layers (the smallest g, i.e. the most evenly spread), on a grid of L/32 steps plus the few smallest
-counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} staging slots (s <= the
+counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} staging slots dividing the
+offloaded count (vLLM's prefetch backend, which every pick deploys as, races otherwise:
+``vllm_flags.slot_race``) (s <= the
 offloaded layers); vLLM's UVA and copy-path budgets at 1/8, 2/8, ..., 8/8 of the decoder-layer
 bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one layer more. About
 60-130 candidates. Prefetch candidates are simulated as vLLM's prefetch backend deploys them
@@ -42,7 +44,7 @@ from ..sim import EngineConfig, Workload, per_gpu, serving_memory, simulate_band
 from ..sim import BAND_METRICS
 from ..specs import GiB
 from .sweep import DOES_NOT_FIT, SimConfig, sweep
-from ..vllm_flags import format_vllm
+from ..vllm_flags import format_vllm, slot_race
 
 __all__ = ["MECHANISMS", "OBJECTIVES", "NoFeasiblePolicyError", "OptimizeResult", "bound_reason", "candidate_policies",
            "optimize"]
@@ -121,7 +123,9 @@ def candidate_policies(model, gpu, engine: EngineConfig = EngineConfig(), *, mec
         for c in sorted(keep):
             g, n = layout[c]
             for s in sorted({1, 2, min(n, 4)}):
-                if s <= c:
+                # every pick deploys as vLLM's prefetch backend, which races when s does not divide
+                # the offloaded count (vllm_flags.slot_race): never propose such a deployment
+                if s <= c and slot_race(Prefetch(g, n, s), L) is None:
                     out.append(Prefetch(g, n, s, wrap=wrap))
     total_gib = L * sum(shard.layer_param_bytes) / GiB
     layer_gib = sum(shard.layer_param_bytes) / GiB
