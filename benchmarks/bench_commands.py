@@ -1,0 +1,91 @@
+"""Whole-command times, in yardsticks measured in the same run.
+
+The yardstick is a plain SimPy loop of 100,000 timeouts (about 0.1 s on the 2-core development
+machine), so the ratios carry across machines. Each command runs in a fresh process (start-up and
+imports counted), best of ``--repeat``; targets are from issue 19.
+
+    python benchmarks/bench_commands.py              # the three commands, best of 3
+    python benchmarks/bench_commands.py --imports    # also: import time of each command's modules
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVING_RUN = ROOT / "validation" / "traces" / "serving" / "rtx4090_llama-3.1-8b"
+
+
+def yardstick(repeat: int = 3) -> float:
+    """Seconds for a plain SimPy loop of 100,000 timeouts (best of ``repeat``)."""
+    import simpy
+
+    best = float("inf")
+    for _ in range(repeat):
+        env = simpy.Environment()
+
+        def loop(env=env):
+            for _ in range(100_000):
+                yield env.timeout(1)
+
+        env.process(loop())
+        t = time.perf_counter()
+        env.run()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def command_time(args: list[str], repeat: int) -> float:
+    """Best wall-clock seconds of ``offloadlab ARGS`` in a fresh process."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "offloadlab.cli", *args], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def import_time(module: str, repeat: int) -> float:
+    """Best seconds to import ``module`` in a fresh interpreter (what ``python -X importtime`` sums)."""
+    best = float("inf")
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stderr
+        last = [ln for ln in out.splitlines() if ln.rstrip().endswith(f"| {module}")][-1]
+        best = min(best, int(last.split("|")[1]) / 1e6)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--imports", action="store_true", help="also time the imports of each command's modules")
+    a = ap.parse_args()
+    out = tempfile.mkdtemp(prefix="bench_commands_")
+    commands = [
+        ("offloadlab paper", ["paper", "--out", out], 10),
+        ("offloadlab run --requests 2000", ["run", "--requests", "2000"], 6),
+        ("offloadlab validate <serving run>", ["validate", os.path.relpath(SERVING_RUN, ROOT)], 10),
+    ]
+    y = yardstick()
+    print(f"yardstick (SimPy loop of 100,000 timeouts): {y:.3f} s; python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'command':36s} {'wall s':>7s} {'yardsticks':>10s} {'target':>7s}")
+    for name, args, target in commands:
+        t = command_time(args, a.repeat)
+        print(f"{name:36s} {t:7.2f} {t / y:10.1f} {'<= ' + str(target):>7s} {'met' if t / y <= target else 'MISSED'}")
+    if a.imports:
+        print("\nimport time (python -X importtime, best of the repeats):")
+        for mod in ("simpy", "numpy", "pandas", "offloadlab.cli", "offloadlab.sim"):
+            t = import_time(mod, a.repeat)
+            print(f"  {mod:16s} {t:6.3f} s {t / y:6.1f} yardsticks")
+
+
+if __name__ == "__main__":
+    main()
