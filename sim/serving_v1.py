@@ -25,8 +25,7 @@ What it models, and the vLLM file each rule comes from:
 """
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict
+from collections import deque
 
 from .costs import StepShape
 from .serving import EngineConfig, ServingLoop, _Seq
@@ -42,30 +41,54 @@ STEP_HOST_PER_SEQ_S = 20e-6
 
 class BlockPool:
     """vLLM V1's KV block pool: one LRU queue of free blocks, cached ones keyed by (request, block,
-    admission) so a request finds only its own blocks of its last admission."""
+    admission) so a request finds only its own blocks of its last admission.
+
+    The queue is kept as runs of blocks, not one entry per block: a run is either anonymous free
+    blocks or one request's cached blocks 0..n-1 of one admission, queued last block first (so
+    popping from the head evicts its highest blocks first and the rest stay 0..n'-1). Taking,
+    freeing, finding and touching cost one step per run, not per block; the order of the blocks
+    is exactly that of one ``OrderedDict`` entry per block (tests/test_serving_v1_fast.py holds
+    the two to each other)."""
+
+    __slots__ = ("caching", "block_size", "runs", "cached", "free")
 
     def __init__(self, blocks: int, caching: bool, block_size: int):
         assert blocks >= 2, f"a block pool needs the null block and one more, not {blocks}"
         self.caching, self.block_size = caching, block_size
-        self._anon = itertools.count()
         # block 0 is the null block (never free): blocks - 1 usable
-        self.queue: OrderedDict = OrderedDict((("free", next(self._anon)), None) for _ in range(blocks - 1))
-
-    @property
-    def free(self) -> int:
-        return len(self.queue)
+        self.runs: deque[list] = deque([[blocks - 1, None]])  # [blocks, (request, admission) or None]
+        self.cached: dict = {}  # (request id, admission) -> its run of cached blocks in the queue
+        self.free = blocks - 1
 
     def take(self, n: int) -> None:
         """Pop ``n`` blocks from the head (evicting their cached hashes)."""
-        assert n <= len(self.queue), f"taking {n} blocks of {len(self.queue)} free"
-        for _ in range(n):
-            self.queue.popitem(last=False)
+        assert n <= self.free, f"taking {n} blocks of {self.free} free"
+        self.free -= n
+        runs = self.runs
+        while n:
+            run = runs[0]
+            if run[0] > n:
+                run[0] -= n
+                return
+            n -= run[0]
+            runs.popleft()
+            if run[1] is not None:
+                del self.cached[run[1]]
 
     def give_back(self, s: _Seq) -> None:
         """Free every block of ``s`` to the tail, last block first (evicted before the prefix)."""
-        for i in reversed(range(s.blocks)):
-            cached = self.caching and i < s.hashed
-            self.queue[(s.req.id, i, s.gen) if cached else ("free", next(self._anon))] = None
+        cached = s.hashed if self.caching else 0
+        runs = self.runs
+        if s.blocks > cached:
+            if runs and runs[-1][1] is None:
+                runs[-1][0] += s.blocks - cached
+            else:
+                runs.append([s.blocks - cached, None])
+        if cached:
+            run = [cached, (s.req.id, s.gen)]
+            runs.append(run)
+            self.cached[run[1]] = run
+        self.free += s.blocks
         s.blocks = s.hashed = 0
 
     def hits(self, s: _Seq) -> int:
@@ -73,14 +96,20 @@ class BlockPool:
         ``num_tokens - 1`` tokens: the last token is always computed to sample from)."""
         if not self.caching or not s.gen:
             return 0
-        limit, n = (s.known - 1) // self.block_size, 0
-        while n < limit and (s.req.id, n, s.gen) in self.queue:
-            n += 1
-        return n
+        run = self.cached.get((s.req.id, s.gen))
+        return min(run[0], (s.known - 1) // self.block_size) if run else 0
 
     def touch(self, s: _Seq, n: int) -> None:
-        for i in range(n):
-            del self.queue[(s.req.id, i, s.gen)]
+        """Take ``s``'s first ``n`` cached blocks out of the queue (they are its again); its other
+        cached blocks stay queued but can never be found again (its admission count moves on)."""
+        if not n:
+            return
+        run = self.cached.pop((s.req.id, s.gen))
+        run[0] -= n
+        run[1] = None
+        self.free -= n
+        if not run[0]:
+            self.runs.remove(run)
 
 
 class V1ServingLoop(ServingLoop):
@@ -122,23 +151,35 @@ class V1ServingLoop(ServingLoop):
         batch: list[tuple[_Seq, int]] = []
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0:
-            s = self.running[i]
-            n = min(s.uncomputed, budget)
+        running, bs, caching = self.running, cfg.block_size, cfg.prefix_caching
+        while i < len(running) and budget > 0:
+            s = running[i]
+            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed, _allocate and _hash inlined
+            c = s.computed
+            n = known - c
+            if n > budget:
+                n = budget
             if n <= 0:  # pipeline parallelism: its last tokens are still in flight (scheduler.py: continue)
                 i += 1
                 continue
-            scheduled = True
-            while not self._allocate(s, s.computed + n):
-                victim = self.running.pop()  # FCFS: the last running request
-                self._preempt(victim)
-                preempted = True
-                if victim is s:  # nothing left to preempt but itself
-                    scheduled = False
-                    break
-            if not scheduled:
-                break
-            self._hash(s, n)
+            need = -(-(c + n) // bs) - s.blocks
+            if need > 0:
+                if need <= pool.free:
+                    pool.take(need)
+                    s.blocks += need
+                else:
+                    scheduled = True
+                    while not self._allocate(s, c + n):
+                        victim = running.pop()  # FCFS: the last running request
+                        self._preempt(victim)
+                        preempted = True
+                        if victim is s:  # nothing left to preempt but itself
+                            scheduled = False
+                            break
+                    if not scheduled:
+                        break
+            if caching:
+                s.hashed = (c + n if c + n < known else known) // bs
             batch.append((s, n))
             budget -= n
             i += 1
@@ -197,12 +238,14 @@ class V1ServingLoop(ServingLoop):
         n = min(s.output_len - s.generated for s in run)
 
         def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
-            return sum(max(0, -(-(s.known + m - 1) // bs) - s.blocks) for s in run)
+            t = m - 1
+            return sum(max(0, -(-(s.req.prompt_len + s.generated + t) // bs) - s.blocks) for s in run)
 
-        lo, hi = 1, n
+        free = self.pool.free
+        lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)  # enough blocks for every step: the rule
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if blocks_needed(mid) <= self.pool.free:
+            if blocks_needed(mid) <= free:
                 lo = mid
             else:
                 hi = mid - 1
@@ -219,13 +262,18 @@ class V1ServingLoop(ServingLoop):
             if t >= arrival:
                 break
         yield env.timeout(t - env.now)
-        for s in list(run):
-            assert self._allocate(s, s.known + steps - 1), "the run checked the free blocks"
+        pool, caching, now = self.pool, self.cfg.prefix_caching, env.now
+        for s in list(run):  # _allocate, _hash and _sample's common case inlined
+            need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
+            if need > 0:
+                assert need <= pool.free, "the run checked the free blocks"
+                pool.take(need)
+                s.blocks += need
             s.computed += steps
             s.generated += steps - 1
-            if self.cfg.prefix_caching:
+            if caching:
                 s.hashed = s.computed // bs
-            self._sample(s, env.now)
+            self._sample(s, now)
 
 
 class V1PipelinedServing(V1ServingLoop):
