@@ -158,6 +158,10 @@ def _quad(*ws: float) -> float:
 
 @dataclass(frozen=True)
 class Roofline:
+    # every cost grows (or stays) with a step's context at fixed sequences and tokens: StepModel.decodes
+    # may take a run of decode steps that fall in one cost bin from its two ends (not a field)
+    context_monotone = True
+
     model: ModelSpec
     hw: HardwareSpec
     matmul_eff: float = 0.7  # of peak dense FLOP/s reached by large GEMMs
@@ -691,6 +695,11 @@ class Corner:
     def __post_init__(self):
         if self.side not in (0, 1):
             raise ConfigError("side", self.side, "0 (low costs) or 1 (high costs)")
+
+    @property
+    def context_monotone(self) -> bool:
+        """As the base's, where the band does not change with the context (the roofline's does not)."""
+        return isinstance(self.base, Roofline)
 
     def layer(self, s: StepShape) -> LayerCost:
         c, b = self.base.layer(s), self.base.band(s)

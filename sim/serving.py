@@ -310,12 +310,13 @@ class ServingLoop:
         kv0 = sum(s.known for s in run)  # KV tokens read by the first step (context + the new one)
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        while steps < n:
-            kv = kv0 + B * steps
-            res = self.sm.run(StepShape(B, B, kv, kv, True))
-            self._record(res, t, t + res.time, "decode", B)
-            t += res.time
-            steps += 1
+        for res, count in self.sm.decodes(B, kv0, n):  # runs of identical steps (StepModel.decodes)
+            for _ in range(count):
+                self._record(res, t, t + res.time, "decode", B)
+                t += res.time
+                steps += 1
+                if t >= arrival:
+                    break
             if t >= arrival:
                 break
         yield env.timeout(t - env.now)

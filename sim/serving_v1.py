@@ -252,13 +252,14 @@ class V1ServingLoop(ServingLoop):
         kv0 = sum(s.known for s in run)
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        while steps < lo:
-            kv = kv0 + B * steps
-            res = self.sm.run(StepShape(B, B, kv, kv, True))
+        for res, count in self.sm.decodes(B, kv0, lo):  # runs of identical steps (StepModel.decodes)
             dt = self._wall(res, B)
-            self._record(res, t, t + dt, "decode", B)
-            t += dt
-            steps += 1
+            for _ in range(count):
+                self._record(res, t, t + dt, "decode", B)
+                t += dt
+                steps += 1
+                if t >= arrival:
+                    break
             if t >= arrival:
                 break
         yield env.timeout(t - env.now)

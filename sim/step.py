@@ -462,18 +462,64 @@ class StepModel:
         return (LayerCost(_bin(c.gpu, q), _bin(c.host, q), _bin(c.tail, q), _bin(c.link_comm, q)),
                 _bin(self.cost.head(shape), q))
 
-    def run(self, shape: StepShape, trace: bool = False) -> StepResult:
+    def decodes(self, seqs: int, kv0: int, n: int):
+        """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
+        tokens (a decode run: sim/serving.py), as (result, steps) runs in order. Where the cost model is
+        ``context_monotone`` (the roofline), every cost is monotone in j, so two steps in one bin have
+        every step between them in it too: a run's end is found by galloping and bisection, evaluating
+        the cost model O(log run) times instead of once per step. The results are exactly those of
+        ``run`` step by step (tests/test_step.py). Other cost models: one step per run."""
+        def shape(j):
+            kv = kv0 + seqs * j
+            return StepShape(seqs, seqs, kv, kv, True)
+
+        if not getattr(self.cost, "context_monotone", False):
+            for j in range(n):
+                yield self.run(shape(j)), 1
+            return
+        j, guess = 0, 1
+        while j < n:
+            key = self._key(shape(j))
+            res = self._cache.get(key) or self.run(shape(j))
+            lo, step = j, guess  # lo: the last step known in res's bin
+            hi = None  # the first step known outside it (None: not found yet)
+            while hi is None and lo < n - 1:
+                probe = min(lo + step, n - 1)
+                if self._key(shape(probe)) == key:
+                    lo = probe
+                    step *= 2
+                else:
+                    hi = probe
+            if hi is not None:
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if self._key(shape(mid)) == key:
+                        lo = mid
+                    else:
+                        hi = mid
+            guess = max(1, lo + 1 - j)
+            yield res, lo + 1 - j
+            j = lo + 1
+
+    def _key(self, shape: StepShape) -> tuple:
+        """The memo key of a step: its binned layer and head costs, UVA reads and graph join."""
         layer, head = self.layer_cost(shape)
-        uva_read, uva_key = None, None
+        uva_key = None
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
-            uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
-            uva_key = _bin(uva_read(self.placement.layer_bytes), self.quantum)
+            uva_key = _bin(self.cost.uva_read(self.placement.layer_bytes, shape.tokens), self.quantum)
         join = self.join or join_mode(self.cost, shape)
-        key = (layer, head, uva_key, join if self.placement.wrap else None)
+        return (layer, head, uva_key, join if self.placement.wrap else None)
+
+    def run(self, shape: StepShape, trace: bool = False) -> StepResult:
+        key = self._key(shape)
         if not trace and key in self._cache:
             return self._cache[key]
+        layer, head = key[0], key[1]
+        uva_read = None
+        if self.placement.mechanism == "uva":
+            uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
         res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap, uva_read=uva_read, join=join)
+                              wrap=self.placement.wrap, uva_read=uva_read, join=self.join or join_mode(self.cost, shape))
         self.simulated += 1
         self.events += res.events
         if not trace:

@@ -692,3 +692,22 @@ def test_step_model_joins_decode_graph_steps_and_overlaps_eager_ones():
     assert StepModel(pl, graphs).run(decode).time > StepModel(pl, graphs, join="eager").run(decode).time
     with pytest.raises(ConfigError, match="join"):
         StepModel(pl, graphs, join="sometimes")
+
+
+@settings(max_examples=60, deadline=None)
+@given(models(), st.data(), st.integers(1, 300), st.integers(1, 200_000), st.integers(1, 400), st.booleans())
+def test_decode_runs_in_bins_equal_step_by_step(m, data, seqs, kv0, n, corner):
+    """StepModel.decodes takes a run of decode steps that fall in one cost bin from its ends: the
+    results must be exactly those of running every step (the roofline is monotone in the context)."""
+    from offloadlab.sim.costs import Corner
+
+    cost = Roofline(m, toy_hw(), cuda_graphs=data.draw(st.booleans()))
+    cost = Corner(cost, data.draw(st.integers(0, 1))) if corner else cost
+    placement = data.draw(policies(m)).place(m)
+    runs = list(StepModel(placement, cost).decodes(seqs, kv0, n))
+    assert sum(k for _, k in runs) == n and all(k >= 1 for _, k in runs)
+    got = [res for res, k in runs for _ in range(k)]
+    one = StepModel(placement, cost)
+    want = [one.run(StepShape(seqs, seqs, kv0 + seqs * j, kv0 + seqs * j, True)) for j in range(n)]
+    assert got == want
+    assert all(a is not b for (a, _), (b, _) in zip(runs, runs[1:]))  # each run as long as its bin
