@@ -481,6 +481,7 @@ class StepModel:
         while j < n:
             key = self._key(shape(j))
             res = self._cache.get(key) or self.run(shape(j))
+            yield res, 1  # first alone: a caller that stops after it (an arrival) spends no probes
             lo, step = j, guess  # lo: the last step known in res's bin
             hi = None  # the first step known outside it (None: not found yet)
             while hi is None and lo < n - 1:
@@ -498,7 +499,8 @@ class StepModel:
                     else:
                         hi = mid
             guess = max(1, lo + 1 - j)
-            yield res, lo + 1 - j
+            if lo > j:
+                yield res, lo - j
             j = lo + 1
 
     def _key(self, shape: StepShape) -> tuple:
