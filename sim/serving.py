@@ -262,7 +262,8 @@ class ServingLoop:
                 self.waiting.append((yield self.arrived.get()))
                 continue
             if (self.fast_forward and len(batch) == len(self.running)
-                    and all(k == 1 and s.generated for s, k in batch)):  # pure decodes, first tokens out
+                    and sum(k for _, k in batch) == len(batch)
+                    and all(s.generated for s, _ in batch)):  # pure decodes, first tokens out
                 yield from self._decode_run()
                 continue
             shape = StepShape.of([(k, s.computed) for s, k in batch])
@@ -270,10 +271,11 @@ class ServingLoop:
             res = yield from self._step(shape)
             kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k in batch) else "mixed")
             self._record(res, t0, env.now, kind, len(batch))
+            now = env.now
             for s, k in batch:
                 s.computed += k
-                if s.uncomputed == 0:  # the whole known sequence is in the KV cache: sample a token
-                    self._sample(s, env.now)
+                if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV
+                    self._sample(s, now)  # cache (s.uncomputed == 0): sample a token
 
     def _sample(self, s: _Seq, now: float) -> None:
         s.generated += 1

@@ -236,10 +236,11 @@ class V1ServingLoop(ServingLoop):
         env, bs, run = self.env, self.cfg.block_size, self.running
         B = len(run)
         n = min(s.output_len - s.generated for s in run)
+        known = [(s.req.prompt_len + s.generated, s.blocks) for s in run]
 
         def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
             t = m - 1
-            return sum(max(0, -(-(s.req.prompt_len + s.generated + t) // bs) - s.blocks) for s in run)
+            return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
 
         free = self.pool.free
         lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)  # enough blocks for every step: the rule
@@ -249,7 +250,7 @@ class V1ServingLoop(ServingLoop):
                 lo = mid
             else:
                 hi = mid - 1
-        kv0 = sum(s.known for s in run)
+        kv0 = sum(k for k, _ in known)
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
         for res, count in self.sm.decodes(B, kv0, lo):  # runs of identical steps (StepModel.decodes)
