@@ -16,12 +16,13 @@ from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace, idle_lanes
 from .costs import Corner, StepShape, cost_model
 from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
+from ..metrics import StreamSummary
 from .metrics import request_frame, summarize
 from .parallel import Layout
 from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
 from .serving_v1 import V1PipelinedServing, V1ServingLoop
 from .step import StepModel, StepResult, events_processed
-from .workload import Workload
+from .workload import RequestStream, Workload
 
 
 def layout(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
@@ -170,7 +171,7 @@ class RunResult:
     """A simulated serving run: per-request rows, the summary, memory and the step trace."""
 
     summary: dict
-    requests: pd.DataFrame
+    requests: pd.DataFrame | None  # None: simulate(requests="summary") kept no per-request rows
     memory: MemoryPlan
     config: dict = field(default_factory=dict)
     # (start, end, kind, batch size) per step; a fifth field, the virtual engine, under pipeline parallelism
@@ -185,7 +186,8 @@ class RunResult:
         spans = [Span("engine" if len(st) == 4 else f"engine {st[4]}", "step", st[0], st[1], step=i,
                       name=f"{st[2]} x{st[3]}") for i, st in enumerate(self.steps)]
         meta = {"source": "sim", **{k: v for k, v in self.config.items() if not isinstance(v, bool)}}
-        reqs = self.requests.astype(object).where(self.requests.notna(), None).to_dict("records")
+        reqs = ([] if self.requests is None
+                else self.requests.astype(object).where(self.requests.notna(), None).to_dict("records"))
         return Trace(spans=spans, requests=reqs, meta=meta)
 
     def row(self) -> dict:
@@ -196,15 +198,26 @@ class RunResult:
 
 def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | None, workload: Workload,
              engine: EngineConfig = EngineConfig(), *, profile: Profile | str | os.PathLike | None = None,
-             cost_kw: dict | None = None, trace_steps: bool = True, corner: str | None = None) -> RunResult:
+             cost_kw: dict | None = None, trace_steps: bool = True, corner: str | None = None,
+             requests: str = "frame") -> RunResult:
     """Serve ``workload`` on ``gpu`` with ``policy``; deterministic for a given workload. ``corner``:
-    "low" or "high" runs on that end of the cost model's uncertainty band (see ``simulate_band``)."""
+    "low" or "high" runs on that end of the cost model's uncertainty band (see ``simulate_band``).
+
+    ``requests``: "frame" keeps one row per request (``RunResult.requests``); "summary" keeps none, only
+    the summary, from ``StreamSummary`` (means exact, percentiles within 0.1%: offloadlab/metrics.py), in
+    memory that does not grow with the run; a ``RequestStream`` workload (a million requests) needs it.
+    Pass ``trace_steps=False`` too for constant memory (the step list grows with the run)."""
     wall = time.perf_counter()
+    if requests not in ("frame", "summary"):
+        raise ConfigError("requests", requests, "'frame' (one row per request) or 'summary' (constant memory)")
+    stream = isinstance(workload, RequestStream)
+    if stream and requests != "summary":
+        raise ConfigError("requests", requests, "'summary' for a RequestStream (a frame would hold every request)")
     lay = layout(model, gpu, engine.tensor_parallel, engine.pipeline_parallel, engine.kv_cache_dtype)
     hw = lay.hw
     policy = policy if policy is not None else NoOffload()
     stages = _resolve(lay, policy, profile, cost_kw, corner, (1, engine.max_num_batched_tokens))
-    for r in workload.requests:  # the request's own limits first, then (below) the memory plan's
+    def check_limits(r):
         if r.prompt_len + r.output_len > engine.max_model_len:
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_model_len={engine.max_model_len}")
@@ -212,6 +225,10 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
             raise ConfigError(f"request {r.id} prompt_len+output_len", r.prompt_len + r.output_len,
                               f"at most max_num_batched_tokens={engine.max_num_batched_tokens} "
                               "without chunked prefill (a preempted request is recomputed in one step)")
+
+    if not stream:
+        for r in workload.requests:  # the request's own limits first, then (below) the memory plan's
+            check_limits(r)
     mem = _memory(lay, [st.placement for st in stages], engine)  # the placements just made, not made again
     pp = lay.pipeline_parallel
     v1 = engine.scheduler == "v1"
@@ -220,12 +237,22 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
     else:
         fits = int(mem.kv_blocks // pp * (1 - WATERMARK)) * engine.block_size  # a virtual engine's share
         less = "less vLLM's 1% watermark"
-    for r in workload.requests:
+    def check_fits(r):
         if r.prompt_len + r.output_len > fits:
             raise DoesNotFitError(
                 f"request {r.id}: prompt_len+output_len={r.prompt_len + r.output_len} tokens exceed the KV cache's "
                 f"{mem.kv_tokens // pp} tokens (of {pp} virtual engines' {mem.kv_tokens}) {less} "
                 f"({fits}); vLLM would ignore it")
+
+    def checked(reqs):  # a stream's requests, checked as the feed reaches them
+        for r in reqs:
+            check_limits(r)
+            check_fits(r)
+            yield r
+
+    if not stream:
+        for r in workload.requests:
+            check_fits(r)
     shared: dict = {}  # stages equal but for their name and place in the pipeline share one StepModel
     sms = [shared.setdefault((st.placement, st.model.replace(name="", stage=0), st.model.has_embedding,
                               st.model.has_head), StepModel(st.placement, st.cost)) for st in stages]
@@ -237,9 +264,18 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
         loop = ServingLoop(sms[0], engine, mem.kv_tokens, trace_steps=trace_steps)
     else:
         loop = PipelinedServing(sms, lay.send_time, engine, mem.kv_tokens, trace_steps=trace_steps)
-    loop.run(list(workload.requests), workload.max_concurrency)
-    reqs = request_frame(loop.seqs)
-    summary = summarize(reqs)
+    if requests == "summary":
+        acc = StreamSummary()
+
+        def sink(q):
+            acc.add(q.req.prompt_len, q.generated, q.req.arrival, q.sent, q.first, q.finish, q.preempted)
+
+        loop.run(checked(workload) if stream else list(workload.requests), workload.max_concurrency, sink=sink)
+        reqs, summary = None, acc.summary()
+    else:
+        loop.run(list(workload.requests), workload.max_concurrency)
+        reqs = request_frame(loop.seqs)
+        summary = summarize(reqs)
     makespan = summary["makespan_s"]
     summary.update({f"util_{lane}": b / makespan for lane, b in loop.busy.items()})
     summary["bound"] = bottleneck(summary)

@@ -111,6 +111,7 @@ class ServingLoop:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self.seqs: list[_Seq] = []
+        self.sink = None  # called with each finished request (run(..., sink=)); None: seqs keeps them
         self.steps: list[tuple[float, float, str, int]] = []  # (start, end, kind, batch size)
         self.busy = {"host": 0.0, "compute": 0.0, "copy": 0.0, "link": 0.0}
         self.stall = 0.0
@@ -224,9 +225,13 @@ class ServingLoop:
         return batch, budget
 
     # ---- the loop ----
-    def run(self, requests: list[Request], max_concurrency: int | None = None) -> None:
-        self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
-        self.feed = Feed(self.env, self.seqs, [self], max_concurrency)
+    def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
+        """Serve ``requests`` (a list; or, with ``sink``, any iterable in (arrival, id) order). With
+        ``sink``, each finished request is handed to ``sink(seq)`` and not kept: ``seqs`` stays empty and
+        memory does not grow with the run (see ``simulate(requests="summary")``)."""
+        self.sink = sink
+        self.seqs, order = _seqs(requests, self.cfg, sink)
+        self.feed = Feed(self.env, order, [self], max_concurrency)
         self.env.process(self._engine())
         self.env.run()
         if self.unfinished:
@@ -286,6 +291,8 @@ class ServingLoop:
             self._release(s)
             self.running.remove(s)
             self.feed.finished()
+            if self.sink is not None:
+                self.sink(s)
 
     def _decode_run(self):
         """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
@@ -333,6 +340,15 @@ def _output_len(r: Request, cfg: EngineConfig) -> int:
     return 1 if cfg.mode == "prefill-only" else r.output_len
 
 
+def _seqs(requests, cfg: EngineConfig, sink) -> tuple[list[_Seq], object]:
+    """(the run's kept sequences, what the feed walks): all of them, or with a ``sink`` none, made one at
+    a time as the feed reaches them."""
+    if sink is None:
+        seqs = [_Seq(r, _output_len(r, cfg)) for r in requests]
+        return seqs, seqs
+    return [], (_Seq(r, _output_len(r, cfg)) for r in requests)
+
+
 class Feed:
     """Requests arriving over time (a SimPy process), each handed on arrival to the engine with the
     fewest unfinished requests (vLLM V0's choice among its virtual engines; the first on a tie).
@@ -341,22 +357,28 @@ class Feed:
     around each request in vllm/benchmarks/serve.py): a request that is due waits, in arrival order, until
     fewer than that many sent requests are unfinished; ``_Seq.sent`` records when it went out."""
 
-    def __init__(self, env: simpy.Environment, seqs: list[_Seq], engines: list[ServingLoop],
+    def __init__(self, env: simpy.Environment, seqs, engines: list[ServingLoop],
                  max_concurrency: int | None = None):
+        """``seqs``: a list (sorted here), or any iterable already in (arrival, id) order (a stream:
+        taken one request ahead of the clock, never held whole)."""
         self.env, self.engines = env, engines
-        self.order = sorted(seqs, key=lambda s: (s.req.arrival, s.req.id))
-        self.next = 0  # index in order of the next request to arrive
+        self._order = iter(sorted(seqs, key=lambda s: (s.req.arrival, s.req.id)) if isinstance(seqs, list) else seqs)
+        self._next = next(self._order, None)  # the next request to arrive (None: none left)
         self.slots = None if max_concurrency is None else simpy.Container(env, max_concurrency, max_concurrency)
         env.process(self._arrivals())
 
     def _arrivals(self):
-        for s in self.order:
+        while self._next is not None:
+            s = self._next
             if s.req.arrival > self.env.now:
                 yield self.env.timeout(s.req.arrival - self.env.now)
             if self.slots is not None:
                 yield self.slots.get(1)  # returned by finished()
                 s.sent = self.env.now
-            self.next += 1
+            self._next = nxt = next(self._order, None)
+            if nxt is not None and (nxt.req.arrival, nxt.req.id) < (s.req.arrival, s.req.id):
+                raise ConfigError("requests", f"request {nxt.req.id} after request {s.req.id}",
+                                  "a stream in (arrival, id) order")
             target = min(self.engines, key=lambda e: e.unfinished)
             yield target.arrived.put(s)
 
@@ -368,12 +390,12 @@ class Feed:
     def next_arrival(self) -> float:
         """When the next request reaches the engine at the earliest (inf while the client is at its limit:
         only a finishing request, which ends any decode run, lets one through)."""
-        if self.next >= len(self.order) or (self.slots is not None and self.slots.level == 0):
+        if self._next is None or (self.slots is not None and self.slots.level == 0):
             return math.inf
-        return self.order[self.next].req.arrival
+        return self._next.req.arrival
 
     def more_coming(self) -> bool:
-        return self.next < len(self.order)
+        return self._next is not None
 
 
 class Pipeline:
@@ -424,9 +446,12 @@ class PipelinedServing:
                         for _ in range(pp)]
         self.cfg = engine
 
-    def run(self, requests: list[Request], max_concurrency: int | None = None) -> None:
-        self.seqs = [_Seq(r, _output_len(r, self.cfg)) for r in requests]
-        feed = Feed(self.env, self.seqs, self.engines, max_concurrency)
+    def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
+        """As ``ServingLoop.run``."""
+        self.seqs, order = _seqs(requests, self.cfg, sink)
+        for e in self.engines:
+            e.sink = sink
+        feed = Feed(self.env, order, self.engines, max_concurrency)
         for e in self.engines:
             e.feed = feed
             self.env.process(e._engine())

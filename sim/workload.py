@@ -397,6 +397,64 @@ def from_dataset_stats(dataset: str, n: int, seed: int = 0) -> Workload:
     return _build(dataset, *lengths)
 
 
+@dataclass(frozen=True)
+class RequestStream:
+    """``n`` requests made as they are needed, never held together: lengths from one dataset of
+    ``workloads.csv`` (the lognormal fit of :func:`from_dataset_stats`, e.g. ``sharegpt_8k``), Poisson
+    arrivals at ``rate`` requests/s (:func:`poisson`'s gaps), both drawn ``chunk`` requests at a time
+    from generators seeded by ``seed``. ``max_model_len`` fits each request as ``Workload.clipped`` does.
+    For runs too large for a :class:`Workload` (a million requests): ``simulate(..., requests="summary")``
+    serves one in constant memory. The draws differ from ``from_dataset_stats(dataset, n, seed)``'s (two
+    generators, drawn by chunks), their distribution does not."""
+
+    dataset: str
+    n: int
+    rate: float
+    seed: int = 0
+    max_model_len: int | None = None
+    chunk: int = 65536
+    max_concurrency: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or self.dataset not in _catalog_rows() or self.dataset == _MULTI_NEWS:
+            raise ConfigError("dataset", self.dataset, f"one of {[d for d in dataset_names() if d != _MULTI_NEWS]}")
+        _check_int("n", self.n, 1)
+        _check_rate(self.rate)
+        _check_seed(self.seed)
+        _check_int("chunk", self.chunk, 1)
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, 2)
+        if self.max_concurrency is not None:
+            _check_int("max_concurrency", self.max_concurrency, 1)
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-stream"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Request]:
+        fits = [_lognormal_fit(self.dataset, which) for which in ("prompt", "output")]
+        lengths_rng = np.random.default_rng(self.seed)
+        arrivals_rng = np.random.default_rng(_arrival_seed(self.seed))
+        cap = self.max_model_len
+        t, i = 0.0, 0
+        while i < self.n:
+            m = min(self.chunk, self.n - i)
+            p, o = (np.clip(np.rint(lengths_rng.lognormal(mu, sigma, size=m)), 1, top).astype(np.int64).tolist()
+                    for mu, sigma, top in fits)
+            arrivals = (t + np.cumsum(arrivals_rng.exponential(1.0 / self.rate, size=m))).tolist()
+            t = arrivals[-1]
+            for k in range(m):
+                pk, ok = p[k], o[k]
+                if cap is not None and pk + ok > cap:  # as Workload.clipped
+                    ok = min(ok, cap // 2)
+                    pk = min(pk, cap - ok)
+                yield Request(i + k, pk, ok, arrivals[k])
+            i += m
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading workload files
 # ----------------------------------------------------------------------------------------------

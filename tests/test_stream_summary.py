@@ -1,0 +1,107 @@
+"""Constant-memory runs: the percentile sketch, the streaming summary and simulate(requests="summary")."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offloadlab.errors import ConfigError
+from offloadlab.metrics import PERCENTILES, LogHistogram, StreamSummary, summarize, with_latencies
+from offloadlab.policy import NoOffload
+from offloadlab.sim import EngineConfig, simulate
+from offloadlab.sim.workload import RequestStream, Workload
+
+ACC = 1e-3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(1e-6, 1e6), min_size=1, max_size=300), st.floats(0, 1))
+def test_sketch_quantile_within_its_relative_error_of_the_order_statistics(xs, q):
+    h = LogHistogram(ACC)
+    for x in xs:
+        h.add(x)
+    srt = sorted(xs)
+    pos = q * (len(xs) - 1)  # numpy's linear interpolation sits between these two order statistics
+    lo, hi = srt[math.floor(pos)], srt[math.ceil(pos)]
+    got = h.quantile(q)
+    assert lo * (1 - ACC) * (1 - 1e-12) <= got <= hi * (1 + ACC) * (1 + 1e-12)
+    assert abs(got - np.percentile(xs, q * 100)) <= ACC * hi * (1 + 1e-9) + (hi - lo)  # numpy's figure, near
+
+
+def test_sketch_zeros_and_empty():
+    h = LogHistogram()
+    assert math.isnan(h.quantile(0.5))
+    for x in (0.0, 0.0, 5.0):
+        h.add(x)
+    assert h.quantile(0.0) == 0.0 and h.quantile(1.0) == pytest.approx(5.0, rel=ACC)
+    with pytest.raises(ConfigError):
+        LogHistogram(0.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 500), st.integers(1, 50), st.floats(0, 10), st.floats(1e-3, 5),
+                          st.floats(1e-3, 50), st.integers(0, 3)), min_size=1, max_size=60))
+def test_stream_summary_matches_the_frame_summary(rows):
+    import pandas as pd
+
+    acc = StreamSummary(ACC)
+    frame = []
+    for i, (p, o, a, ttft, dur, pre) in enumerate(rows):
+        first, finish = a + ttft, a + ttft + (dur if o > 1 else 0.0)
+        acc.add(p, o, a, a, first, finish, pre)
+        frame.append(dict(id=i, prompt_len=p, output_len=o, arrival=a, sent=a, first_token=first, finish=finish,
+                          preemptions=pre))
+    want, got = summarize(with_latencies(pd.DataFrame(frame))), acc.summary()
+    assert set(got) == set(want)
+    for k in ("requests", "preemptions"):
+        assert got[k] == want[k]
+    for k in ("makespan_s", "throughput_rps", "output_tok_s", "total_tok_s", "ttft_mean_s", "e2e_mean_s"):
+        assert got[k] == pytest.approx(want[k], rel=1e-9)
+    for c in ("ttft", "tpot", "e2e"):
+        if math.isnan(want[f"{c}_mean_s"]):
+            assert math.isnan(got[f"{c}_mean_s"])
+            continue
+        for p in PERCENTILES:  # sketch vs numpy's interpolation: within the sketch's error of the data's spread
+            vals = sorted(with_latencies(pd.DataFrame(frame))[c].dropna())
+            assert min(vals) * (1 - ACC) <= got[f"{c}_p{p}_s"] <= max(vals) * (1 + ACC)
+
+
+def small_stream(n=300, **kw):
+    return RequestStream("sharegpt_8k", n, 2.0, seed=3, max_model_len=4096, **kw)
+
+
+def test_request_stream_is_ordered_deterministic_and_clipped():
+    a, b = list(small_stream()), list(small_stream(chunk=7))
+    assert [r.id for r in a] == list(range(300))
+    assert all(x.arrival <= y.arrival for x, y in zip(a, a[1:]))
+    assert all(r.prompt_len + r.output_len <= 4096 for r in a)
+    assert a == list(small_stream())  # deterministic
+    assert len(b) == 300 and [r.id for r in b] == list(range(300))  # chunks of 7: the same stream's shape
+    assert all(x.arrival <= y.arrival for x, y in zip(b, b[1:]))
+    with pytest.raises(ConfigError, match="dataset"):
+        RequestStream("nope", 10, 1.0)
+
+
+def test_summary_run_equals_the_frame_run_on_the_same_requests():
+    eng = EngineConfig(scheduler="v1", chunked_prefill=True, max_num_batched_tokens=2048, max_model_len=4096,
+                       prefix_caching=True)
+    wl = Workload("s", tuple(small_stream()))
+    full = simulate("llama-3.1-8b", "a100-80gb", NoOffload(), wl, eng, trace_steps=False)
+    summ = simulate("llama-3.1-8b", "a100-80gb", NoOffload(), wl, eng, trace_steps=False, requests="summary")
+    streamed = simulate("llama-3.1-8b", "a100-80gb", NoOffload(), small_stream(), eng, trace_steps=False,
+                        requests="summary")
+    assert summ.requests is None and streamed.requests is None
+    for k in ("requests", "preemptions", "steps", "makespan_s", "ttft_mean_s", "tpot_mean_s", "e2e_mean_s"):
+        assert summ.summary[k] == pytest.approx(full.summary[k], rel=1e-12)
+        assert streamed.summary[k] == pytest.approx(full.summary[k], rel=1e-12)
+    for c in ("ttft", "tpot", "e2e"):
+        exact = full.requests[c].dropna().sort_values().to_numpy()
+        for p in PERCENTILES:
+            pos = p / 100 * (len(exact) - 1)
+            lo, hi = exact[math.floor(pos)], exact[math.ceil(pos)]
+            assert lo * (1 - ACC) <= summ.summary[f"{c}_p{p}_s"] <= hi * (1 + ACC)
+    with pytest.raises(ConfigError, match="requests"):
+        simulate("llama-3.1-8b", "a100-80gb", NoOffload(), small_stream(), eng, requests="frame")
