@@ -305,10 +305,13 @@ class ServingLoop:
         run = self.running
         B = len(run)
         n = min(s.output_len - s.generated for s in run)
+        known = [(s.req.prompt_len + s.generated, s.blocks) for s in run]
+
         # fewest steps after which some request needs a block that is not free
         def blocks_needed(m):  # extra blocks for m steps (step j reads known + j - 1 tokens)
-            return sum(max(0, -(-(s.known + m - 1) // bs) - s.blocks) for s in run)
-        lo, hi = 1, n
+            t = m - 1
+            return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
+        lo, hi = (n, n) if blocks_needed(n) <= self.free_blocks else (1, n - 1)  # enough for every step: the rule
         while lo < hi:
             mid = (lo + hi + 1) // 2
             if blocks_needed(mid) <= self.free_blocks:
@@ -316,7 +319,7 @@ class ServingLoop:
             else:
                 hi = mid - 1
         n = lo
-        kv0 = sum(s.known for s in run)  # KV tokens read by the first step (context + the new one)
+        kv0 = sum(k for k, _ in known)  # KV tokens read by the first step (context + the new one)
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
         for res, count in self.sm.decodes(B, kv0, n):  # runs of identical steps (StepModel.decodes)
