@@ -453,7 +453,6 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    from .plots import predicted_vs_measured, serving_replay
     from ..profile import load_profiles
     from ..validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
@@ -513,6 +512,8 @@ def cmd_validate(a) -> None:
         else:
             a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
+        from .plots import predicted_vs_measured, serving_replay  # matplotlib: only when plotting (~0.6 s)
+
         for i, c in enumerate(replays):
             path = Path(a.plot)
             if len(replays) > 1:
