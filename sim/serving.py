@@ -266,9 +266,7 @@ class ServingLoop:
                     raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # arrive: a bug
                 self.waiting.append((yield self.arrived.get()))
                 continue
-            if (self.fast_forward and len(batch) == len(self.running)
-                    and sum(k for _, k in batch) == len(batch)
-                    and all(s.generated for s, _ in batch)):  # pure decodes, first tokens out
+            if self.fast_forward and self._pure_decodes(batch):
                 yield from self._decode_run()
                 continue
             shape = StepShape.of([(k, s.computed) for s, k in batch])
@@ -281,6 +279,11 @@ class ServingLoop:
                 s.computed += k
                 if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV
                     self._sample(s, now)  # cache (s.uncomputed == 0): sample a token
+
+    def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
+        """Every running request decodes one token, each past its first (a decode run may start)."""
+        return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
+                and all(s.generated for s, _ in batch))
 
     def _sample(self, s: _Seq, now: float) -> None:
         s.generated += 1

@@ -25,6 +25,7 @@ What it models, and the vLLM file each rule comes from:
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from .costs import StepShape
@@ -152,6 +153,7 @@ class V1ServingLoop(ServingLoop):
         preempted = False
         i = 0
         running, bs, caching = self.running, cfg.block_size, cfg.prefix_caching
+        decodes_only = True  # every scheduled request a decode past its first token (so far)
         while i < len(running) and budget > 0:
             s = running[i]
             known = s.req.prompt_len + s.generated  # s.known, s.uncomputed, _allocate and _hash inlined
@@ -183,6 +185,8 @@ class V1ServingLoop(ServingLoop):
             batch.append((s, n))
             budget -= n
             i += 1
+            if n != 1 or not s.generated:
+                decodes_only = False
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 s = self.waiting[0]
@@ -207,10 +211,16 @@ class V1ServingLoop(ServingLoop):
                 self.running.append(s)
                 batch.append((s, n))
                 budget -= n
+                if n != 1 or not s.generated:  # (a returning request may need one token: a decode)
+                    decodes_only = False
         self.fast_forward = self.bulk and not preempted  # read by ServingLoop._engine
+        self._decodes_only = decodes_only and len(batch) == len(self.running)
         if self.trace_steps:
             self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
         return batch
+
+    def _pure_decodes(self, batch) -> bool:
+        return self._decodes_only  # found by _schedule's pass over the running requests
 
     def _preempt(self, victim: _Seq) -> None:
         self._release(victim)
@@ -235,8 +245,12 @@ class V1ServingLoop(ServingLoop):
         allocated by _schedule."""
         env, bs, run = self.env, self.cfg.block_size, self.running
         B = len(run)
-        n = min(s.output_len - s.generated for s in run)
-        known = [(s.req.prompt_len + s.generated, s.blocks) for s in run]
+        n, known = math.inf, []
+        for s in run:
+            g = s.generated
+            if s.output_len - g < n:
+                n = s.output_len - g
+            known.append((s.req.prompt_len + g, s.blocks))
 
         def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
             t = m - 1
