@@ -45,7 +45,7 @@ def command_time(args: list[str], repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "offloadlab.cli", *args], check=True, cwd=ROOT,
+        subprocess.run([sys.executable, "-m", "offloadlab.apps.cli", *args], check=True, cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         best = min(best, time.perf_counter() - t)
     return best
@@ -87,7 +87,7 @@ def main() -> None:
         print(f"{name:36s} {t:7.2f} {t / y:10.1f} {'<= ' + str(target):>7s} {'met' if t / y <= target else 'MISSED'}")
     if a.imports:
         print("\nimport time (python -X importtime, best of the repeats):")
-        for mod in ("simpy", "numpy", "pandas", "offloadlab.cli", "offloadlab.sim"):
+        for mod in ("simpy", "numpy", "pandas", "offloadlab.apps.cli", "offloadlab.sim"):
             t = import_time(mod, a.repeat)
             print(f"  {mod:16s} {t:6.3f} s {t / y:6.1f} yardsticks")
 
