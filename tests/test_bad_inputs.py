@@ -403,16 +403,6 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def clean_catalog():
-    models, gpus = dict(catalog._user_models), dict(catalog._user_gpus)
-    yield
-    catalog._user_models.clear()
-    catalog._user_models.update(models)
-    catalog._user_gpus.clear()
-    catalog._user_gpus.update(gpus)
-
-
 def _tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
@@ -426,7 +416,7 @@ def test_the_table_is_large_and_its_ids_unique():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_exit_2_one_line_no_new_files(case, tmp_path, monkeypatch, capsys, clean_catalog):
+def test_bad_input_is_exit_2_one_line_no_new_files(case, tmp_path, monkeypatch, capsys, clean_user_catalog):
     _, argv, files, needle = case
     for name, content in files.items():
         p = tmp_path / name

@@ -172,17 +172,6 @@ def test_packaged_hardware_csv_is_the_shared_copy():
     assert packaged.read_bytes() == shared.read_bytes()
 
 
-@pytest.fixture
-def clean_user_catalog():
-    """User catalog files register names process-wide; restore the tables after each test."""
-    models, gpus = dict(catalog._user_models), dict(catalog._user_gpus)
-    yield
-    catalog._user_models.clear()
-    catalog._user_models.update(models)
-    catalog._user_gpus.clear()
-    catalog._user_gpus.update(gpus)
-
-
 def test_load_catalog_file_adds_a_model_and_a_gpu(tmp_path, clean_user_catalog):
     f = tmp_path / "mine.yaml"
     f.write_text(
