@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from offloadlab import catalog
 from offloadlab.apps.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
