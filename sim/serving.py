@@ -304,42 +304,56 @@ class ServingLoop:
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        env, bs = self.env, self.cfg.block_size
         run = self.running
-        B = len(run)
-        n = min(s.output_len - s.generated for s in run)
-        known = [(s.req.prompt_len + s.generated, s.blocks) for s in run]
+        steps = yield from self._decode_steps(self.free_blocks)
+        for s in list(run):
+            self._grow(s, s.known + steps - 1)
+            s.computed += steps
+            s.generated += steps - 1
+            self._sample(s, self.env.now)
 
-        # fewest steps after which some request needs a block that is not free
-        def blocks_needed(m):  # extra blocks for m steps (step j reads known + j - 1 tokens)
+    def _wall(self, res, seqs: int) -> float:
+        """A step's wall time: its forward pass (V1 adds the host's work around it)."""
+        return res.time
+
+    def _decode_steps(self, free: int):
+        """Run decode steps of the whole running batch (SimPy generator); returns how many ran: until a
+        request finishes, before some request would need a block beyond the ``free`` ones, and through
+        the step during which the next request arrives. Records the steps; changes no request."""
+        env, bs = self.env, self.cfg.block_size
+        B = len(self.running)
+        n, known = math.inf, []  # steps until the first request finishes; (tokens known, blocks held)
+        for s in self.running:
+            g = s.generated
+            if s.output_len - g < n:
+                n = s.output_len - g
+            known.append((s.req.prompt_len + g, s.blocks))
+
+        def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
             t = m - 1
             return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
-        lo, hi = (n, n) if blocks_needed(n) <= self.free_blocks else (1, n - 1)  # enough for every step: the rule
+        lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)  # enough for every step: the rule
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if blocks_needed(mid) <= self.free_blocks:
+            if blocks_needed(mid) <= free:
                 lo = mid
             else:
                 hi = mid - 1
-        n = lo
         kv0 = sum(k for k, _ in known)  # KV tokens read by the first step (context + the new one)
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        for res, count in self.sm.decodes(B, kv0, n):  # runs of identical steps (StepModel.decodes)
+        for res, count in self.sm.decodes(B, kv0, lo):  # runs of identical steps (StepModel.decodes)
+            dt = self._wall(res, B)
             for _ in range(count):
-                self._record(res, t, t + res.time, "decode", B)
-                t += res.time
+                self._record(res, t, t + dt, "decode", B)
+                t += dt
                 steps += 1
                 if t >= arrival:
                     break
             if t >= arrival:
                 break
         yield env.timeout(t - env.now)
-        for s in list(run):
-            self._grow(s, s.known + steps - 1)
-            s.computed += steps
-            s.generated += steps - 1
-            self._sample(s, env.now)
+        return steps
 
 
 def _output_len(r: Request, cfg: EngineConfig) -> int:

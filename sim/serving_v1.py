@@ -25,7 +25,6 @@ What it models, and the vLLM file each rule comes from:
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from .costs import StepShape
@@ -243,42 +242,9 @@ class V1ServingLoop(ServingLoop):
         """Decode steps of the whole running batch until a request finishes, a request arrives or the
         free blocks would run out (then the scheduler decides again). Blocks for the first step were
         allocated by _schedule."""
-        env, bs, run = self.env, self.cfg.block_size, self.running
-        B = len(run)
-        n, known = math.inf, []
-        for s in run:
-            g = s.generated
-            if s.output_len - g < n:
-                n = s.output_len - g
-            known.append((s.req.prompt_len + g, s.blocks))
-
-        def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
-            t = m - 1
-            return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
-
-        free = self.pool.free
-        lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)  # enough blocks for every step: the rule
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if blocks_needed(mid) <= free:
-                lo = mid
-            else:
-                hi = mid - 1
-        kv0 = sum(k for k, _ in known)
-        arrival = self.feed.next_arrival()
-        t, steps = env.now, 0
-        for res, count in self.sm.decodes(B, kv0, lo):  # runs of identical steps (StepModel.decodes)
-            dt = self._wall(res, B)
-            for _ in range(count):
-                self._record(res, t, t + dt, "decode", B)
-                t += dt
-                steps += 1
-                if t >= arrival:
-                    break
-            if t >= arrival:
-                break
-        yield env.timeout(t - env.now)
-        pool, caching, now = self.pool, self.cfg.prefix_caching, env.now
+        bs, run = self.cfg.block_size, self.running
+        steps = yield from self._decode_steps(self.pool.free)
+        pool, caching, now = self.pool, self.cfg.prefix_caching, self.env.now
         for s in list(run):  # _allocate, _hash and _sample's common case inlined
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
             if need > 0:
