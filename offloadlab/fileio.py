@@ -1,4 +1,5 @@
-"""Reading config files (YAML/JSON) and writing results atomically (temp file, then rename)."""
+"""Reading config files (YAML/JSON) and writing results atomically (temp file, then rename); the host's
+available memory (/proc/meminfo), which the simulator and the runtime both check."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,19 @@ def read_text(path: str | os.PathLike, what: str = "file", encoding: str = "utf-
     except UnicodeDecodeError as e:
         raise ConfigError("file", str(p), f"UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is not: "
                           f"a binary file or another encoding?)") from None
+
+
+def host_memory_available() -> int:
+    """Bytes the host can still give a process: MemAvailable from /proc/meminfo (Linux), else physical
+    pages times page size (``os.sysconf``'s errors propagate)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def load_mapping(path: str | os.PathLike) -> dict[str, Any]:

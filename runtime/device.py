@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from offloadlab.errors import ConfigError
+from offloadlab.fileio import host_memory_available
 
 DTYPES = {1: None, 2: torch.bfloat16, 4: torch.float32}  # ModelSpec.weight_bytes -> default dtype
 
@@ -147,18 +148,6 @@ def resolve_device(device: str | torch.device | Device | None = None) -> Device:
     elif d.type != "cpu":
         raise ConfigError("device", str(device), "'cpu' or 'cuda[:N]' (other backends are not supported)")
     return Device(d)
-
-
-def host_memory_available() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else physical pages times page size."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def versions(dev: Device) -> dict:

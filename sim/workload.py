@@ -21,7 +21,6 @@ import io
 import json
 import math
 import numbers
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError
-from ..fileio import atomic_write_text, read_text
+from ..fileio import atomic_write_text, host_memory_available, read_text
 
 __all__ = [
     "Request",
@@ -759,14 +758,7 @@ BYTES_PER_REQUEST = 3000
 def available_memory() -> float:
     """Bytes this machine can still give a process (MemAvailable; all of physical memory where unknown)."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024.0
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return float(host_memory_available())
     except (ValueError, OSError, AttributeError):
         return math.inf
 
