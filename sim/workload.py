@@ -268,8 +268,7 @@ class Workload:
             if r.prompt_len + r.output_len <= max_model_len:
                 out.append(r)
                 continue
-            o = min(r.output_len, max_model_len // 2)
-            out.append(Request(r.id, min(r.prompt_len, max_model_len - o), o, r.arrival))
+            out.append(Request(r.id, *_fit(r.prompt_len, r.output_len, max_model_len), r.arrival))
             changed += 1
         return Workload(self.name, tuple(out), self.max_concurrency), changed
 
@@ -396,6 +395,13 @@ def from_dataset_stats(dataset: str, n: int, seed: int = 0) -> Workload:
     return _build(dataset, *lengths)
 
 
+def _fit(prompt_len: int, output_len: int, max_model_len: int) -> tuple[int, int]:
+    """(prompt_len, output_len) of a request too long for ``max_model_len``: the output capped at half of
+    it, then the prompt cut to the rest (Workload.clipped, RequestStream)."""
+    o = min(output_len, max_model_len // 2)
+    return min(prompt_len, max_model_len - o), o
+
+
 @dataclass(frozen=True)
 class RequestStream:
     """``n`` requests made as they are needed, never held together: lengths from one dataset of
@@ -447,9 +453,8 @@ class RequestStream:
             t = arrivals[-1]
             for k in range(m):
                 pk, ok = p[k], o[k]
-                if cap is not None and pk + ok > cap:  # as Workload.clipped
-                    ok = min(ok, cap // 2)
-                    pk = min(pk, cap - ok)
+                if cap is not None and pk + ok > cap:
+                    pk, ok = _fit(pk, ok, cap)
                 yield Request(i + k, pk, ok, arrivals[k])
             i += m
 
