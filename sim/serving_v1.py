@@ -39,6 +39,11 @@ STEP_HOST_S = 1e-3
 STEP_HOST_PER_SEQ_S = 20e-6
 
 
+def step_host(seqs: int) -> float:
+    """Host seconds of one engine step of ``seqs`` requests (STEP_HOST_S, STEP_HOST_PER_SEQ_S)."""
+    return STEP_HOST_S + STEP_HOST_PER_SEQ_S * seqs
+
+
 class BlockPool:
     """vLLM V1's KV block pool: one LRU queue of free blocks, cached ones keyed by (request, block,
     admission) so a request finds only its own blocks of its last admission.
@@ -230,7 +235,7 @@ class V1ServingLoop(ServingLoop):
 
     # ---- one step: the forward pass and the host's work around it ----
     def _wall(self, res, seqs: int) -> float:
-        host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * seqs
+        host = step_host(seqs)
         return max(res.time, host) if self.cfg.async_scheduling else res.time + host
 
     def _step(self, shape: StepShape):
@@ -291,7 +296,7 @@ class V1PipelinedServing(V1ServingLoop):
                 tagged = [(s, k, s.preempted) for s, k in batch]
                 for s, k in batch:
                     s.computed += k
-                host = STEP_HOST_S + STEP_HOST_PER_SEQ_S * len(batch)
+                host = step_host(len(batch))
                 yield env.timeout(host)  # the scheduler and input preparation, before the batch leaves
                 self.in_flight += 1
                 env.process(self._batch(shape, tagged))
