@@ -28,7 +28,8 @@ from __future__ import annotations
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, ServingLoop, _Seq
+from .serving import EngineConfig, Pipeline, ServingLoop, _Seq
+from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
 # sampling, detokenizing and handing outputs to the API server (Python). ASSUMPTIONS, not
@@ -274,11 +275,7 @@ class V1PipelinedServing(V1ServingLoop):
     scheduler's host work precedes each batch."""
 
     def __init__(self, step_models, send, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True):
-        import simpy
-
-        from .serving import Pipeline
-
-        env = simpy.Environment()
+        env = CountingEnvironment()  # like every other serving loop: its events are reported (simpy_events)
         super().__init__(None, engine, kv_tokens, trace_steps, bulk=False, env=env,
                          pipeline=Pipeline(env, step_models, send))
         self.depth = len(step_models)
