@@ -372,7 +372,7 @@ def cmd_optimize(a) -> None:
     r = optimize(model, a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
                  executor=_executor(a), cache_dir=a.cache_dir,
-                 profile=tuple(a.profile) if a.profile and len(a.profile) > 1 else a.profile[0] if a.profile else None,
+                 profile=a.profile,  # SimConfig takes the list: one path, or a tuple of several
                  progress=not a.quiet, band=not a.no_band)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
