@@ -125,8 +125,8 @@ def _settle_engine(a) -> None:
         raise ConfigError("--policy", a.policy, "no --policy together with --vllm (the --vllm line gives the policy)")
     theirs: dict = {}
     for line in lines:
-        if unmodelled_flags(line):
-            print(f"note: --vllm flags not modelled, no effect on the simulation: {', '.join(unmodelled_flags(line))}",
+        if unmodelled := unmodelled_flags(line):
+            print(f"note: --vllm flags not modelled, no effect on the simulation: {', '.join(unmodelled)}",
                   file=sys.stderr)
         for k, v in engine_from_vllm(line).items():
             if theirs.setdefault(k, v) != v:
@@ -189,8 +189,6 @@ def _workload(a):
             models = a.model if isinstance(a.model, list) else [a.model or "llama-3.1-8b"]
             families = {sharegpt.tokenizer_for_model(m) for m in models}
             if len(families) > 1:
-                from ..errors import ConfigError
-
                 raise ConfigError("tokenizer", None, f"one family for all models (found {sorted(families)}): pass "
                                   "--tokenizer")
             tok = families.pop()
@@ -198,8 +196,6 @@ def _workload(a):
         if a.sharegpt_output_len is not None:
             kw["output_len"] = a.sharegpt_output_len
     elif a.tokenizer is not None or a.sharegpt_output_len is not None or a.sharegpt_source != "auto":
-        from ..errors import ConfigError
-
         raise ConfigError("workload", a.workload, "sharegpt when --tokenizer or --sharegpt-* options are given")
     wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate, burstiness=a.burstiness,
                        max_concurrency=a.max_concurrency, **kw)
