@@ -125,8 +125,8 @@ def _settle_engine(a) -> None:
         raise ConfigError("--policy", a.policy, "no --policy together with --vllm (the --vllm line gives the policy)")
     theirs: dict = {}
     for line in lines:
-        if unmodelled_flags(line):
-            print(f"note: --vllm flags not modelled, no effect on the simulation: {', '.join(unmodelled_flags(line))}",
+        if unmodelled := unmodelled_flags(line):
+            print(f"note: --vllm flags not modelled, no effect on the simulation: {', '.join(unmodelled)}",
                   file=sys.stderr)
         for k, v in engine_from_vllm(line).items():
             if theirs.setdefault(k, v) != v:
@@ -189,8 +189,6 @@ def _workload(a):
             models = a.model if isinstance(a.model, list) else [a.model or "llama-3.1-8b"]
             families = {sharegpt.tokenizer_for_model(m) for m in models}
             if len(families) > 1:
-                from ..errors import ConfigError
-
                 raise ConfigError("tokenizer", None, f"one family for all models (found {sorted(families)}): pass "
                                   "--tokenizer")
             tok = families.pop()
@@ -198,8 +196,6 @@ def _workload(a):
         if a.sharegpt_output_len is not None:
             kw["output_len"] = a.sharegpt_output_len
     elif a.tokenizer is not None or a.sharegpt_output_len is not None or a.sharegpt_source != "auto":
-        from ..errors import ConfigError
-
         raise ConfigError("workload", a.workload, "sharegpt when --tokenizer or --sharegpt-* options are given")
     wl = make_workload(a.workload, n=a.requests, seed=a.seed, rate=a.rate, burstiness=a.burstiness,
                        max_concurrency=a.max_concurrency, **kw)
@@ -263,9 +259,10 @@ def cmd_paper(a) -> None:
     from .plots import paper_figure
 
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
-    _say_profile(a, _model(a))
-    res = run_paper(_model(a), a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
-    mem = memory_table(_model(a), a.gpu)
+    model = _model(a)
+    _say_profile(a, model)
+    res = run_paper(model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
+    mem = memory_table(model, a.gpu)
     sp = speedups(res)
     print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
           f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
@@ -365,12 +362,13 @@ def cmd_optimize(a) -> None:
     from .optimize import optimize
 
     wl = _workload(a)
-    _say_profile(a, _model(a))
+    model = _model(a)
+    _say_profile(a, model)
     mech = tuple(m for m in a.mechanisms.split(",") if m.strip())
-    r = optimize(_model(a), a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
+    r = optimize(model, a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
                  executor=_executor(a), cache_dir=a.cache_dir,
-                 profile=tuple(a.profile) if a.profile and len(a.profile) > 1 else a.profile[0] if a.profile else None,
+                 profile=a.profile,  # SimConfig takes the list: one path, or a tuple of several
                  progress=not a.quiet, band=not a.no_band)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
@@ -425,13 +423,12 @@ def cmd_study(a) -> None:
 def cmd_step(a) -> None:
     from ..sim import simulate_step
 
-    _say_profile(a, _model(a))
-    r = simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens,
-                      context=a.context, profile=a.profile, tensor_parallel=a.tensor_parallel,
-                      pipeline_parallel=a.pipeline_parallel)
-    lo, hi = (simulate_step(_model(a), a.gpu, _policy(a), batch=a.batch, new_tokens=a.new_tokens, context=a.context,
-                            profile=a.profile, tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel,
-                            corner=c).time for c in ("low", "high"))
+    model, policy = _model(a), _policy(a)
+    _say_profile(a, model)
+    kw = dict(batch=a.batch, new_tokens=a.new_tokens, context=a.context, profile=a.profile,
+              tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel)
+    r = simulate_step(model, a.gpu, policy, **kw)
+    lo, hi = (simulate_step(model, a.gpu, policy, corner=c, **kw).time for c in ("low", "high"))
     print(f"step time {r.time * 1e3:.3f} ms (band {lo * 1e3:.3f}-{hi * 1e3:.3f} ms: every cost at the low / high end "
           f"of its evidence); compute stalled on copies {r.stall * 1e3:.3f} ms; {r.events} SimPy events")
     for lane, b in r.busy.items():
