@@ -12,10 +12,9 @@
 The candidates (``candidate_policies``): no offload; the prefetch layouts "last n of every g
 layers" (g in 1..min(L, 16) plus L/4, L/3, L/2, L), one layout per distinct number of offloaded
 layers (the smallest g, i.e. the most evenly spread), on a grid of L/32 steps plus the few smallest
-counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} staging slots dividing the
-offloaded count (vLLM's prefetch backend, which every pick deploys as, races otherwise:
-``vllm_flags.slot_race``) (s <= the
-offloaded layers); vLLM's UVA and copy-path budgets at 1/8, 2/8, ..., 8/8 of the decoder-layer
+counts that fit (and meet ``min_kv_tokens``), each with s in {1, 2, min(n, 4)} staging slots, at most
+the offloaded layers and dividing their count (vLLM's prefetch backend, which every pick deploys as,
+races otherwise: ``vllm_flags.slot_race``); vLLM's UVA and copy-path budgets at 1/8, 2/8, ..., 8/8 of the decoder-layer
 bytes plus the smallest budget that fits (and meets ``min_kv_tokens``), and one layer more. About
 60-130 candidates. Prefetch candidates are simulated as vLLM's prefetch backend deploys them
 (``wrap=True``: the next step's first copies start as soon as slots are free, and are joined before
