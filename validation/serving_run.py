@@ -312,11 +312,12 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
 
 
 def _predicted(res) -> dict[str, np.ndarray]:
-    """Per-request TTFT, TPOT and e2e of a simulated run, in request-id order, as the run defines them
-    (a one-token output's TPOT divides by 1, not NaN)."""
+    """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
+    defines them (a one-token output's TPOT divides by 1, not NaN); ``preemptions`` beside them."""
     pred = res.requests.sort_values("id").reset_index(drop=True)
-    return {"ttft": pred["ttft"].to_numpy(), "e2e": pred["e2e"].to_numpy(),
-            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy()}
+    return {"ttft": pred["ttft"].to_numpy(),
+            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy(),
+            "e2e": pred["e2e"].to_numpy(), "preemptions": pred["preemptions"].to_numpy()}
 
 
 def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, band: bool = True,
@@ -334,16 +335,14 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
     corners = [simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=False,
                         corner=c) for c in ("low", "high")] if band else []
-    pred = res.requests.sort_values("id").reset_index(drop=True)
+    pred = _predicted(res)
     meas = run.requests.reset_index(drop=True)
     rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
                          "output_len": meas["output_len"], "arrival_s": meas["arrival"]})
     for mtr in METRICS:
         rows[f"measured_{mtr}_s"] = meas[mtr]
-    rows["predicted_ttft_s"] = pred["ttft"]
-    # TPOT as the run defines it (a one-token output divides by 1, not NaN)
-    rows["predicted_tpot_s"] = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
-    rows["predicted_e2e_s"] = pred["e2e"]
+    for mtr in METRICS:
+        rows[f"predicted_{mtr}_s"] = pred[mtr]
     rows["predicted_preemptions"] = pred["preemptions"]
     summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
                      "scheduler": eng.scheduler, "requests": len(rows)}
@@ -368,7 +367,8 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     if corners:
         ends = []
         for r in corners:
-            d = {f"{mtr}_mean_s": float(np.mean(v)) for mtr, v in _predicted(r).items()}
+            p = _predicted(r)
+            d = {f"{mtr}_mean_s": float(np.mean(p[mtr])) for mtr in METRICS}
             span = float(r.summary["makespan_s"])
             ends.append({**d, "makespan_s": span, "throughput_rps": len(rows) / span})
         for name in ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throughput_rps", "makespan_s"):
