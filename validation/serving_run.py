@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from ..catalog import get_gpu, get_model, gpu_for_device, model_names
+from ..checks import is_int, is_number
 from ..errors import ConfigError, OffloadLabError, UnknownNameError
 from ..specs import HardwareSpec, ModelSpec
 
@@ -81,8 +82,8 @@ class ServingRun:
 
 def _num(row: dict, key: str, i: int, src: str, integer: bool = False, minimum: float | None = None):
     v = row[key]
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
+    ok = is_int(v) if integer else is_number(v)
+    if not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
         kind = "an integer" if integer else "a finite number"
         raise ConfigError(f"requests.jsonl line {i + 1}: {key}", v,
                           f"{kind}{'' if minimum is None else f' >= {minimum}'}", source=src)
