@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from offloadlab.checks import check_bool
 from offloadlab.errors import ConfigError, DoesNotFitError
 from offloadlab.policy import NoOffload, Placement
 from offloadlab.specs import GiB, ModelSpec
@@ -320,8 +321,7 @@ def build(spec: ModelSpec, policy=NoOffload(), device=None, *, seed: int = 0, ch
     allocated. The model gets ``.placement`` and ``.dev`` attributes. ``join_at_step_end``: a
     prefetch ring joins its copy stream after the last layer, as vLLM's CUDA-graph steps do.
     """
-    if not isinstance(join_at_step_end, bool):
-        raise ConfigError("join_at_step_end", join_at_step_end, "True or False")
+    check_bool("join_at_step_end", join_at_step_end)
     dev = resolve_device(device)
     dtype = dtype_for(spec.weight_bytes, dtype)
     placement = policy if isinstance(policy, Placement) else policy.place(spec)
