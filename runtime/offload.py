@@ -41,7 +41,7 @@ from torch import nn
 
 from offloadlab.checks import check_bool
 from offloadlab.errors import ConfigError, DoesNotFitError
-from offloadlab.policy import NoOffload, Placement
+from offloadlab.policy import NoOffload, Placement, pinned_bytes
 from offloadlab.specs import GiB, ModelSpec
 
 from .device import Device, dtype_for, host_memory_available, resolve_device
@@ -279,7 +279,7 @@ def memory_needs(spec: ModelSpec, pl: Placement, reserve_bytes: int = 0) -> dict
     # this runtime pins each parameter on its own (copy path, UVA) but one flat tensor per prefetched
     # layer (vLLM's slab layout without its 2 GiB chunking), so count what it allocates
     pinned = pl.host_pinned_bytes if pl.mechanism != "prefetch" else \
-        sum(1 << (pl.layer_offloaded_bytes(i) - 1).bit_length() for i in pl.offloaded_layers)
+        pinned_bytes(pl.layer_offloaded_bytes(i) for i in pl.offloaded_layers)
     return {"device_weights": resident, "staging": pl.staging_bytes, "reserve": int(reserve_bytes),
             "device": resident + pl.staging_bytes + int(reserve_bytes), "host": pl.offloaded_bytes,
             "host_pinned": pinned}
