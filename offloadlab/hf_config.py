@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .catalog import get_model
 from .errors import ConfigError
+from .fileio import read_text
 from .specs import ModelSpec
 
 # architecture -> (q/k/v projections carry a bias, q/k RMSNorm per head), as vLLM's model files build them
@@ -31,7 +32,7 @@ def _read(path: Path) -> tuple[dict, Path]:
     if not f.is_file():
         raise ConfigError("--model", str(path), "a catalog name, a config.json, or a directory holding one")
     try:
-        cfg = json.loads(f.read_text())
+        cfg = json.loads(read_text(f, "config.json"))
     except json.JSONDecodeError as e:
         raise ConfigError("config.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=str(f)) from None
     if not isinstance(cfg, dict):

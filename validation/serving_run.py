@@ -26,6 +26,7 @@ import pandas as pd
 from ..catalog import get_gpu, get_model, gpu_for_device, model_names
 from ..checks import is_int, is_number
 from ..errors import ConfigError, OffloadLabError, UnknownNameError
+from ..fileio import read_text
 from ..specs import HardwareSpec, ModelSpec
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
@@ -100,7 +101,7 @@ def load_serving_run(path: str | Path) -> ServingRun:
             raise ConfigError(name, None, f"present in the serving-run directory {d}")
     src = str(d / "meta.json")
     try:
-        meta = json.loads((d / "meta.json").read_text())
+        meta = json.loads(read_text(d / "meta.json", "JSON file"))
     except json.JSONDecodeError as e:
         raise ConfigError("meta.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=src) from None
     if not isinstance(meta, dict):
@@ -110,7 +111,7 @@ def load_serving_run(path: str | Path) -> ServingRun:
         raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=src)
     src = str(d / "requests.jsonl")
     rows = []
-    for i, line in enumerate((d / "requests.jsonl").read_text().splitlines()):
+    for i, line in enumerate(read_text(d / "requests.jsonl", "JSON-lines file").splitlines()):
         if not line.strip():
             continue
         try:
