@@ -26,7 +26,7 @@ import pandas as pd
 from ..catalog import get_gpu, get_model, gpu_for_device, model_names
 from ..checks import is_int, is_number
 from ..errors import ConfigError, OffloadLabError, UnknownNameError
-from ..fileio import read_text
+from ..fileio import read_json_object, read_text
 from ..specs import HardwareSpec, ModelSpec
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
@@ -100,12 +100,7 @@ def load_serving_run(path: str | Path) -> ServingRun:
         if not (d / name).is_file():
             raise ConfigError(name, None, f"present in the serving-run directory {d}")
     src = str(d / "meta.json")
-    try:
-        meta = json.loads(read_text(d / "meta.json", "JSON file"))
-    except json.JSONDecodeError as e:
-        raise ConfigError("meta.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=src) from None
-    if not isinstance(meta, dict):
-        raise ConfigError("meta.json", type(meta).__name__, "a JSON object", source=src)
+    meta = read_json_object(d / "meta.json", "meta.json")
     kw = meta.get("engine_kwargs")
     if kw is not None and not isinstance(kw, dict):
         raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=src)
