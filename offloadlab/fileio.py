@@ -42,6 +42,19 @@ def host_memory_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def read_json_object(path: str | os.PathLike, name: str, what: str = "JSON file") -> dict[str, Any]:
+    """A JSON file whose top level is an object; bad JSON or another top level is a ConfigError
+    naming the file as ``name`` (with the line), the path as its source."""
+    p = Path(path)
+    try:
+        data = json.loads(read_text(p, what))
+    except json.JSONDecodeError as e:
+        raise ConfigError(name, f"line {e.lineno}", f"valid JSON ({e.msg})", source=str(p)) from None
+    if not isinstance(data, dict):
+        raise ConfigError(name, type(data).__name__, "a JSON object", source=str(p))
+    return data
+
+
 def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
     """Load a YAML or JSON file whose top level is a mapping; errors name the file."""
     p = Path(path)

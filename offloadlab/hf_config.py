@@ -7,11 +7,11 @@ layers, sliding-window attention, quantized weights.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .catalog import get_model
 from .errors import ConfigError
+from .fileio import read_json_object
 from .specs import ModelSpec
 
 # architecture -> (q/k/v projections carry a bias, q/k RMSNorm per head), as vLLM's model files build them
@@ -30,13 +30,7 @@ def _read(path: Path) -> tuple[dict, Path]:
     f = path / "config.json" if path.is_dir() else path
     if not f.is_file():
         raise ConfigError("--model", str(path), "a catalog name, a config.json, or a directory holding one")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError("config.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=str(f)) from None
-    if not isinstance(cfg, dict):
-        raise ConfigError("config.json", type(cfg).__name__, "a JSON object", source=str(f))
-    return cfg, f
+    return read_json_object(f, "config.json", "config.json"), f
 
 
 def model_from_hf_config(path: str | Path, name: str | None = None) -> ModelSpec:

@@ -82,7 +82,7 @@ class Placement:
             sizes = [c for i in self.offloaded_layers for c in slab_chunks(self.layer_offloaded_bytes(i))]
         else:
             sizes = [b for p in self.offloaded for b in p]
-        return sum(1 << (b - 1).bit_length() for b in sizes if b > 0)
+        return pinned_bytes(sizes)
 
     @property
     def schedule(self) -> SlotSchedule:
@@ -107,6 +107,12 @@ class Placement:
         if self.mechanism == "copy" and self.offloaded_layers:
             return max(self.layer_offloaded_bytes(i) for i in self.offloaded_layers)
         return 0
+
+
+def pinned_bytes(sizes) -> int:
+    """Host bytes PyTorch's caching pinned-memory allocator takes for allocations of ``sizes``: each
+    rounded up to a power of two."""
+    return sum(1 << (b - 1).bit_length() for b in sizes if b > 0)
 
 
 SLAB_CHUNK = 2 * GiB  # vllm/model_executor/offloader/slab.py PINNED_CPU_SLAB_CHUNK_BYTES

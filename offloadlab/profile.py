@@ -400,7 +400,6 @@ class Profile:
         return json.dumps(asdict(self))
 
 
-# Vidur's operator columns -> this project's GEMM names (ModelSpec.layer_param_shapes order)
 def load_profiles(profile):
     """None, a Profile, a path, or a sequence of them (several sources: see sim.costs.Calibrated) ->
     None, a Profile or a tuple of Profiles."""
@@ -412,6 +411,7 @@ def load_profiles(profile):
     return Profile.load(profile) if isinstance(profile, (str, os.PathLike)) else profile
 
 
+# Vidur's operator columns -> this project's GEMM names (ModelSpec.layer_param_shapes order)
 _VIDUR_OPS = {"qkv_proj": "attn_pre_proj", "o_proj": "attn_post_proj", "gate_up_proj": "mlp_up_proj",
               "down_proj": "mlp_down_proj"}
 _VIDUR_ELEMENTWISE = {"input_layernorm": 1, "attn_rope": 1, "post_attention_layernorm": 1, "mlp_act": 1, "add": 2}

@@ -25,6 +25,8 @@ slot 0 while layer 2 (slot 0) has yet to run; here that copy waits for layer 2.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import accumulate
 
 from .checks import check_bool, check_int
 
@@ -84,13 +86,18 @@ class SlotSchedule:
             return (0, m - self.ring)
         if not self.wrap:
             return None
-        return (-1, next(x for x in range(self.offloaded) if m in self.wrapped_after(x)))
+        return (-1, self._wrap_issued_at[m])
+
+    @cached_property
+    def _wrap_issued_at(self) -> tuple[int, ...]:
+        """With wrap, per copy w < ring of the next step: the offloaded layer after whose read it is
+        issued, the latest of the last readers of slots 0..w (copies stay in order on the one stream)."""
+        return tuple(accumulate((self.last_reader(w) for w in range(self.ring)), max))
 
     def wrapped_after(self, m: int) -> range:
         """With wrap: the next step's copies issued once offloaded layer m has been read (in order:
         copy w goes out when the last readers of slots 0..w have all read)."""
         if not self.wrap or m < self.offloaded - self.ring:
             return range(0)
-        issued_at = [max(self.last_reader(x) for x in range(w + 1)) for w in range(self.ring)]
-        ws = [w for w, at in enumerate(issued_at) if at == m]
+        ws = [w for w, at in enumerate(self._wrap_issued_at) if at == m]
         return range(ws[0], ws[-1] + 1) if ws else range(0)

@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from offloadlab.checks import check_bool
 from offloadlab.errors import ConfigError, DoesNotFitError
-from offloadlab.policy import NoOffload, Placement
+from offloadlab.policy import NoOffload, Placement, pinned_bytes
 from offloadlab.specs import GiB, ModelSpec
 
 from .device import Device, dtype_for, host_memory_available, resolve_device
@@ -278,7 +279,7 @@ def memory_needs(spec: ModelSpec, pl: Placement, reserve_bytes: int = 0) -> dict
     # this runtime pins each parameter on its own (copy path, UVA) but one flat tensor per prefetched
     # layer (vLLM's slab layout without its 2 GiB chunking), so count what it allocates
     pinned = pl.host_pinned_bytes if pl.mechanism != "prefetch" else \
-        sum(1 << (pl.layer_offloaded_bytes(i) - 1).bit_length() for i in pl.offloaded_layers)
+        pinned_bytes(pl.layer_offloaded_bytes(i) for i in pl.offloaded_layers)
     return {"device_weights": resident, "staging": pl.staging_bytes, "reserve": int(reserve_bytes),
             "device": resident + pl.staging_bytes + int(reserve_bytes), "host": pl.offloaded_bytes,
             "host_pinned": pinned}
@@ -320,8 +321,7 @@ def build(spec: ModelSpec, policy=NoOffload(), device=None, *, seed: int = 0, ch
     allocated. The model gets ``.placement`` and ``.dev`` attributes. ``join_at_step_end``: a
     prefetch ring joins its copy stream after the last layer, as vLLM's CUDA-graph steps do.
     """
-    if not isinstance(join_at_step_end, bool):
-        raise ConfigError("join_at_step_end", join_at_step_end, "True or False")
+    check_bool("join_at_step_end", join_at_step_end)
     dev = resolve_device(device)
     dtype = dtype_for(spec.weight_bytes, dtype)
     placement = policy if isinstance(policy, Placement) else policy.place(spec)

@@ -68,7 +68,8 @@ class ProbeFile:
         return cls(Path(path), d, m, hw)
 
     def profile(self) -> Profile:
-        return Profile.from_probe(self.path)
+        """The calibration (Profile.from_probe) from the contents already read, not the file again."""
+        return Profile.from_probe_data(self.data, str(self.path))
 
 
 def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile, ...] | None = None,

@@ -24,7 +24,9 @@ import numpy as np
 import pandas as pd
 
 from ..catalog import get_gpu, get_model, gpu_for_device, model_names
+from ..checks import is_int, is_number
 from ..errors import ConfigError, OffloadLabError, UnknownNameError
+from ..fileio import read_json_object, read_text
 from ..specs import HardwareSpec, ModelSpec
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
@@ -81,8 +83,8 @@ class ServingRun:
 
 def _num(row: dict, key: str, i: int, src: str, integer: bool = False, minimum: float | None = None):
     v = row[key]
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
+    ok = is_int(v) if integer else is_number(v)
+    if not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
         kind = "an integer" if integer else "a finite number"
         raise ConfigError(f"requests.jsonl line {i + 1}: {key}", v,
                           f"{kind}{'' if minimum is None else f' >= {minimum}'}", source=src)
@@ -98,18 +100,13 @@ def load_serving_run(path: str | Path) -> ServingRun:
         if not (d / name).is_file():
             raise ConfigError(name, None, f"present in the serving-run directory {d}")
     src = str(d / "meta.json")
-    try:
-        meta = json.loads((d / "meta.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError("meta.json", f"line {e.lineno}", f"valid JSON ({e.msg})", source=src) from None
-    if not isinstance(meta, dict):
-        raise ConfigError("meta.json", type(meta).__name__, "a JSON object", source=src)
+    meta = read_json_object(d / "meta.json", "meta.json")
     kw = meta.get("engine_kwargs")
     if kw is not None and not isinstance(kw, dict):
         raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=src)
     src = str(d / "requests.jsonl")
     rows = []
-    for i, line in enumerate((d / "requests.jsonl").read_text().splitlines()):
+    for i, line in enumerate(read_text(d / "requests.jsonl", "JSON-lines file").splitlines()):
         if not line.strip():
             continue
         try:
@@ -312,11 +309,12 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
 
 
 def _predicted(res) -> dict[str, np.ndarray]:
-    """Per-request TTFT, TPOT and e2e of a simulated run, in request-id order, as the run defines them
-    (a one-token output's TPOT divides by 1, not NaN)."""
+    """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
+    defines them (a one-token output's TPOT divides by 1, not NaN); ``preemptions`` beside them."""
     pred = res.requests.sort_values("id").reset_index(drop=True)
-    return {"ttft": pred["ttft"].to_numpy(), "e2e": pred["e2e"].to_numpy(),
-            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy()}
+    return {"ttft": pred["ttft"].to_numpy(),
+            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy(),
+            "e2e": pred["e2e"].to_numpy(), "preemptions": pred["preemptions"].to_numpy()}
 
 
 def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, band: bool = True,
@@ -334,16 +332,14 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
     corners = [simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=False,
                         corner=c) for c in ("low", "high")] if band else []
-    pred = res.requests.sort_values("id").reset_index(drop=True)
+    pred = _predicted(res)
     meas = run.requests.reset_index(drop=True)
     rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
                          "output_len": meas["output_len"], "arrival_s": meas["arrival"]})
     for mtr in METRICS:
         rows[f"measured_{mtr}_s"] = meas[mtr]
-    rows["predicted_ttft_s"] = pred["ttft"]
-    # TPOT as the run defines it (a one-token output divides by 1, not NaN)
-    rows["predicted_tpot_s"] = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
-    rows["predicted_e2e_s"] = pred["e2e"]
+    for mtr in METRICS:
+        rows[f"predicted_{mtr}_s"] = pred[mtr]
     rows["predicted_preemptions"] = pred["preemptions"]
     summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
                      "scheduler": eng.scheduler, "requests": len(rows)}
@@ -368,7 +364,8 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     if corners:
         ends = []
         for r in corners:
-            d = {f"{mtr}_mean_s": float(np.mean(v)) for mtr, v in _predicted(r).items()}
+            p = _predicted(r)
+            d = {f"{mtr}_mean_s": float(np.mean(p[mtr])) for mtr in METRICS}
             span = float(r.summary["makespan_s"])
             ends.append({**d, "makespan_s": span, "throughput_rps": len(rows) / span})
         for name in ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throughput_rps", "makespan_s"):
