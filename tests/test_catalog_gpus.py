@@ -46,11 +46,37 @@ def test_rtx_4090_datasheet_row():
     ("NVIDIA H20", "H20-96GB"),
     ("NVIDIA H100 80GB HBM3", "H100-SXM5-80GB"),
     ("NVIDIA A100-SXM4-40GB", "A100-SXM4-40GB"),
+    ("NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"),
+    ("NVIDIA A100 80GB PCIe", "A100-PCIe-80GB"),
+    ("NVIDIA A100-PCIE-40GB", "A100-PCIe-40GB"),
+    ("NVIDIA H100 PCIe", "H100-PCIe-80GB"),
+    ("NVIDIA H200", "H200-SXM-141GB"),
+    ("NVIDIA H200 NVL", "H200-NVL-141GB"),
+    ("NVIDIA RTX A6000", "RTX-A6000-48GB"),  # once matched to the RTX 4090 by its "RTX" alone
+    ("NVIDIA A10", "A10-24GB"),
+    ("NVIDIA GH200 480GB", "GH200-96GB"),
+    ("AMD Instinct MI300X", "MI300X-192GB"),
 ])
 def test_device_names_map_to_their_catalog_row(device, name):
     assert gpu_for_device(device).name == name
 
 
-def test_unknown_device_is_an_error():
-    with pytest.raises(UnknownNameError, match="Quadro"):
-        gpu_for_device("NVIDIA Quadro P400")
+@pytest.mark.parametrize("device", ["NVIDIA Quadro P400", "NVIDIA RTX A4000", "Tesla V100-SXM2-32GB",
+                                    "NVIDIA GeForce RTX 3090", "NVIDIA L40 NVL"])
+def test_unknown_device_is_an_error(device):
+    """A device is never matched to a GPU it does not name (RTX alone is not an RTX 4090), nor to
+    another form of one it does ("L40 NVL" is no L40 row)."""
+    with pytest.raises(UnknownNameError, match=device.split()[-1]):
+        gpu_for_device(device)
+
+
+def test_every_catalog_gpu_is_found_from_its_own_name_and_its_device_names():
+    """Each row is what its own name (as a device would print it) refers to, and every known device
+    name maps to a GPU whose identifying tokens it contains."""
+    from offloadlab.catalog import _DEVICE_NAMES, _FORM, _tokens
+
+    for name in gpu_names():
+        assert gpu_for_device("NVIDIA " + name.replace("-", " ")).name == name
+    for device, name in _DEVICE_NAMES.items():
+        ident = {t for t in _tokens(name) if not _FORM.match(t)}
+        assert ident <= set(_tokens(device)), (device, name)

@@ -49,7 +49,7 @@ _NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "L40S-48GB":
           "H100-PCIe-80GB": (8, 2, 50),
           # workstation cards: up to 4 in one tower, each on its own x16 link, a 100 Gb/s NIC
           "RTX-4090-24GB": (4, 1, 12.5), "RTX-5090-32GB": (4, 1, 12.5), "RTX-6000-Ada-48GB": (4, 1, 12.5),
-          "RTX-PRO-6000-Blackwell-96GB": (4, 1, 12.5)}
+          "RTX-PRO-6000-Blackwell-96GB": (4, 1, 12.5), "RTX-A6000-48GB": (4, 1, 12.5)}
 _DEFAULT_NODE = (8, 2, 50)
 # Short names people type.
 _ALIASES = {
@@ -62,6 +62,8 @@ _ALIASES = {
     "rtx6000-ada": "RTX-6000-Ada-48GB", "rtx-6000-ada": "RTX-6000-Ada-48GB",
     "rtx-pro-6000": "RTX-PRO-6000-Blackwell-96GB", "rtx-pro-6000-blackwell": "RTX-PRO-6000-Blackwell-96GB",
     "l4": "L4-24GB", "l40": "L40-48GB", "a10g": "A10G-24GB", "h100-nvl": "H100-NVL-94GB", "h20": "H20-96GB",
+    "a100-pcie": "A100-PCIe-80GB", "a100-pcie-80gb": "A100-PCIe-80GB", "a100-pcie-40gb": "A100-PCIe-40GB",
+    "a10": "A10-24GB", "rtx-a6000": "RTX-A6000-48GB", "a6000": "RTX-A6000-48GB", "h200-nvl": "H200-NVL-141GB",
 }
 # Device names as torch.cuda.get_device_name() prints them (and vLLM records them), where the GPU
 # family in the catalog name alone is ambiguous ("RTX" is four GPUs here).
@@ -141,28 +143,41 @@ def get_gpu(name: str | HardwareSpec) -> HardwareSpec:
         raise UnknownNameError("GPU", name, gpu_names() + sorted(_ALIASES)) from None
 
 
+# Tokens of a catalog GPU name that say its form factor or memory, not which GPU it is: a device name
+# may leave them out ("NVIDIA H100 80GB HBM3" is the SXM5 part), so they only break ties.
+_FORM = re.compile(r"^(SXM\d*|PCIE|NVL|HBM\d*E?|\d+GB)$")
+
+
+def _tokens(name: str) -> list[str]:
+    return [t for t in re.split(r"[\s_/-]+", name.upper()) if t]
+
+
 def gpu_for_device(device_name: str) -> HardwareSpec:
     """The catalog GPU a device name (as torch.cuda.get_device_name prints it) refers to.
 
     "NVIDIA H100 80GB HBM3" -> H100-SXM5-80GB; "NVIDIA H100 PCIe" -> H100-PCIe-80GB;
-    "NVIDIA A100-SXM4-40GB" -> A100-SXM4-40GB. The family must match; memory size and form factor
-    (PCIe or not) break ties.
+    "NVIDIA A100-SXM4-40GB" -> A100-SXM4-40GB. Every token of the catalog name that names the GPU
+    (H100; RTX and 4090; RTX, PRO, 6000 and Blackwell) must be a whole token of the device name, so
+    "NVIDIA RTX A6000" is not an RTX 4090; memory size and form factor (PCIe, NVL, SXM) break ties,
+    and a form factor the device names but the row lacks counts against the row.
     """
     table = {**_datasheet_gpus(), **_user_gpus}
     exact = _DEVICE_NAMES.get(device_name.strip())
     if exact in table:
         return table[exact]
-    dev = device_name.upper().replace(" ", "-")
-    best, best_score = None, 0
+    dev = set(_tokens(device_name))
+    dev_forms = {t for t in dev if _FORM.match(t) and not t.endswith("GB") and not t.startswith("HBM")}
+    best, best_score = None, None
     for name, spec in table.items():
-        family, *rest = name.upper().split("-")
-        if not re.search(rf"(^|[^A-Z0-9]){family}($|[^A-Z0-9])", dev):
+        toks = _tokens(name)
+        ident = [t for t in toks if not _FORM.match(t)]
+        if not ident or not set(ident) <= dev:
             continue
-        score = 10
-        size = next((r for r in rest if r.endswith("GB")), "")
-        score += 2 if size and size in dev else 0
-        score += 1 if ("PCIE" in name.upper()) == ("PCIE" in dev) else -5
-        if score > best_score:
+        forms = {t for t in toks if _FORM.match(t)}
+        if any(not any(r.startswith(f) for r in forms) for f in dev_forms):
+            continue  # the device is another form of this GPU ("H200 NVL" is not the SXM part)
+        score = 2 * len(ident) + 2 * len(forms & dev) - len({"PCIE", "NVL"} & forms - dev)
+        if best_score is None or score > best_score:
             best, best_score = spec, score
     if best is None:
         raise UnknownNameError("GPU device", device_name, gpu_names())
