@@ -156,6 +156,12 @@ def _quad(*ws: float) -> float:
     return math.sqrt(sum(w * w for w in ws))
 
 
+# How a cost model replays CUDA graphs (Roofline.graph_mode): V0's decode graphs, and vLLM V1's
+# cudagraph_mode values (vllm/config/compilation.py CUDAGraphMode): FULL_AND_PIECEWISE (V1's default),
+# PIECEWISE, FULL; FULL_DECODE_ONLY replays as "decode" does
+GRAPH_MODES = ("decode", "piecewise", "piecewise_only", "full")
+
+
 @dataclass(frozen=True)
 class Roofline:
     # every cost grows (or stays) with a step's context at fixed sequences and tokens: StepModel.decodes
@@ -176,7 +182,10 @@ class Roofline:
     # "decode": V0's CUDA graphs, decode steps of up to max_graph_batch sequences; "piecewise": V1's
     # FULL_AND_PIECEWISE (vllm/config/compilation.py, cudagraph_mode): uniform decode steps of up to
     # max_graph_batch tokens replay one full graph, other steps of up to max_graph_batch tokens replay
-    # the graphs between attention ops (attention launched eagerly), longer steps run compiled code
+    # the graphs between attention ops (attention launched eagerly), longer steps run compiled code;
+    # "piecewise_only" (cudagraph_mode PIECEWISE): every step up to max_graph_batch tokens replays the
+    # pieces, uniform decode too; "full" (cudagraph_mode FULL): every such step replays one full graph.
+    # FULL_DECODE_ONLY is "decode" (full graphs for decode steps only, the rest eager); NONE: cuda_graphs=False
     graph_mode: str = "decode"
     # host seconds per layer of a piecewise replay: one graph launch and the eager attention and
     # KV-cache-write custom ops (~3 launches of ~10 us through Python; an ASSUMPTION, not measured)
@@ -196,8 +205,8 @@ class Roofline:
         if not self.link_share >= 1:
             raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
         check_int("uva_tile_m", self.uva_tile_m, 1, expected="an integer >= 1 (token rows per M-tile)")
-        if self.graph_mode not in ("decode", "piecewise"):
-            raise ConfigError("graph_mode", self.graph_mode, "'decode' (V0) or 'piecewise' (V1)")
+        if self.graph_mode not in GRAPH_MODES:
+            raise ConfigError("graph_mode", self.graph_mode, "one of " + ", ".join(GRAPH_MODES))
 
     def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
@@ -263,14 +272,14 @@ class Roofline:
     def replays_graph(self, s: StepShape) -> bool:
         """vLLM V0 captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs; V1
         (``graph_mode="piecewise"``) every step of up to ``max_graph_batch`` tokens, in pieces."""
-        if self.graph_mode == "piecewise":
-            return self.cuda_graphs and s.tokens <= self.max_graph_batch
-        return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
+        if self.graph_mode == "decode":
+            return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
+        return self.cuda_graphs and s.tokens <= self.max_graph_batch
 
     def launch_time(self, s: StepShape) -> float:
         if not self.replays_graph(s):
             return self.eager_launch_per_layer
-        if self.graph_mode == "piecewise" and not s.decode_only:
+        if self.graph_mode == "piecewise_only" or (self.graph_mode == "piecewise" and not s.decode_only):
             return self.piecewise_launch_per_layer
         return self.graph_launch_per_layer
 

@@ -61,14 +61,26 @@ def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, lo
 
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
                 max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
-                overhead: float = 0.5 * GiB, gpus: int = 1, logit_bytes: float = V0_LOGIT_BYTES) -> MemoryPlan:
+                overhead: float = 0.5 * GiB, gpus: int = 1, logit_bytes: float = V0_LOGIT_BYTES,
+                kv_cache_bytes: float | None = None) -> MemoryPlan:
     """Lay out one GPU's memory; raise DoesNotFitError naming what does not fit. ``gpus`` GPUs of
-    a node (tensor parallelism) pin their offloaded shards in the same host memory."""
-    capacity = gpu_memory_utilization * hw.memory_bytes
+    a node (tensor parallelism) pin their offloaded shards in the same host memory. ``kv_cache_bytes``
+    (vLLM's kv_cache_memory_bytes): the KV cache is that, not what the profiled budget leaves, and
+    gpu_memory_utilization is ignored (vllm/v1/worker/gpu_worker.py ``determine_available_memory``
+    returns it as given); the rest must still fit in the GPU's memory."""
     resident = model.weight_total_bytes - placement.offloaded_bytes
     staging = placement.staging_bytes
     act = activation_peak(model, max_batched_tokens, max_seqs, logit_bytes)
-    kv = capacity - resident - staging - act - overhead
+    if kv_cache_bytes is None:
+        capacity = gpu_memory_utilization * hw.memory_bytes
+        kv = capacity - resident - staging - act - overhead
+    else:
+        capacity, kv = resident + staging + act + overhead + kv_cache_bytes, float(kv_cache_bytes)
+        if capacity > hw.memory_bytes:
+            raise DoesNotFitError(
+                f"kv_cache_memory_bytes={kv_cache_bytes / GiB:.2f} GiB does not fit on {hw.name}: weights "
+                f"{resident / GiB:.2f} + staging {staging / GiB:.2f} + activations {act / GiB:.2f} + overhead "
+                f"{overhead / GiB:.2f} + KV cache exceed its {hw.memory_bytes / GiB:.2f} GiB")
     per_token = model.kv_bytes_per_token
     kv_tokens = max(int(kv // (per_token * block_size)), 0) * block_size
     plan = MemoryPlan(gpu_memory=hw.memory_bytes, capacity=capacity, weights_resident=resident, staging=staging,

@@ -50,6 +50,9 @@ class EngineConfig:
     # vLLM's --kv-cache-dtype: "auto" keeps the model's, fp8* one byte per element (specs.KV_CACHE_DTYPES;
     # applied to the model by ModelSpec.with_kv_cache_dtype wherever the simulator lays out a deployment)
     kv_cache_dtype: str = "auto"
+    # vLLM's kv_cache_memory_bytes: the KV cache per GPU in bytes, in place of what
+    # gpu_memory_utilization leaves (sim/memory.py plan_memory); None: profiled as usual
+    kv_cache_memory_bytes: float | None = None
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -61,6 +64,8 @@ class EngineConfig:
             raise ConfigError("kv_cache_dtype", self.kv_cache_dtype, "one of " + ", ".join(KV_CACHE_DTYPES))
         if self.mode not in ("prefill+decode", "prefill-only"):
             raise ConfigError("mode", self.mode, "'prefill+decode' or 'prefill-only'")
+        if self.kv_cache_memory_bytes is not None and not self.kv_cache_memory_bytes > 0:
+            raise ConfigError("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "bytes > 0, or None")
         if not self.overhead_bytes >= 0:
             raise ConfigError("overhead_bytes", self.overhead_bytes, "bytes >= 0")
         if self.scheduler not in ("v0", "v1"):

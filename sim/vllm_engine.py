@@ -11,6 +11,7 @@ import re
 
 from ..errors import ConfigError
 from ..specs import GiB, HardwareSpec, ModelSpec
+from .costs import GRAPH_MODES
 from .serving import EngineConfig
 
 # vLLM 0.8.0 made the V1 engine the default (VLLM_USE_V1, vllm/envs.py); the paper's 0.7 ran V0.
@@ -52,11 +53,17 @@ def batch_defaults(gpu: HardwareSpec, entry_point: str = "serve", gpu_memory_byt
 def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None, *, entry_point: str = "serve",
                 gpu_memory_bytes: float | None = None, **settings) -> tuple[EngineConfig, dict]:
     """(EngineConfig, cost-model keywords) for vLLM ``version`` on ``gpu``. ``settings`` are the
-    engine arguments the user gave (EngineConfig field names, plus ``enforce_eager`` and
-    ``max_cudagraph_capture_size``); ``None`` or absent takes the version's default."""
+    engine arguments the user gave (EngineConfig field names, plus ``enforce_eager``,
+    ``max_cudagraph_capture_size`` and ``cudagraph_mode``: a Roofline graph_mode, sim/costs.py GRAPH_MODES,
+    or "none"); ``None`` or absent takes the version's default."""
     given = {k: v for k, v in settings.items() if v is not None}
     eager = bool(given.pop("enforce_eager", False))
     capture = given.pop("max_cudagraph_capture_size", None)
+    # vllm/config/compilation.py: V1's default cudagraph_mode is FULL_AND_PIECEWISE; enforce_eager sets NONE
+    graph_mode = given.pop("cudagraph_mode", "piecewise")
+    if graph_mode not in GRAPH_MODES + ("none",):
+        raise ConfigError("cudagraph_mode", graph_mode, "one of " + ", ".join(GRAPH_MODES + ("none",)))
+    eager = eager or graph_mode == "none"
     unknown = sorted(set(given) - set(EngineConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(unknown[0], given[unknown[0]], f"an engine setting ({', '.join(EngineConfig.__dataclass_fields__)})")
@@ -87,4 +94,5 @@ def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None,
     if capture is None:
         # vllm/config/vllm.py (_set_cudagraph_sizes): min(2 x max_num_seqs, 512), then at most the budget
         capture = min(2 * eng.max_num_seqs, 512, eng.max_num_batched_tokens)
-    return eng, {"cuda_graphs": not eager, "graph_mode": "piecewise", "max_graph_batch": int(capture)}
+    return eng, {"cuda_graphs": not eager, "graph_mode": "piecewise" if eager else graph_mode,
+                 "max_graph_batch": int(capture)}

@@ -195,3 +195,26 @@ def test_calibrated_predicts_offload_rows_of_the_probe(probe_path):
     assert len(errs) == 36
     assert sum(errs) / len(errs) <= 0.03
     assert max(errs) <= 0.10
+
+
+@pytest.mark.parametrize("mode,decode_launch,mixed_launch", [
+    ("decode", "graph", "eager"),  # V0, and V1's FULL_DECODE_ONLY
+    ("piecewise", "graph", "piecewise"),  # V1's default FULL_AND_PIECEWISE
+    ("piecewise_only", "piecewise", "piecewise"),  # cudagraph_mode PIECEWISE
+    ("full", "graph", "graph"),  # cudagraph_mode FULL
+])
+def test_graph_modes_launch_as_vllm_replays_them(mode, decode_launch, mixed_launch):
+    rf = Roofline(M8, H100, graph_mode=mode, max_graph_batch=64)
+    launch = {"graph": rf.graph_launch_per_layer, "piecewise": rf.piecewise_launch_per_layer,
+              "eager": rf.eager_launch_per_layer}
+    decode, mixed = StepShape.uniform(8, 1, 100), StepShape.of([(1, 100)] * 7 + [(16, 0)])
+    assert rf.launch_time(decode) == launch[decode_launch]
+    assert rf.launch_time(mixed) == launch[mixed_launch]
+    # beyond the capture size every mode runs eagerly
+    assert rf.launch_time(StepShape.of([(1, 100)] * 40 + [(100, 0)])) == rf.eager_launch_per_layer
+    assert Roofline(M8, H100, graph_mode=mode, cuda_graphs=False).launch_time(decode) == rf.eager_launch_per_layer
+
+
+def test_unknown_graph_mode_is_named():
+    with pytest.raises(ConfigError, match="graph_mode"):
+        Roofline(M8, H100, graph_mode="partial")

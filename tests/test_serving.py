@@ -437,6 +437,23 @@ def test_memory_plan_parts_fit_in_capacity(model, gpu, policy, util, tokens, blo
     assert p.weights_resident + p.host_offloaded == m.weight_total_bytes
 
 
+def test_explicit_kv_cache_bytes_replace_the_profiled_budget():
+    """vLLM's kv_cache_memory_bytes: the KV cache is what was given, whatever gpu_memory_utilization
+    says (vllm/v1/worker/gpu_worker.py); more than the GPU holds besides the weights does not fit."""
+    m, h100 = get_model("llama-3.1-8b"), get_gpu("H100-SXM5-80GB")
+    base = dict(gpu_memory_utilization=0.5, max_batched_tokens=2048, max_seqs=256, max_model_len=4096)
+    for kv_bytes in (2 * GiB, 10 * GiB + 12345):
+        p = plan_memory(m, h100, NoOffload().place(m), kv_cache_bytes=kv_bytes, **base)
+        assert p.kv_tokens == int(kv_bytes // (16 * m.kv_bytes_per_token)) * 16
+        assert p.kv_cache == kv_bytes
+        assert plan_memory(m, h100, NoOffload().place(m), gpu_memory_utilization=0.9, max_batched_tokens=2048,
+                           max_seqs=256, max_model_len=4096, kv_cache_bytes=kv_bytes).kv_tokens == p.kv_tokens
+    with pytest.raises(DoesNotFitError, match="kv_cache_memory_bytes"):
+        plan_memory(m, h100, NoOffload().place(m), kv_cache_bytes=70 * GiB, **base)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
+        EngineConfig(kv_cache_memory_bytes=0)
+
+
 def test_a_policy_that_does_not_fit_raises():
     m, a100 = get_model("llama-3.1-70b"), get_gpu("A100-SXM4-40GB")
     with pytest.raises(DoesNotFitError) as e:

@@ -157,3 +157,101 @@ def test_run_with_a_vllm_version_takes_its_engine_and_defaults(tmp_path):
     assert main(["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--max-model-len", "8192",
                  "--vllm-version", "0.19.0", "--max-num-batched-tokens", "4096", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["max_num_batched_tokens"] == 4096
+
+
+# ---- runs recorded on other engines, GPUs and models (what a held-out run may carry) ----
+RUNNER_KWARGS = {  # what LLMServingSim's bench runner records beside the engine's own settings
+    "disable_custom_all_reduce": True, "kv_cache_memory_bytes": None, "load_format": "dummy",
+    "skip_tokenizer_init": True, "enforce_eager": False,
+    "compilation_config": {"pass_config": {"fuse_allreduce_rms": False, "fuse_gemm_comms": False}}}
+
+
+def _kwargs(**kw) -> dict:
+    return {"engine_kwargs": {**json.loads((RUN / "meta.json").read_text())["engine_kwargs"], **kw}}
+
+
+def test_runner_kwargs_that_do_not_change_timing_replay_as_the_plain_run(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = plan_replay(small_run(tmp_path / "a", meta=_kwargs()))
+    recorded = plan_replay(small_run(tmp_path / "b", meta=_kwargs(**RUNNER_KWARGS)))
+    assert recorded.engine == plain.engine and recorded.cost_kw == plain.cost_kw
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"data_parallel_size": 2}, "data_parallel_size=2"),
+    ({"compilation_config": {"pass_config": {}, "custom_ops": ["+rms_norm"]}}, "compilation_config.custom_ops"),
+    ({"speculative_config": {"num_speculative_tokens": 3}}, "speculative_config"),
+])
+def test_settings_not_modelled_are_named(tmp_path, kw, field):
+    with pytest.raises(ConfigError, match=field.replace("+", r"\+")):
+        plan_replay(small_run(tmp_path, meta=_kwargs(**kw)))
+
+
+def test_kv_cache_dtype_and_explicit_kv_bytes_size_the_cache(tmp_path):
+    runs = {}
+    for name, kw in (("auto", {}), ("fp8", {"kv_cache_dtype": "fp8"}), ("bytes", {"kv_cache_memory_bytes": 4 * 2**30})):
+        (tmp_path / name).mkdir()
+        runs[name] = replay_serving_run(small_run(tmp_path / name, meta=_kwargs(**kw)), band=False).summary
+    auto, fp8 = runs["auto"]["predicted_kv_blocks"], runs["fp8"]["predicted_kv_blocks"]
+    assert abs(fp8 - 2 * auto) <= 1  # one byte per element instead of two: twice the blocks in the same budget
+    # vllm/v1/worker/gpu_worker.py: kv_cache_memory_bytes is the cache, whatever gpu_memory_utilization says
+    per_block = 16 * model_for_hf_id("meta-llama/Llama-3.1-8B").kv_bytes_per_token
+    assert runs["bytes"]["predicted_kv_blocks"] == 4 * 2**30 // per_block
+
+
+@pytest.mark.parametrize("recorded,graphs,mode", [
+    ([2, 1], True, "piecewise"), (0, False, None), (1, True, "piecewise_only"), ([2, 0], True, "decode"),
+    ("CUDAGraphMode.FULL", True, "full")])
+def test_resolved_cudagraph_mode_sets_the_graph_replay(tmp_path, recorded, graphs, mode):
+    meta = json.loads((RUN / "meta.json").read_text())
+    meta["resolved_config"]["compilation_config"]["cudagraph_mode"] = recorded
+    kw = plan_replay(small_run(tmp_path, meta=meta)).cost_kw
+    assert kw["cuda_graphs"] is graphs and (not graphs or kw["graph_mode"] == mode)
+
+
+def test_unknown_cudagraph_mode_is_named(tmp_path):
+    meta = json.loads((RUN / "meta.json").read_text())
+    meta["resolved_config"]["compilation_config"]["cudagraph_mode"] = [3, 3]
+    with pytest.raises(ConfigError, match="cudagraph_mode"):
+        plan_replay(small_run(tmp_path, meta=meta))
+
+
+def test_multi_gpu_runs_replay_on_per_gpu_shards(tmp_path):
+    meta = _kwargs(model="meta-llama/Llama-3.1-70B-Instruct", tensor_parallel_size=2, max_model_len=8192)
+    meta.update(model="meta-llama/Llama-3.1-70B-Instruct",
+                hardware={"device_name": "NVIDIA H100 80GB HBM3", "device_total_memory_bytes": 85029158912})
+    c = replay_serving_run(small_run(tmp_path, meta=meta), band=False)
+    assert c.engine.tensor_parallel == 2 and c.gpu.name == "H100-SXM5-80GB"
+    # each GPU holds half of the 70B's 141 GB, so its KV cache is what the other half of 0.9 x 79.2 GiB leaves
+    assert c.result.memory.weights_resident == pytest.approx(c.model.weight_total_bytes / 2, rel=0.01)
+    assert c.summary["predicted_ttft_mean_s"] > 0
+
+
+@pytest.mark.parametrize("hf_id,name", [
+    ("Qwen/Qwen3-32B", "qwen3-32b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b-v0.3"), ("meta-llama/Llama-3.2-3B-Instruct", "llama-3.2-3b")])
+def test_hf_ids_of_other_families_map_to_catalog_shapes(hf_id, name):
+    assert model_for_hf_id(hf_id).name == name
+
+
+@pytest.mark.parametrize("config", [
+    {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 64,
+     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 25600, "vocab_size": 151936,
+     "max_position_embeddings": 40960, "tie_word_embeddings": False, "sliding_window": None,
+     "use_sliding_window": False, "torch_dtype": "bfloat16", "_name_or_path": "Qwen/Qwen3-32B"},
+    {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+     "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "max_position_embeddings": 32768,
+     "tie_word_embeddings": False, "sliding_window": 131072, "use_sliding_window": False, "torch_dtype": "bfloat16",
+     "_name_or_path": "Qwen/Qwen2.5-7B-Instruct"},
+])
+def test_catalog_qwen_shapes_are_what_their_published_config_builds(tmp_path, config):
+    """The catalog's Qwen entries and --model config.json agree (biases, q/k norms, GQA, vocab)."""
+    import dataclasses
+
+    from offloadlab.hf_config import model_from_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    built = model_from_hf_config(tmp_path / "config.json")
+    catalog = model_for_hf_id(config["_name_or_path"])
+    assert dataclasses.replace(built, name=catalog.name) == catalog

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +37,24 @@ ENGINE_KWARGS = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_
                  "block_size": "block_size", "enable_chunked_prefill": "chunked_prefill",
                  "enable_prefix_caching": "prefix_caching", "tensor_parallel_size": "tensor_parallel",
                  "pipeline_parallel_size": "pipeline_parallel", "enforce_eager": "enforce_eager",
-                 "async_scheduling": "async_scheduling"}
-# engine kwargs that do not change what is simulated
-IGNORED_KWARGS = {"model", "seed", "dtype", "data_parallel_size", "enable_expert_parallel", "kv_cache_dtype",
-                  "tokenizer", "served_model_name", "trust_remote_code", "revision"}
+                 "async_scheduling": "async_scheduling", "kv_cache_dtype": "kv_cache_dtype",
+                 "kv_cache_memory_bytes": "kv_cache_memory_bytes"}
+# engine kwargs that do not change what is simulated (LLMServingSim's bench runner records all of these)
+IGNORED_KWARGS = {"model", "seed", "dtype", "tokenizer", "served_model_name", "trust_remote_code", "revision",
+                  "load_format",  # "dummy" (random weights) runs the same kernels on a dense model
+                  "skip_tokenizer_init", "disable_log_stats",
+                  "enable_expert_parallel",  # acts on mixture-of-experts layers only; replayed models are dense
+                  # NCCL instead of vLLM's custom all-reduce: one all-reduce model here (sim/costs.py allreduce_seconds)
+                  "disable_custom_all_reduce"}
+# engine_kwargs.compilation_config keys: graph capture is modelled (cudagraph_mode, the capture size, as
+# resolved), the fusion passes (pass_config) and the compile mode are not timed separately
+COMPILATION_KEYS = {"pass_config", "cudagraph_mode", "max_cudagraph_capture_size", "cudagraph_capture_sizes", "mode",
+                    "level"}
+# vllm/config/compilation.py CUDAGraphMode values, as a resolved config records them (the enum's value, or
+# its name) -> the Roofline's graph_mode (sim/costs.py GRAPH_MODES); "none": no graphs (cuda_graphs=False)
+CUDAGRAPH_MODES = {0: "none", 1: "piecewise_only", 2: "full", (2, 0): "decode", (2, 1): "piecewise",
+                   "NONE": "none", "PIECEWISE": "piecewise_only", "FULL": "full", "FULL_DECODE_ONLY": "decode",
+                   "FULL_AND_PIECEWISE": "piecewise"}
 METRICS = ("ttft", "tpot", "e2e")
 STATS = ("mean", "p50", "p90", "p99")
 
@@ -167,17 +182,17 @@ def workload_of(run: ServingRun):
 
 # ---- what ran: model, GPU, engine ----
 def model_for_hf_id(hf_id: str) -> ModelSpec:
-    """A Hugging Face id (``meta-llama/Llama-3.1-8B``, ``meta-llama/Meta-Llama-3.1-8B-Instruct``) ->
-    the catalog model of the same shape (instruction-tuned variants share their base's shape)."""
+    """A Hugging Face id (``meta-llama/Llama-3.1-8B``, ``meta-llama/Meta-Llama-3.1-8B-Instruct``,
+    ``mistralai/Mistral-7B-Instruct-v0.3``, ``Qwen/Qwen2.5-7B-Instruct``) -> the catalog model of the
+    same shape (instruction-tuned and chat variants share their base's shape)."""
     name = str(hf_id).rstrip("/").split("/")[-1].lower()
     candidates = [name]
-    for prefix in ("meta-",):
-        if name.startswith(prefix):
-            candidates.append(name[len(prefix):])
+    if name.startswith("meta-"):
+        candidates.append(name[len("meta-"):])
     for c in list(candidates):
-        for suffix in ("-instruct", "-chat", "-hf"):
-            if c.endswith(suffix):
-                candidates.append(c[: -len(suffix)])
+        base = re.sub(r"-(instruct|chat|hf|it)(?=-|$)", "", c)
+        if base != c:
+            candidates.append(base)
     for c in candidates:
         if c in model_names():
             return get_model(c)
@@ -218,20 +233,41 @@ def resolve_gpu(run: ServingRun, gpu: str | HardwareSpec | None = None) -> Hardw
     return hw
 
 
+def _cudagraph_mode(value, src: str) -> str:
+    """A resolved cudagraph_mode ([2, 1], 0, "FULL_AND_PIECEWISE", "CUDAGraphMode.PIECEWISE") -> graph_mode."""
+    key = tuple(value) if isinstance(value, list) else value
+    if isinstance(key, str):
+        key = key.split(".")[-1].upper()
+    if key not in CUDAGRAPH_MODES:
+        raise ConfigError("resolved_config.compilation_config.cudagraph_mode", value,
+                          "one of vLLM's CUDAGraphMode values (NONE, PIECEWISE, FULL, FULL_DECODE_ONLY, "
+                          "FULL_AND_PIECEWISE)", source=src)
+    return CUDAGRAPH_MODES[key]
+
+
 def engine_settings(run: ServingRun) -> dict:
     """engine_kwargs as vllm_engine settings (absent or null: the version's default); a kwarg that
     would change the simulation but is not modelled is an error, not ignored."""
     out = {}
     src = str(run.path / "meta.json")
-    for k, v in run.engine_kwargs.items():
+    kwargs = run.engine_kwargs
+    for k, v in kwargs.items():
         if k in ENGINE_KWARGS:
             out[ENGINE_KWARGS[k]] = v
-        elif k not in IGNORED_KWARGS and v is not None:
+        elif k == "compilation_config" and v is not None:
+            extra = sorted(set(v) - COMPILATION_KEYS) if isinstance(v, dict) else [v]
+            if extra:
+                raise ConfigError(f"engine_kwargs.compilation_config.{extra[0]}" if isinstance(v, dict)
+                                  else "engine_kwargs.compilation_config", v if not isinstance(v, dict) else v[extra[0]],
+                                  f"only {', '.join(sorted(COMPILATION_KEYS))} (what else it sets is not modelled)",
+                                  source=src)
+        elif k not in IGNORED_KWARGS and k != "data_parallel_size" and v is not None:
             raise ConfigError(f"engine_kwargs.{k}", v, f"one of the modelled settings ({', '.join(sorted(ENGINE_KWARGS))}) "
                               f"or one that does not change timing ({', '.join(sorted(IGNORED_KWARGS))})", source=src)
-    kv = run.engine_kwargs.get("kv_cache_dtype")
-    if kv not in (None, "auto"):
-        raise ConfigError("engine_kwargs.kv_cache_dtype", kv, "auto (an fp8 KV cache is not replayed yet)", source=src)
+    dp = kwargs.get("data_parallel_size") or (run.resolved.get("parallel_config") or {}).get("data_parallel_size") or 1
+    if dp != 1:
+        raise ConfigError("engine_kwargs.data_parallel_size", dp, "1 (data-parallel engines are not replayed: "
+                          "replay one engine's requests as its own run)", source=src)
     # what the engine resolved, where the run recorded it (meta.json resolved_config)
     sched = run.resolved.get("scheduler_config") or {}
     if out.get("async_scheduling") is None and isinstance(sched.get("async_scheduling"), bool):
@@ -241,9 +277,12 @@ def engine_settings(run: ServingRun) -> dict:
     comp = run.resolved.get("compilation_config") or {}
     if isinstance(comp.get("max_cudagraph_capture_size"), int):
         out["max_cudagraph_capture_size"] = comp["max_cudagraph_capture_size"]
+    if comp.get("cudagraph_mode") is not None:
+        out["cudagraph_mode"] = _cudagraph_mode(comp["cudagraph_mode"], src)
     cache = run.meta.get("kv_cache") or {}
     for key, field_ in (("block_size", "block_size"), ("gpu_memory_utilization", "gpu_memory_utilization"),
-                        ("enable_prefix_caching", "prefix_caching")):
+                        ("enable_prefix_caching", "prefix_caching"),
+                        ("kv_cache_memory_bytes", "kv_cache_memory_bytes")):
         if out.get(field_) is None and cache.get(key) is not None:
             out[field_] = cache[key]
     return out
@@ -297,10 +336,6 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
         raise ConfigError("vllm_version", None, "the run's vLLM version in meta.json, or --vllm-version X.Y.Z",
                           source=str(run.path / "meta.json"))
     eng, cost_kw = vllm_engine(version, hw, m, **engine_settings(run))
-    if eng.tensor_parallel * eng.pipeline_parallel > 1:
-        raise ConfigError("engine_kwargs.tensor_parallel_size x pipeline_parallel_size",
-                          eng.tensor_parallel * eng.pipeline_parallel, "1 (multi-GPU runs are not replayed yet)",
-                          source=str(run.path / "meta.json"))
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
         from ..profile import load_profiles
 

@@ -18,6 +18,8 @@ from ..fileio import load_mapping
 from ..specs import GB, GiB, HardwareSpec, ModelSpec
 
 _LLAMA3 = dict(vocab=128256, head_dim=128, kv_heads=8, max_context=131072)
+_QWEN3 = dict(vocab=151936, head_dim=128, kv_heads=8, max_context=40960, qk_norm=True)
+_QWEN25 = dict(vocab=152064, head_dim=128, max_context=32768, qkv_bias=True)
 
 # name -> config, as in gpt-fast's model table (shapes from each model's config.json)
 MODELS: dict[str, ModelSpec] = {
@@ -35,6 +37,18 @@ MODELS: dict[str, ModelSpec] = {
                   vocab=128256, head_dim=64, kv_heads=8),
         ModelSpec("llama-3.2-3b", layers=28, hidden=3072, heads=24, intermediate=8192, tied_embeddings=True,
                   vocab=128256, head_dim=128, kv_heads=8),
+        # Qwen3 dense (Qwen/Qwen3-*: per-head q/k RMSNorm, no biases, 40,960 positions)
+        ModelSpec("qwen3-8b", layers=36, hidden=4096, heads=32, intermediate=12288, **_QWEN3),
+        ModelSpec("qwen3-14b", layers=40, hidden=5120, heads=40, intermediate=17408, **_QWEN3),
+        ModelSpec("qwen3-32b", layers=64, hidden=5120, heads=64, intermediate=25600, **_QWEN3),
+        # Qwen2.5 (Qwen/Qwen2.5-*: q/k/v biases; max_position_embeddings 32,768 in the Instruct configs)
+        ModelSpec("qwen2.5-7b", layers=28, hidden=3584, heads=28, kv_heads=4, intermediate=18944, **_QWEN25),
+        ModelSpec("qwen2.5-14b", layers=48, hidden=5120, heads=40, kv_heads=8, intermediate=13824, **_QWEN25),
+        ModelSpec("qwen2.5-32b", layers=64, hidden=5120, heads=40, kv_heads=8, intermediate=27648, **_QWEN25),
+        ModelSpec("qwen2.5-72b", layers=80, hidden=8192, heads=64, kv_heads=8, intermediate=29568, **_QWEN25),
+        # mistralai/Mistral-7B-v0.3 (and its Instruct): no sliding window from v0.2 on
+        ModelSpec("mistral-7b-v0.3", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
+                  vocab=32768, max_context=32768),
     ]
 }
 
