@@ -79,6 +79,10 @@ def _error(capsys, argv) -> str:
     (lambda d: (d / "requests.jsonl").write_text('{"request_id": "x", "input_toks": 0, "output_toks": 2, '
                                                   '"queued_ts": 1.0, "first_token_ts": 2.0, "last_token_ts": 3}\n'),
      "input_toks"),
+    (lambda d: (d / "timeseries.csv").write_bytes(b"\xff\xfe"), "UTF-8"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running\n1,2\n"), "timeseries.csv columns"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running,waiting\n1,2,x\n"), "timeseries.csv line 2: waiting"),
+    (lambda d: (d / "timeseries.csv").write_text('t,running,waiting\n1,2,3\n"open'), "a CSV table"),
 ])
 def test_bad_run_directory_is_one_line(tmp_path, capsys, break_it, needle):
     d = small_run(tmp_path)

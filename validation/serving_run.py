@@ -156,12 +156,27 @@ def load_serving_run(path: str | Path) -> ServingRun:
     df["e2e"] = df["last_token_ts"] - df["queued_ts"]
     ts = None
     if (d / "timeseries.csv").is_file():
-        ts = pd.read_csv(d / "timeseries.csv")
-        need = {"t", "running", "waiting"}
-        if not need <= set(ts.columns):
-            raise ConfigError("timeseries.csv columns", sorted(ts.columns), f"at least {sorted(need)}",
-                              source=str(d / "timeseries.csv"))
+        ts = _timeseries(d / "timeseries.csv")
     return ServingRun(d, meta, df, ts)
+
+
+def _timeseries(path: Path) -> pd.DataFrame:
+    """timeseries.csv: one row per tick with at least t, running and waiting, all numbers."""
+    import io
+
+    need = ["t", "running", "waiting"]
+    try:
+        ts = pd.read_csv(io.StringIO(read_text(path, "CSV file")))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise ConfigError("timeseries.csv", str(e).splitlines()[0][:80], "a CSV table", source=str(path)) from None
+    if not set(need) <= set(ts.columns):
+        raise ConfigError("timeseries.csv columns", sorted(map(str, ts.columns)), f"at least {need}", source=str(path))
+    for col in need:
+        bad = ts[col][~ts[col].map(lambda v: is_number(v) and math.isfinite(v))]
+        if len(bad):
+            raise ConfigError(f"timeseries.csv line {bad.index[0] + 2}: {col}", bad.iloc[0], "a finite number",
+                              source=str(path))
+    return ts
 
 
 def serving_requests(path: str | Path | ServingRun) -> list[dict]:
