@@ -40,6 +40,7 @@ import difflib
 import math
 import re
 import shlex
+from functools import lru_cache
 
 from .errors import ConfigError, from_argparse
 from .policy import NoOffload, Policy, Prefetch, VllmCopy, VllmUva
@@ -68,6 +69,7 @@ class _Parser(argparse.ArgumentParser):
         raise from_argparse(message, prefix="--vllm ")
 
 
+@lru_cache(maxsize=1)  # parse_known_args leaves a parser as it was: build each once
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
     p.add_argument("--cpu-offload-gb", type=_finite, default=0.0)
@@ -80,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@lru_cache(maxsize=1)
 def _engine_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vllm", add_help=False, allow_abbrev=False)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, dest="tensor_parallel")
@@ -114,14 +117,15 @@ def _argv(args: str | list[str]) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
-def _modelled() -> list[str]:
-    return sorted({o for p in (_parser(), _engine_parser()) for a in p._actions for o in a.option_strings})
+@lru_cache(maxsize=1)
+def _modelled() -> tuple[str, ...]:
+    return tuple(sorted({o for p in (_parser(), _engine_parser()) for a in p._actions for o in a.option_strings}))
 
 
 def unmodelled_flags(args: str | list[str]) -> list[str]:
     """The flags of a vLLM command line this tool does not model (in order, once each); a flag that looks
     like a misspelling of a modelled one, or an unknown offload flag, is a ConfigError instead."""
-    modelled, out = _modelled(), []
+    modelled, out = _modelled(), []  # (a tuple: shared by every call)
     for tok in _argv(args)[0]:
         if not tok.startswith("-") or re.fullmatch(r"-[\d.]+(e-?\d+)?", tok):  # a value or a negative number
             continue
@@ -171,13 +175,21 @@ def _flag(env: dict[str, str], name: str) -> bool:
     return env.get(name, "0").strip().lower() not in ("", "0", "false")
 
 
+def _check_prefetch_version(field: str, value, version, what: str = "the prefetch backend") -> None:
+    """vLLM's prefetch offload backend exists from PREFETCH_SINCE on; an unknown version passes."""
+    v = parse_version(version)
+    if v is not None and v < PREFETCH_SINCE:
+        raise ConfigError(field, value, f"vLLM >= {'.'.join(map(str, PREFETCH_SINCE))} for {what} "
+                          f"(this is for vLLM {version})")
+
+
 def _check_runner(policy: Policy, env: dict[str, str], version) -> Policy:
     """vLLM's V2 model runner installs no offloader: offload flags then do nothing (see module doc)."""
     if isinstance(policy, NoOffload):
         return policy
     v = parse_version(version)
-    if isinstance(policy, Prefetch) and v is not None and v < PREFETCH_SINCE:
-        raise ConfigError("--offload-backend", "prefetch", f"vLLM >= 0.17 (this line is for vLLM {version})")
+    if isinstance(policy, Prefetch):
+        _check_prefetch_version("--offload-backend", "prefetch", version)
     if V2_RUNNER in env and _flag(env, V2_RUNNER):
         raise ConfigError(V2_RUNNER, env[V2_RUNNER], "0 with offload flags: vLLM's V2 model runner installs no "
                           "weight offloader, so nothing would be offloaded (vllm#51396)")
@@ -239,8 +251,7 @@ def vllm_args(policy: Policy, vllm_version=None) -> tuple[list[str], dict[str, s
     if not policy.pin_memory:
         env[DISABLE_PIN] = "1"
     if isinstance(policy, Prefetch):
-        if v is not None and v < PREFETCH_SINCE:
-            raise ConfigError("vllm_version", vllm_version, f">= 0.17 for {policy.label} (vLLM's prefetch backend)")
+        _check_prefetch_version("vllm_version", vllm_version, vllm_version, policy.label)
         out = ["--offload-backend", "prefetch", "--offload-group-size", str(policy.group),
                "--offload-num-in-group", str(policy.per_group), "--offload-prefetch-step", str(policy.slots)]
         return out + (["--offload-params", *policy.params] if policy.params else []), env
