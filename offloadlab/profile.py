@@ -426,22 +426,23 @@ def _read_csv(pd, f: Path):
         raise ConfigError("file", str(f), f"a readable CSV ({type(e).__name__}: {str(e).splitlines()[0][:80]})") from None
 
 
-def _model_from_shape(shape: dict) -> str:
-    """The catalog model with this layer shape ('' when none)."""
+def _catalog_model(matches) -> str:
+    """The first catalog model (in the table's order: Llama before the same shapes under other
+    names) for which ``matches(spec)`` holds; '' when none."""
     from .catalog import MODELS
 
-    for name, m in MODELS.items():
-        if all(getattr(m, k) == v for k, v in shape.items()):
-            return name
-    return ""
+    return next((name for name, m in MODELS.items() if matches(m)), "")
+
+
+def _model_from_shape(shape: dict) -> str:
+    """The catalog model with this layer shape ('' when none)."""
+    return _catalog_model(lambda m: all(getattr(m, k) == v for k, v in shape.items()))
 
 
 def _model_from_layer_bytes(layer_bytes, src: str) -> str:
     """An old probe file without ``model``: the catalog model whose layer has these bytes."""
-    from .catalog import MODELS
-
-    hits = [n for n, m in MODELS.items() if layer_bytes and m.layer_bytes == layer_bytes]
-    if not hits:
+    name = _catalog_model(lambda m: layer_bytes and m.layer_bytes == layer_bytes)
+    if not name:
         raise ConfigError("model", None, "the measured model: add the field model (a catalog name; no catalog model "
                           f"has layer_bytes={layer_bytes})", source=src)
-    return hits[0]
+    return name
