@@ -277,8 +277,9 @@ def memory_needs(spec: ModelSpec, pl: Placement, reserve_bytes: int = 0) -> dict
     (pinned: PyTorch's pinned allocator rounds each allocation up to a power of two)."""
     resident = spec.layers * spec.layer_bytes - pl.offloaded_bytes + spec.non_layer_bytes
     # this runtime pins each parameter on its own (copy path, UVA) but one flat tensor per prefetched
-    # layer (vLLM's slab layout without its 2 GiB chunking), so count what it allocates
-    pinned = pl.host_pinned_bytes if pl.mechanism != "prefetch" else \
+    # layer (vLLM's slab layout without its 2 GiB chunking), whatever the policy's pin_memory (which
+    # vLLM honours: Placement.host_pinned_bytes), so count what it allocates
+    pinned = pinned_bytes(b for p in pl.offloaded for b in p) if pl.mechanism != "prefetch" else \
         pinned_bytes(pl.layer_offloaded_bytes(i) for i in pl.offloaded_layers)
     return {"device_weights": resident, "staging": pl.staging_bytes, "reserve": int(reserve_bytes),
             "device": resident + pl.staging_bytes + int(reserve_bytes), "host": pl.offloaded_bytes,

@@ -321,3 +321,22 @@ def test_prefetch_ring_joins_the_copy_stream_at_the_step_end_in_graph_mode(join,
         assert log[-1] == ("wait_stream", ring.copy_stream), "the join is the step's last wait"
     with pytest.raises(ConfigError, match="join_at_step_end"):
         build(SPEC, Prefetch(2, 1, 1, wrap=True), "cpu", join_at_step_end="yes")
+
+
+def test_memory_needs_counts_the_pinned_host_memory_this_runtime_allocates():
+    """The runtime pins every offloaded parameter on its own (copy path, UVA) or one flat tensor per
+    prefetched layer, whether or not the policy (as vLLM would) pins: each allocation rounded up to a
+    power of two by PyTorch's caching host allocator."""
+    from offloadlab.catalog import get_model
+    from offloadlab.policy import Prefetch, VllmCopy, pinned_bytes
+    from runtime.offload import memory_needs
+
+    m = get_model("llama-3.2-1b")
+    for pin in (True, False):
+        pl = VllmCopy(0.5, pin_memory=pin).place(m)
+        need = memory_needs(m, pl)
+        assert need["host"] == pl.offloaded_bytes
+        assert need["host_pinned"] == pinned_bytes(b for p in pl.offloaded for b in p) > pl.offloaded_bytes
+        pf = Prefetch(4, 1, 2, pin_memory=pin).place(m)
+        assert memory_needs(m, pf)["host_pinned"] == pinned_bytes(pf.layer_offloaded_bytes(i)
+                                                                  for i in pf.offloaded_layers)
