@@ -259,3 +259,13 @@ def test_catalog_qwen_shapes_are_what_their_published_config_builds(tmp_path, co
     built = model_from_hf_config(tmp_path / "config.json")
     catalog = model_for_hf_id(config["_name_or_path"])
     assert dataclasses.replace(built, name=catalog.name) == catalog
+
+
+@pytest.mark.parametrize("version", [None, "unknown", ""])
+def test_a_run_without_a_readable_vllm_version_says_how_to_give_one(tmp_path, version):
+    d = small_run(tmp_path, meta={"vllm_version": version})
+    with pytest.raises(ConfigError, match="--vllm-version"):
+        plan_replay(d)
+    assert plan_replay(d, vllm_version="0.19.0").engine.scheduler == "v1"
+    with pytest.raises(ConfigError, match="--vllm-version='x.y'"):
+        plan_replay(d, vllm_version="x.y")

@@ -347,9 +347,15 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
         run = load_serving_run(run)
     m, hw = resolve_model(run, model), resolve_gpu(run, gpu)
     version = vllm_version or run.vllm_version
-    if not version:
-        raise ConfigError("vllm_version", None, "the run's vLLM version in meta.json, or --vllm-version X.Y.Z",
-                          source=str(run.path / "meta.json"))
+    from ..sim.vllm_engine import parse_version
+
+    try:
+        parse_version(version or "")
+    except ConfigError:  # absent, or what a recorder writes when it could not tell ("unknown")
+        if vllm_version:
+            raise ConfigError("--vllm-version", vllm_version, "a vLLM version such as 0.19.0") from None
+        raise ConfigError("vllm_version", version, "the run's vLLM version in meta.json (such as 0.19.0), or "
+                          "--vllm-version X.Y.Z", source=str(run.path / "meta.json")) from None
     eng, cost_kw = vllm_engine(version, hw, m, **engine_settings(run))
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
         from ..profile import load_profiles
