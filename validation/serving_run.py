@@ -270,12 +270,12 @@ def engine_settings(run: ServingRun) -> dict:
         if k in ENGINE_KWARGS:
             out[ENGINE_KWARGS[k]] = v
         elif k == "compilation_config" and v is not None:
-            extra = sorted(set(v) - COMPILATION_KEYS) if isinstance(v, dict) else [v]
-            if extra:
-                raise ConfigError(f"engine_kwargs.compilation_config.{extra[0]}" if isinstance(v, dict)
-                                  else "engine_kwargs.compilation_config", v if not isinstance(v, dict) else v[extra[0]],
-                                  f"only {', '.join(sorted(COMPILATION_KEYS))} (what else it sets is not modelled)",
+            if not isinstance(v, dict):
+                raise ConfigError("engine_kwargs.compilation_config", v, "an object of CompilationConfig fields",
                                   source=src)
+            for extra in sorted(set(v) - COMPILATION_KEYS)[:1]:
+                raise ConfigError(f"engine_kwargs.compilation_config.{extra}", v[extra],
+                                  f"absent: only {', '.join(sorted(COMPILATION_KEYS))} are modelled", source=src)
         elif k not in IGNORED_KWARGS and k != "data_parallel_size" and v is not None:
             raise ConfigError(f"engine_kwargs.{k}", v, f"one of the modelled settings ({', '.join(sorted(ENGINE_KWARGS))}) "
                               f"or one that does not change timing ({', '.join(sorted(IGNORED_KWARGS))})", source=src)
@@ -341,14 +341,12 @@ class ReplayPlan:
 def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None = None,
                 model: str | ModelSpec | None = None, profile=None, vllm_version: str | None = None) -> ReplayPlan:
     """Resolve the model, GPU, vLLM version and engine of ``run``; every bad input raises here."""
-    from ..sim.vllm_engine import vllm_engine
+    from ..sim.vllm_engine import parse_version, vllm_engine
 
     if not isinstance(run, ServingRun):
         run = load_serving_run(run)
     m, hw = resolve_model(run, model), resolve_gpu(run, gpu)
     version = vllm_version or run.vllm_version
-    from ..sim.vllm_engine import parse_version
-
     try:
         parse_version(version or "")
     except ConfigError:  # absent, or what a recorder writes when it could not tell ("unknown")
