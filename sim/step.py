@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import simpy
@@ -454,6 +455,9 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
+        # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
+        # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
+        self._decode_bins: dict[int, tuple[list, list, list]] = {}
         self.simulated = 0  # SimPy runs
         self.events = 0  # SimPy events over all runs
 
@@ -467,26 +471,32 @@ class StepModel:
         tokens (a decode run: sim/serving.py), as (result, steps) runs in order. Where the cost model is
         ``context_monotone`` (the roofline), every cost is monotone in j, so two steps in one bin have
         every step between them in it too: a run's end is found by galloping and bisection, evaluating
-        the cost model O(log run) times instead of once per step. The results are exactly those of
+        the cost model O(log run) times instead of once per step, and not at all inside a KV interval
+        an earlier run already found in one bin (``_decode_key``). The results are exactly those of
         ``run`` step by step (tests/test_step.py). Other cost models: one step per run."""
-        def shape(j):
-            kv = kv0 + seqs * j
-            return StepShape(seqs, seqs, kv, kv, True)
-
         if not getattr(self.cost, "context_monotone", False):
             for j in range(n):
-                yield self.run(shape(j)), 1
+                kv = kv0 + seqs * j
+                yield self.run(StepShape(seqs, seqs, kv, kv, True)), 1
             return
+        bins = self._decode_bins.get(seqs)
+        if bins is None:
+            bins = self._decode_bins[seqs] = ([], [], [])
+        ends = bins[1]
         j, guess = 0, 1
         while j < n:
-            key = self._key(shape(j))
-            res = self._cache.get(key) or self.run(shape(j))
+            kv = kv0 + seqs * j
+            key, i = self._decode_key(seqs, kv, bins)
+            res = self._cache.get(key)
+            if res is None:
+                res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
             yield res, 1  # first alone: a caller that stops after it (an arrival) spends no probes
-            lo, step = j, guess  # lo: the last step known in res's bin
-            hi = None  # the first step known outside it (None: not found yet)
+            # lo: the last step known in res's bin (every step up to the end of its interval is);
+            # hi: the first step known outside it (None: not found yet)
+            lo, step, hi = min(max(j, (ends[i] - kv0) // seqs), n - 1), guess, None
             while hi is None and lo < n - 1:
                 probe = min(lo + step, n - 1)
-                if self._key(shape(probe)) == key:
+                if self._decode_key(seqs, kv0 + seqs * probe, bins)[0] == key:
                     lo = probe
                     step *= 2
                 else:
@@ -494,7 +504,7 @@ class StepModel:
             if hi is not None:
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    if self._key(shape(mid)) == key:
+                    if self._decode_key(seqs, kv0 + seqs * mid, bins)[0] == key:
                         lo = mid
                     else:
                         hi = mid
@@ -502,6 +512,33 @@ class StepModel:
             if lo > j:
                 yield res, lo - j
             j = lo + 1
+
+    def _decode_key(self, seqs: int, kv: int, bins: tuple[list, list, list]) -> tuple[tuple, int]:
+        """(the memo key of a decode step of ``seqs`` sequences reading ``kv`` KV tokens, the index of the
+        interval in ``bins`` holding ``kv``). With a context_monotone cost model, the key is monotone in
+        ``kv`` at fixed ``seqs`` (every binned cost is), so two KV counts with one key have every count
+        between them in that key too: ``bins`` keeps such intervals (disjoint, by start) and answers
+        inside one without evaluating the cost model; a new key extends a neighbour with that key."""
+        starts, ends, keys = bins
+        i = bisect_right(starts, kv) - 1
+        if i >= 0 and kv <= ends[i]:
+            return keys[i], i
+        key = self._key(StepShape(seqs, seqs, kv, kv, True))
+        right = i + 1 < len(starts) and keys[i + 1] == key
+        if i >= 0 and keys[i] == key:
+            if right:  # kv joins the intervals on either side
+                ends[i] = ends[i + 1]
+                del starts[i + 1], ends[i + 1], keys[i + 1]
+            else:
+                ends[i] = kv
+            return key, i
+        if right:
+            starts[i + 1] = kv
+            return key, i + 1
+        starts.insert(i + 1, kv)
+        ends.insert(i + 1, kv)
+        keys.insert(i + 1, key)
+        return key, i + 1
 
     def _key(self, shape: StepShape) -> tuple:
         """The memo key of a step: its binned layer and head costs, UVA reads and graph join."""
@@ -516,6 +553,10 @@ class StepModel:
         key = self._key(shape)
         if not trace and key in self._cache:
             return self._cache[key]
+        return self._simulate(key, shape, trace)
+
+    def _simulate(self, key: tuple, shape: StepShape, trace: bool = False) -> StepResult:
+        """Simulate the step of memo key ``key`` (``_key(shape)``) and, without a trace, memoize it."""
         layer, head = key[0], key[1]
         uva_read = None
         if self.placement.mechanism == "uva":

@@ -712,3 +712,20 @@ def test_decode_runs_in_bins_equal_step_by_step(m, data, seqs, kv0, n, corner):
     assert got == want
     # each bin's steps come as its first step, then the rest of the bin: at most two runs per bin
     assert len(runs) <= 2 * len({id(r) for r, _ in runs})
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 64), st.lists(st.tuples(st.integers(1, 300_000), st.integers(1, 300)), min_size=1, max_size=8))
+def test_decode_runs_on_a_warm_model_equal_step_by_step(seqs, runs):
+    """Decode runs on one StepModel (overlapping KV ranges: later runs answer from the intervals earlier
+    ones found in one bin) give exactly the results of every step run on a fresh model."""
+    m = get_model("llama-3.1-8b")
+    cost = Roofline(m, toy_hw())
+    placement = NoOffload().place(m)
+    warm, fresh = StepModel(placement, cost), StepModel(placement, cost)
+    for kv0, n in runs:
+        got = [res for res, k in warm.decodes(seqs, kv0, n) for _ in range(k)]
+        want = [fresh.run(StepShape(seqs, seqs, kv0 + seqs * j, kv0 + seqs * j, True)) for j in range(n)]
+        assert got == want
+    starts, ends, keys = warm._decode_bins[seqs]
+    assert all(a <= b < c for a, b, c in zip(starts, ends, starts[1:]))  # disjoint, by start
