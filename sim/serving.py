@@ -343,7 +343,9 @@ class ServingLoop:
         env = self.env
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        for res, count in self.sm.decodes(B, kv0, most):  # runs of identical steps (StepModel.decodes)
+        runs = self.sm.decodes(B, kv0, most)  # runs of identical steps (StepModel.decodes)
+        res, count = next(runs)
+        while True:
             dt = self._wall(res, B)
             t0, k = t, 0
             while k < count:
@@ -354,6 +356,13 @@ class ServingLoop:
             self._record_run(res, t0, dt, k, B)
             steps += k
             if t >= arrival:
+                break
+            # a hint: the steps until the arrival if no step were shorter than this one (steps grow
+            # with the context); it spares probing the cost bins beyond them
+            hint = None if arrival == math.inf or dt <= 0 else steps + 1 + int((arrival - t) / dt)
+            try:
+                res, count = runs.send(hint)
+            except StopIteration:
                 break
         yield env.timeout(t - env.now)
         return steps

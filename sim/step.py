@@ -327,6 +327,8 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
     ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
     L = placement.layers
+    if not any(placement.offloaded):  # every weight resident: host and compute lanes only
+        return _resident_recurrence(L, layer, head)
     offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     P = 2 if wrap and offloaded else 1
     copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
@@ -420,6 +422,30 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
 
 
+def _resident_recurrence(L: int, layer: LayerCost, head: float) -> StepResult:
+    """``lane_recurrence`` of a placement that offloads nothing (no copies, no joins, one pass): the same
+    operations on the same numbers in the same order, so the same result to the last bit."""
+    host, tail, comm = layer.host, layer.tail, layer.link_comm
+    gpu = layer.gpu - comm
+    host_free = compute_free = b_host = b_compute = b_link = 0.0
+    for _ in range(L):
+        h0 = host_free
+        host_free = h0 + host
+        t = compute_free if compute_free >= h0 else h0  # max(compute_free, h0)
+        b_host += host_free - h0
+        end = t + gpu + comm
+        if comm:
+            b_link += comm
+        late = host_free + tail
+        if late > end:  # the last kernel, launched late, still runs
+            end = late
+        b_compute += end - t
+        compute_free = end
+    busy = idle_lanes()
+    busy["host"], busy["compute"], busy["link"] = b_host, b_compute + head, b_link
+    return StepResult(compute_free + head, busy, 0.0, 0)
+
+
 def events_processed(env: simpy.Environment) -> int:
     """Events an environment scheduled (a CountingEnvironment counts them; 0 for a plain one)."""
     return getattr(env, "scheduled", 0)
@@ -473,7 +499,10 @@ class StepModel:
         every step between them in it too: a run's end is found by galloping and bisection, evaluating
         the cost model O(log run) times instead of once per step, and not at all inside a KV interval
         an earlier run already found in one bin (``_decode_key``). The results are exactly those of
-        ``run`` step by step (tests/test_step.py). Other cost models: one step per run."""
+        ``run`` step by step (tests/test_step.py). Other cost models: one step per run.
+
+        A caller may ``send`` the number of steps it expects to take in all (a hint: galloping then
+        probes no further than that until the caller asks for more; the results are the same)."""
         if not getattr(self.cost, "context_monotone", False):
             for j in range(n):
                 kv = kv0 + seqs * j
@@ -483,19 +512,24 @@ class StepModel:
         if bins is None:
             bins = self._decode_bins[seqs] = ([], [], [])
         ends = bins[1]
-        j, guess = 0, 1
+        j, guess, hint = 0, 1, None
         while j < n:
             kv = kv0 + seqs * j
             key, i = self._decode_key(seqs, kv, bins)
             res = self._cache.get(key)
             if res is None:
                 res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
-            yield res, 1  # first alone: a caller that stops after it (an arrival) spends no probes
-            # lo: the last step known in res's bin (every step up to the end of its interval is);
-            # hi: the first step known outside it (None: not found yet)
-            lo, step, hi = min(max(j, (ends[i] - kv0) // seqs), n - 1), guess, None
-            while hi is None and lo < n - 1:
-                probe = min(lo + step, n - 1)
+            hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
+            # every step up to the end of kv's interval is in res's bin: those first, without probes
+            lo = min((ends[i] - kv0) // seqs, n - 1)
+            if lo > j:
+                hint = (yield res, lo - j) or hint
+            # then galloping and bisection: lo the last step known in res's bin, hi the first known
+            # outside it (None: not found yet); up to the hint, or the end once the caller passed it
+            start, step, hi = lo, guess, None
+            last = n - 1 if hint is None or lo + 1 >= hint else min(n - 1, hint - 1)
+            while hi is None and lo < last:
+                probe = min(lo + step, last)
                 if self._decode_key(seqs, kv0 + seqs * probe, bins)[0] == key:
                     lo = probe
                     step *= 2
@@ -509,8 +543,8 @@ class StepModel:
                     else:
                         hi = mid
             guess = max(1, lo + 1 - j)
-            if lo > j:
-                yield res, lo - j
+            if lo > start:
+                hint = (yield res, lo - start) or hint
             j = lo + 1
 
     def _decode_key(self, seqs: int, kv: int, bins: tuple[list, list, list]) -> tuple[tuple, int]:
