@@ -481,6 +481,7 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
+        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
         # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
         self._decode_bins: dict[int, tuple[list, list, list]] = {}
@@ -488,9 +489,20 @@ class StepModel:
         self.events = 0  # SimPy events over all runs
 
     def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
-        c, q = self.cost.layer(shape), self.quantum
-        return (LayerCost(_bin(c.gpu, q), _bin(c.host, q), _bin(c.tail, q), _bin(c.link_comm, q)),
-                _bin(self.cost.head(shape), q))
+        c, q, binned = self.cost.layer(shape), self.quantum, self._binned
+        # host, tail, all-reduce and head seconds take few values (they follow the batch, not the
+        # context): their bins are remembered; the GPU seconds, nearly one value per step, are not
+        host, tail, comm, head = c.host, c.tail, c.link_comm, self.cost.head(shape)
+        bh, bt, bc, bhd = binned.get(host), binned.get(tail), binned.get(comm), binned.get(head)
+        if bh is None:
+            bh = binned[host] = _bin(host, q)
+        if bt is None:
+            bt = binned[tail] = _bin(tail, q)
+        if bc is None:
+            bc = binned[comm] = _bin(comm, q)
+        if bhd is None:
+            bhd = binned[head] = _bin(head, q)
+        return LayerCost(_bin(c.gpu, q), bh, bt, bc), bhd
 
     def decodes(self, seqs: int, kv0: int, n: int):
         """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
