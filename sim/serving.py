@@ -446,7 +446,8 @@ class Feed:
             if nxt is not None and (nxt.req.arrival, nxt.req.id) < (s.req.arrival, s.req.id):
                 raise ConfigError("requests", f"request {nxt.req.id} after request {s.req.id}",
                                   "a stream in (arrival, id) order")
-            target = min(self.engines, key=lambda e: e.unfinished)
+            engines = self.engines
+            target = engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.unfinished)
             yield target.arrived.put(s)
 
     def finished(self) -> None:

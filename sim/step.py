@@ -489,6 +489,12 @@ class StepModel:
         self.events = 0  # SimPy events over all runs
 
     def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
+        """The binned per-layer costs of a step, and its binned head seconds."""
+        gpu, host, tail, comm, head = self._binned_costs(shape)
+        return LayerCost(gpu, host, tail, comm), head
+
+    def _binned_costs(self, shape: StepShape) -> tuple[float, float, float, float, float]:
+        """(GPU, host, tail, all-reduce seconds of one layer, head seconds), each binned (``_bin``)."""
         c, q, binned = self.cost.layer(shape), self.quantum, self._binned
         # host, tail, all-reduce and head seconds take few values (they follow the batch, not the
         # context): their bins are remembered; the GPU seconds, nearly one value per step, are not
@@ -502,7 +508,7 @@ class StepModel:
             bc = binned[comm] = _bin(comm, q)
         if bhd is None:
             bhd = binned[head] = _bin(head, q)
-        return LayerCost(_bin(c.gpu, q), bh, bt, bc), bhd
+        return _bin(c.gpu, q), bh, bt, bc, bhd
 
     def decodes(self, seqs: int, kv0: int, n: int):
         """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
@@ -587,13 +593,14 @@ class StepModel:
         return key, i + 1
 
     def _key(self, shape: StepShape) -> tuple:
-        """The memo key of a step: its binned layer and head costs, UVA reads and graph join."""
-        layer, head = self.layer_cost(shape)
-        uva_key = None
+        """The memo key of a step: its binned layer and head costs (``_binned_costs``, flat: a tuple of
+        floats compares fast), UVA reads and graph join."""
+        uva_key = join = None
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
             uva_key = _bin(self.cost.uva_read(self.placement.layer_bytes, shape.tokens), self.quantum)
-        join = self.join or join_mode(self.cost, shape)
-        return (layer, head, uva_key, join if self.placement.wrap else None)
+        if self.placement.wrap:
+            join = self.join or join_mode(self.cost, shape)
+        return (*self._binned_costs(shape), uva_key, join)
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         key = self._key(shape)
@@ -603,7 +610,7 @@ class StepModel:
 
     def _simulate(self, key: tuple, shape: StepShape, trace: bool = False) -> StepResult:
         """Simulate the step of memo key ``key`` (``_key(shape)``) and, without a trace, memoize it."""
-        layer, head = key[0], key[1]
+        layer, head = LayerCost(*key[:4]), key[4]
         uva_read = None
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
