@@ -133,10 +133,11 @@ class V1ServingLoop(ServingLoop):
     computed = generated + prompt_len - 1, blocks = ceil(computed / block_size), hashed blocks =
     computed // block_size. The cohort is kept as sums that a step needs: members by computed mod
     block_size (which of them take a block at a tick), the sum of their computed tokens (the step's
-    KV) and a heap of the ticks at which they finish. A step in which every running request's tokens
-    fit the budget and the free blocks (so no preemption and no request skipped) is scheduled from
-    the sums; any other step first writes every member's counters back and runs the scheduler
-    request by request. Exact: tests/test_serving_v1_fast.py holds both to the reference engine."""
+    KV) and a heap of the ticks at which they finish. A step whose scheduled tokens' blocks are free
+    (no preemption) and in which every running request's tokens fit the budget, or only prompts
+    admitted after every member are cut or left out, is scheduled from the sums (``_schedule``); any
+    other step first writes every member's counters back and runs the scheduler request by request.
+    Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
     def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
                  bulk: bool = True, lazy: bool = True, **loop_kw):
@@ -187,8 +188,9 @@ class V1ServingLoop(ServingLoop):
         heapq.heappush(self.ends, (s.off + s.output_len, s.adm, s))
 
     def _pin(self, s: _Seq, tick: int) -> None:
-        """Write member ``s``'s counters as of ``tick`` (after that tick's step, before its sample) and
-        take it out of the cohort (its finish stays in ``ends`` unless popped by the caller)."""
+        """Write member ``s``'s counters as they are between steps at ``tick`` (after the samples of the
+        step that ended it) and take it out of the cohort (its finish stays in ``ends`` unless popped
+        by the caller)."""
         bs = self.cfg.block_size
         base = s.req.prompt_len - 1 - s.off
         self.phase[base % bs] -= 1
