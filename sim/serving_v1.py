@@ -217,7 +217,13 @@ class V1ServingLoop(ServingLoop):
         tokens fill a block: computed % block_size == 0 before the step)."""
         bs, phase = self.cfg.block_size, self.phase
         q, r = divmod(m, bs)
-        return q * self.cohort + sum(phase[-t % bs] for t in range(first, first + r))
+        if not r:
+            return q * self.cohort
+        # ticks first .. first + r - 1 read phase[-first % bs] downwards, wrapping to the top
+        top = -first % bs
+        if r <= top + 1:
+            return q * self.cohort + sum(phase[top - r + 1:top + 1])
+        return q * self.cohort + sum(phase[:top + 1]) + sum(phase[bs - (r - top - 1):])
 
     def scheduled(self, batch: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int, int, int]]:
         """(request, new tokens, computed tokens, blocks held) of every request in the step ``_schedule``
