@@ -374,8 +374,11 @@ class ServingLoop:
         for lane, b in res.busy.items():
             if b:
                 x = busy[lane]
-                for _ in range(k):
+                if k == 1:
                     x += b
+                else:
+                    for _ in range(k):
+                        x += b
                 busy[lane] = x
         if res.stall:
             x = self.stall

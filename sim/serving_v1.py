@@ -393,10 +393,24 @@ class V1ServingLoop(ServingLoop):
     def _engine(self):
         if not self.lazy:
             return (yield from super()._engine())
-        env = self.env
+        env, pool, cfg = self.env, self.pool, self.cfg
         while True:
             while self.arrived.items:
                 self.waiting.append((yield self.arrived.get()))
+            ndec = self.cohort
+            if ndec and self.bulk and not self.others and not self.waiting and ndec <= cfg.max_num_batched_tokens:
+                # _schedule's common case, written out: only members run, each one token, and nobody
+                # waits: a decode run if their blocks for the step are free
+                need = self.phase[-self.tick % cfg.block_size]
+                if need <= pool.free:
+                    if need:
+                        pool.take(need)
+                    self._ndec = ndec
+                    self.fast_forward = self._decodes_only = True
+                    if self.trace_steps:
+                        self.occupancy.append((env.now, ndec, 0))
+                    yield from self._decode_run()
+                    continue
             batch = self._schedule()
             ndec = self._ndec
             if not batch and not ndec:
