@@ -393,10 +393,15 @@ class V1ServingLoop(ServingLoop):
     def _engine(self):
         if not self.lazy:
             return (yield from super()._engine())
-        env, pool, cfg = self.env, self.pool, self.cfg
+        env, pool, cfg, arrived = self.env, self.pool, self.cfg, self.arrived
         while True:
-            while self.arrived.items:
-                self.waiting.append((yield self.arrived.get()))
+            while arrived.items:
+                if env.peek() > env.now:
+                    # no other event is due now, so a get would be the next event, alone: taking the
+                    # request here is the same hand-off without the event (one fewer per request)
+                    self.waiting.append(arrived.items.pop(0))
+                else:
+                    self.waiting.append((yield arrived.get()))
             ndec = self.cohort
             if ndec and self.bulk and not self.others and not self.waiting and ndec <= cfg.max_num_batched_tokens:
                 # _schedule's common case, written out: only members run, each one token, and nobody
