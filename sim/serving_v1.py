@@ -493,8 +493,11 @@ class V1ServingLoop(ServingLoop):
             for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
                 self._join(s)
             self.others.clear()
-            B, tick = self.cohort, self.tick
-            most = _most_steps(self.ends[0][0] - tick, lambda m: self._tick_blocks(tick + 1, m - 1), self.pool.free)
+            B, tick, n = self.cohort, self.tick, self.ends[0][0] - self.tick
+            if B * -(-(n - 1) // self.cfg.block_size) <= self.pool.free:
+                most = n  # a block per member per block_size ticks at most: the blocks cannot run out
+            else:
+                most = _most_steps(n, lambda m: self._tick_blocks(tick + 1, m - 1), self.pool.free)
             steps = yield from self._decode_steps(B, most, self.base + B * tick + B)
             if steps > 1:
                 self.pool.take(self._tick_blocks(tick + 1, steps - 1))

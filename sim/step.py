@@ -482,6 +482,7 @@ class StepModel:
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
         self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
+        self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
         # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
         self._decode_bins: dict[int, tuple[list, list, list]] = {}
@@ -521,7 +522,7 @@ class StepModel:
 
         A caller may ``send`` the number of steps it expects to take in all (a hint: galloping then
         probes no further than that until the caller asks for more; the results are the same)."""
-        if not getattr(self.cost, "context_monotone", False):
+        if not self._monotone:
             for j in range(n):
                 kv = kv0 + seqs * j
                 yield self.run(StepShape(seqs, seqs, kv, kv, True)), 1
