@@ -113,13 +113,13 @@ class StreamSummary:
         self.preemptions += preemptions
         self.first_arrival = min(self.first_arrival, arrival)
         self.last_finish = max(self.last_finish, finish)
-        values = {"ttft": first_token - sent, "e2e": finish - sent}
-        if output_len > 1:
-            values["tpot"] = (finish - first_token) / (output_len - 1)
-        for c, v in values.items():
-            self.sums[c] += v
-            self.counts[c] += 1
-            self.sketches[c].add(v)
+        sums, counts, sketches = self.sums, self.counts, self.sketches
+        for c, v in (("ttft", first_token - sent), ("e2e", finish - sent),
+                     ("tpot", (finish - first_token) / (output_len - 1) if output_len > 1 else None)):
+            if v is not None:
+                sums[c] += v
+                counts[c] += 1
+                sketches[c].add(v)
 
     def summary(self) -> dict[str, float]:
         """The keys and units of ``summarize``; percentiles within ``accuracy`` (see LogHistogram)."""

@@ -207,6 +207,8 @@ class Roofline:
         check_int("uva_tile_m", self.uva_tile_m, 1, expected="an integer >= 1 (token rows per M-tile)")
         if self.graph_mode not in GRAPH_MODES:
             raise ConfigError("graph_mode", self.graph_mode, "one of " + ", ".join(GRAPH_MODES))
+        # gpu_time's terms that follow a step's tokens only, by token count (not a field: not compared)
+        object.__setattr__(self, "_by_tokens", {})
 
     def _kernel(self, flops: float, nbytes: float, eff: float) -> float:
         return max(flops / (self.hw.peak_flops * eff), nbytes / (self.hw.hbm_bw * self.memory_eff),
@@ -244,12 +246,18 @@ class Roofline:
         return out
 
     def gpu_time(self, s: StepShape) -> float:
-        """The sum of ``parts`` (written out: this runs once per simulated step)."""
-        gemms = 0.0
-        for _, shape in self.model.layer_param_shapes:
-            if len(shape) == 2:
-                gemms += self.gemm_time(shape, s.tokens)
-        return gemms + self.attention_time(s) + self.elementwise_time(s.tokens) + 2 * self.allreduce_time(s.tokens)
+        """The sum of ``parts`` (written out: this runs once per simulated step; the terms that follow
+        the tokens only are worked out once per token count, the same numbers summed in the same order)."""
+        terms = self._by_tokens.get(s.tokens)
+        if terms is None:
+            gemms = 0.0
+            for _, shape in self.model.layer_param_shapes:
+                if len(shape) == 2:
+                    gemms += self.gemm_time(shape, s.tokens)
+            terms = self._by_tokens[s.tokens] = (gemms, self.elementwise_time(s.tokens),
+                                                 2 * self.allreduce_time(s.tokens))
+        gemms, elementwise, allreduce = terms
+        return gemms + self.attention_time(s) + elementwise + allreduce
 
     def allreduce_time(self, tokens: int) -> float:
         """One ring all-reduce of the hidden states across the tensor-parallel GPUs (two per layer:

@@ -77,12 +77,16 @@ class EngineConfig:
 
 class _Seq:
     __slots__ = ("req", "output_len", "generated", "computed", "blocks", "first", "finish", "preempted", "sent",
-                 "hashed", "gen")
+                 "hashed", "gen", "adm", "off")
 
     def __init__(self, req: Request, output_len: int):
         self.req, self.output_len = req, output_len
         self.generated = self.computed = self.blocks = self.preempted = 0
         self.hashed = self.gen = 0  # V1 prefix caching: full blocks hashed; admissions so far
+        # V1's shared decode clock (sim/serving_v1.py): the engine's admission number of this request's
+        # last admission (running requests are in that order), and, while it decodes in the clock's
+        # cohort, the clock's tick at which it had generated nothing (None: its fields are its own)
+        self.adm, self.off = 0, None
         self.first = self.finish = math.nan
         self.sent = req.arrival  # when the client sent it: later than arrival only under max_concurrency
 
@@ -310,7 +314,7 @@ class ServingLoop:
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
         run = self.running
-        steps = yield from self._decode_steps(self.free_blocks)
+        steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
         for s in list(run):
             self._grow(s, s.known + steps - 1)
             s.computed += steps
@@ -321,12 +325,10 @@ class ServingLoop:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""
         return res.time
 
-    def _decode_steps(self, free: int):
-        """Run decode steps of the whole running batch (SimPy generator); returns how many ran: until a
-        request finishes, before some request would need a block beyond the ``free`` ones, and through
-        the step during which the next request arrives. Records the steps; changes no request."""
-        env, bs = self.env, self.cfg.block_size
-        B = len(self.running)
+    def _decode_plan(self, free: int) -> tuple[int, int, int]:
+        """(batch size, steps until a running request finishes but no more than the ``free`` blocks allow,
+        KV tokens read by the first step) of a decode run of the whole running batch."""
+        bs = self.cfg.block_size
         n, known = math.inf, []  # steps until the first request finishes; (tokens known, blocks held)
         for s in self.running:
             g = s.generated
@@ -337,28 +339,76 @@ class ServingLoop:
         def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
             t = m - 1
             return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
-        lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)  # enough for every step: the rule
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if blocks_needed(mid) <= free:
-                lo = mid
-            else:
-                hi = mid - 1
-        kv0 = sum(k for k, _ in known)  # KV tokens read by the first step (context + the new one)
+        return len(known), _most_steps(n, blocks_needed, free), sum(k for k, _ in known)
+
+    def _decode_steps(self, B: int, most: int, kv0: int):
+        """Run decode steps of a batch of ``B`` (SimPy generator), the first reading ``kv0`` KV tokens
+        (context + the new one); returns how many ran: ``most``, or fewer through the step during which
+        the next request arrives. Records the steps; changes no request."""
+        env = self.env
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        for res, count in self.sm.decodes(B, kv0, lo):  # runs of identical steps (StepModel.decodes)
+        runs = self.sm.decodes(B, kv0, most)  # runs of identical steps (StepModel.decodes)
+        res, count = next(runs)
+        while True:
             dt = self._wall(res, B)
-            for _ in range(count):
-                self._record(res, t, t + dt, "decode", B)
+            t0, k = t, 0
+            while k < count:
                 t += dt
-                steps += 1
+                k += 1
                 if t >= arrival:
                     break
+            self._record_run(res, t0, dt, k, B)
+            steps += k
             if t >= arrival:
+                break
+            # a hint: the steps until the arrival if no step were shorter than this one (steps grow
+            # with the context); it spares probing the cost bins beyond them
+            hint = None if arrival == math.inf or dt <= 0 else steps + 1 + int((arrival - t) / dt)
+            try:
+                res, count = runs.send(hint)
+            except StopIteration:
                 break
         yield env.timeout(t - env.now)
         return steps
+
+    def _record_run(self, res, t: float, dt: float, k: int, size: int) -> None:
+        """``_record`` of ``k`` identical decode steps from ``t``, each ``dt`` long: the same sums, added
+        in the same order (so the totals are exactly those of recording them one by one)."""
+        busy = self.busy
+        for lane, b in res.busy.items():
+            if b:
+                x = busy[lane]
+                if k == 1:
+                    x += b
+                else:
+                    for _ in range(k):
+                        x += b
+                busy[lane] = x
+        if res.stall:
+            x = self.stall
+            for _ in range(k):
+                x += res.stall
+            self.stall = x
+        self.n_steps["decode"] += k
+        if self.trace_steps:
+            steps = self.steps
+            for _ in range(k):
+                steps.append((t, t + dt, "decode", size))
+                t += dt
+
+
+def _most_steps(n: int, blocks_needed, free: int) -> int:
+    """The most steps m <= ``n`` (>= 1) of a decode run whose extra blocks ``blocks_needed(m)`` (non-decreasing
+    in m) fit in ``free`` (at least one: the first step's blocks are already allocated)."""
+    lo, hi = (n, n) if blocks_needed(n) <= free else (1, n - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if blocks_needed(mid) <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _output_len(r: Request, cfg: EngineConfig) -> int:
@@ -404,7 +454,8 @@ class Feed:
             if nxt is not None and (nxt.req.arrival, nxt.req.id) < (s.req.arrival, s.req.id):
                 raise ConfigError("requests", f"request {nxt.req.id} after request {s.req.id}",
                                   "a stream in (arrival, id) order")
-            target = min(self.engines, key=lambda e: e.unfinished)
+            engines = self.engines
+            target = engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.unfinished)
             yield target.arrived.put(s)
 
     def finished(self) -> None:

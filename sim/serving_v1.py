@@ -25,10 +25,11 @@ What it models, and the vLLM file each rule comes from:
 """
 from __future__ import annotations
 
+import heapq
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, Pipeline, ServingLoop, _Seq
+from .serving import EngineConfig, Pipeline, ServingLoop, _Seq, _most_steps
 from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
@@ -122,16 +123,40 @@ class V1ServingLoop(ServingLoop):
     """The V1 scheduler over a ServingLoop's arrivals, steps and records. Decode steps of an unchanging
     batch are taken together (``_decode_run``) when nothing could join it: no preemption this step
     (a preempted request may fit again at once), and the waiting queue stopped on the KV cache or
-    max_num_seqs, which decode steps only make fuller; ``bulk=False`` schedules every step."""
+    max_num_seqs, which decode steps only make fuller; ``bulk=False`` schedules every step.
+
+    The shared decode clock (``lazy``, the default without pipeline parallelism): running requests
+    that decode (prompt done, a token out) form a cohort that advances one token per tick of
+    ``tick`` (a step in which each of them decodes), so a step costs Python in proportion to the
+    requests that start, finish or are still prefilling, not to the whole batch. A member's own
+    counters are stale; its true ones follow from the tick (``_pin``): generated = tick - off,
+    computed = generated + prompt_len - 1, blocks = ceil(computed / block_size), hashed blocks =
+    computed // block_size. The cohort is kept as sums that a step needs: members by computed mod
+    block_size (which of them take a block at a tick), the sum of their computed tokens (the step's
+    KV) and a heap of the ticks at which they finish. A step whose scheduled tokens' blocks are free
+    (no preemption) and in which every running request's tokens fit the budget, or only prompts
+    admitted after every member are cut or left out, is scheduled from the sums (``_schedule``); any
+    other step first writes every member's counters back and runs the scheduler request by request.
+    Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
     def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
-                 bulk: bool = True, **loop_kw):
+                 bulk: bool = True, lazy: bool = True, **loop_kw):
         assert engine.scheduler == "v1", f"V1ServingLoop needs scheduler='v1', not {engine.scheduler!r}"
         super().__init__(step_model, engine, kv_tokens, trace_steps, fast_forward=bulk, **loop_kw)
         self.bulk = bulk and self.pipeline is None
         self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
+        self.admitted = 0  # admissions so far (numbers them: running requests are in that order)
+        self.lazy = lazy and self.pipeline is None
+        self.tick = 0  # the shared decode clock
+        self.cohort = 0  # members
+        self.phase = [0] * engine.block_size  # members by (computed - tick) % block_size
+        self.base = 0  # sum over the members of computed - tick
+        self.ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, adm, member)
+        self.others: list[_Seq] = []  # running requests outside the cohort, in running order
+        self.last_member = -1  # no member was admitted after this admission number
+        self._ndec = 0  # members scheduled in the step being built (all of them, or none)
 
     # ---- blocks ----
     def _release(self, s: _Seq) -> None:
@@ -150,8 +175,125 @@ class V1ServingLoop(ServingLoop):
         if self.cfg.prefix_caching:
             s.hashed = min(s.computed + n, s.known) // self.cfg.block_size
 
+    # ---- the shared decode clock ----
+    def _join(self, s: _Seq) -> None:
+        """``s`` (running, computed == known - 1, a token out, not finished) decodes with the clock."""
+        base = s.computed - self.tick
+        s.off = self.tick - s.generated
+        self.phase[base % self.cfg.block_size] += 1
+        self.base += base
+        self.cohort += 1
+        if s.adm > self.last_member:
+            self.last_member = s.adm
+        heapq.heappush(self.ends, (s.off + s.output_len, s.adm, s))
+
+    def _pin(self, s: _Seq, tick: int) -> None:
+        """Write member ``s``'s counters as they are between steps at ``tick`` (after the samples of the
+        step that ended it) and take it out of the cohort (its finish stays in ``ends`` unless popped
+        by the caller)."""
+        bs = self.cfg.block_size
+        base = s.req.prompt_len - 1 - s.off
+        self.phase[base % bs] -= 1
+        self.base -= base
+        self.cohort -= 1
+        if not self.cohort:
+            self.last_member = -1
+        s.computed = c = base + tick
+        s.generated = tick - s.off
+        s.blocks = -(-c // bs)
+        s.hashed = c // bs if self.cfg.prefix_caching else 0
+        s.off = None
+
+    def _pin_all(self) -> None:
+        """Every member's counters written back; the cohort empty (the scheduler goes request by request)."""
+        for s in self.running:
+            if s.off is not None:
+                self._pin(s, self.tick)
+        self.ends.clear()
+        self.others = list(self.running)
+
+    def _tick_blocks(self, first: int, m: int) -> int:
+        """Blocks the members take at ticks ``first`` .. ``first + m - 1`` (one each when its computed
+        tokens fill a block: computed % block_size == 0 before the step)."""
+        bs, phase = self.cfg.block_size, self.phase
+        q, r = divmod(m, bs)
+        if not r:
+            return q * self.cohort
+        # ticks first .. first + r - 1 read phase[-first % bs] downwards, wrapping to the top
+        top = -first % bs
+        if r <= top + 1:
+            return q * self.cohort + sum(phase[top - r + 1:top + 1])
+        return q * self.cohort + sum(phase[:top + 1]) + sum(phase[bs - (r - top - 1):])
+
+    def scheduled(self, batch: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int, int, int]]:
+        """(request, new tokens, computed tokens, blocks held) of every request in the step ``_schedule``
+        just returned ``batch`` for, cohort members included (their counters from the clock, their
+        blocks for this step taken), in running order: the step request by request (for checks)."""
+        bs, new = self.cfg.block_size, {id(s): n for s, n in batch}
+        out = []
+        for s in self.running:
+            if s.off is not None:
+                c = s.req.prompt_len - 1 - s.off + self.tick
+                out.append((s, 1, c, -(-(c + 1) // bs)))
+            elif id(s) in new:
+                out.append((s, new[id(s)], s.computed, s.blocks))
+        return out
+
     # ---- scheduling (vllm/v1/core/sched/scheduler.py, Scheduler.schedule) ----
     def _schedule(self) -> list[tuple[_Seq, int]]:
+        """The next step's (request, new tokens), members of the cohort left out (``_ndec`` of them, all
+        scheduled for one token when > 0)."""
+        if self.lazy:
+            # vLLM walks the running requests in order, each taking its tokens (a prompt's chunk cut to
+            # what is left of the budget) until the budget is spent. The walk is taken from the cohort's
+            # sums when every request's tokens fit, or when the members (one token each) all come
+            # before the others (the usual case: a long prompt's chunks, admitted last), and when the
+            # blocks of everything scheduled are free: then nobody is preempted, and the allocations
+            # are all taken from the free queue's head, in any order.
+            cfg, pool, bs = self.cfg, self.pool, self.cfg.block_size
+            members = self.cohort
+            left = cfg.max_num_batched_tokens - members
+            need = self.phase[-self.tick % bs] if members else 0
+            batch = []
+            fits = left >= 0
+            if fits and self.others:
+                ordered = self.last_member < self.others[0].adm
+                for s in self.others:
+                    c = s.computed
+                    n = s.req.prompt_len + s.generated - c
+                    if n > left:
+                        if not ordered:
+                            fits = False
+                            break
+                        if not left:
+                            break  # the budget is spent: the rest wait
+                        n = left
+                    more = -(-(c + n) // bs) - s.blocks
+                    if more > 0:
+                        need += more
+                    batch.append((s, n))
+                    left -= n
+            if fits and need <= pool.free:
+                if need:
+                    pool.take(need)
+                decodes_only = True
+                for s, n in batch:
+                    c = s.computed + n
+                    more = -(-c // bs) - s.blocks
+                    if more > 0:
+                        s.blocks += more
+                    if cfg.prefix_caching:
+                        s.hashed = c // bs
+                    if n != 1 or not s.generated:
+                        decodes_only = False
+                self._ndec = members
+                return self._admit(batch, left, decodes_only, False)
+            self._pin_all()
+        self._ndec = 0
+        return self._schedule_each()
+
+    def _schedule_each(self) -> list[tuple[_Seq, int]]:
+        """The scheduler request by request (no cohort)."""
         cfg, pool = self.cfg, self.pool
         budget = cfg.max_num_batched_tokens
         batch: list[tuple[_Seq, int]] = []
@@ -192,6 +334,13 @@ class V1ServingLoop(ServingLoop):
             i += 1
             if n != 1 or not s.generated:
                 decodes_only = False
+        return self._admit(batch, budget, decodes_only, preempted)
+
+    def _admit(self, batch: list[tuple[_Seq, int]], budget: int, decodes_only: bool,
+               preempted: bool) -> list[tuple[_Seq, int]]:
+        """Waiting requests into ``batch`` while the budget, max_num_seqs and the free blocks allow (none
+        after a preemption: scheduler.py, ``if not preempted_reqs``)."""
+        cfg, pool = self.cfg, self.pool
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 s = self.waiting[0]
@@ -207,6 +356,8 @@ class V1ServingLoop(ServingLoop):
                     break
                 pool.touch(s, hit)
                 s.gen += 1
+                s.adm = self.admitted
+                self.admitted += 1
                 s.blocks = s.hashed = hit
                 s.computed = hit * cfg.block_size
                 self.cached_tokens += s.computed
@@ -214,12 +365,14 @@ class V1ServingLoop(ServingLoop):
                 self._hash(s, n)
                 self.waiting.popleft()
                 self.running.append(s)
+                if self.lazy:
+                    self.others.append(s)
                 batch.append((s, n))
                 budget -= n
                 if n != 1 or not s.generated:  # (a returning request may need one token: a decode)
                     decodes_only = False
-        self.fast_forward = self.bulk and not preempted  # read by ServingLoop._engine
-        self._decodes_only = decodes_only and len(batch) == len(self.running)
+        self.fast_forward = self.bulk and not preempted  # read by _engine
+        self._decodes_only = decodes_only and len(batch) + self._ndec == len(self.running)
         if self.trace_steps:
             self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
         return batch
@@ -233,6 +386,94 @@ class V1ServingLoop(ServingLoop):
         victim.preempted += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
+        if self.lazy:
+            self.others.remove(victim)
+
+    # ---- the loop ----
+    def _engine(self):
+        if not self.lazy:
+            return (yield from super()._engine())
+        env, pool, cfg, arrived = self.env, self.pool, self.cfg, self.arrived
+        while True:
+            while arrived.items:
+                if env.peek() > env.now:
+                    # no other event is due now, so a get would be the next event, alone: taking the
+                    # request here is the same hand-off without the event (one fewer per request)
+                    self.waiting.append(arrived.items.pop(0))
+                else:
+                    self.waiting.append((yield arrived.get()))
+            ndec = self.cohort
+            if ndec and self.bulk and not self.others and not self.waiting and ndec <= cfg.max_num_batched_tokens:
+                # _schedule's common case, written out: only members run, each one token, and nobody
+                # waits: a decode run if their blocks for the step are free
+                need = self.phase[-self.tick % cfg.block_size]
+                if need <= pool.free:
+                    if need:
+                        pool.take(need)
+                    self._ndec = ndec
+                    self.fast_forward = self._decodes_only = True
+                    if self.trace_steps:
+                        self.occupancy.append((env.now, ndec, 0))
+                    yield from self._decode_run()
+                    continue
+            batch = self._schedule()
+            ndec = self._ndec
+            if not batch and not ndec:
+                if self.running or (self.waiting and not self.feed.more_coming()):  # nothing fits, nothing will
+                    raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # arrive: a bug
+                self.waiting.append((yield self.arrived.get()))
+                continue
+            if self.fast_forward and self._decodes_only:
+                yield from self._decode_run()
+                continue
+            shape = self._shape(batch, ndec)
+            t0 = env.now
+            res = yield from self._step(shape)
+            kind = "decode" if shape.decode_only else (
+                "prefill" if not ndec and all(k > 1 for _, k in batch) else "mixed")
+            self._record(res, t0, env.now, kind, shape.seqs)
+            self._advance(batch, ndec, 1, env.now)
+
+    def _shape(self, batch: list[tuple[_Seq, int]], ndec: int) -> StepShape:
+        """StepShape.of the whole step: the members' one token each after their computed ones, then ``batch``."""
+        tokens = pairs = kv = 0
+        if ndec:
+            ctx = self.base + ndec * self.tick  # the members' computed tokens
+            tokens, pairs, kv = ndec, float(ctx + ndec), ctx + ndec
+        for s, new in batch:
+            ctx = s.computed
+            tokens += new
+            pairs += new * ctx + new * (new + 1) / 2  # integer-valued: exact in any order
+            kv += ctx + new
+        seqs = ndec + len(batch)
+        return StepShape(seqs, tokens, pairs, kv, tokens == seqs)
+
+    def _advance(self, batch: list[tuple[_Seq, int]], ndec: int, ticks: int, now: float) -> None:
+        """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when
+        scheduled (``ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
+        samples, in running order (finished requests free their blocks in that order)."""
+        done = []
+        if ndec:
+            self.tick = tick = self.tick + ticks
+            ends = self.ends
+            while ends and ends[0][0] == tick:
+                s = heapq.heappop(ends)[2]
+                self._pin(s, tick)
+                s.generated -= 1  # its last token is sampled below
+                done.append(s)
+        for s, k in batch:
+            s.computed += k
+            if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV cache
+                done.append(s)
+        if len(done) > 1:
+            done.sort(key=lambda s: s.adm)
+        for s in done:
+            self._sample(s, now)
+            if s.off is None and s.generated < s.output_len:  # out of its prompt (or back): decodes now
+                self.others.remove(s)
+                self._join(s)
+            elif s.off is None and s in self.others:
+                self.others.remove(s)
 
     # ---- one step: the forward pass and the host's work around it ----
     def _wall(self, res, seqs: int) -> float:
@@ -248,8 +489,22 @@ class V1ServingLoop(ServingLoop):
         """Decode steps of the whole running batch until a request finishes, a request arrives or the
         free blocks would run out (then the scheduler decides again). Blocks for the first step were
         allocated by _schedule."""
+        if self.lazy:
+            for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
+                self._join(s)
+            self.others.clear()
+            B, tick, n = self.cohort, self.tick, self.ends[0][0] - self.tick
+            if B * -(-(n - 1) // self.cfg.block_size) <= self.pool.free:
+                most = n  # a block per member per block_size ticks at most: the blocks cannot run out
+            else:
+                most = _most_steps(n, lambda m: self._tick_blocks(tick + 1, m - 1), self.pool.free)
+            steps = yield from self._decode_steps(B, most, self.base + B * tick + B)
+            if steps > 1:
+                self.pool.take(self._tick_blocks(tick + 1, steps - 1))
+            self._advance((), B, steps, self.env.now)
+            return
         bs, run = self.cfg.block_size, self.running
-        steps = yield from self._decode_steps(self.pool.free)
+        steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
         pool, caching, now = self.pool, self.cfg.prefix_caching, self.env.now
         for s in list(run):  # _allocate, _hash and _sample's common case inlined
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks

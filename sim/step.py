@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import simpy
@@ -326,6 +327,8 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
     ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
     L = placement.layers
+    if not any(placement.offloaded):  # every weight resident: host and compute lanes only
+        return _resident_recurrence(L, layer, head)
     offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
     P = 2 if wrap and offloaded else 1
     copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
@@ -419,6 +422,30 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
     return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
 
 
+def _resident_recurrence(L: int, layer: LayerCost, head: float) -> StepResult:
+    """``lane_recurrence`` of a placement that offloads nothing (no copies, no joins, one pass): the same
+    operations on the same numbers in the same order, so the same result to the last bit."""
+    host, tail, comm = layer.host, layer.tail, layer.link_comm
+    gpu = layer.gpu - comm
+    host_free = compute_free = b_host = b_compute = b_link = 0.0
+    for _ in range(L):
+        h0 = host_free
+        host_free = h0 + host
+        t = compute_free if compute_free >= h0 else h0  # max(compute_free, h0)
+        b_host += host_free - h0
+        end = t + gpu + comm
+        if comm:
+            b_link += comm
+        late = host_free + tail
+        if late > end:  # the last kernel, launched late, still runs
+            end = late
+        b_compute += end - t
+        compute_free = end
+    busy = idle_lanes()
+    busy["host"], busy["compute"], busy["link"] = b_host, b_compute + head, b_link
+    return StepResult(compute_free + head, busy, 0.0, 0)
+
+
 def events_processed(env: simpy.Environment) -> int:
     """Events an environment scheduled (a CountingEnvironment counts them; 0 for a plain one)."""
     return getattr(env, "scheduled", 0)
@@ -454,39 +481,75 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
+        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
+        self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
+        # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
+        # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
+        self._decode_bins: dict[int, tuple[list, list, list]] = {}
         self.simulated = 0  # SimPy runs
         self.events = 0  # SimPy events over all runs
 
     def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
-        c, q = self.cost.layer(shape), self.quantum
-        return (LayerCost(_bin(c.gpu, q), _bin(c.host, q), _bin(c.tail, q), _bin(c.link_comm, q)),
-                _bin(self.cost.head(shape), q))
+        """The binned per-layer costs of a step, and its binned head seconds."""
+        gpu, host, tail, comm, head = self._binned_costs(shape)
+        return LayerCost(gpu, host, tail, comm), head
+
+    def _binned_costs(self, shape: StepShape) -> tuple[float, float, float, float, float]:
+        """(GPU, host, tail, all-reduce seconds of one layer, head seconds), each binned (``_bin``)."""
+        c, q, binned = self.cost.layer(shape), self.quantum, self._binned
+        # host, tail, all-reduce and head seconds take few values (they follow the batch, not the
+        # context): their bins are remembered; the GPU seconds, nearly one value per step, are not
+        host, tail, comm, head = c.host, c.tail, c.link_comm, self.cost.head(shape)
+        bh, bt, bc, bhd = binned.get(host), binned.get(tail), binned.get(comm), binned.get(head)
+        if bh is None:
+            bh = binned[host] = _bin(host, q)
+        if bt is None:
+            bt = binned[tail] = _bin(tail, q)
+        if bc is None:
+            bc = binned[comm] = _bin(comm, q)
+        if bhd is None:
+            bhd = binned[head] = _bin(head, q)
+        return _bin(c.gpu, q), bh, bt, bc, bhd
 
     def decodes(self, seqs: int, kv0: int, n: int):
         """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
         tokens (a decode run: sim/serving.py), as (result, steps) runs in order. Where the cost model is
         ``context_monotone`` (the roofline), every cost is monotone in j, so two steps in one bin have
         every step between them in it too: a run's end is found by galloping and bisection, evaluating
-        the cost model O(log run) times instead of once per step. The results are exactly those of
-        ``run`` step by step (tests/test_step.py). Other cost models: one step per run."""
-        def shape(j):
-            kv = kv0 + seqs * j
-            return StepShape(seqs, seqs, kv, kv, True)
+        the cost model O(log run) times instead of once per step, and not at all inside a KV interval
+        an earlier run already found in one bin (``_decode_key``). The results are exactly those of
+        ``run`` step by step (tests/test_step.py). Other cost models: one step per run.
 
-        if not getattr(self.cost, "context_monotone", False):
+        A caller may ``send`` the number of steps it expects to take in all (a hint: galloping then
+        probes no further than that until the caller asks for more; the results are the same)."""
+        if not self._monotone:
             for j in range(n):
-                yield self.run(shape(j)), 1
+                kv = kv0 + seqs * j
+                yield self.run(StepShape(seqs, seqs, kv, kv, True)), 1
             return
-        j, guess = 0, 1
+        bins = self._decode_bins.get(seqs)
+        if bins is None:
+            bins = self._decode_bins[seqs] = ([], [], [])
+        ends = bins[1]
+        j, guess, hint = 0, 1, None
         while j < n:
-            key = self._key(shape(j))
-            res = self._cache.get(key) or self.run(shape(j))
-            yield res, 1  # first alone: a caller that stops after it (an arrival) spends no probes
-            lo, step = j, guess  # lo: the last step known in res's bin
-            hi = None  # the first step known outside it (None: not found yet)
-            while hi is None and lo < n - 1:
-                probe = min(lo + step, n - 1)
-                if self._key(shape(probe)) == key:
+            kv = kv0 + seqs * j
+            key, i = self._decode_key(seqs, kv, bins)
+            res = self._cache.get(key)
+            if res is None:
+                res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
+            hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
+            # every step up to the end of kv's interval is in res's bin: those first, without probes
+            lo = min((ends[i] - kv0) // seqs, n - 1)
+            if lo > j:
+                hint = (yield res, lo - j) or hint
+            # then galloping and bisection: lo the last step known in res's bin, hi the first known
+            # outside it (None: not found yet); up to the hint, or the end once the caller passed it
+            start, step, hi = lo, guess, None
+            last = n - 1 if hint is None or lo + 1 >= hint else min(n - 1, hint - 1)
+            while hi is None and lo < last:
+                probe = min(lo + step, last)
+                if self._decode_key(seqs, kv0 + seqs * probe, bins)[0] == key:
                     lo = probe
                     step *= 2
                 else:
@@ -494,29 +557,61 @@ class StepModel:
             if hi is not None:
                 while hi - lo > 1:
                     mid = (lo + hi) // 2
-                    if self._key(shape(mid)) == key:
+                    if self._decode_key(seqs, kv0 + seqs * mid, bins)[0] == key:
                         lo = mid
                     else:
                         hi = mid
             guess = max(1, lo + 1 - j)
-            if lo > j:
-                yield res, lo - j
+            if lo > start:
+                hint = (yield res, lo - start) or hint
             j = lo + 1
 
+    def _decode_key(self, seqs: int, kv: int, bins: tuple[list, list, list]) -> tuple[tuple, int]:
+        """(the memo key of a decode step of ``seqs`` sequences reading ``kv`` KV tokens, the index of the
+        interval in ``bins`` holding ``kv``). With a context_monotone cost model, the key is monotone in
+        ``kv`` at fixed ``seqs`` (every binned cost is), so two KV counts with one key have every count
+        between them in that key too: ``bins`` keeps such intervals (disjoint, by start) and answers
+        inside one without evaluating the cost model; a new key extends a neighbour with that key."""
+        starts, ends, keys = bins
+        i = bisect_right(starts, kv) - 1
+        if i >= 0 and kv <= ends[i]:
+            return keys[i], i
+        key = self._key(StepShape(seqs, seqs, kv, kv, True))
+        right = i + 1 < len(starts) and keys[i + 1] == key
+        if i >= 0 and keys[i] == key:
+            if right:  # kv joins the intervals on either side
+                ends[i] = ends[i + 1]
+                del starts[i + 1], ends[i + 1], keys[i + 1]
+            else:
+                ends[i] = kv
+            return key, i
+        if right:
+            starts[i + 1] = kv
+            return key, i + 1
+        starts.insert(i + 1, kv)
+        ends.insert(i + 1, kv)
+        keys.insert(i + 1, key)
+        return key, i + 1
+
     def _key(self, shape: StepShape) -> tuple:
-        """The memo key of a step: its binned layer and head costs, UVA reads and graph join."""
-        layer, head = self.layer_cost(shape)
-        uva_key = None
+        """The memo key of a step: its binned layer and head costs (``_binned_costs``, flat: a tuple of
+        floats compares fast), UVA reads and graph join."""
+        uva_key = join = None
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
             uva_key = _bin(self.cost.uva_read(self.placement.layer_bytes, shape.tokens), self.quantum)
-        join = self.join or join_mode(self.cost, shape)
-        return (layer, head, uva_key, join if self.placement.wrap else None)
+        if self.placement.wrap:
+            join = self.join or join_mode(self.cost, shape)
+        return (*self._binned_costs(shape), uva_key, join)
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         key = self._key(shape)
         if not trace and key in self._cache:
             return self._cache[key]
-        layer, head = key[0], key[1]
+        return self._simulate(key, shape, trace)
+
+    def _simulate(self, key: tuple, shape: StepShape, trace: bool = False) -> StepResult:
+        """Simulate the step of memo key ``key`` (``_key(shape)``) and, without a trace, memoize it."""
+        layer, head = LayerCost(*key[:4]), key[4]
         uva_read = None
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731

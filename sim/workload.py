@@ -160,6 +160,18 @@ class Request:
     def total_tokens(self) -> int:
         return self.prompt_len + self.output_len
 
+    @classmethod
+    def _made(cls, id: int, prompt_len: int, output_len: int, arrival: float) -> "Request":
+        """A request from values already of the checked types and ranges (a generator's own draws: ints
+        >= 0, >= 1, >= 1 and a finite float >= 0), without checking them again."""
+        r = object.__new__(cls)
+        setattr_ = object.__setattr__
+        setattr_(r, "id", id)
+        setattr_(r, "prompt_len", prompt_len)
+        setattr_(r, "output_len", output_len)
+        setattr_(r, "arrival", arrival)
+        return r
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -455,7 +467,7 @@ class RequestStream:
                 pk, ok = p[k], o[k]
                 if cap is not None and pk + ok > cap:
                     pk, ok = _fit(pk, ok, cap)
-                yield Request(i + k, pk, ok, arrivals[k])
+                yield Request._made(i + k, pk, ok, arrivals[k])  # np ints >= 1 (clipped), float arrivals
             i += m
 
 

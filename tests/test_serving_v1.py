@@ -28,18 +28,21 @@ def v1(**kw) -> EngineConfig:
 
 
 class Checked(V1ServingLoop):
-    """Checks block accounting and the step limits at every scheduling decision."""
+    """Checks block accounting and the step limits at every scheduling decision (requests decoding with
+    the shared clock counted from it: ``scheduled``)."""
 
     def _schedule(self):
         batch = super()._schedule()
-        held = sum(s.blocks for s in self.seqs)
+        step = self.scheduled(batch)
+        assert len(step) == len(batch) + self._ndec
+        held = sum(s.blocks for s in self.seqs if s.off is None) + sum(b for s, _, _, b in step if s.off is not None)
         assert held + self.pool.free == self.total_blocks - 1, "blocks leaked (block 0 is the null block)"
-        assert sum(k for _, k in batch) <= self.cfg.max_num_batched_tokens
+        assert sum(k for _, k, _, _ in step) <= self.cfg.max_num_batched_tokens
         assert len(self.running) <= self.cfg.max_num_seqs
-        assert len({id(s) for s, _ in batch}) == len(batch)
-        for s, k in batch:
-            assert s.blocks * self.cfg.block_size >= s.computed + k, "a scheduled token without a KV slot"
-        self.batches.append([(s.req.id, k, s.computed) for s, k in batch])
+        assert len({id(s) for s, _, _, _ in step}) == len(step)
+        for s, k, computed, blocks in step:
+            assert blocks * self.cfg.block_size >= computed + k, "a scheduled token without a KV slot"
+        self.batches.append([(s.req.id, k, computed) for s, k, computed, _ in step])
         return batch
 
 

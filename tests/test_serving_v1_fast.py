@@ -1,5 +1,6 @@
-"""The V1 scheduler's fast paths (sim/serving_v1.py: run-length block pool, inlined loops) against the
-engine as it was before them (tests/v1_reference.py): the same requests, the same times, exactly."""
+"""The V1 scheduler's fast paths (sim/serving_v1.py: run-length block pool, inlined loops, the shared
+decode clock) against the engine as it was before them (tests/v1_reference.py): the same requests, the
+same times, exactly."""
 from __future__ import annotations
 
 
@@ -17,9 +18,9 @@ from v1_reference import BlockPool as RefPool
 from v1_reference import V1ServingLoop as RefLoop
 
 
-def _run(cls, wl, eng, kv_tokens, bulk):
+def _run(cls, wl, eng, kv_tokens, bulk, **kw):
     sm = StepModel(NoOffload().place(MODEL), cost_model(MODEL, HW, graph_mode="piecewise", max_graph_batch=64))
-    lp = cls(sm, eng, kv_tokens, bulk=bulk)
+    lp = cls(sm, eng, kv_tokens, bulk=bulk, **kw)
     lp.run(wl)
     return ([(s.first, s.finish, s.preempted, s.generated) for s in lp.seqs], lp.steps, lp.occupancy,
             lp.cached_tokens, lp.preemptions)
@@ -28,13 +29,13 @@ def _run(cls, wl, eng, kv_tokens, bulk):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 80), st.floats(0, 0.05)), min_size=1, max_size=14),
        blocks=st.integers(16, 60), budget=st.integers(16, 96), seqs=st.integers(1, 8), caching=st.booleans(),
-       reserve=st.booleans(), bulk=st.booleans())
-def test_fast_v1_reproduces_the_reference_engine_exactly(reqs, blocks, budget, seqs, caching, reserve, bulk):
+       reserve=st.booleans(), bulk=st.booleans(), lazy=st.booleans())
+def test_fast_v1_reproduces_the_reference_engine_exactly(reqs, blocks, budget, seqs, caching, reserve, bulk, lazy):
     wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
     if any(r.total_tokens > (blocks - 1) * 16 for r in wl):
         return  # simulate() refuses these
     eng = v1(max_num_batched_tokens=budget, max_num_seqs=seqs, prefix_caching=caching, reserve_full_isl=reserve)
-    assert _run(V1ServingLoop, wl, eng, blocks * 16, bulk) == _run(RefLoop, wl, eng, blocks * 16, bulk)
+    assert _run(V1ServingLoop, wl, eng, blocks * 16, bulk, lazy=lazy) == _run(RefLoop, wl, eng, blocks * 16, bulk)
 
 
 @settings(max_examples=200, deadline=None)
@@ -62,3 +63,14 @@ def test_run_length_pool_equals_one_entry_per_block(ops, blocks, caching):
                 pool.give_back(s)
         assert pools[0].free == pools[1].free
         assert [pools[0].hits(s) for s in seqs[0]] == [pools[1].hits(s) for s in seqs[1]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(bs=st.sampled_from([1, 2, 16, 32]), data=st.data(), first=st.integers(0, 10_000), m=st.integers(0, 200))
+def test_blocks_the_cohort_takes_over_ticks_count_each_tick(bs, data, first, m):
+    """The shared decode clock's block count over m ticks (slices of its phase table) is the tick-by-tick
+    count: at tick t, the members whose computed tokens fill a block, phase[-t % block_size]."""
+    lp = V1ServingLoop(None, v1(block_size=bs), 64 * bs)
+    lp.phase = data.draw(st.lists(st.integers(0, 5), min_size=bs, max_size=bs))
+    lp.cohort = sum(lp.phase)
+    assert lp._tick_blocks(first, m) == sum(lp.phase[-t % bs] for t in range(first, first + m))

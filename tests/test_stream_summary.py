@@ -12,7 +12,7 @@ from offloadlab.errors import ConfigError
 from offloadlab.metrics import PERCENTILES, LogHistogram, StreamSummary, summarize, with_latencies
 from offloadlab.policy import NoOffload
 from offloadlab.sim import EngineConfig, simulate
-from offloadlab.sim.workload import RequestStream, Workload
+from offloadlab.sim.workload import Request, RequestStream, Workload
 
 ACC = 1e-3
 
@@ -83,6 +83,9 @@ def test_request_stream_is_ordered_deterministic_and_clipped():
     assert a == list(small_stream())  # deterministic
     assert len(b) == 300 and [r.id for r in b] == list(range(300))  # chunks of 7: the same stream's shape
     assert all(x.arrival <= y.arrival for x, y in zip(b, b[1:]))
+    # made without Request's checks (Request._made): what the checked constructor makes of the same values
+    assert a == [Request(r.id, r.prompt_len, r.output_len, r.arrival) for r in a]
+    assert {(type(r.id), type(r.prompt_len), type(r.output_len), type(r.arrival)) for r in a} == {(int, int, int, float)}
     with pytest.raises(ConfigError, match="dataset"):
         RequestStream("nope", 10, 1.0)
 
