@@ -8,13 +8,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, OffloadLabError
 from .outputs import OutputSet, PipeSafeStdout
 from ..vllm_flags import KV_CACHE_DTYPES
 from ..specs import GiB
+
+if TYPE_CHECKING:  # pandas (0.3 s to import) only in the commands that build tables
+    import pandas as pd
 
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
@@ -115,6 +117,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
 def _settle_engine(a) -> None:
     """Fill the engine settings: this command line's, else the --vllm command line's (a vLLM deployment
     brings its -tp, --max-model-len, ...), else EngineConfig's defaults; the two disagreeing is an error."""
+    if not any(hasattr(a, k) for k in ENGINE_FLAGS) and getattr(a, "vllm", None) is None:
+        return  # a command without engine settings (list, validate, bench): the simulator is not imported
     import dataclasses
 
     from ..sim import EngineConfig
@@ -243,6 +247,8 @@ def _fmt_results(df: pd.DataFrame) -> str:
 
 
 def _band_text(lo: float, hi: float) -> str:
+    import pandas as pd
+
     if pd.isna(lo) or pd.isna(hi):
         return "-"
     f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
@@ -280,6 +286,8 @@ def cmd_paper(a) -> None:
 
 
 def cmd_run(a) -> None:
+    import pandas as pd
+
     from ..sim import simulate, simulate_band
     from ..vllm_flags import format_vllm
 
@@ -316,6 +324,8 @@ def cmd_run(a) -> None:
 
 
 def cmd_compare(a) -> None:
+    import pandas as pd
+
     from ..policy import parse_policy
     from ..sim import simulate, simulate_band
     from ..vllm_flags import format_vllm, policy_from_vllm
@@ -450,6 +460,8 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
+    import pandas as pd
+
     from ..profile import load_profiles
     from ..validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
