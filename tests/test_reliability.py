@@ -225,8 +225,37 @@ def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
     assert "o.csv" not in left and not [f for f in left if f.endswith(".tmp")]
 
 
-def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
+@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="reads /proc and ps; the band's corner workers need two cores")
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_ends_run_and_its_band_workers(tmp_path, sig, code, word):
     p = _start(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json"], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(p.pid)) < 2 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        workers = _children(p.pid)
+        assert len(workers) >= 2 and p.poll() is None, "the band's corner runs did not start"
+        time.sleep(0.5)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
+        else:
+            p.send_signal(sig)  # `kill PID`: the parent only
+        _, err = p.communicate(timeout=60)
+    finally:
+        _kill(p)
+    err = err.decode()
+    assert p.returncode == code, err
+    assert err.count("\n") == 1 and word in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "orphaned workers"
+    assert _files(tmp_path) == []
+
+
+def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
+    p = _start(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json", "--no-band"], tmp_path)
     try:
         time.sleep(4)  # imports and part of the simulation (about 8 s in all)
         assert p.poll() is None

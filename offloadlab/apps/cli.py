@@ -285,19 +285,35 @@ def cmd_paper(a) -> None:
     print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
 
 
+def _band_pool(a):
+    """Two worker processes for the band's corner runs, each beside the run itself (``sim.start_band``), when
+    the command gives a band and this process may use more than one core; else None: the corners run here."""
+    import contextlib
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if getattr(a, "no_band", False) or cores < 2:
+        return contextlib.nullcontext(None)
+    from .pool import owned
+
+    return owned(2)
+
+
 def cmd_run(a) -> None:
     import pandas as pd
 
-    from ..sim import simulate, simulate_band
+    from ..sim import simulate, start_band
     from ..vllm_flags import format_vllm
 
     wl = _workload(a)
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
     _say_profile(a, model)
-    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
-    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile,
-                                              cost_kw=getattr(a, "cost_kw", None))
+    with _band_pool(a) as pool:
+        band = None if a.no_band else start_band(model, a.gpu, policy, wl, eng, profile=a.profile,
+                                                 cost_kw=getattr(a, "cost_kw", None), executor=pool)
+        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
+        band = {} if band is None else band()
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from ..sim import layout
 
@@ -327,7 +343,7 @@ def cmd_compare(a) -> None:
     import pandas as pd
 
     from ..policy import parse_policy
-    from ..sim import simulate, simulate_band
+    from ..sim import simulate, start_band
     from ..vllm_flags import format_vllm, policy_from_vllm
 
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
@@ -336,17 +352,19 @@ def cmd_compare(a) -> None:
     wl, model, eng = _workload(a), _model(a), _engine(a)
     _say_profile(a, model)
     rows = []
-    for p in policies:
-        try:
-            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
-                         cost_kw=getattr(a, "cost_kw", None)).row()
-            if not a.no_band:
-                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile,
-                                                cost_kw=getattr(a, "cost_kw", None)))
-        except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
-            r = {"policy": p.label, "error": str(e)}
-        rows.append({**r, "vllm_flags": format_vllm(p, eng)})
-        _warn_slot_race(p, model, eng)
+    with _band_pool(a) as pool:
+        for p in policies:
+            try:
+                band = None if a.no_band else start_band(model, a.gpu, p, wl, eng, profile=a.profile,
+                                                         cost_kw=getattr(a, "cost_kw", None), executor=pool)
+                r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
+                             cost_kw=getattr(a, "cost_kw", None)).row()
+                if band is not None:
+                    r = _with_band(r, band())
+            except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
+                r = {"policy": p.label, "error": str(e)}
+            rows.append({**r, "vllm_flags": format_vllm(p, eng)})
+            _warn_slot_race(p, model, eng)
     df = pd.DataFrame(rows)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
@@ -460,6 +478,8 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
+    import contextlib
+
     import pandas as pd
 
     from ..profile import load_profiles
@@ -481,39 +501,40 @@ def cmd_validate(a) -> None:
     plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
              for f in runs}
     frames, replays = [], []
-    for f in files:
-        if f in plans:
-            c = replay_serving_run(plans[f])
-            print(format_comparison(c) + "\n")
-            replays.append(c)
-            continue
-        probe = probes[f]
-        df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
-        s = error_summary(df)
-        if a.leave_one_shape_out:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
-                  "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
-        elif source is None:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
-                  f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
-        else:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
-                  f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
-        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
-                "predicted_hi_ms", "error"]
-        print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
-        w = s["worst"]
-        print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
-              f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
-              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
-        print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
-              f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
-        if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
-            x = error_summary(df, exclude_eager_decode=True)
-            print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
-                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
-        print()
-        frames.append(df.assign(file=f))
+    with _band_pool(a) if plans else contextlib.nullcontext() as pool:
+        for f in files:
+            if f in plans:
+                c = replay_serving_run(plans[f], executor=pool)
+                print(format_comparison(c) + "\n")
+                replays.append(c)
+                continue
+            probe = probes[f]
+            df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
+            s = error_summary(df)
+            if a.leave_one_shape_out:
+                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
+                      "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
+            elif source is None:
+                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+                      f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+            else:
+                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
+                      f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
+            cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
+                    "predicted_hi_ms", "error"]
+            print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
+            w = s["worst"]
+            print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
+                  f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
+                  + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+            print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
+                  f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
+            if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
+                x = error_summary(df, exclude_eager_decode=True)
+                print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
+                      f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
+            print()
+            frames.append(df.assign(file=f))
     if a.json:
         if replays:
             out = [c.json_dict() for c in replays]
