@@ -5,6 +5,7 @@ Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -260,9 +261,30 @@ def _with_band(row: dict, band: dict) -> dict:
     return {**row, **{f"{k}_lo": v[0] for k, v in band.items()}, **{f"{k}_hi": v[1] for k, v in band.items()}}
 
 
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _painter(a):
+    """For a command that draws a PNG (``set_defaults(painter=True)``): a worker process that draws it
+    (``plots.write_png``), started before anything else with a first task (``plots.warm_up``: it imports
+    matplotlib and loads the fonts while this process imports the simulator and simulates); None
+    otherwise, or on one core (the plot is drawn here)."""
+    if not getattr(a, "painter", False) or _cores() < 2:
+        yield None
+        return
+    from .pool import call, owned
+
+    with owned(1, preload=("offloadlab.apps.plots",)) as pool:
+        pool.submit(call, "offloadlab.apps.plots", "warm_up")
+        yield pool
+
+
 def cmd_paper(a) -> None:
     from .paper import PAPER_ENGINE, memory_table, run_paper, speedups
-    from .plots import paper_figure
 
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
     model = _model(a)
@@ -280,19 +302,24 @@ def cmd_paper(a) -> None:
     print(mem.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     a.outputs.write_text(out / "paper_results.csv", res.to_csv(index=False))
     a.outputs.write_text(out / "paper_memory.csv", mem.to_csv(index=False))
-    fig = paper_figure(res, mem, f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
-    a.outputs.write(out / "paper.png", lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    plot = ("paper_figure", res.to_dict("list"), mem.to_dict("list"),  # plain columns: the painter needs no pandas
+            f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
+    png = a.outputs.stage(out / "paper.png")  # a temp file beside it, renamed with the others at the end
+    if a.painter is None:
+        from .plots import write_png
+
+        write_png(png, *plot)
+    else:
+        from .pool import call
+
+        a.painter.submit(call, "offloadlab.apps.plots", "write_png", png, *plot).result()
     print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
 
 
 def _band_pool(a):
     """Two worker processes for the band's corner runs, each beside the run itself (``sim.start_band``), when
     the command gives a band and this process may use more than one core; else None: the corners run here."""
-    import contextlib
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if getattr(a, "no_band", False) or cores < 2:
+    if getattr(a, "no_band", False) or _cores() < 2:
         return contextlib.nullcontext(None)
     from .pool import owned
 
@@ -478,8 +505,6 @@ def cmd_memory(a) -> None:
 
 
 def cmd_validate(a) -> None:
-    import contextlib
-
     import pandas as pd
 
     from ..profile import load_profiles
@@ -542,19 +567,20 @@ def cmd_validate(a) -> None:
         else:
             a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
-        from .plots import predicted_vs_measured, serving_replay  # matplotlib: only when plotting (~0.6 s)
+        from .plots import predicted_vs_measured, save_png, serving_replay  # matplotlib: only when plotting
 
         for i, c in enumerate(replays):
             path = Path(a.plot)
             if len(replays) > 1:
                 path = path.with_name(f"{path.stem}-{i}{path.suffix}")
             fig = serving_replay(c.requests, c.run.timeseries, c.result.occupancy,
-                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})")
-            a.outputs.write(path, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110), binary=True)
+                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})",
+                                 pyplot=False)
+            a.outputs.write(path, lambda fh, fig=fig: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {path}")
         if frames:
-            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
-            a.outputs.write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured", pyplot=False)
+            a.outputs.write(a.plot, lambda fh: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {a.plot}")
 
 
@@ -603,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/paper")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_paper)
+    p.set_defaults(fn=cmd_paper, painter=True)
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
@@ -714,17 +740,18 @@ def main(argv: list[str] | None = None) -> int:
         with signals.handled(), OutputSet() as outputs:
             args.outputs = outputs
             _check_outputs(args, outputs)
-            if getattr(args, "catalog", None):
-                from ..catalog import load_catalog_file
+            with _painter(args) as args.painter:  # ended (its worker killed, if need be) before the outputs
+                if getattr(args, "catalog", None):
+                    from ..catalog import load_catalog_file
 
-                load_catalog_file(args.catalog)
-            _settle_engine(args)
-            if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
-                from ..profile import Profile
+                    load_catalog_file(args.catalog)
+                _settle_engine(args)
+                if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
+                    from ..profile import Profile
 
-                for path in args.profile if isinstance(args.profile, list) else [args.profile]:
-                    Profile.load(path)
-            args.fn(args)
+                    for path in args.profile if isinstance(args.profile, list) else [args.profile]:
+                        Profile.load(path)
+                args.fn(args)
         stdout.flush()
     except OffloadLabError as e:
         stdout.flush()

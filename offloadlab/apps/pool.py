@@ -70,3 +70,11 @@ def owned(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -> Itera
         raise
     finally:
         own.close()
+
+
+def call(module: str, name: str, *args, **kw):
+    """``module.name(*args, **kw)``, the module imported where this runs: submitted to a pool, the worker
+    imports it (e.g. matplotlib's plots), not the process that submits the task."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(*args, **kw)
