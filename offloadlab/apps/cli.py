@@ -339,7 +339,8 @@ def cmd_run(a) -> None:
     with _band_pool(a) as pool:
         band = None if a.no_band else start_band(model, a.gpu, policy, wl, eng, profile=a.profile,
                                                  cost_kw=getattr(a, "cost_kw", None), executor=pool)
-        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
+        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None),
+                     trace_steps=bool(a.trace))  # the step list only for --trace
         band = {} if band is None else band()
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from ..sim import layout
@@ -529,7 +530,7 @@ def cmd_validate(a) -> None:
     with _band_pool(a) if plans else contextlib.nullcontext() as pool:
         for f in files:
             if f in plans:
-                c = replay_serving_run(plans[f], executor=pool)
+                c = replay_serving_run(plans[f], executor=pool, trace_steps=bool(a.plot))  # steps: --plot's
                 print(format_comparison(c) + "\n")
                 replays.append(c)
                 continue
