@@ -505,11 +505,44 @@ def cmd_memory(a) -> None:
         print(f"{k:18s} {v:10d}" if k in counts else f"{k:18s} {v / GiB:10.2f} GiB")
 
 
+def _report_probe(a, f: str, probe, source):
+    """Predict a probe file's rows (held out with --leave-one-shape-out; from --profile alone with ``source``)
+    and print them with their error summary; the rows, as a frame."""
+    from ..validation import error_summary, leave_one_shape_out, predict_probe
+
+    df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
+    s = error_summary(df)
+    if a.leave_one_shape_out:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
+              "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
+    elif source is None:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+              f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+    else:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
+              f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
+    cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
+            "predicted_hi_ms", "error"]
+    print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
+    w = s["worst"]
+    print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
+          f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
+          + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+    print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
+          f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
+    if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
+        x = error_summary(df, exclude_eager_decode=True)
+        print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
+              f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
+    print()
+    return df
+
+
 def cmd_validate(a) -> None:
     import pandas as pd
 
     from ..profile import load_profiles
-    from ..validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
+    from ..validation import ProbeFile, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
@@ -534,33 +567,7 @@ def cmd_validate(a) -> None:
                 print(format_comparison(c) + "\n")
                 replays.append(c)
                 continue
-            probe = probes[f]
-            df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
-            s = error_summary(df)
-            if a.leave_one_shape_out:
-                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
-                      "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
-            elif source is None:
-                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
-                      f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
-            else:
-                print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
-                      f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
-            cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
-                    "predicted_hi_ms", "error"]
-            print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
-            w = s["worst"]
-            print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
-                  f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
-                  + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
-            print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
-                  f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
-            if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
-                x = error_summary(df, exclude_eager_decode=True)
-                print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
-                      f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
-            print()
-            frames.append(df.assign(file=f))
+            frames.append(_report_probe(a, f, probes[f], source).assign(file=f))
     if a.json:
         if replays:
             out = [c.json_dict() for c in replays]
