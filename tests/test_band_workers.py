@@ -7,7 +7,7 @@ import pytest
 from offloadlab.apps.pool import owned
 from offloadlab.errors import ConfigError
 from offloadlab.policy import interval
-from offloadlab.sim import EngineConfig, make_workload, simulate_band, start_band, start_corners
+from offloadlab.sim import EngineConfig, make_workload, simulate_band, start_band
 from offloadlab.validation.serving_run import replay_serving_run
 
 WL = make_workload("sharegpt_8k", n=60, seed=3, rate=4.0).clipped(8192)[0]
@@ -35,17 +35,11 @@ def test_a_replay_with_its_corners_on_workers_equals_one_here(pool):
     assert here == there and "band_lo_ttft_mean_s" in here
 
 
-def _raise_config_error(result):
-    raise ConfigError("corner field", 7, "something else", source="a worker")
-
-
 def test_a_project_error_in_a_worker_comes_back_as_itself(pool):
-    pending = start_corners(_raise_config_error, "llama-3.1-8b", "a100-40gb", None, WL, executor=pool)
-    with pytest.raises(ConfigError) as e:
-        pending()
-    assert str(e.value) == "a worker: corner field=7: expected something else"
-    assert (e.value.field, e.value.value, e.value.source) == ("corner field", 7, "a worker")
-    # the simulator's own errors too: a request longer than max_model_len
-    long = make_workload("fixed", n=1, prompt_len=9000, output_len=100)
-    with pytest.raises(ConfigError, match="at most max_model_len=8192"):
+    long = make_workload("fixed", n=1, prompt_len=9000, output_len=100)  # longer than max_model_len (8192)
+    with pytest.raises(ConfigError) as here:
+        simulate_band("llama-3.1-8b", "a100-40gb", None, long)
+    with pytest.raises(ConfigError) as there:
         start_band("llama-3.1-8b", "a100-40gb", None, long, executor=pool)()
+    assert str(there.value) == str(here.value) and "at most max_model_len=8192" in str(here.value)
+    assert vars(there.value) == vars(here.value)  # field, value, expected, source
