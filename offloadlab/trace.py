@@ -21,12 +21,13 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import ConfigError
 from .fileio import atomic_write_text
+
+if TYPE_CHECKING:  # pandas only where a frame is built: importing it takes 0.3 s
+    import pandas as pd
 
 SCHEMA = "offloadlab.trace/1"
 KINDS = ("compute", "copy", "wait", "launch", "step", "send")
@@ -154,6 +155,8 @@ class Trace:
     # ---- exports ----
     def to_frame(self) -> pd.DataFrame:
         """One row per span, columns :data:`FRAME_COLUMNS` (times in seconds)."""
+        import pandas as pd
+
         cols = dict(zip(SPAN_FIELDS, zip(*(s.row() for s in self.spans)))) if self.spans else {}
         df = pd.DataFrame({
             "lane": pd.Series(cols.get("lane", ()), dtype=object),
@@ -170,6 +173,8 @@ class Trace:
 
     def requests_frame(self) -> pd.DataFrame:
         """One row per request record (columns are the union of the records' keys)."""
+        import pandas as pd
+
         return pd.DataFrame(self.requests)
 
     def lane_tids(self) -> dict[str, int]:

@@ -8,15 +8,15 @@ loop), ``workload`` (request generators, vLLM's arrivals, replays), ``sharegpt``
 from .costs import Calibrated, LayerCost, Roofline, StepShape, cost_model
 from .memory import MemoryPlan, plan_memory
 from .parallel import Layout
-from .run import (BAND_METRICS, RunResult, describe_profile, layout, per_gpu, serving_memory, simulate, simulate_band,
-                  simulate_step)
+from .run import (BAND_METRICS, RunResult, band_of, describe_profile, layout, per_gpu, serving_memory, simulate,
+                  simulate_band, simulate_step, start_band, start_corners)
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
 from . import sharegpt
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [
-    "BAND_METRICS", "Calibrated", "EngineConfig", "describe_profile", "LayerCost", "Layout", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
+    "BAND_METRICS", "Calibrated", "band_of", "EngineConfig", "describe_profile", "LayerCost", "Layout", "MemoryPlan", "Request", "Roofline", "RunResult", "StepModel",
     "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "layout",
-    "plan_memory", "per_gpu", "serving_memory", "simulate", "simulate_band", "simulate_layers", "simulate_step",
+    "plan_memory", "per_gpu", "serving_memory", "simulate", "simulate_band", "simulate_layers", "simulate_step", "start_band", "start_corners",
 ]

@@ -5,11 +5,10 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..catalog import get_gpu, get_model
-from ..errors import ConfigError, DoesNotFitError
+from ..errors import ConfigError, DoesNotFitError, OffloadLabError
 from ..policy import NoOffload, Placement, Policy
 from ..profile import Profile, load_profiles
 from ..specs import GiB, HardwareSpec, ModelSpec
@@ -23,6 +22,11 @@ from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
 from .serving_v1 import V1PipelinedServing, V1ServingLoop
 from .step import StepModel, StepResult, events_processed
 from .workload import RequestStream, Workload
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    import pandas as pd
 
 
 def layout(model: str | ModelSpec, gpu: str | HardwareSpec, tensor_parallel: int = 1,
@@ -308,13 +312,65 @@ BAND_METRICS = ("throughput_rps", "output_tok_s", "ttft_mean_s", "ttft_p99_s", "
                 "makespan_s")
 
 
+def _summary(r: RunResult) -> dict:
+    return r.summary
+
+
+def _corner_task(reduce: Callable[[RunResult], Any], args: tuple, kw: dict) -> tuple[bool, Any]:
+    """One corner run where an executor runs it: (True, ``reduce(result)``), or (False, the project error it
+    raised, as class, args and attributes: ConfigError's own __init__ cannot be called back by pickle)."""
+    try:
+        return True, reduce(simulate(*args, **kw))
+    except OffloadLabError as e:
+        return False, (type(e), e.args, vars(e))
+
+
+def _unpack(done: tuple[bool, Any]) -> Any:
+    ok, value = done
+    if ok:
+        return value
+    cls, args, attrs = value
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(attrs)
+    raise err
+
+
+def start_corners(reduce: Callable[[RunResult], Any], model, gpu, policy, workload: Workload,
+                  engine: EngineConfig = EngineConfig(), *, profile=None, cost_kw: dict | None = None,
+                  executor: Executor | None = None) -> Callable[[], tuple[Any, Any]]:
+    """Start the runs on the low- and high-cost corners of the cost model's band (``simulate(...,
+    corner=c, trace_steps=False)``); the returned function waits for them and gives ``(reduce(low),
+    reduce(high))``. ``executor`` (a ``concurrent.futures`` Executor): each corner is one task, run beside
+    the other and beside whatever this process does until it calls the function; ``reduce`` runs where
+    the corner ran (with a process pool: a module-level function, and only its value comes back). None:
+    both run here, one after the other, when the function is called. Model and GPU are resolved here,
+    so names from a user catalog need not exist in the workers."""
+    args = (get_model(model), get_gpu(gpu), policy, workload, engine)
+    kws = [dict(profile=profile, cost_kw=cost_kw, trace_steps=False, corner=c) for c in CORNERS]
+    if executor is None:
+        return lambda: tuple(reduce(simulate(*args, **kw)) for kw in kws)
+    futures = [executor.submit(_corner_task, reduce, args, kw) for kw in kws]
+    return lambda: tuple(_unpack(f.result()) for f in futures)
+
+
+def band_of(low: dict, high: dict) -> dict:
+    """``{metric: (low, high)}`` for BAND_METRICS from the two corner runs' summaries, ordered low <= high."""
+    return {k: tuple(sorted((low[k], high[k]))) for k in BAND_METRICS if k in low and k in high}
+
+
+def start_band(model, gpu, policy, workload: Workload, engine: EngineConfig = EngineConfig(), *, profile=None,
+               cost_kw: dict | None = None, executor: Executor | None = None) -> Callable[[], dict]:
+    """``simulate_band`` started now (on ``executor``: see ``start_corners``), its dict when the returned
+    function is called: ``pending = start_band(..., executor=pool); r = simulate(...); band = pending()``."""
+    corners = start_corners(_summary, model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw,
+                            executor=executor)
+    return lambda: band_of(*corners())
+
+
 def simulate_band(model, gpu, policy, workload: Workload, engine: EngineConfig = EngineConfig(), *,
-                  profile=None, cost_kw: dict | None = None) -> dict:
+                  profile=None, cost_kw: dict | None = None, executor: Executor | None = None) -> dict:
     """The run on the low- and high-cost corners of its cost model's band: ``{metric: (low, high)}``
     for BAND_METRICS (ordered low <= high), i.e. the interval each metric falls in when every cost
-    sits anywhere in its evidence-derived band."""
-    lo = simulate(model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw, trace_steps=False,
-                  corner="low").summary
-    hi = simulate(model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw, trace_steps=False,
-                  corner="high").summary
-    return {k: tuple(sorted((lo[k], hi[k]))) for k in BAND_METRICS if k in lo and k in hi}
+    sits anywhere in its evidence-derived band. ``executor``: run the two corners on it, side by side."""
+    return start_band(model, gpu, policy, workload, engine, profile=profile, cost_kw=cost_kw, executor=executor)()

@@ -180,3 +180,12 @@ def test_study_honours_the_kv_cache_dtype(tmp_path, capsys):
     for off in (False, True):
         assert rows["fp8"].loc[off, "mem_kv_tokens"] // 16 in (2 * (rows["auto"].loc[off, "mem_kv_tokens"] // 16),
                                                                2 * (rows["auto"].loc[off, "mem_kv_tokens"] // 16) + 1)
+
+
+def test_the_cli_and_list_import_neither_pandas_nor_matplotlib():
+    """Imported only by the commands that build tables or plots (pandas alone takes 0.3 s to import)."""
+    code = ("import sys; from offloadlab.apps.cli import main; assert main(['list']) == 0; "
+            "print(sorted(m for m in ('pandas', 'matplotlib', 'simpy') if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "[]"

@@ -127,3 +127,23 @@ def test_length_distributions_one_cdf_per_workload():
     real = prompt.get_lines()[0]
     assert real.get_ydata()[-1] == 1.0 and real.get_xdata()[-1] == wls["real"].describe()["prompt_max"]
     assert len(output.get_lines()[1].get_xdata()) == 30
+
+
+def test_the_paper_figure_without_pyplot_writes_the_bytes_savefig_writes(tmp_path):
+    """The CLI's path (plain columns, a bare Figure, one draw) draws the same PNG as pyplot + savefig."""
+    import io
+
+    from offloadlab.apps.paper import memory_table, run_paper
+
+    res, mem = run_paper(requests=8), memory_table()
+    before = set(plt.get_fignums())
+    fig = plots.paper_figure(res, mem, "t")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plots.write_png(str(tmp_path / "p.png"), "paper_figure", res.to_dict("list"), mem.to_dict("list"), "t")
+    assert set(plt.get_fignums()) == before | {fig.number}  # the bare Figure is not pyplot's
+    assert (tmp_path / "p.png").read_bytes() == buf.getvalue()
+    bare = plots.serving_replay(pd.DataFrame({f"{w}_{m}_s": [1.0, 2.0] for w in ("measured", "predicted")
+                                              for m in ("ttft", "tpot", "e2e")}), None, [(0.0, 1, 0), (1.0, 0, 0)],
+                                pyplot=False)
+    assert isinstance(bare, Figure) and set(plt.get_fignums()) == before | {fig.number}

@@ -28,18 +28,33 @@ def _files(root: Path) -> list[str]:
 
 # ---------------------------------------------------------------- all or nothing
 def test_a_failure_while_writing_leaves_no_output_and_no_directory(tmp_path, monkeypatch, capsys):
+    import offloadlab.apps.cli as cli
     import offloadlab.apps.plots as plots
 
-    class Fig:
-        def savefig(self, f, **kw):
-            raise OSError(28, "No space left on device")
+    def full_disk(fig, f, dpi=110):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plots, "paper_figure", lambda *a, **k: Fig())
+    monkeypatch.setattr(cli, "_cores", lambda: 1)  # the plot is drawn in this process (no painter worker)
+    monkeypatch.setattr(plots, "save_png", full_disk)
     out = tmp_path / "new" / "paper"
     assert main(["paper", "--requests", "4", "--quiet", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
     assert _files(tmp_path) == []  # neither the two CSVs written before the plot, nor the directories made
+
+
+def test_a_failure_in_the_painter_process_leaves_no_output(tmp_path, monkeypatch, capsys):
+    """The plot drawn by the painter worker (two cores): its error comes back, one line, nothing written."""
+    import offloadlab.apps.cli as cli
+
+    monkeypatch.setattr(cli, "_cores", lambda: 2)
+    gone = tmp_path / "gone" / "paper.png.tmp"  # where the worker is told to write: a directory that is not there
+    monkeypatch.setattr(OutputSet, "stage", lambda self, path: str(gone))
+    out = tmp_path / "new" / "paper"
+    assert main(["paper", "--requests", "4", "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No such file or directory" in err and "Traceback" not in err
+    assert _files(tmp_path) == []
 
 
 def test_outputs_appear_together_at_the_end(tmp_path, monkeypatch, capsys):
@@ -225,8 +240,41 @@ def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
     assert "o.csv" not in left and not [f for f in left if f.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="reads /proc and ps; the band's corner workers need two cores")
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize("args,n", [(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json"], 2),
+                                    (["paper", "--requests", "4000", "--quiet", "--out", "p"], 1)])
+def test_a_signal_ends_run_and_paper_and_their_workers(tmp_path, sig, code, word, args, n):
+    """run: the band's two corner workers; paper: the worker that draws its PNG."""
+    p = _start(args, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(p.pid)) < n and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        workers = _children(p.pid)
+        assert len(workers) >= n and p.poll() is None, "the workers did not start"
+        time.sleep(1.0)  # into the simulation
+        assert p.poll() is None
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
+        else:
+            p.send_signal(sig)  # `kill PID`: the parent only
+        _, err = p.communicate(timeout=60)
+    finally:
+        _kill(p)
+    err = err.decode()
+    assert p.returncode == code, err
+    assert err.count("\n") == 1 and word in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "orphaned workers"
+    assert _files(tmp_path) == []
+
+
 def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
-    p = _start(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json"], tmp_path)
+    p = _start(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json", "--no-band"], tmp_path)
     try:
         time.sleep(4)  # imports and part of the simulation (about 8 s in all)
         assert p.poll() is None

@@ -371,21 +371,33 @@ def _predicted(res) -> dict[str, np.ndarray]:
             "e2e": pred["e2e"].to_numpy(), "preemptions": pred["preemptions"].to_numpy()}
 
 
+def _corner_ends(n: int, res) -> dict:
+    """What the band needs of one corner's replay of ``n`` requests: each metric's mean, makespan, throughput."""
+    p = _predicted(res)
+    span = float(res.summary["makespan_s"])
+    return {**{f"{mtr}_mean_s": float(np.mean(p[mtr])) for mtr in METRICS}, "makespan_s": span,
+            "throughput_rps": n / span}
+
+
 def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps: bool = True, band: bool = True,
-                       **resolve) -> ServingComparison:
+                       executor=None, **resolve) -> ServingComparison:
     """Replay every request of ``run`` on its engine, model and GPU (``gpu``, ``model``, ``profile``,
     ``vllm_version`` override what the run says); compare with what was measured. Everything is
     resolved, and bad input reported, before the simulation starts. ``band``: also replay on the low-
     and high-cost corners of the cost model's evidence band (sim/costs.py), giving each mean metric,
-    the throughput and the makespan a band, and saying whether the measured value falls inside."""
-    from ..sim import simulate
+    the throughput and the makespan a band, and saying whether the measured value falls inside.
+    ``executor`` (a ``concurrent.futures`` Executor): run the two corners on it, beside the replay itself
+    (``offloadlab.sim.start_corners``); None: here, after it."""
+    from functools import partial
+
+    from ..sim import simulate, start_corners
 
     plan = run if isinstance(run, ReplayPlan) else plan_replay(run, **resolve)
     run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
     wl = workload_of(run)
+    corners = start_corners(partial(_corner_ends, len(run.requests)), m, hw, None, wl, eng, profile=plan.profile,
+                            cost_kw=plan.cost_kw, executor=executor) if band else None
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
-    corners = [simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=False,
-                        corner=c) for c in ("low", "high")] if band else []
     pred = _predicted(res)
     meas = run.requests.reset_index(drop=True)
     rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
@@ -416,12 +428,7 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
         if isinstance(p, float) and summary[key]:
             summary[f"error_{name}"] = p / summary[key] - 1
     if corners:
-        ends = []
-        for r in corners:
-            p = _predicted(r)
-            d = {f"{mtr}_mean_s": float(np.mean(p[mtr])) for mtr in METRICS}
-            span = float(r.summary["makespan_s"])
-            ends.append({**d, "makespan_s": span, "throughput_rps": len(rows) / span})
+        ends = corners()
         for name in ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throughput_rps", "makespan_s"):
             lo, hi = sorted((ends[0][name], ends[1][name]))
             summary[f"band_lo_{name}"], summary[f"band_hi_{name}"] = lo, hi

@@ -5,16 +5,19 @@ Bad input ends with one line on stderr (``offloadlab: error: ...``) and exit sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, OffloadLabError
 from .outputs import OutputSet, PipeSafeStdout
 from ..vllm_flags import KV_CACHE_DTYPES
 from ..specs import GiB
+
+if TYPE_CHECKING:  # pandas (0.3 s to import) only in the commands that build tables
+    import pandas as pd
 
 
 def _common(p: argparse.ArgumentParser, policy: bool = True) -> None:
@@ -115,6 +118,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
 def _settle_engine(a) -> None:
     """Fill the engine settings: this command line's, else the --vllm command line's (a vLLM deployment
     brings its -tp, --max-model-len, ...), else EngineConfig's defaults; the two disagreeing is an error."""
+    if not any(hasattr(a, k) for k in ENGINE_FLAGS) and getattr(a, "vllm", None) is None:
+        return  # a command without engine settings (list, validate, bench): the simulator is not imported
     import dataclasses
 
     from ..sim import EngineConfig
@@ -243,6 +248,8 @@ def _fmt_results(df: pd.DataFrame) -> str:
 
 
 def _band_text(lo: float, hi: float) -> str:
+    import pandas as pd
+
     if pd.isna(lo) or pd.isna(hi):
         return "-"
     f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
@@ -254,9 +261,30 @@ def _with_band(row: dict, band: dict) -> dict:
     return {**row, **{f"{k}_lo": v[0] for k, v in band.items()}, **{f"{k}_hi": v[1] for k, v in band.items()}}
 
 
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _painter(a):
+    """For a command that draws a PNG (``set_defaults(painter=True)``): a worker process that draws it
+    (``plots.write_png``), started before anything else with a first task (``plots.warm_up``: it imports
+    matplotlib and loads the fonts while this process imports the simulator and simulates); None
+    otherwise, or on one core (the plot is drawn here)."""
+    if not getattr(a, "painter", False) or _cores() < 2:
+        yield None
+        return
+    from .pool import call, owned
+
+    with owned(1, preload=("offloadlab.apps.plots",)) as pool:
+        pool.submit(call, "offloadlab.apps.plots", "warm_up")
+        yield pool
+
+
 def cmd_paper(a) -> None:
     from .paper import PAPER_ENGINE, memory_table, run_paper, speedups
-    from .plots import paper_figure
 
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
     model = _model(a)
@@ -274,22 +302,46 @@ def cmd_paper(a) -> None:
     print(mem.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     a.outputs.write_text(out / "paper_results.csv", res.to_csv(index=False))
     a.outputs.write_text(out / "paper_memory.csv", mem.to_csv(index=False))
-    fig = paper_figure(res, mem, f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
-    a.outputs.write(out / "paper.png", lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
+    plot = ("paper_figure", res.to_dict("list"), mem.to_dict("list"),  # plain columns: the painter needs no pandas
+            f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
+    png = a.outputs.stage(out / "paper.png")  # a temp file beside it, renamed with the others at the end
+    if a.painter is None:
+        from .plots import write_png
+
+        write_png(png, *plot)
+    else:
+        from .pool import call
+
+        a.painter.submit(call, "offloadlab.apps.plots", "write_png", png, *plot).result()
     print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
 
 
+def _band_pool(a):
+    """Two worker processes for the band's corner runs, each beside the run itself (``sim.start_band``), when
+    the command gives a band and this process may use more than one core; else None: the corners run here."""
+    if getattr(a, "no_band", False) or _cores() < 2:
+        return contextlib.nullcontext(None)
+    from .pool import owned
+
+    return owned(2)
+
+
 def cmd_run(a) -> None:
-    from ..sim import simulate, simulate_band
+    import pandas as pd
+
+    from ..sim import simulate, start_band
     from ..vllm_flags import format_vllm
 
     wl = _workload(a)
     policy = _policy(a)
     model, eng = _model(a), _engine(a)
     _say_profile(a, model)
-    r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None))
-    band = {} if a.no_band else simulate_band(model, a.gpu, policy, wl, eng, profile=a.profile,
-                                              cost_kw=getattr(a, "cost_kw", None))
+    with _band_pool(a) as pool:
+        band = None if a.no_band else start_band(model, a.gpu, policy, wl, eng, profile=a.profile,
+                                                 cost_kw=getattr(a, "cost_kw", None), executor=pool)
+        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None),
+                     trace_steps=bool(a.trace))  # the step list only for --trace
+        band = {} if band is None else band()
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
         from ..sim import layout
 
@@ -316,8 +368,10 @@ def cmd_run(a) -> None:
 
 
 def cmd_compare(a) -> None:
+    import pandas as pd
+
     from ..policy import parse_policy
-    from ..sim import simulate, simulate_band
+    from ..sim import simulate, start_band
     from ..vllm_flags import format_vllm, policy_from_vllm
 
     policies = [parse_policy(p) for p in a.policy or []] + [policy_from_vllm(v) for v in a.vllm or []]
@@ -326,17 +380,19 @@ def cmd_compare(a) -> None:
     wl, model, eng = _workload(a), _model(a), _engine(a)
     _say_profile(a, model)
     rows = []
-    for p in policies:
-        try:
-            r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
-                         cost_kw=getattr(a, "cost_kw", None)).row()
-            if not a.no_band:
-                r = _with_band(r, simulate_band(model, a.gpu, p, wl, eng, profile=a.profile,
-                                                cost_kw=getattr(a, "cost_kw", None)))
-        except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
-            r = {"policy": p.label, "error": str(e)}
-        rows.append({**r, "vllm_flags": format_vllm(p, eng)})
-        _warn_slot_race(p, model, eng)
+    with _band_pool(a) as pool:
+        for p in policies:
+            try:
+                band = None if a.no_band else start_band(model, a.gpu, p, wl, eng, profile=a.profile,
+                                                         cost_kw=getattr(a, "cost_kw", None), executor=pool)
+                r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
+                             cost_kw=getattr(a, "cost_kw", None)).row()
+                if band is not None:
+                    r = _with_band(r, band())
+            except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
+                r = {"policy": p.label, "error": str(e)}
+            rows.append({**r, "vllm_flags": format_vllm(p, eng)})
+            _warn_slot_race(p, model, eng)
     df = pd.DataFrame(rows)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}\n")
     ok = df[df["error"].isna()] if "error" in df else df
@@ -449,9 +505,44 @@ def cmd_memory(a) -> None:
         print(f"{k:18s} {v:10d}" if k in counts else f"{k:18s} {v / GiB:10.2f} GiB")
 
 
+def _report_probe(a, f: str, probe, source):
+    """Predict a probe file's rows (held out with --leave-one-shape-out; from --profile alone with ``source``)
+    and print them with their error summary; the rows, as a frame."""
+    from ..validation import error_summary, leave_one_shape_out, predict_probe
+
+    df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
+    s = error_summary(df)
+    if a.leave_one_shape_out:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
+              "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
+    elif source is None:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
+              f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
+    else:
+        print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
+              f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
+    cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
+            "predicted_hi_ms", "error"]
+    print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
+    w = s["worst"]
+    print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
+          f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
+          + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
+    print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
+          f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
+    if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
+        x = error_summary(df, exclude_eager_decode=True)
+        print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
+              f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
+    print()
+    return df
+
+
 def cmd_validate(a) -> None:
+    import pandas as pd
+
     from ..profile import load_profiles
-    from ..validation import ProbeFile, error_summary, leave_one_shape_out, predict_probe, stored_measurements
+    from ..validation import ProbeFile, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
     files = a.files or [str(m.path) for m in stored_measurements() if m.kind == "probe"]
@@ -469,39 +560,14 @@ def cmd_validate(a) -> None:
     plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
              for f in runs}
     frames, replays = [], []
-    for f in files:
-        if f in plans:
-            c = replay_serving_run(plans[f])
-            print(format_comparison(c) + "\n")
-            replays.append(c)
-            continue
-        probe = probes[f]
-        df = leave_one_shape_out(probe) if a.leave_one_shape_out else predict_probe(probe, source=source)
-        s = error_summary(df)
-        if a.leave_one_shape_out:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; held out: every row of "
-                  "each (B, T, C) predicted from a calibration without that shape's resident and layer rows")
-        elif source is None:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; calibrated from the "
-                  f"bandwidth curve, layer times and {int(df.calibration.sum())} resident rows")
-        else:
-            print(f"{f}: {probe.model.name} ({probe.model.layers} layers) on {probe.gpu.name}; every row predicted "
-                  f"from --profile alone\nprofile: {df.attrs['cost'].describe()}")
-        cols = ["policy", "param", "nbuf", "B", "T", "C", "measured_ms", "predicted_ms", "predicted_lo_ms",
-                "predicted_hi_ms", "error"]
-        print(df[cols].to_string(index=False, formatters={"error": "{:+.1%}".format}, float_format="{:.2f}".format))
-        w = s["worst"]
-        print(f"predicted rows: {s['rows']}, MAPE {s['mape']:.2%}, worst {s['max_abs_error']:.2%} "
-              f"({w['policy']} param={w['param']} nbuf={w['nbuf']} B={w['B']} T={w['T']} C={w['C']}); by policy: "
-              + ", ".join(f"{k} {v:.2%}" for k, v in s["by_policy"].items()))
-        print(f"band: measured inside the predicted band on {s['coverage']:.0%} of predicted rows (mean half-width "
-              f"{s['band_halfwidth']:.1%}; bands aim to hold 90%)")
-        if df["eager_decode"].any() and not df.loc[df["eager_decode"], "calibration"].all():
-            x = error_summary(df, exclude_eager_decode=True)
-            print(f"without eager resident decode rows (T=1, no offload: the host's launch speed): {x['rows']} rows, "
-                  f"MAPE {x['mape']:.2%}, worst {x['max_abs_error']:.2%}, in band {x['coverage']:.0%}")
-        print()
-        frames.append(df.assign(file=f))
+    with _band_pool(a) if plans else contextlib.nullcontext() as pool:
+        for f in files:
+            if f in plans:
+                c = replay_serving_run(plans[f], executor=pool, trace_steps=bool(a.plot))  # steps: --plot's
+                print(format_comparison(c) + "\n")
+                replays.append(c)
+                continue
+            frames.append(_report_probe(a, f, probes[f], source).assign(file=f))
     if a.json:
         if replays:
             out = [c.json_dict() for c in replays]
@@ -509,19 +575,20 @@ def cmd_validate(a) -> None:
         else:
             a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
-        from .plots import predicted_vs_measured, serving_replay  # matplotlib: only when plotting (~0.6 s)
+        from .plots import predicted_vs_measured, save_png, serving_replay  # matplotlib: only when plotting
 
         for i, c in enumerate(replays):
             path = Path(a.plot)
             if len(replays) > 1:
                 path = path.with_name(f"{path.stem}-{i}{path.suffix}")
             fig = serving_replay(c.requests, c.run.timeseries, c.result.occupancy,
-                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})")
-            a.outputs.write(path, lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110), binary=True)
+                                 f"{c.run.path.name}: measured vs predicted ({c.model.name} on {c.gpu.name})",
+                                 pyplot=False)
+            a.outputs.write(path, lambda fh, fig=fig: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {path}")
         if frames:
-            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured")
-            a.outputs.write(a.plot, lambda fh: fig.savefig(fh, format="png", dpi=110), binary=True)
+            fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured", pyplot=False)
+            a.outputs.write(a.plot, lambda fh: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {a.plot}")
 
 
@@ -570,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/paper")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_paper)
+    p.set_defaults(fn=cmd_paper, painter=True)
     p = sub.add_parser("run", help="serve a workload")
     _common(p)
     _engine_args(p)
@@ -681,17 +748,18 @@ def main(argv: list[str] | None = None) -> int:
         with signals.handled(), OutputSet() as outputs:
             args.outputs = outputs
             _check_outputs(args, outputs)
-            if getattr(args, "catalog", None):
-                from ..catalog import load_catalog_file
+            with _painter(args) as args.painter:  # ended (its worker killed, if need be) before the outputs
+                if getattr(args, "catalog", None):
+                    from ..catalog import load_catalog_file
 
-                load_catalog_file(args.catalog)
-            _settle_engine(args)
-            if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
-                from ..profile import Profile
+                    load_catalog_file(args.catalog)
+                _settle_engine(args)
+                if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
+                    from ..profile import Profile
 
-                for path in args.profile if isinstance(args.profile, list) else [args.profile]:
-                    Profile.load(path)
-            args.fn(args)
+                    for path in args.profile if isinstance(args.profile, list) else [args.profile]:
+                        Profile.load(path)
+                args.fn(args)
         stdout.flush()
     except OffloadLabError as e:
         stdout.flush()

@@ -1,26 +1,87 @@
-"""Matplotlib figures; each function returns the Figure (the caller saves or shows it)."""
+"""Matplotlib figures; each function returns the Figure (the caller saves or shows it).
+
+Figures come from pyplot (a notebook shows them, ``plt.show()`` too); the ones the CLI writes take
+``pyplot=False`` for a bare Figure instead (pyplot's import takes 0.3 s, and nothing needs to show it).
+``save_png`` writes a Figure with one draw; ``write_png`` builds a plot and writes it, in whichever
+process runs it (the CLI's painter process: ``warm_up`` there first, while the data is simulated).
+"""
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+if TYPE_CHECKING:  # the frames come from the callers; the paper's figure needs none (see paper_figure)
+    import pandas as pd
 
 _COLORS = {"none": "#7f7f7f", "vllm": "#d62728", "prefetch": "#1f77b4"}
 
 
-def paper_figure(results: pd.DataFrame, memory: pd.DataFrame, title: str = ""):
-    """Throughput, TTFT and TPOT per policy and mode, and the GPU memory breakdown (Fig. 5-like)."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2), constrained_layout=True)
-    modes = list(dict.fromkeys(results["mode"]))
-    pols = list(dict.fromkeys(results["policy"]))
-    kinds = dict(zip(results["policy"], results["policy_kind"]))
+def _subplots(*args, pyplot: bool = True, **kw):
+    """``plt.subplots(*args, **kw)``; ``pyplot=False``: the same axes on a bare Figure (Agg canvas, not shown)."""
+    if pyplot:
+        import matplotlib.pyplot as plt
+
+        return plt.subplots(*args, **kw)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**{k: kw.pop(k) for k in ("figsize", "constrained_layout", "layout", "dpi") if k in kw})
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kw)
+
+
+def save_png(fig, file, dpi: float = 110) -> None:
+    """``fig.savefig(file, format="png", dpi=dpi)``, the same bytes, with one draw instead of savefig's two
+    (savefig lays the figure out in a draw of its own first; Figure.draw runs its layout engine itself)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig.set_dpi(dpi)
+    FigureCanvasAgg(fig).print_png(file)
+
+
+def write_png(path: str, plot: str, *args, dpi: float = 110, **kw) -> None:
+    """Write ``plot(*args, pyplot=False, **kw)`` (the name of a function here) as a PNG file at ``path``,
+    flushed to disk (a staged output file: offloadlab.apps.outputs)."""
+    import os
+
+    fig = globals()[plot](*args, pyplot=False, **kw)
+    with open(path, "wb") as f:
+        save_png(fig, f, dpi)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def warm_up() -> None:
+    """Load what a first draw loads (Agg, the fonts), so that the figure that matters draws sooner."""
+    fig, ax = _subplots(figsize=(2, 1), constrained_layout=True, pyplot=False)
+    ax.bar(["a", "b"], [1.0, 2.0], label="x")
+    ax.set(title="t", ylabel="y")
+    ax.legend(fontsize=8)
+    fig.suptitle("t")
+    fig.canvas.draw()
+
+
+def paper_figure(results, memory, title: str = "", *, pyplot: bool = True):
+    """Throughput, TTFT and TPOT per policy and mode, and the GPU memory breakdown (Fig. 5-like).
+    ``results`` and ``memory``: ``run_paper``'s and ``memory_table``'s DataFrames, or their columns as lists
+    (``DataFrame.to_dict("list")``: what the CLI's painter process gets, which then needs no pandas)."""
+    fig, axes = _subplots(1, 4, figsize=(17, 4.2), constrained_layout=True, pyplot=pyplot)
+    res = {c: list(results[c]) for c in ("mode", "policy", "policy_kind", "throughput_rps", "ttft_mean_s",
+                                         "tpot_mean_s")}
+    modes = list(dict.fromkeys(res["mode"]))
+    pols = list(dict.fromkeys(res["policy"]))
+    kinds = dict(zip(res["policy"], res["policy_kind"]))
+    first: dict = {}  # (mode, policy) -> its first row
+    for i, key in enumerate(zip(res["mode"], res["policy"])):
+        first.setdefault(key, i)
     width = 0.8 / len(pols)
     for ax, (col, label, scale) in zip(axes[:3], [("throughput_rps", "throughput (requests/s)", 1),
                                                  ("ttft_mean_s", "mean TTFT (s)", 1),
                                                  ("tpot_mean_s", "mean TPOT (ms)", 1e3)]):
         for j, pol in enumerate(pols):
-            vals = [results[(results["mode"] == m) & (results["policy"] == pol)][col].iloc[0] * scale for m in modes]
+            vals = [res[col][first[m, pol]] * scale for m in modes]
             xs = [i + (j - (len(pols) - 1) / 2) * width for i in range(len(modes))]
             ax.bar(xs, vals, width, label=pol, color=_COLORS.get(kinds[pol]), alpha=0.6 + 0.4 * (j % 2))
         ax.set_xticks(range(len(modes)), modes)
@@ -28,11 +89,13 @@ def paper_figure(results: pd.DataFrame, memory: pd.DataFrame, title: str = ""):
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     ax = axes[3]
-    bottom = pd.Series(0.0, index=memory.index)
+    names = list(memory["policy"])
+    bottom = [0.0] * len(names)
     for col, color in [("weights_GiB", "#8c564b"), ("staging_GiB", "#ff7f0e"), ("activations_GiB", "#bcbd22"),
                        ("overhead_GiB", "#c7c7c7"), ("kv_cache_GiB", "#2ca02c")]:
-        ax.bar(memory["policy"], memory[col], bottom=bottom, label=col.replace("_GiB", ""), color=color)
-        bottom = bottom + memory[col]
+        heights = list(memory[col])
+        ax.bar(names, heights, bottom=bottom, label=col.replace("_GiB", ""), color=color)
+        bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_ylabel("GPU memory (GiB)")
     ax.tick_params(axis="x", rotation=60, labelsize=8)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -47,7 +110,7 @@ def timeline(trace, ax=None, title: str = ""):
     colors = {"compute": "#1f77b4", "copy": "#ff7f0e", "launch": "#9467bd", "wait": "#ffffff", "step": "#2ca02c"}
     lanes = trace.lanes()
     if ax is None:
-        fig, ax = plt.subplots(figsize=(12, 0.6 * len(lanes) + 1), constrained_layout=True)
+        fig, ax = _subplots(figsize=(12, 0.6 * len(lanes) + 1), constrained_layout=True)
     else:
         fig = ax.figure
     for row, lane in enumerate(lanes):
@@ -68,10 +131,10 @@ def timeline(trace, ax=None, title: str = ""):
     return fig
 
 
-def predicted_vs_measured(df: pd.DataFrame, title: str = ""):
+def predicted_vs_measured(df: pd.DataFrame, title: str = "", *, pyplot: bool = True):
     """Scatter of predicted against measured step time (log-log), y = x and a +-10% band; each
     prediction's own band as a vertical bar when the rows carry ``predicted_lo_ms``/``predicted_hi_ms``."""
-    fig, ax = plt.subplots(figsize=(5.5, 5), constrained_layout=True)
+    fig, ax = _subplots(figsize=(5.5, 5), constrained_layout=True, pyplot=pyplot)
     markers = {"resident": "o", "sync_prefix": "s", "async_k": "^"}
     for pol, g in df.groupby("policy"):
         if {"predicted_lo_ms", "predicted_hi_ms"} <= set(g):
@@ -96,7 +159,7 @@ def predicted_vs_measured(df: pd.DataFrame, title: str = ""):
 def compare_timelines(simulated, measured, title: str = ""):
     """Two Gantt charts on one time axis: the simulated trace above, the measured one below."""
     lanes = max(len(simulated.lanes()), len(measured.lanes()))
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(12, 1.2 * lanes + 1.5), constrained_layout=True)
+    fig, (top, bottom) = _subplots(2, 1, sharex=True, figsize=(12, 1.2 * lanes + 1.5), constrained_layout=True)
     for ax, trace, name in ((top, simulated, "simulated"), (bottom, measured, "measured")):
         t0 = min((s.start for s in trace.spans), default=0.0)  # both start at 0
         timeline(trace.shifted(-t0), ax=ax, title=name)
@@ -136,6 +199,8 @@ def _scaled(df: pd.DataFrame, keys: tuple[str, ...], metric: str) -> tuple[str, 
     for col in (*keys, metric):
         if col not in df.columns:
             raise KeyError(f"column {col!r} not in the sweep frame; columns: {', '.join(df.columns)}")
+    import pandas as pd
+
     label, scale = _metric_label(metric)
     d = df[[*keys, metric]].copy()
     d[metric] = pd.to_numeric(d[metric], errors="coerce").astype(float) * scale
@@ -151,7 +216,7 @@ def heatmap(df: pd.DataFrame, x: str, y: str, metric: str = "throughput_rps", *,
     label, d = _scaled(df, (x, y), metric)
     table = d.pivot_table(index=y, columns=x, values=metric, aggfunc=agg, dropna=False)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(1.1 * len(table.columns) + 2.5, 0.6 * len(table.index) + 1.8),
+        fig, ax = _subplots(figsize=(1.1 * len(table.columns) + 2.5, 0.6 * len(table.index) + 1.8),
                                constrained_layout=True)
     else:
         fig = ax.figure
@@ -184,7 +249,7 @@ def metric_vs_bandwidth(df: pd.DataFrame, metric: str = "throughput_rps", *, x: 
     label, d = _scaled(df, (by, x), metric)
     d = d.dropna(subset=[metric])
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+        fig, ax = _subplots(figsize=(6.5, 4.2), constrained_layout=True)
     else:
         fig = ax.figure
     kinds = dict(zip(df[by], df["policy_kind"])) if by == "policy" and "policy_kind" in df else {}
@@ -214,9 +279,11 @@ def latency_cdfs(runs, metrics=("ttft", "tpot"), title: str = ""):
     (labelled by their policy). Metrics are columns of ``RunResult.requests``: ttft, tpot, e2e
     (TPOT in ms, the others in s); requests without a value (TPOT of a one-token output) are left out.
     """
+    import pandas as pd
+
     if not isinstance(runs, dict):
         runs = {r.config.get("policy", str(i)): r for i, r in enumerate(runs)}
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), constrained_layout=True, squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4), constrained_layout=True, squeeze=False)
     axes = axes[0]
     for ax, metric in zip(axes, metrics):
         label, scale = _metric_label(metric)
@@ -246,7 +313,7 @@ def by_gpu_count(table: pd.DataFrame, metric: str = "tok_s_per_gpu", *, panel: s
     label = {"tok_s_per_gpu": "output tokens/s per GPU", "gpu_h_per_Mtok": "GPU-hours per million output tokens"
              }.get(metric, label)
     panels = list(dict.fromkeys(d[panel]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), constrained_layout=True,
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), constrained_layout=True,
                              sharey=True, squeeze=False)
     colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(d[line]))}
     for ax, name in zip(axes[0], panels):
@@ -276,7 +343,7 @@ def by_gpu_count(table: pd.DataFrame, metric: str = "tok_s_per_gpu", *, panel: s
 
 def length_distributions(workloads: dict, title: str = ""):
     """CDFs of prompt and output lengths (tokens), one line per workload (``{label: Workload}``)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
+    fig, axes = _subplots(1, 2, figsize=(11, 3.8), constrained_layout=True)
     for label, wl in workloads.items():
         df = wl.to_frame()
         for ax, col in zip(axes, ("prompt_len", "output_len")):
@@ -292,12 +359,13 @@ def length_distributions(workloads: dict, title: str = ""):
     return fig
 
 
-def serving_replay(rows: pd.DataFrame, timeseries: pd.DataFrame | None = None, occupancy=(), title: str = ""):
+def serving_replay(rows: pd.DataFrame, timeseries: pd.DataFrame | None = None, occupancy=(), title: str = "", *,
+                   pyplot: bool = True):
     """A replayed serving run: measured vs predicted CDFs of TTFT, TPOT and e2e (``rows``: the
     ``measured_*_s`` / ``predicted_*_s`` columns), and running / waiting requests over time, measured
     (``timeseries``: t, running, waiting per second) against predicted (``occupancy``: (time,
     running, waiting) per simulated step)."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4), constrained_layout=True)
+    fig, axes = _subplots(1, 4, figsize=(18, 4), constrained_layout=True, pyplot=pyplot)
     for ax, (m, label, scale) in zip(axes, [("ttft", "TTFT (s)", 1), ("tpot", "TPOT (ms)", 1e3),
                                             ("e2e", "end-to-end (s)", 1)]):
         for who, style in (("measured", "-"), ("predicted", "--")):

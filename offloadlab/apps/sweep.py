@@ -43,7 +43,7 @@ import math
 import os
 import typing
 import warnings
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,7 +57,7 @@ from ..errors import ConfigError, DoesNotFitError, OffloadLabError
 from ..fileio import atomic_write_json
 from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from ..profile import Profile
-from .signals import worker_init
+from .pool import OwnPool
 from ..sim import EngineConfig, Workload, simulate, simulate_band
 from ..specs import HardwareSpec, ModelSpec
 
@@ -448,53 +448,6 @@ class _Cache:
 
 
 # ---- executors ---------------------------------------------------------------------------------
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool: forked workers from a single-threaded parent (a script: fast, no main guard
-    needed), else workers from a fork server with offloadlab imported (forking a multi-threaded parent,
-    such as a Jupyter kernel or a Dask client, can deadlock; Python 3.14 made forkserver the default).
-    The sweep's progress bar starts no monitor thread (``_progress_bar``), so it does not count here.
-    """
-    import multiprocessing as mp
-    import threading
-
-    methods = mp.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
-        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=worker_init)
-    ctx = None
-    if "forkserver" in methods:
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["offloadlab.apps.sweep"])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
-
-
-class _OwnPool:
-    """A process pool this sweep creates and ends: shut down when done, its workers killed at once on
-    Ctrl-C or SIGTERM (waiting for their tasks could take minutes, and a worker left behind would
-    outlive the command). Its workers are the child processes started after it was made
-    (``multiprocessing.active_children``; Python >= 3.14: ``terminate_workers``)."""
-
-    def __init__(self, workers: int):
-        import multiprocessing as mp
-
-        self.workers = workers
-        self._before = set(mp.active_children())
-        self.pool = _process_pool(workers)
-
-    def kill(self) -> None:
-        import multiprocessing as mp
-
-        stop = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
-        if stop is not None:
-            stop()
-            return
-        for proc in mp.active_children():
-            if proc not in self._before:
-                proc.terminate()
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
@@ -537,7 +490,7 @@ def _execute(executor, todo: list[str], jobs: dict, workload: Workload, chunksiz
     if executor is not None and not isinstance(executor, int):  # the caller's, left running
         # concurrent.futures has no public worker count: chunk for this machine's cores (``chunksize`` overrides)
         return _run_parallel(executor, os.cpu_count() or 1, todo, jobs, workload, chunksize, finish)
-    own = _OwnPool(executor or os.cpu_count() or 1)
+    own = OwnPool(executor or os.cpu_count() or 1, preload=("offloadlab.apps.sweep",))
     try:
         _run_parallel(own.pool, own.workers, todo, jobs, workload, chunksize, finish)
     except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.apps.signals): no task is worth waiting for
@@ -549,7 +502,7 @@ def _execute(executor, todo: list[str], jobs: dict, workload: Workload, chunksiz
 
 def _progress_bar(**kw):
     """tqdm's bar without its monitor thread (tqdm: "set monitor_interval to 0 to disable the thread"):
-    a sweep's bar must not make the process multi-threaded before its pool forks (``_process_pool``)."""
+    a sweep's bar must not make the process multi-threaded before its pool forks (``pool.process_pool``)."""
     from tqdm import tqdm
 
     class NoMonitor(tqdm):

@@ -1,0 +1,80 @@
+"""Process pools a command makes and ends itself: a sweep's workers, the band's corner runs.
+
+``process_pool`` forks workers from a single-threaded parent (fast: they start with everything the
+parent imported, and need no main guard), else starts them from a fork server (forking a
+multi-threaded parent, such as a Jupyter kernel or a Dask client, can deadlock; Python 3.14 made
+forkserver the default). ``OwnPool`` kills its workers at once on Ctrl-C or SIGTERM (waiting for
+their tasks could take minutes, and a worker left behind would outlive the command); ``owned`` is
+the same as a ``with`` block. Workers run ``signals.worker_init``: Ctrl-C is the parent's to handle.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterator
+
+from .signals import worker_init
+
+
+def process_pool(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -> ProcessPoolExecutor:
+    """A process pool of ``workers`` (see the module docstring); ``preload``: what a fork server imports."""
+    import multiprocessing as mp
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=worker_init)
+    ctx = None
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=worker_init)
+
+
+class OwnPool:
+    """A process pool this command creates and ends: shut down when done, its workers killed at once
+    on Ctrl-C or SIGTERM. Its workers are the child processes started after it was made
+    (``multiprocessing.active_children``; Python >= 3.14: ``terminate_workers``)."""
+
+    def __init__(self, workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)):
+        import multiprocessing as mp
+
+        self.workers = workers
+        self._before = set(mp.active_children())
+        self.pool = process_pool(workers, preload)
+
+    def kill(self) -> None:
+        import multiprocessing as mp
+
+        stop = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
+        if stop is not None:
+            stop()
+            return
+        for proc in mp.active_children():
+            if proc not in self._before:
+                proc.terminate()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def owned(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -> Iterator[ProcessPoolExecutor]:
+    """``with owned(2) as pool:`` a process pool for the block; an exception (KeyboardInterrupt, SIGTERM's
+    ``Terminated``, an error) kills its workers before it propagates: no task is worth waiting for."""
+    own = OwnPool(workers, preload)
+    try:
+        yield own.pool
+    except BaseException:
+        own.kill()
+        raise
+    finally:
+        own.close()
+
+
+def call(module: str, name: str, *args, **kw):
+    """``module.name(*args, **kw)``, the module imported where this runs: submitted to a pool, the worker
+    imports it (e.g. matplotlib's plots), not the process that submits the task."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name)(*args, **kw)
