@@ -2,11 +2,14 @@
 available memory (/proc/meminfo), which the simulator and the runtime both check."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -71,22 +74,39 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM wait (the OS holds them) and arrive when it ends: around making a temp
+    file and recording its name, so an interrupt cannot fall between the two and leave it behind. A no-op
+    off the main thread or without ``signal.pthread_sigmask``."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
 
-    A crash halfway leaves the old file (or none), never half a file.
+    A crash or an interrupt halfway leaves the old file (or none), never half a file nor the temp file.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(p)
+    tmp = None
     try:
+        with signals_held():
+            fd, tmp = temp_beside(p)
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return p

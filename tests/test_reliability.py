@@ -284,3 +284,31 @@ def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
         _kill(p)
     assert p.returncode == 143 and err.decode().count("\n") == 1
     assert _files(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal.pthread_sigmask")
+@pytest.mark.parametrize("target", ["atomic_write", "output_set"])
+def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch, target):
+    """SIGTERM arriving just after the temp file exists, before its name is recorded (once seen in CI as a
+    sweep cache's '.KEY.json.XXXX.tmp' left behind) is held until the name is recorded, then cleaned up."""
+    import tempfile as tf
+
+    from offloadlab.apps.outputs import OutputSet
+    from offloadlab.apps.signals import Terminated, handled
+    from offloadlab.fileio import atomic_write_text
+
+    real = tf.mkstemp
+
+    def mkstemp_then_signal(*a, **k):
+        made = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here unless held
+        return made
+
+    monkeypatch.setattr(tf, "mkstemp", mkstemp_then_signal)
+    with handled(), pytest.raises(Terminated):
+        if target == "atomic_write":
+            atomic_write_text(tmp_path / "a.json", "{}")
+        else:
+            with OutputSet() as out:
+                out.write_text(tmp_path / "b.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..fileio import temp_beside
+from ..fileio import signals_held, temp_beside
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -90,8 +90,9 @@ class OutputSet:
         for d in reversed(missing):
             d.mkdir()
             self._made.append(d)
-        fd, tmp = temp_beside(p)
-        self._staged.append((tmp, p))
+        with signals_held():  # an interrupt arrives once the temp file is recorded (and so removed)
+            fd, tmp = temp_beside(p)
+            self._staged.append((tmp, p))
         return fd, tmp, p
 
     def write(self, path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> Path:
