@@ -76,17 +76,26 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Inside, Ctrl-C and SIGTERM wait (the OS holds them) and arrive when it ends: around making a temp
-    file and recording its name, so an interrupt cannot fall between the two and leave it behind. A no-op
-    off the main thread or without ``signal.pthread_sigmask``."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Inside, Ctrl-C and SIGTERM wait and arrive when it ends (to the handlers in place before): around
+    making a temp file and recording its name, so an interrupt cannot fall between the two and leave it
+    behind. At the Python level (a signal mask is per thread, and another thread, a pool's or tqdm's,
+    could take the signal): Python runs handlers in the main thread, so a no-op off it."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    got: list[int] = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        if before is not None:  # None: installed outside Python, cannot be put back
+            old[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for sig in got:
+            signal.raise_signal(sig)  # now, to the handler that was in place
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> Path:

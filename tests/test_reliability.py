@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -305,10 +306,17 @@ def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monk
         return made
 
     monkeypatch.setattr(tf, "mkstemp", mkstemp_then_signal)
-    with handled(), pytest.raises(Terminated):
-        if target == "atomic_write":
-            atomic_write_text(tmp_path / "a.json", "{}")
-        else:
-            with OutputSet() as out:
-                out.write_text(tmp_path / "b.txt", "x")
+    # another thread alive (a pool's, tqdm's), as in a command: the OS may hand the signal to it
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        with handled(), pytest.raises(Terminated):
+            if target == "atomic_write":
+                atomic_write_text(tmp_path / "a.json", "{}")
+            else:
+                with OutputSet() as out:
+                    out.write_text(tmp_path / "b.txt", "x")
+    finally:
+        stop.set()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
