@@ -161,6 +161,17 @@ def test_run_with_a_vllm_version_takes_its_engine_and_defaults(tmp_path):
     assert main(["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--max-model-len", "8192",
                  "--vllm-version", "0.19.0", "--max-num-batched-tokens", "4096", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["max_num_batched_tokens"] == 4096
+    # the offline LLM(...) class's defaults (vllm/engine/arg_utils.py get_batch_defaults): 8192 on a 24 GiB GPU
+    assert main(["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--max-model-len", "8192",
+                 "--vllm-version", "0.19.0", "--entry-point", "llm", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["max_num_batched_tokens"] == 8192
+
+
+def test_an_entry_point_without_a_vllm_version_is_named(tmp_path, capsys):
+    wl = tmp_path / "w.csv"
+    wl.write_text("prompt_len,output_len,arrival\n300,20,0\n")
+    err = _error(capsys, ["run", "--gpu", "rtx4090", "--policy", "none", "--workload", str(wl), "--entry-point", "llm"])
+    assert "--entry-point" in err and "--vllm-version" in err
 
 
 # ---- runs recorded on other engines, GPUs and models (what a held-out run may carry) ----

@@ -108,6 +108,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _vllm_version_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vllm-version", help="serve as that vLLM version does: V0 (< 0.8) or V1 (chunked prefill, prefix "
                                           "caching, its defaults for unset engine flags on this GPU)")
+    p.add_argument("--entry-point", choices=["serve", "llm"],
+                   help="with --vllm-version: whose batch defaults apply, `vllm serve`'s (the default) or the "
+                        "offline LLM(...) class's (vllm/engine/arg_utils.py: larger token budgets)")
 
 
 def _parallel_args(p: argparse.ArgumentParser) -> None:
@@ -221,8 +224,12 @@ def _engine(a):
         from ..catalog import get_gpu
         from ..sim.vllm_engine import vllm_engine
 
-        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode, **a.engine_given)
+        eng, a.cost_kw = vllm_engine(a.vllm_version, get_gpu(a.gpu), _model(a), mode=a.mode,
+                                     entry_point=getattr(a, "entry_point", None) or "serve", **a.engine_given)
         return eng
+    if getattr(a, "entry_point", None):
+        raise ConfigError("--entry-point", a.entry_point, "--vllm-version too (entry points differ in that "
+                          "version's defaults)")
     return EngineConfig(gpu_memory_utilization=a.gpu_memory_utilization, max_num_seqs=a.max_num_seqs,
                         max_num_batched_tokens=a.max_num_batched_tokens, max_model_len=a.max_model_len,
                         chunked_prefill=a.chunked_prefill, mode=a.mode, tensor_parallel=a.tensor_parallel,
