@@ -211,32 +211,44 @@ def test_a_closed_stdout_pipe_loses_no_output_file(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["requests"] == 20
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux", reason="reads /proc and ps")
-@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
-    p = _start(["optimize", "--jobs", "2", "--requests", "200", "--quiet", "--csv", "o.csv", "--cache-dir", "cache"],
-               tmp_path)
+def _signal_when_workers_run(p, sig, n: int, settle: float) -> tuple[str, list[int]]:
+    """Wait for ``n`` worker processes of ``p``, let it run ``settle`` s more, send ``sig`` as a terminal's
+    Ctrl-C (the process group) or `kill PID` (the parent only) would: (stderr, the workers' pids)."""
     try:
         deadline = time.monotonic() + 60
-        while len(_children(p.pid)) < 2 and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.1)
+        while len(_children(p.pid)) < n and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
         workers = _children(p.pid)
-        assert len(workers) >= 2 and p.poll() is None, "the pool did not start"
-        time.sleep(0.5)
+        assert len(workers) >= n and p.poll() is None, "the workers did not start"
+        time.sleep(settle)
+        assert p.poll() is None
         if sig == signal.SIGINT:
-            os.killpg(p.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
+            os.killpg(p.pid, sig)
         else:
-            p.send_signal(sig)  # `kill PID`: the parent only
+            p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
         _kill(p)
-    err = err.decode()
+    return err.decode(), workers
+
+
+def _assert_ended_cleanly(p, err: str, code: int, word: str, workers: list[int]) -> None:
+    """One line, the signal's exit status, and no worker left running."""
     assert p.returncode == code, err
     assert err.count("\n") == 1 and word in err and "Traceback" not in err
     deadline = time.monotonic() + 10
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "orphaned workers"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux", reason="reads /proc and ps")
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
+    p = _start(["optimize", "--jobs", "2", "--requests", "200", "--quiet", "--csv", "o.csv", "--cache-dir", "cache"],
+               tmp_path)
+    err, workers = _signal_when_workers_run(p, sig, 2, 0.5)
+    _assert_ended_cleanly(p, err, code, word, workers)
     left = _files(tmp_path)
     assert "o.csv" not in left and not [f for f in left if f.endswith(".tmp")]
 
@@ -249,28 +261,8 @@ def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
 def test_a_signal_ends_run_and_paper_and_their_workers(tmp_path, sig, code, word, args, n):
     """run: the band's two corner workers; paper: the worker that draws its PNG."""
     p = _start(args, tmp_path)
-    try:
-        deadline = time.monotonic() + 60
-        while len(_children(p.pid)) < n and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.05)
-        workers = _children(p.pid)
-        assert len(workers) >= n and p.poll() is None, "the workers did not start"
-        time.sleep(1.0)  # into the simulation
-        assert p.poll() is None
-        if sig == signal.SIGINT:
-            os.killpg(p.pid, sig)  # Ctrl-C in a terminal reaches the whole process group
-        else:
-            p.send_signal(sig)  # `kill PID`: the parent only
-        _, err = p.communicate(timeout=60)
-    finally:
-        _kill(p)
-    err = err.decode()
-    assert p.returncode == code, err
-    assert err.count("\n") == 1 and word in err and "Traceback" not in err
-    deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(w) for w in workers), "orphaned workers"
+    err, workers = _signal_when_workers_run(p, sig, n, 1.0)  # 1 s: into the simulation
+    _assert_ended_cleanly(p, err, code, word, workers)
     assert _files(tmp_path) == []
 
 
@@ -287,7 +279,6 @@ def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
     assert _files(tmp_path) == []
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal.pthread_sigmask")
 @pytest.mark.parametrize("target", ["atomic_write", "output_set"])
 def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monkeypatch, target):
     """SIGTERM arriving just after the temp file exists, before its name is recorded (once seen in CI as a
