@@ -640,9 +640,9 @@ def from_vllm_result(path: str | Path) -> Workload:
     if not p.is_file():
         raise ConfigError("path", src, "an existing vLLM benchmark result JSON file")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError("file", src, f"valid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+        data = json.loads(read_text(p, "vLLM benchmark result JSON file"))
+    except json.JSONDecodeError as e:
+        raise ConfigError("file", src, f"valid JSON ({e.msg})") from None
     if not isinstance(data, dict):
         raise ConfigError("file", src, "a JSON object (vllm bench serve --save-result)")
     inputs = _int_list(data, "input_lens", src, 1)
@@ -681,7 +681,7 @@ def from_serving_run(path: str | Path) -> Workload:
         if not (d / name).is_file():
             raise ConfigError("path", src, f"a serving-run directory with {name}")
     rows = []
-    for i, line in enumerate((d / "requests.jsonl").read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(read_text(d / "requests.jsonl", "JSON-lines file").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{d / 'requests.jsonl'}, line {i}"

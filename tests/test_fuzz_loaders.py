@@ -1,7 +1,7 @@
 """Fuzzing every file loader: whatever the bytes, only the project's typed errors come out.
 
 Loaders: catalog files (YAML/JSON), probe files (ProbeFile.load and Profile.from_probe, and validate's
-prediction when they load), Profile files, workload CSV and JSONL. Inputs are raw bytes, and near-valid
+prediction when they load), Profile files, workload CSV and JSONL, vLLM benchmark results, serving runs. Inputs are raw bytes, and near-valid
 documents with one field replaced by an arbitrary JSON value (where the interesting bugs live).
 """
 from __future__ import annotations
@@ -22,12 +22,14 @@ from hypothesis import strategies as st
 from offloadlab import catalog
 from offloadlab.errors import OffloadLabError
 from offloadlab.profile import Profile
-from offloadlab.sim.workload import from_file
+from offloadlab.sim.workload import from_file, from_serving_run, from_vllm_result
 from offloadlab.specs import HardwareSpec, ModelSpec
 from offloadlab.validation import ProbeFile, error_summary, predict_probe
+from offloadlab.validation.serving_run import load_serving_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = json.loads((ROOT / "validation" / "traces" / "h100_llama8b_probe.json").read_text())
+SERVING_RUN = ROOT / "validation" / "traces" / "serving" / "rtx4090_llama-3.1-8b"
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
@@ -73,6 +75,19 @@ def test_any_bytes_give_typed_errors_only(data, suffix):
     _only_typed_errors(Profile.load, p)
     _only_typed_errors(ProbeFile.load, p)
     _only_typed_errors(from_file, p)
+    _only_typed_errors(from_vllm_result, p)
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), which=st.sampled_from(["meta.json", "requests.jsonl", "timeseries.csv"]))
+def test_serving_run_files_of_any_bytes_give_typed_errors_only(data, which):
+    """A serving-run directory (the stored run's files) with one of them replaced by arbitrary bytes."""
+    d = Path(_DIR.name) / "run"
+    d.mkdir(exist_ok=True)
+    for name in ("meta.json", "requests.jsonl", "timeseries.csv"):
+        (d / name).write_bytes(data if name == which else (SERVING_RUN / name).read_bytes())
+    _only_typed_errors(load_serving_run, d)
+    _only_typed_errors(from_serving_run, d)
 
 
 # ---------------------------------------------------------------- catalogs
