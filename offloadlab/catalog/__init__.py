@@ -160,6 +160,7 @@ def get_gpu(name: str | HardwareSpec) -> HardwareSpec:
 # Tokens of a catalog GPU name that say its form factor or memory, not which GPU it is: a device name
 # may leave them out ("NVIDIA H100 80GB HBM3" is the SXM5 part), so they only break ties.
 _FORM = re.compile(r"^(SXM\d*|PCIE|NVL|HBM\d*E?|\d+GB)$")
+_FACTOR = re.compile(r"^(SXM\d*|PCIE|NVL)$")  # of those, the form factors: another one is another product
 
 
 def _tokens(name: str) -> list[str]:
@@ -172,15 +173,15 @@ def gpu_for_device(device_name: str) -> HardwareSpec:
     "NVIDIA H100 80GB HBM3" -> H100-SXM5-80GB; "NVIDIA H100 PCIe" -> H100-PCIe-80GB;
     "NVIDIA A100-SXM4-40GB" -> A100-SXM4-40GB. Every token of the catalog name that names the GPU
     (H100; RTX and 4090; RTX, PRO, 6000 and Blackwell) must be a whole token of the device name, so
-    "NVIDIA RTX A6000" is not an RTX 4090; memory size and form factor (PCIe, NVL, SXM) break ties,
-    and a form factor the device names but the row lacks counts against the row.
+    "NVIDIA RTX A6000" is not an RTX 4090; memory size and form factor break ties, and a row without
+    the form factor the device names (PCIe, NVL, SXM) is another product.
     """
     table = {**_datasheet_gpus(), **_user_gpus}
     exact = _DEVICE_NAMES.get(device_name.strip())
     if exact in table:
         return table[exact]
     dev = set(_tokens(device_name))
-    dev_forms = {t for t in dev if _FORM.match(t) and not t.endswith("GB") and not t.startswith("HBM")}
+    dev_forms = {t for t in dev if _FACTOR.match(t)}
     best, best_score = None, None
     for name, spec in table.items():
         toks = _tokens(name)
