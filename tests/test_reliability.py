@@ -29,13 +29,13 @@ def _files(root: Path) -> list[str]:
 
 # ---------------------------------------------------------------- all or nothing
 def test_a_failure_while_writing_leaves_no_output_and_no_directory(tmp_path, monkeypatch, capsys):
-    import offloadlab.apps.cli as cli
     import offloadlab.apps.plots as plots
+    import offloadlab.apps.pool as pool
 
     def full_disk(fig, f, dpi=110):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "_cores", lambda: 1)  # the plot is drawn in this process (no painter worker)
+    monkeypatch.setattr(pool, "usable_cores", lambda: 1)  # the plot is drawn in this process (no painter worker)
     monkeypatch.setattr(plots, "save_png", full_disk)
     out = tmp_path / "new" / "paper"
     assert main(["paper", "--requests", "4", "--quiet", "--out", str(out)]) == 1
@@ -46,9 +46,9 @@ def test_a_failure_while_writing_leaves_no_output_and_no_directory(tmp_path, mon
 
 def test_a_failure_in_the_painter_process_leaves_no_output(tmp_path, monkeypatch, capsys):
     """The plot drawn by the painter worker (two cores): its error comes back, one line, nothing written."""
-    import offloadlab.apps.cli as cli
+    import offloadlab.apps.pool as pool
 
-    monkeypatch.setattr(cli, "_cores", lambda: 2)
+    monkeypatch.setattr(pool, "usable_cores", lambda: 2)
     gone = tmp_path / "gone" / "paper.png.tmp"  # where the worker is told to write: a directory that is not there
     monkeypatch.setattr(OutputSet, "stage", lambda self, path: str(gone))
     out = tmp_path / "new" / "paper"

@@ -268,22 +268,17 @@ def _with_band(row: dict, band: dict) -> dict:
     return {**row, **{f"{k}_lo": v[0] for k, v in band.items()}, **{f"{k}_hi": v[1] for k, v in band.items()}}
 
 
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @contextlib.contextmanager
 def _painter(a):
     """For a command that draws a PNG (``set_defaults(painter=True)``): a worker process that draws it
     (``plots.write_png``), started before anything else with a first task (``plots.warm_up``: it imports
     matplotlib and loads the fonts while this process imports the simulator and simulates); None
     otherwise, or on one core (the plot is drawn here)."""
-    if not getattr(a, "painter", False) or _cores() < 2:
+    from .pool import call, owned, usable_cores
+
+    if not getattr(a, "painter", False) or usable_cores() < 2:
         yield None
         return
-    from .pool import call, owned
 
     with owned(1, preload=("offloadlab.apps.plots",)) as pool:
         pool.submit(call, "offloadlab.apps.plots", "warm_up")
@@ -326,9 +321,10 @@ def cmd_paper(a) -> None:
 def _band_pool(a):
     """Two worker processes for the band's corner runs, each beside the run itself (``sim.start_band``), when
     the command gives a band and this process may use more than one core; else None: the corners run here."""
-    if getattr(a, "no_band", False) or _cores() < 2:
+    from .pool import owned, usable_cores
+
+    if getattr(a, "no_band", False) or usable_cores() < 2:
         return contextlib.nullcontext(None)
-    from .pool import owned
 
     return owned(2)
 

@@ -16,6 +16,13 @@ from typing import Iterator
 from .signals import worker_init
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS says, else the machine's count)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def process_pool(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -> ProcessPoolExecutor:
     """A process pool of ``workers`` (see the module docstring); ``preload``: what a fork server imports."""
     import multiprocessing as mp

@@ -57,7 +57,7 @@ from ..errors import ConfigError, DoesNotFitError, OffloadLabError
 from ..fileio import atomic_write_json
 from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from ..profile import Profile
-from .pool import OwnPool
+from .pool import OwnPool, usable_cores
 from ..sim import EngineConfig, Workload, simulate, simulate_band
 from ..specs import HardwareSpec, ModelSpec
 
@@ -489,8 +489,8 @@ def _execute(executor, todo: list[str], jobs: dict, workload: Workload, chunksiz
         return _run_serial(todo, jobs, workload, chunksize, finish)
     if executor is not None and not isinstance(executor, int):  # the caller's, left running
         # concurrent.futures has no public worker count: chunk for this machine's cores (``chunksize`` overrides)
-        return _run_parallel(executor, os.cpu_count() or 1, todo, jobs, workload, chunksize, finish)
-    own = OwnPool(executor or os.cpu_count() or 1, preload=("offloadlab.apps.sweep",))
+        return _run_parallel(executor, usable_cores(), todo, jobs, workload, chunksize, finish)
+    own = OwnPool(executor or usable_cores(), preload=("offloadlab.apps.sweep",))
     try:
         _run_parallel(own.pool, own.workers, todo, jobs, workload, chunksize, finish)
     except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.apps.signals): no task is worth waiting for
@@ -535,7 +535,7 @@ def sweep(configs: Iterable[SimConfig] | SimConfig, workload: Workload, executor
           ) -> pd.DataFrame:
     """Simulate every config on ``workload``; one row per config, in input order.
 
-    ``executor``: None (a process pool with os.cpu_count() workers, created and shut down here),
+    ``executor``: None (a process pool with one worker per usable core, created and shut down here),
     ``"serial"`` (inline), an int (a process pool of that many workers) or any
     concurrent.futures.Executor (left running; e.g. ``distributed.Client(...).get_executor()``).
     ``cache_dir``: one JSON file per finished config, read back on the next call.
