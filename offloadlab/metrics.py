@@ -1,47 +1,69 @@
 """Request metrics shared by the simulator and the runtime: latency columns and the run summary.
 
-A request frame has one row per request with ``prompt_len``, ``output_len``, ``arrival``,
-``first_token``, ``finish`` (seconds), ``preemptions`` and optionally ``sent``; ``with_latencies`` adds TTFT, TPOT and
-end-to-end latency, ``summarize`` turns it into throughput and percentile figures.
+A request frame has one row per request with ``id``, ``prompt_len``, ``output_len``, ``arrival``,
+``first_token``, ``finish`` (seconds), ``preemptions`` and optionally ``sent``; ``latency_columns`` adds TTFT,
+TPOT and end-to-end latency to such columns (numpy arrays), ``with_latencies`` to a DataFrame, and
+``summarize`` turns either into throughput and percentile figures. Only ``with_latencies`` needs pandas
+(imported there: a command that prints a summary does not pay pandas' import).
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PERCENTILES = (50, 90, 99)
 
 
-def with_latencies(f: pd.DataFrame) -> pd.DataFrame:
-    """Add ``ttft``, ``tpot`` (NaN for one-token outputs) and ``e2e`` columns; rows sorted by id."""
-    f = f.copy()
+def latency_columns(cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``cols`` (a request frame's columns, equal-length arrays) plus ``ttft``, ``tpot`` (NaN for one-token
+    outputs) and ``e2e``, every column in id order."""
+    out = {k: np.asarray(v) for k, v in cols.items()}
     # measured from when the request was sent (an optional ``sent`` column: a client holding requests back
     # under --max-concurrency), as vllm/benchmarks/serve.py measures ttft and latency; else from arrival
-    start = f["sent"] if "sent" in f else f["arrival"]
-    f["ttft"] = f["first_token"] - start
-    f["tpot"] = (f["finish"] - f["first_token"]) / (f["output_len"] - 1).where(f["output_len"] > 1)
-    f["e2e"] = f["finish"] - start
-    return f.sort_values("id", ignore_index=True)
+    start = out["sent"] if "sent" in out else out["arrival"]
+    first, finish, n = out["first_token"], out["finish"], out["output_len"]
+    out["ttft"] = first - start
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["tpot"] = np.where(n > 1, (finish - first) / np.where(n > 1, n - 1, 1), np.nan)
+    out["e2e"] = finish - start
+    order = np.argsort(out["id"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
 
 
-def summarize(requests: pd.DataFrame) -> dict[str, float]:
-    """Throughput and latency statistics (seconds; tokens/s; requests/s)."""
-    makespan = float(requests["finish"].max() - requests["arrival"].min())
+def with_latencies(f: pd.DataFrame) -> pd.DataFrame:
+    """``latency_columns`` of a DataFrame: ``ttft``, ``tpot`` and ``e2e`` added, rows sorted by id."""
+    import pandas as pd
+
+    cols = latency_columns({c: f[c].to_numpy() for c in f.columns})
+    return pd.DataFrame(cols)
+
+
+def summarize(requests) -> dict[str, float]:
+    """Throughput and latency statistics (seconds; tokens/s; requests/s) of a request frame with latencies:
+    a DataFrame or ``latency_columns``' dict."""
+    col = lambda c: np.asarray(requests[c])  # noqa: E731
+    n = len(col("id"))
+    # NaN-skipping, as pandas' reductions are (an empty frame: NaN)
+    makespan = float(np.nanmax(col("finish")) - np.nanmin(col("arrival"))) if n else math.nan
     out = {
-        "requests": len(requests),
+        "requests": n,
         "makespan_s": makespan,
-        "throughput_rps": len(requests) / makespan,
-        "output_tok_s": float(requests["output_len"].sum()) / makespan,
-        "total_tok_s": float((requests["prompt_len"] + requests["output_len"]).sum()) / makespan,
-        "preemptions": int(requests["preemptions"].sum()),
+        "throughput_rps": n / makespan if n else math.nan,
+        "output_tok_s": float(np.nansum(col("output_len"))) / makespan,
+        "total_tok_s": float(np.nansum(col("prompt_len") + col("output_len"))) / makespan,
+        "preemptions": int(np.nansum(col("preemptions"))),
     }
-    for col in ("ttft", "tpot", "e2e"):
-        v = requests[col].dropna().to_numpy()
-        out[f"{col}_mean_s"] = float(v.mean()) if v.size else float("nan")
+    for c in ("ttft", "tpot", "e2e"):
+        v = col(c).astype(np.float64)
+        v = v[~np.isnan(v)]
+        out[f"{c}_mean_s"] = float(v.mean()) if v.size else float("nan")
         for p in PERCENTILES:
-            out[f"{col}_p{p}_s"] = float(np.percentile(v, p)) if v.size else float("nan")
+            out[f"{c}_p{p}_s"] = float(np.percentile(v, p)) if v.size else float("nan")
     return out
 
 

@@ -1,22 +1,35 @@
 """The simulated requests as a request frame (see offloadlab.metrics for the columns)."""
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
-from ..metrics import summarize, with_latencies
+import numpy as np
 
-__all__ = ["request_frame", "summarize"]
+from ..metrics import latency_columns, summarize
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["request_columns", "request_frame", "summarize"]
+
+
+def request_columns(seqs) -> dict[str, np.ndarray]:
+    """One entry per request, as numpy columns in id order: lengths, arrival, first token, finish, TTFT,
+    TPOT, end-to-end latency (s); ``request_frame`` is the same as a DataFrame."""
+    return latency_columns({
+        "id": np.array([s.req.id for s in seqs], dtype=np.int64),
+        "prompt_len": np.array([s.req.prompt_len for s in seqs], dtype=np.int64),
+        "output_len": np.array([s.generated for s in seqs], dtype=np.int64),
+        "arrival": np.array([s.req.arrival for s in seqs], dtype=np.float64),
+        "sent": np.array([s.sent for s in seqs], dtype=np.float64),  # later than arrival only under a client limit
+        "first_token": np.array([s.first for s in seqs], dtype=np.float64),
+        "finish": np.array([s.finish for s in seqs], dtype=np.float64),
+        "preemptions": np.array([s.preempted for s in seqs], dtype=np.int64),
+    })
 
 
 def request_frame(seqs) -> pd.DataFrame:
-    """One row per request: lengths, arrival, first token, finish, TTFT, TPOT, end-to-end latency (s)."""
-    return with_latencies(pd.DataFrame({
-        "id": [s.req.id for s in seqs],
-        "prompt_len": [s.req.prompt_len for s in seqs],
-        "output_len": [s.generated for s in seqs],
-        "arrival": [s.req.arrival for s in seqs],
-        "sent": [s.sent for s in seqs],  # later than arrival only under a client concurrency limit
-        "first_token": [s.first for s in seqs],
-        "finish": [s.finish for s in seqs],
-        "preemptions": [s.preempted for s in seqs],
-    }))
+    """``request_columns`` as a DataFrame, one row per request."""
+    import pandas as pd
+
+    return pd.DataFrame(request_columns(seqs))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from ..trace import Span, Trace, idle_lanes
 from .costs import Corner, StepShape, cost_model
 from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
 from ..metrics import StreamSummary
-from .metrics import request_frame, summarize
+from .metrics import request_columns, summarize
 from .parallel import Layout
 from .serving import WATERMARK, EngineConfig, PipelinedServing, ServingLoop
 from .serving_v1 import V1PipelinedServing, V1ServingLoop
@@ -176,13 +177,25 @@ class RunResult:
     """A simulated serving run: per-request rows, the summary, memory and the step trace."""
 
     summary: dict
-    requests: pd.DataFrame | None  # None: simulate(requests="summary") kept no per-request rows
+    # the request frame's columns (sim/metrics.py request_columns); None: simulate(requests="summary") kept no
+    # per-request rows. ``requests`` is the same as a DataFrame, made when first asked for (pandas' import
+    # is most of a short command's start-up, and printing a summary needs no frame)
+    columns: dict | None
     memory: MemoryPlan
     config: dict = field(default_factory=dict)
     # (start, end, kind, batch size) per step; a fifth field, the virtual engine, under pipeline parallelism
     steps: list = field(default_factory=list, repr=False)
     # (time, running, waiting) requests when each step was scheduled (the V1 engine records it)
     occupancy: list = field(default_factory=list, repr=False)
+
+    @functools.cached_property
+    def requests(self) -> pd.DataFrame | None:
+        """One row per request (``columns`` as a DataFrame); None when the run kept no per-request rows."""
+        if self.columns is None:
+            return None
+        import pandas as pd
+
+        return pd.DataFrame(self.columns)
 
     @property
     def trace(self) -> Trace:
@@ -279,7 +292,7 @@ def simulate(model: str | ModelSpec, gpu: str | HardwareSpec, policy: Policy | N
         reqs, summary = None, acc.summary()
     else:
         loop.run(list(workload.requests), workload.max_concurrency)
-        reqs = request_frame(loop.seqs)
+        reqs = request_columns(loop.seqs)
         summary = summarize(reqs)
     makespan = summary["makespan_s"]
     summary.update({f"util_{lane}": b / makespan for lane, b in loop.busy.items()})

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, host_memory_available, read_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Request",
@@ -214,6 +216,8 @@ class Workload:
 
     def to_frame(self) -> pd.DataFrame:
         """One row per request, in arrival order: ``id, prompt_len, output_len, arrival``."""
+        import pandas as pd
+
         return pd.DataFrame(
             {
                 "id": np.array([r.id for r in self.requests], dtype=np.int64),

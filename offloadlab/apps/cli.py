@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -237,27 +238,41 @@ def _engine(a):
                         kv_cache_dtype=a.kv_cache_dtype)
 
 
-def _fmt_results(df: pd.DataFrame) -> str:
-    cols = {"mode": "mode", "policy": "policy", "offloaded_layers": "offl.layers",
-            "throughput_rps": "req/s", "output_tok_s": "out tok/s", "ttft_mean_s": "TTFT mean s",
-            "ttft_p99_s": "TTFT p99 s", "tpot_mean_s": "TPOT mean ms", "tpot_p99_s": "TPOT p99 ms",
-            "mem_kv_tokens": "KV tokens", "preemptions": "preempt", "util_compute": "compute util",
-            "util_link": "link util", "bound": "bound"}
-    t = df[[c for c in cols if c in df]].rename(columns=cols).copy()
-    for c in ("TPOT mean ms", "TPOT p99 ms"):
-        if c in t:
-            t[c] = t[c] * 1e3
-    for metric, label, scale in (("throughput_rps", "req/s band", 1), ("tpot_mean_s", "TPOT ms band", 1e3)):
-        if f"{metric}_lo" in df:  # value and band side by side: the band after the value's column
-            t.insert(t.columns.get_loc(cols[metric]) + 1, label,
-                     [_band_text(lo * scale, hi * scale) for lo, hi in zip(df[f"{metric}_lo"], df[f"{metric}_hi"])])
-    return t.to_string(index=False, float_format=lambda v: f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}")
+RESULT_COLUMNS = {"mode": "mode", "policy": "policy", "offloaded_layers": "offl.layers",
+                  "throughput_rps": "req/s", "output_tok_s": "out tok/s", "ttft_mean_s": "TTFT mean s",
+                  "ttft_p99_s": "TTFT p99 s", "tpot_mean_s": "TPOT mean ms", "tpot_p99_s": "TPOT p99 ms",
+                  "mem_kv_tokens": "KV tokens", "preemptions": "preempt", "util_compute": "compute util",
+                  "util_link": "link util", "bound": "bound"}
+BANDS = (("throughput_rps", "req/s band", 1), ("tpot_mean_s", "TPOT ms band", 1e3))  # printed beside the value
+
+
+def _fmt_results(rows) -> str:
+    """Result rows (``simulate(...).row()``s, or a DataFrame of them) as the commands print them: TPOT in ms,
+    a band column after its value's when the rows have ``{metric}_lo`` / ``_hi``."""
+    from .tables import format_table
+
+    if hasattr(rows, "to_dict"):
+        rows = rows.to_dict("records")
+    cols, out = {}, []
+    for c, label in RESULT_COLUMNS.items():
+        cols[c] = label
+        for metric, band, _ in BANDS:
+            if c == metric and any(f"{metric}_lo" in r for r in rows):
+                cols[band] = band
+    for r in rows:
+        t = {c: r[c] for c in RESULT_COLUMNS if c in r}
+        for c in ("tpot_mean_s", "tpot_p99_s"):
+            if c in t:
+                t[c] = t[c] * 1e3
+        for metric, band, scale in BANDS:
+            if f"{metric}_lo" in r:
+                t[band] = _band_text(r[f"{metric}_lo"] * scale, r[f"{metric}_hi"] * scale)
+        out.append(t)
+    return format_table(out, cols, float_format=lambda v: f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}")
 
 
 def _band_text(lo: float, hi: float) -> str:
-    import pandas as pd
-
-    if pd.isna(lo) or pd.isna(hi):
+    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
         return "-"
     f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
     return f"{f(lo)}-{f(hi)}"
@@ -286,36 +301,42 @@ def _painter(a):
 
 
 def cmd_paper(a) -> None:
-    from .paper import PAPER_ENGINE, memory_table, run_paper, speedups
+    from .paper import PAPER_ENGINE, memory_rows, paper_rows, speedup_rows
+    from .tables import as_lists, csv_text, format_table
 
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
     model = _model(a)
     _say_profile(a, model)
-    res = run_paper(model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
-    mem = memory_table(model, a.gpu)
-    sp = speedups(res)
+    res = paper_rows(model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
+    mem = memory_rows(model, a.gpu)
+    # the figure's data go to the painter first: it draws while this process prints and writes the tables
+    plot = ("paper_figure", as_lists(res), as_lists(mem),  # plain columns: the painter needs no pandas
+            f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
+    png = a.outputs.stage(out / "paper.png")  # a temp file beside it, renamed with the others at the end
+    drawn = None if a.painter is None else a.painter.submit(_call_plot, png, plot)
+    two = lambda v: f"{v:.2f}"  # noqa: E731
     print(f"The paper's scenario: {a.model} on {a.gpu}, gpu_memory_utilization "
           f"{PAPER_ENGINE.gpu_memory_utilization}, {a.requests} multi_news-like requests (mean prompt ~2113, "
           f"512 output tokens), all arriving at t=0; costs: {'profile ' + ' + '.join(a.profile) if a.profile else 'roofline'}\n")
     print(_fmt_results(res))
     print("\nInterval offload vs vLLM's copy-path offload of the same bytes:")
-    print(sp.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(format_table(speedup_rows(res), float_format=two))
     print("\nGPU memory (GiB) per policy (paper Fig. 5):")
-    print(mem.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    a.outputs.write_text(out / "paper_results.csv", res.to_csv(index=False))
-    a.outputs.write_text(out / "paper_memory.csv", mem.to_csv(index=False))
-    plot = ("paper_figure", res.to_dict("list"), mem.to_dict("list"),  # plain columns: the painter needs no pandas
-            f"{a.model} on {a.gpu}: no offload vs vLLM copy offload vs interval k=2")
-    png = a.outputs.stage(out / "paper.png")  # a temp file beside it, renamed with the others at the end
-    if a.painter is None:
-        from .plots import write_png
-
-        write_png(png, *plot)
+    print(format_table(mem, float_format=two))
+    a.outputs.write_text(out / "paper_results.csv", csv_text(res))
+    a.outputs.write_text(out / "paper_memory.csv", csv_text(mem))
+    if drawn is None:
+        _call_plot(png, plot)
     else:
-        from .pool import call
-
-        a.painter.submit(call, "offloadlab.apps.plots", "write_png", png, *plot).result()
+        drawn.result()
     print(f"\nwrote {out / 'paper_results.csv'}, {out / 'paper_memory.csv'}, {out / 'paper.png'}")
+
+
+def _call_plot(png, plot: tuple) -> None:
+    """``plots.write_png(png, *plot)``, imported where this runs (the painter process, or here)."""
+    from .pool import call
+
+    call("offloadlab.apps.plots", "write_png", png, *plot)
 
 
 def _band_pool(a):
@@ -330,8 +351,6 @@ def _band_pool(a):
 
 
 def cmd_run(a) -> None:
-    import pandas as pd
-
     from ..sim import simulate, start_band
     from ..vllm_flags import format_vllm
 
@@ -352,7 +371,7 @@ def cmd_run(a) -> None:
               + "; memory below is one GPU's (the stage with the fewest KV tokens), host memory the fullest node's")
     print(f"policy: {policy.label}; deploy with: {format_vllm(policy, eng)}")
     _warn_slot_race(policy, model, eng)
-    print(_fmt_results(pd.DataFrame([r.row()])))
+    print(_fmt_results([r.row()]))
     if band:
         b = band
         print(f"band (every cost at the low / high end of its evidence-derived band): req/s "
@@ -365,7 +384,9 @@ def cmd_run(a) -> None:
     if a.json:
         a.outputs.write_text(a.json, json.dumps(_with_band(r.row(), band), indent=1, default=float))
     if a.requests_csv:
-        a.outputs.write_text(a.requests_csv, r.requests.to_csv(index=False))
+        from .tables import csv_text
+
+        a.outputs.write_text(a.requests_csv, csv_text([dict(zip(r.columns, v)) for v in zip(*r.columns.values())]))
     if a.trace:
         r.trace.save_chrome(a.outputs.stage(a.trace))
 

@@ -8,13 +8,16 @@ are the defaults of EngineConfig and of the workload generator (lognormal prompt
 """
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..catalog import get_gpu, get_model
 from ..policy import NoOffload, VllmCopy, budget_for, interval
 from ..sim import EngineConfig, longbench_multi_news, serving_memory, simulate
 from ..sim.workload import check_fits_in_memory
 from ..specs import GiB
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PAPER_MODEL = "llama-3.1-8b"
 PAPER_GPU = "A100-SXM4-40GB"
@@ -29,9 +32,9 @@ def paper_policies(model=PAPER_MODEL, k: int = 2, slots: int = 2):
     return [NoOffload(), VllmCopy(budget_for(ours.place(m).offloaded_bytes)), ours]
 
 
-def run_paper(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int = 0, profile=None,
-              engine: EngineConfig = PAPER_ENGINE, progress: bool = False) -> pd.DataFrame:
-    """One row per (mode, policy): inputs, throughput, latency percentiles, memory."""
+def paper_rows(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int = 0, profile=None,
+               engine: EngineConfig = PAPER_ENGINE, progress: bool = False) -> list[dict]:
+    """One row per (mode, policy): inputs, throughput, latency percentiles, memory (``run_paper``'s rows)."""
     from tqdm import tqdm
 
     if isinstance(requests, int) and not isinstance(requests, bool):  # other values: longbench_multi_news says
@@ -42,25 +45,51 @@ def run_paper(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int =
     for mode, pol in tqdm(jobs, disable=not progress, desc="paper scenario"):
         eng = EngineConfig(**{**engine.__dict__, "mode": mode})
         rows.append(simulate(model, gpu, pol, wl, eng, profile=profile, trace_steps=False).row())
-    return pd.DataFrame(rows)
+    return rows
 
 
-def speedups(results: pd.DataFrame) -> pd.DataFrame:
-    """Per mode: interval vs vLLM copy path (throughput ratio, TTFT and TPOT ratios)."""
+def run_paper(model=PAPER_MODEL, gpu=PAPER_GPU, requests: int = 200, seed: int = 0, profile=None,
+              engine: EngineConfig = PAPER_ENGINE, progress: bool = False) -> pd.DataFrame:
+    """One row per (mode, policy): inputs, throughput, latency percentiles, memory."""
+    import pandas as pd
+
+    return pd.DataFrame(paper_rows(model, gpu, requests, seed, profile, engine, progress))
+
+
+def speedup_rows(results) -> list[dict]:
+    """Per mode: interval vs vLLM copy path (throughput ratio, TTFT and TPOT ratios); ``results``:
+    ``paper_rows``' rows, or ``run_paper``'s DataFrame."""
+    if hasattr(results, "to_dict"):
+        results = results.to_dict("records")
     out = []
-    for mode, g in results.groupby("mode", sort=False):
-        ours = g[g.policy_kind == "prefetch"].iloc[0]
-        base = g[g.policy_kind == "vllm"].iloc[0]
-        out.append({"mode": mode, "vs": base.policy, "policy": ours.policy,
-                    "throughput_x": ours.throughput_rps / base.throughput_rps,
-                    "ttft_mean_ratio": ours.ttft_mean_s / base.ttft_mean_s,
-                    "tpot_mean_ratio": ours.tpot_mean_s / base.tpot_mean_s})
-    return pd.DataFrame(out)
+    for mode in dict.fromkeys(r["mode"] for r in results):
+        ours = next(r for r in results if r["mode"] == mode and r["policy_kind"] == "prefetch")
+        base = next(r for r in results if r["mode"] == mode and r["policy_kind"] == "vllm")
+        out.append({"mode": mode, "vs": base["policy"], "policy": ours["policy"],
+                    "throughput_x": ours["throughput_rps"] / base["throughput_rps"],
+                    "ttft_mean_ratio": ours["ttft_mean_s"] / base["ttft_mean_s"],
+                    "tpot_mean_ratio": ours["tpot_mean_s"] / base["tpot_mean_s"]})
+    return out
+
+
+def speedups(results) -> pd.DataFrame:
+    """``speedup_rows`` as a DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(speedup_rows(results))
 
 
 def memory_table(model=PAPER_MODEL, gpu=PAPER_GPU, engine: EngineConfig = PAPER_ENGINE,
                  vllm_gib=(2, 4, 6.5, 8), ks=(2, 3, 4), slots: int = 2) -> pd.DataFrame:
     """Like the paper's Fig. 5: GPU memory for weights, staging and the KV cache per policy."""
+    import pandas as pd
+
+    return pd.DataFrame(memory_rows(model, gpu, engine, vllm_gib, ks, slots))
+
+
+def memory_rows(model=PAPER_MODEL, gpu=PAPER_GPU, engine: EngineConfig = PAPER_ENGINE,
+                vllm_gib=(2, 4, 6.5, 8), ks=(2, 3, 4), slots: int = 2) -> list[dict]:
+    """``memory_table``'s rows."""
     m, hw = get_model(model), get_gpu(gpu)
     pols = [NoOffload(), *(VllmCopy(g) for g in vllm_gib), *(interval(k, slots) for k in ks)]
     rows = []
@@ -72,4 +101,4 @@ def memory_table(model=PAPER_MODEL, gpu=PAPER_GPU, engine: EngineConfig = PAPER_
                      "staging_GiB": mem.staging / GiB, "activations_GiB": mem.activations / GiB,
                      "overhead_GiB": mem.overhead / GiB, "kv_cache_GiB": mem.kv_cache / GiB,
                      "kv_tokens": mem.kv_tokens})
-    return pd.DataFrame(rows)
+    return rows
