@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offloadlab.apps.tables import as_lists, columns_of, csv_text, format_table
+from offloadlab.apps.tables import as_lists, columns_of, csv_text, format_table, records
 from offloadlab.metrics import latency_columns, summarize, with_latencies
 
 keys = st.sampled_from(["a", "b", "policy", "x y", "c,d"])
@@ -63,6 +63,8 @@ def test_table_headers_selected_columns_and_missing_values():
                        float_format=lambda v: f"{v:.3g}")
     assert got.splitlines() == ["mode   TPOT   n", "   p    NaN   3", "  pd  0.123  10"]
     assert as_lists(rows, ["mode", "skip"]) == {"mode": ["p", "pd"], "skip": [1, None]}
+    cols = {"a": np.arange(3), "b": ["x", "y", "z"]}
+    assert records(cols) == pd.DataFrame(cols).to_dict("records")
 
 
 def _pandas_latencies(f: pd.DataFrame) -> pd.DataFrame:

@@ -384,9 +384,9 @@ def cmd_run(a) -> None:
     if a.json:
         a.outputs.write_text(a.json, json.dumps(_with_band(r.row(), band), indent=1, default=float))
     if a.requests_csv:
-        from .tables import csv_text
+        from .tables import csv_text, records
 
-        a.outputs.write_text(a.requests_csv, csv_text([dict(zip(r.columns, v)) for v in zip(*r.columns.values())]))
+        a.outputs.write_text(a.requests_csv, csv_text(records(r.columns)))
     if a.trace:
         r.trace.save_chrome(a.outputs.stage(a.trace))
 

@@ -23,6 +23,11 @@ def as_lists(rows: Sequence[Mapping], columns: Iterable[str] | None = None) -> d
     return {c: [r.get(c) for r in rows] for c in (columns_of(rows) if columns is None else columns)}
 
 
+def records(columns: Mapping[str, Sequence]) -> list[dict]:
+    """``{column: values}`` (equal lengths) as one dict per row (``DataFrame(columns).to_dict("records")``)."""
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
