@@ -325,101 +325,150 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
                     uva_read=None, join: str = "eager") -> StepResult:
     """The same lanes as the SimPy model (host, compute, copy, link; the same staging-slot schedule),
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
-    ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
-    L = placement.layers
-    if not any(placement.offloaded):  # every weight resident: host and compute lanes only
-        return _resident_recurrence(L, layer, head)
-    offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
-    P = 2 if wrap and offloaded else 1
-    copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
-    sched = placement.schedule if offloaded else None
-    slot_of = {i: m for m, i in enumerate(offloaded)}
-    copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
-    uva_read = uva_read or transfer
-    n = len(offloaded)
-    join_layer, join_end = _joins(placement, P, join) if P > 1 else ({}, {})
-    extra = 1 if join_layer or join_end else 0  # the step after: its first copies are joined in the last
-    copy_end = [[0.0] * n for _ in range(P + extra)]
-    released = [[0.0] * n for _ in range(P)]
-    last = P - 1
-    busy = idle_lanes()
-    stall = 0.0
-    host_free = compute_free = copier_free = pass_end = 0.0
-    issued = 0  # copies placed on the copy stream so far (pass-major)
+    ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events.
+    (``Recurrence``: the walk's plan, built once and run for any layer costs.)"""
+    return Recurrence(placement, transfer, wrap, join).run(layer, head, uva_read or transfer)
 
-    def issue_copies(upto_pass: int, upto_m: int) -> None:
-        """Place every copy up to (pass, m) whose wait is known, in order (the copy stream is FIFO)."""
-        nonlocal issued, copier_free
-        total = P * n + (sched.ring if extra else 0)
-        while issued < total and divmod(issued, n) <= (upto_pass, upto_m):
-            p, m = divmod(issued, n)
-            start = copier_free
+
+class Recurrence:
+    """``lane_recurrence``'s plan for one (placement, transfer, wrap, join): everything that does not depend
+    on the layer costs (which layers copy what, each copy's seconds and the read it waits for, the
+    joins) worked out once, so ``run`` is the walk alone (a StepModel keeps one per join mode)."""
+
+    __slots__ = ("L", "P", "resident", "layers", "copies", "uva", "join_end")
+
+    def __init__(self, placement: Placement, transfer, wrap: bool = False, join: str = "eager"):
+        self.L = L = placement.layers
+        self.resident = not any(placement.offloaded)  # every weight resident: host and compute lanes only
+        if self.resident:
+            return
+        offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+        self.P = P = 2 if wrap and offloaded else 1
+        copy_path, self.uva = placement.mechanism == "copy", placement.mechanism == "uva"
+        sched = placement.schedule if offloaded else None
+        slot_of = {i: m for m, i in enumerate(offloaded)}
+        n = len(offloaded)
+        join_layer, join_end = _joins(placement, P, join) if P > 1 else ({}, {})
+        extra = 1 if join_layer or join_end else 0  # the step after: its first copies are joined in the last
+        # the copy stream, pass-major: copy k = p * n + m (seconds, the released read it waits for as
+        # p' * n + m' or -1, whether it is in the reported pass)
+        copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
+        self.copies = []
+        for k in range(P * n + (sched.ring if extra else 0)):
+            p, m = divmod(k, n)
             after = sched.waits_for(m)
-            if after is not None and p + after[0] >= 0:
-                start = max(start, released[p + after[0]][after[1]])
-            copier_free = copy_end[p][m] = start + copy_s[m]
-            if p == last:
-                busy["copy"] += copy_s[m]
-                busy["link"] += copy_s[m]
-            issued += 1
+            wait = (p + after[0]) * n + after[1] if after is not None and p + after[0] >= 0 else -1
+            self.copies.append((copy_s[m], wait, p == P - 1))
 
-    def join_copy(c: int, t: float, reported: bool) -> float:
-        """Wait at t for copy c (global layer index) to end; return when the compute stream goes on."""
-        nonlocal stall
-        q, m = c // L, slot_of[c % L]
-        issue_copies(q, m)
-        if copy_end[q][m] > t:
+        def flat(c: int) -> int:  # a joined copy (global layer index) as its copy number
+            return c // L * n + slot_of[c % L]
+        # per pass and layer: (its copy number or -1, the copy path's issue seconds, its copies'
+        # seconds (None: none), its UVA-offloaded parameters (None: none), copies its piece joins)
+        self.layers = [
+            [(p * n + slot_of[i] if i in slot_of else -1,
+              len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0,
+              sum(transfer(b) for b in placement.offloaded[i]) if copy_path and placement.offloaded[i] else None,
+              placement.offloaded[i] if self.uva and placement.offloaded[i] else None,
+              [flat(c) for c in join_layer.get(p * L + i, ())])
+             for i in range(L)]
+            for p in range(P)]
+        self.join_end = [[flat(c) for c in join_end.get(p, ())] for p in range(P)]  # before the LM head
+
+    def run(self, layer: LayerCost, head: float, uva_read=None) -> StepResult:
+        """The step's result for these layer costs (``uva_read``: as in ``simulate_layers``)."""
+        if self.resident:
+            return _resident_recurrence(self.L, layer, head)
+        P, copies = self.P, self.copies
+        last = P - 1
+        copy_end = [0.0] * len(copies)
+        released = [0.0] * len(copies)  # by copy number: when the layer computing from that copy ended
+        b_host = b_compute = b_copy = b_link = stall = 0.0
+        host_free = compute_free = copier_free = pass_end = prev_end = 0.0
+        issued = 0  # copies placed on the copy stream so far (pass-major)
+        host, tail, comm = layer.host, layer.tail, layer.link_comm
+        gpu0 = layer.gpu - comm
+        for p in range(P):
+            reported = p == last
+            if p:
+                host_free = max(host_free, pass_end)  # the next step is launched after the last one's tokens
+            for k, issue, cp, uva_parts, joins in self.layers[p]:
+                h0 = host_free
+                host_free = h0 + host + issue
+                t = max(compute_free, h0)
+                if reported:
+                    b_host += host_free - h0
+                if cp is not None:
+                    t += cp
+                    if reported:
+                        b_compute += cp
+                        b_link += cp
+                if k >= 0:
+                    while issued <= k:  # place every copy up to k, in order (the copy stream is FIFO)
+                        s, wait, rep = copies[issued]
+                        start = copier_free
+                        if wait >= 0:
+                            start = max(start, released[wait])
+                        copier_free = copy_end[issued] = start + s
+                        if rep:
+                            b_copy += s
+                            b_link += s
+                        issued += 1
+                    if copy_end[k] > t:
+                        if reported:
+                            stall += copy_end[k] - t
+                        t = copy_end[k]
+                gpu = gpu0
+                if uva_parts is not None:
+                    reading = sum(uva_read(b) for b in uva_parts)
+                    gpu = max(gpu, reading)
+                    if reported:
+                        b_link += reading
+                end = t + gpu + comm
+                if comm and reported:
+                    b_link += comm
+                end = max(end, host_free + tail)  # the last kernel, launched late, still runs
+                if reported:
+                    b_compute += end - t
+                if k >= 0:
+                    released[k] = end
+                for c in joins:  # piecewise: the piece joins the copies it started
+                    while issued <= c:
+                        s, wait, rep = copies[issued]
+                        start = copier_free
+                        if wait >= 0:
+                            start = max(start, released[wait])
+                        copier_free = copy_end[issued] = start + s
+                        if rep:
+                            b_copy += s
+                            b_link += s
+                        issued += 1
+                    if copy_end[c] > end:
+                        if reported:
+                            stall += copy_end[c] - end
+                        end = copy_end[c]
+                compute_free = end
+            for c in self.join_end[p]:  # join_after_forward, before the LM head
+                while issued <= c:
+                    s, wait, rep = copies[issued]
+                    start = copier_free
+                    if wait >= 0:
+                        start = max(start, released[wait])
+                    copier_free = copy_end[issued] = start + s
+                    if rep:
+                        b_copy += s
+                        b_link += s
+                    issued += 1
+                if copy_end[c] > compute_free:
+                    if reported:
+                        stall += copy_end[c] - compute_free
+                    compute_free = copy_end[c]
+            prev_end, pass_end = pass_end, compute_free + head
             if reported:
-                stall += copy_end[q][m] - t
-            return copy_end[q][m]
-        return t
-
-    for p in range(P):
-        if p:
-            host_free = max(host_free, pass_end)  # the next step is launched after the last one's tokens
-        for i in range(L):
-            h0 = host_free
-            host_free = h0 + layer.host + (len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0)
-            t = max(compute_free, h0)
-            if p == last:
-                busy["host"] += host_free - h0
-            if copy_path and placement.offloaded[i]:
-                cp = sum(transfer(b) for b in placement.offloaded[i])
-                t += cp
-                if p == last:
-                    busy["compute"] += cp
-                    busy["link"] += cp
-            m = slot_of.get(i)
-            if m is not None:
-                issue_copies(p, m)
-                if copy_end[p][m] > t:
-                    if p == last:
-                        stall += copy_end[p][m] - t
-                    t = copy_end[p][m]
-            gpu = layer.gpu - layer.link_comm
-            if uva and placement.offloaded[i]:
-                reading = sum(uva_read(b) for b in placement.offloaded[i])
-                gpu = max(gpu, reading)
-                if p == last:
-                    busy["link"] += reading
-            end = t + gpu + layer.link_comm
-            if layer.link_comm and p == last:
-                busy["link"] += layer.link_comm
-            end = max(end, host_free + layer.tail)  # the last kernel, launched late, still runs
-            if p == last:
-                busy["compute"] += end - t
-            if m is not None:
-                released[p][m] = end
-            for c in join_layer.get(p * L + i, ()):  # piecewise: the piece joins the copies it started
-                end = join_copy(c, end, p == last)
-            compute_free = end
-        for c in join_end.get(p, ()):  # join_after_forward, before the LM head
-            compute_free = join_copy(c, compute_free, p == last)
-        prev_end, pass_end = pass_end, compute_free + head
-        if p == last:
-            busy["compute"] += head
-        compute_free = pass_end
-    return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
+                b_compute += head
+            compute_free = pass_end
+        busy = idle_lanes()
+        busy["host"], busy["compute"], busy["copy"], busy["link"] = b_host, b_compute, b_copy, b_link
+        return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
 
 
 def _resident_recurrence(L: int, layer: LayerCost, head: float) -> StepResult:
@@ -481,6 +530,7 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
+        self._plans: dict[str, Recurrence] = {}  # join mode -> the lane recurrence's plan (see _simulate)
         self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
         self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
@@ -615,8 +665,15 @@ class StepModel:
         uva_read = None
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
-        res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap, uva_read=uva_read, join=self.join or join_mode(self.cost, shape))
+        join = self.join or join_mode(self.cost, shape)
+        if not trace and recurrence_applies(self.placement, layer, self.cost.copy_slowdown):
+            plan = self._plans.get(join)  # simulate_layers' recurrence, its plan built once per join mode
+            if plan is None:
+                plan = self._plans[join] = Recurrence(self.placement, self.cost.transfer, self.placement.wrap, join)
+            res = plan.run(layer, head, uva_read or self.cost.transfer)
+        else:
+            res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
+                                  wrap=self.placement.wrap, uva_read=uva_read, join=join)
         self.simulated += 1
         self.events += res.events
         if not trace:
