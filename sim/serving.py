@@ -126,6 +126,8 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
+        # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
+        self._decoded: tuple | None = None
 
     @property
     def unfinished(self) -> int:
@@ -177,6 +179,7 @@ class ServingLoop:
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """Pick (sequence, new tokens) for the next step."""
         cfg = self.cfg
+        self._decoded = None
         if not cfg.chunked_prefill:
             batch, tokens = [], 0
             while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
@@ -190,7 +193,7 @@ class ServingLoop:
             if batch:
                 self.running.extend(s for s, _ in batch)
                 return batch
-            return self._decodes(cfg.max_num_batched_tokens)[0]
+            return self._decodes(cfg.max_num_batched_tokens, plan=True)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
         i = 0
         while i < len(self.running) and budget:  # continue partial prefills (preemption pops the end)
@@ -217,20 +220,39 @@ class ServingLoop:
             budget -= n
         return batch
 
-    def _decodes(self, budget: int) -> tuple[list[tuple[_Seq, int]], int]:
-        """One token for every running request whose prompt is done, preempting when blocks run out."""
+    def _decodes(self, budget: int, plan: bool = False) -> tuple[list[tuple[_Seq, int]], int]:
+        """One token for every running request whose prompt is done, preempting when blocks run out.
+
+        ``plan``: the batch is the step (nothing joins it): note in ``_decoded`` what a decode run of it
+        needs (``_decode_plan``'s walk, done here in the same pass). A request's counters are final once
+        it is in the batch: a preemption takes the last running request, never one already passed."""
         batch = []
+        bs = self.cfg.block_size
+        running = self.running
+        n, kv, slack, first = math.inf, 0, {}, True  # see _decode_plan
         i = 0
-        while i < len(self.running) and budget:
-            s = self.running[i]
-            if s.req.prompt_len + s.generated - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
+        while i < len(running) and budget:
+            s = running[i]
+            g = s.generated
+            known = s.req.prompt_len + g
+            if known - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
                 i += 1
                 continue
-            if not self._grow_or_preempt(s, s.known, batch):
+            # its blocks already hold the token (_grow's first case, inlined), or _grow_or_preempt
+            if known > s.blocks * bs and not self._grow_or_preempt(s, known, batch):
                 break  # s itself was preempted: it was the last running request
             batch.append((s, 1))
             budget -= 1
             i += 1
+            if plan:
+                if s.output_len - g < n:
+                    n = s.output_len - g
+                kv += known
+                e = known + bs - 1 - s.blocks * bs
+                slack[e] = slack.get(e, 0) + 1
+                first = first and g > 0
+        if plan:
+            self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
 
     # ---- the loop ----
@@ -291,6 +313,9 @@ class ServingLoop:
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
         """Every running request decodes one token, each past its first (a decode run may start)."""
+        d = self._decoded
+        if d is not None and d[0] is batch:  # _decodes' batch, as it left it: one token each
+            return d[1] == len(self.running) and d[5]
         return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
                 and all(s.generated for s, _ in batch))
 
@@ -315,11 +340,28 @@ class ServingLoop:
         """
         run = self.running
         steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
-        for s in list(run):
-            self._grow(s, s.known + steps - 1)
+        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
+        # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
+        bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
+        for s in run:
+            need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
+            if need > 0:
+                free -= need
+                s.blocks += need
             s.computed += steps
-            s.generated += steps - 1
-            self._sample(s, self.env.now)
+            s.generated += steps
+            if s.generated >= s.output_len:
+                done.append(s)
+        self.free_blocks = free
+        assert free >= 0, "the run's plan checked the free blocks"
+        if done:
+            for s in done:  # _sample's end of a request, in running order
+                s.finish = now
+                self._release(s)
+                self.feed.finished()
+                if self.sink is not None:
+                    self.sink(s)
+            run[:] = [s for s in run if s.generated < s.output_len]
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""
@@ -329,17 +371,21 @@ class ServingLoop:
         """(batch size, steps until a running request finishes but no more than the ``free`` blocks allow,
         KV tokens read by the first step) of a decode run of the whole running batch."""
         bs = self.cfg.block_size
-        n, known = math.inf, []  # steps until the first request finishes; (tokens known, blocks held)
-        for s in self.running:
-            g = s.generated
-            if s.output_len - g < n:
-                n = s.output_len - g
-            known.append((s.req.prompt_len + g, s.blocks))
-
-        def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
-            t = m - 1
-            return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
-        return len(known), _most_steps(n, blocks_needed, free), sum(k for k, _ in known)
+        d, self._decoded = self._decoded, None
+        if d is not None:  # _decodes walked this batch (the whole running batch: _pure_decodes)
+            _, B, n, kv, slack, _ = d
+        else:
+            n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
+            for s in self.running:
+                g = s.generated
+                if s.output_len - g < n:
+                    n = s.output_len - g
+                k = s.req.prompt_len + g
+                kv += k
+                e = k + bs - 1 - s.blocks * bs
+                slack[e] = slack.get(e, 0) + 1
+            B = len(self.running)
+        return B, _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free), kv
 
     def _decode_steps(self, B: int, most: int, kv0: int):
         """Run decode steps of a batch of ``B`` (SimPy generator), the first reading ``kv0`` KV tokens
@@ -396,6 +442,15 @@ class ServingLoop:
             for _ in range(k):
                 steps.append((t, t + dt, "decode", size))
                 t += dt
+
+
+def _extra_blocks(slack: dict[int, int], t: int, bs: int) -> int:
+    """Blocks a decode run's requests take for ``t`` more tokens each (step j >= 1 writes the KV of token
+    known + j - 1: t = m - 1 for m steps). A request knowing k tokens in b blocks takes
+    max(0, ceil((k + t) / bs) - b) = max(0, (t + e) // bs) with e = k + bs - 1 - b * bs; ``slack`` counts the
+    requests by e, so the sum costs one term per distinct e (at most ``bs`` of them when every request
+    holds exactly the blocks its tokens need), not one per request."""
+    return sum(c * ((t + e) // bs) for e, c in slack.items() if t + e >= bs)
 
 
 def _most_steps(n: int, blocks_needed, free: int) -> int:

@@ -20,7 +20,7 @@ from offloadlab.policy import NoOffload, Prefetch, VllmCopy, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim import EngineConfig, plan_memory, simulate
 from offloadlab.sim.costs import cost_model
-from offloadlab.sim.serving import WATERMARK, ServingLoop
+from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps
 from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request, Workload, fixed, make_workload
 
@@ -185,6 +185,27 @@ def test_fast_forward_equals_step_by_step(sc):
         assert a1 == pytest.approx(b1, rel=1e-9)
     for lane in slow.busy:
         assert slow.busy[lane] == pytest.approx(fast.busy[lane], rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 2, 16, 32]),
+       st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3)), min_size=1, max_size=40),
+       st.integers(1, 400), st.integers(0, 200))
+def test_a_decode_runs_blocks_by_slack_are_the_per_request_sum(bs, reqs, n, free):
+    """_extra_blocks (requests counted by their slack) is the per-request sum it replaces, for any
+    blocks held (the tokens' own, or more), and _most_steps over it is the longest run that fits."""
+    known = [(k, -(-k // bs) + more) for k, more in reqs]  # (tokens known, blocks held)
+    slack = {}
+    for k, b in known:
+        e = k + bs - 1 - b * bs
+        slack[e] = slack.get(e, 0) + 1
+
+    def plain(m):  # extra blocks for m steps, request by request (step j writes token known + j - 1)
+        return sum(max(0, -(-(k + m - 1) // bs) - b) for k, b in known)
+    for m in range(1, n + 1):
+        assert _extra_blocks(slack, m - 1, bs) == plain(m)
+    most = _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)
+    assert most == max([1] + [m for m in range(1, n + 1) if plain(m) <= free])
 
 
 def test_small_cache_preempts_and_fast_forward_agrees():
