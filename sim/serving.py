@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from functools import reduce
+from itertools import repeat
+from operator import add
 from dataclasses import dataclass
 
 import simpy
@@ -399,11 +402,15 @@ class ServingLoop:
         while True:
             dt = self._wall(res, B)
             t0, k = t, 0
-            while k < count:
-                t += dt
-                k += 1
-                if t >= arrival:
-                    break
+            if arrival == math.inf:  # no arrival to stop at: the same additions, in C
+                t, k = reduce(add, repeat(dt, count), t), count
+            if k < count or t == math.inf:
+                t, k = t0, 0
+                while k < count:
+                    t += dt
+                    k += 1
+                    if t >= arrival:
+                        break
             self._record_run(res, t0, dt, k, B)
             steps += k
             if t >= arrival:
@@ -424,18 +431,9 @@ class ServingLoop:
         busy = self.busy
         for lane, b in res.busy.items():
             if b:
-                x = busy[lane]
-                if k == 1:
-                    x += b
-                else:
-                    for _ in range(k):
-                        x += b
-                busy[lane] = x
+                busy[lane] = reduce(add, repeat(b, k), busy[lane])
         if res.stall:
-            x = self.stall
-            for _ in range(k):
-                x += res.stall
-            self.stall = x
+            self.stall = reduce(add, repeat(res.stall, k), self.stall)
         self.n_steps["decode"] += k
         if self.trace_steps:
             steps = self.steps
