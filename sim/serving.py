@@ -12,6 +12,7 @@ and advances the clock by the simulated step time. Scheduling follows vLLM:
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from functools import reduce
@@ -111,7 +112,8 @@ class ServingLoop:
     """
 
     def __init__(self, step_model: StepModel | None, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
-                 fast_forward: bool = True, *, env: simpy.Environment | None = None, pipeline: "Pipeline | None" = None):
+                 fast_forward: bool = True, *, env: simpy.Environment | None = None, pipeline: "Pipeline | None" = None,
+                 clock: bool = True):
         self.sm, self.cfg, self.trace_steps = step_model, engine, trace_steps
         self.pipeline = pipeline
         self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
@@ -131,6 +133,20 @@ class ServingLoop:
         self.preemptions = 0
         # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
         self._decoded: tuple | None = None
+        # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): running requests
+        # that decode form a cohort advancing one token per tick (a decode step); a member's own counters
+        # are stale, its true ones follow from the tick (``counters``): generated = tick - off, computed =
+        # prompt_len - 1 + generated, blocks = ceil(computed / block_size) (one more token's worth once
+        # _clock_decodes took the step's blocks: ``_grown``). The cohort is kept as the sums a decode run
+        # needs: members by (computed - tick) mod block_size (who takes a block at a tick), the sum of
+        # computed - tick (the step's KV) and a heap of the ticks at which they finish; so a decode run
+        # costs Python in proportion to the requests that join, finish or are preempted, not to the batch.
+        self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
+        self._tick = self._members = self._base = 0
+        self._phase = [0] * engine.block_size
+        self._ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
+        self._grown = False
+        self._admissions = 0  # numbers admissions (running requests are in that order)
 
     @property
     def unfinished(self) -> int:
@@ -194,8 +210,16 @@ class ServingLoop:
                 batch.append((s, n))
                 tokens += n
             if batch:
+                if self.clock:
+                    for s, _ in batch:
+                        s.adm = self._admissions
+                        self._admissions += 1
                 self.running.extend(s for s, _ in batch)
                 return batch
+            if self.clock:
+                if len(self.running) <= cfg.max_num_batched_tokens:  # the budget cannot stop the walk
+                    return self._clock_decodes()
+                self._pin_all()
             return self._decodes(cfg.max_num_batched_tokens, plan=True)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
         i = 0
@@ -257,6 +281,119 @@ class ServingLoop:
         if plan:
             self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
+
+    # ---- V0's shared decode clock ----
+    def counters(self, s: _Seq) -> tuple[int, int, int]:
+        """(generated, computed, blocks) of running request ``s`` as they are now (a member's from the clock)."""
+        if s.off is None:
+            return s.generated, s.computed, s.blocks
+        c = s.req.prompt_len - 1 - s.off + self._tick
+        return self._tick - s.off, c, -(-(c + self._grown) // self.cfg.block_size)
+
+    def _join(self, s: _Seq) -> None:
+        """``s`` (running, decoding: computed == known - 1, its blocks those of its computed tokens) joins."""
+        bs, tick = self.cfg.block_size, self._tick
+        assert s.blocks == -(-s.computed // bs) and s.computed == s.req.prompt_len + s.generated - 1
+        s.off = tick - s.generated
+        base = s.computed - tick
+        self._phase[base % bs] += 1
+        self._base += base
+        self._members += 1
+        heapq.heappush(self._ends, (s.off + s.output_len, s.adm, s))
+
+    def _pin(self, s: _Seq) -> None:
+        """Write member ``s``'s counters (``counters``) and take it out of the cohort (its finish stays in
+        ``_ends``, stale: an entry counts only while its request is a member of that admission)."""
+        bs = self.cfg.block_size
+        base = s.req.prompt_len - 1 - s.off
+        self._phase[base % bs] -= 1
+        self._base -= base
+        self._members -= 1
+        s.generated, s.computed, s.blocks = self.counters(s)
+        s.off = None
+
+    def _pin_all(self) -> None:
+        for s in self.running:
+            if s.off is not None:
+                self._pin(s)
+        self._ends.clear()
+
+    def _clock_decodes(self) -> list[tuple[_Seq, int]]:
+        """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
+        cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
+        blocks, in running order, and when none is free the last running request is preempted, as
+        _decodes' walk does (only those members take or lack a block, so only they are walked)."""
+        bs, running, tick, phase = self.cfg.block_size, self.running, self._tick, self._phase
+        for s in reversed(running):  # the requests admitted since the last decode step: a suffix
+            if s.off is not None:
+                break
+            self._join(s)
+        need = phase[-tick % bs]
+        if need <= self.free_blocks:
+            self.free_blocks -= need
+        else:
+            # _decodes' walk, worked out first: a member without a free block preempts the last running
+            # request (whose blocks are those of its computed tokens: the walk has not reached it) until one
+            # is free; the walk ends where the preempted requests begin (``end``)
+            free, end, grown = self.free_blocks, len(running), 0
+            for i, s in enumerate(running):
+                if i >= end:
+                    break
+                if (s.req.prompt_len - 1 - s.off + tick) % bs:
+                    continue  # its blocks hold the step's token
+                while not free:
+                    end -= 1
+                    free += self.counters(running[end])[2]
+                    if end == i:
+                        break
+                if end == i:
+                    break
+                free -= 1
+                grown += 1
+            while len(running) > end:  # then done: the preemptions, last first, and the blocks taken
+                self._pin(running[-1])
+                self._preempt_last()
+            self.free_blocks -= grown
+            assert self.free_blocks == free
+        self._grown = True
+        ends = self._ends
+        while ends and (ends[0][2].off is None or ends[0][2].adm != ends[0][1]):  # stale entries
+            heapq.heappop(ends)
+        batch = [(s, 1) for s in running]
+        if not batch:
+            return batch
+        B = self._members
+        slack = {}
+        for p, c in enumerate(phase):  # members by computed mod block_size, as _decodes' plan counts them
+            if c:
+                slack[(p + tick) % bs] = c
+        self._decoded = (batch, B, ends[0][0] - tick, self._base + B * tick + B, slack, True)
+        return batch
+
+    def _clock_run_end(self, steps: int, slack: dict[int, int]) -> None:
+        """After a decode run of ``steps`` on the clock: the members' blocks for its other steps, the tick,
+        and the members that finished (sampled, released and handed on in running order)."""
+        bs = self.cfg.block_size
+        self.free_blocks -= _extra_blocks(slack, steps - 1, bs)
+        assert self.free_blocks >= 0, "the run's plan checked the free blocks"
+        self._tick = tick = self._tick + steps
+        self._grown = False
+        ends, done = self._ends, []
+        while ends and ends[0][0] <= tick:
+            _, adm, s = heapq.heappop(ends)
+            if s.off is not None and s.adm == adm:
+                self._pin(s)
+                done.append(s)
+        if len(done) > 1:
+            done.sort(key=lambda s: s.adm)
+        now = self.env.now
+        for s in done:  # _sample's end of a request
+            s.finish = now
+            self._release(s)
+            self.running.remove(s)
+            self.feed.finished()
+            if self.sink is not None:
+                self.sink(s)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -341,8 +478,11 @@ class ServingLoop:
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        run = self.running
+        run, d = self.running, self._decoded
         steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
+        if self._members:  # on the clock: every running request is a member
+            self._clock_run_end(steps, d[4])
+            return
         # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
         # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
         bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
