@@ -387,6 +387,23 @@ class Recurrence:
         issued = 0  # copies placed on the copy stream so far (pass-major)
         host, tail, comm = layer.host, layer.tail, layer.link_comm
         gpu0 = layer.gpu - comm
+
+        def ended(c: int) -> float:
+            """When copy c ends: every copy up to it placed first, in order (the copy stream is FIFO), each
+            once the read it must follow is known."""
+            nonlocal issued, copier_free, b_copy, b_link
+            while issued <= c:
+                s, wait, rep = copies[issued]
+                start = copier_free
+                if wait >= 0 and released[wait] > start:  # max(start, released[wait])
+                    start = released[wait]
+                copier_free = copy_end[issued] = start + s
+                if rep:
+                    b_copy += s
+                    b_link += s
+                issued += 1
+            return copy_end[c]
+
         for p in range(P):
             reported = p == last
             if p:
@@ -394,7 +411,7 @@ class Recurrence:
             for k, issue, cp, uva_parts, joins in self.layers[p]:
                 h0 = host_free
                 host_free = h0 + host + issue
-                t = max(compute_free, h0)
+                t = h0 if h0 > compute_free else compute_free  # max(compute_free, h0), without the call
                 if reported:
                     b_host += host_free - h0
                 if cp is not None:
@@ -403,20 +420,11 @@ class Recurrence:
                         b_compute += cp
                         b_link += cp
                 if k >= 0:
-                    while issued <= k:  # place every copy up to k, in order (the copy stream is FIFO)
-                        s, wait, rep = copies[issued]
-                        start = copier_free
-                        if wait >= 0:
-                            start = max(start, released[wait])
-                        copier_free = copy_end[issued] = start + s
-                        if rep:
-                            b_copy += s
-                            b_link += s
-                        issued += 1
-                    if copy_end[k] > t:
+                    e = ended(k)
+                    if e > t:
                         if reported:
-                            stall += copy_end[k] - t
-                        t = copy_end[k]
+                            stall += e - t
+                        t = e
                 gpu = gpu0
                 if uva_parts is not None:
                     reading = sum(uva_read(b) for b in uva_parts)
@@ -426,42 +434,26 @@ class Recurrence:
                 end = t + gpu + comm
                 if comm and reported:
                     b_link += comm
-                end = max(end, host_free + tail)  # the last kernel, launched late, still runs
+                late = host_free + tail
+                if late > end:  # the last kernel, launched late, still runs: max(end, late)
+                    end = late
                 if reported:
                     b_compute += end - t
                 if k >= 0:
                     released[k] = end
                 for c in joins:  # piecewise: the piece joins the copies it started
-                    while issued <= c:
-                        s, wait, rep = copies[issued]
-                        start = copier_free
-                        if wait >= 0:
-                            start = max(start, released[wait])
-                        copier_free = copy_end[issued] = start + s
-                        if rep:
-                            b_copy += s
-                            b_link += s
-                        issued += 1
-                    if copy_end[c] > end:
+                    e = ended(c)
+                    if e > end:
                         if reported:
-                            stall += copy_end[c] - end
-                        end = copy_end[c]
+                            stall += e - end
+                        end = e
                 compute_free = end
             for c in self.join_end[p]:  # join_after_forward, before the LM head
-                while issued <= c:
-                    s, wait, rep = copies[issued]
-                    start = copier_free
-                    if wait >= 0:
-                        start = max(start, released[wait])
-                    copier_free = copy_end[issued] = start + s
-                    if rep:
-                        b_copy += s
-                        b_link += s
-                    issued += 1
-                if copy_end[c] > compute_free:
+                e = ended(c)
+                if e > compute_free:
                     if reported:
-                        stall += copy_end[c] - compute_free
-                    compute_free = copy_end[c]
+                        stall += e - compute_free
+                    compute_free = e
             prev_end, pass_end = pass_end, compute_free + head
             if reported:
                 b_compute += head
