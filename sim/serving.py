@@ -143,7 +143,7 @@ class ServingLoop:
         # costs Python in proportion to the requests that join, finish or are preempted, not to the batch.
         self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
         self._tick = self._members = self._base = 0
-        self._phase = [0] * engine.block_size
+        self._phase: list[set[_Seq]] = [set() for _ in range(engine.block_size)]  # members by phase
         self._ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
         self._grown = False
         self._admissions = 0  # numbers admissions (running requests are in that order)
@@ -296,7 +296,7 @@ class ServingLoop:
         assert s.blocks == -(-s.computed // bs) and s.computed == s.req.prompt_len + s.generated - 1
         s.off = tick - s.generated
         base = s.computed - tick
-        self._phase[base % bs] += 1
+        self._phase[base % bs].add(s)
         self._base += base
         self._members += 1
         heapq.heappush(self._ends, (s.off + s.output_len, s.adm, s))
@@ -306,7 +306,7 @@ class ServingLoop:
         ``_ends``, stale: an entry counts only while its request is a member of that admission)."""
         bs = self.cfg.block_size
         base = s.req.prompt_len - 1 - s.off
-        self._phase[base % bs] -= 1
+        self._phase[base % bs].discard(s)
         self._base -= base
         self._members -= 1
         s.generated, s.computed, s.blocks = self.counters(s)
@@ -328,25 +328,23 @@ class ServingLoop:
             if s.off is not None:
                 break
             self._join(s)
-        need = phase[-tick % bs]
-        if need <= self.free_blocks:
-            self.free_blocks -= need
+        needers = phase[-tick % bs]  # the members whose computed tokens fill their blocks
+        if len(needers) <= self.free_blocks:
+            self.free_blocks -= len(needers)
         else:
-            # _decodes' walk, worked out first: a member without a free block preempts the last running
-            # request (whose blocks are those of its computed tokens: the walk has not reached it) until one
-            # is free; the walk ends where the preempted requests begin (``end``)
+            # _decodes' walk, worked out first: each of them (in running order, i.e. by admission) takes a
+            # block, and where none is free the last running request is preempted (its blocks are those of
+            # its computed tokens: the walk has not reached it) until one is; running[:end] is what is left
             free, end, grown = self.free_blocks, len(running), 0
-            for i, s in enumerate(running):
-                if i >= end:
-                    break
-                if (s.req.prompt_len - 1 - s.off + tick) % bs:
-                    continue  # its blocks hold the step's token
-                while not free:
+            for s in sorted(needers, key=_admission):
+                if s.adm > running[end - 1].adm:
+                    break  # preempted: the walk has reached the end
+                while not free and running[end - 1] is not s:
                     end -= 1
                     free += self.counters(running[end])[2]
-                    if end == i:
-                        break
-                if end == i:
+                if not free:  # s is the last one left: it goes itself
+                    end -= 1
+                    free += self.counters(s)[2]
                     break
                 free -= 1
                 grown += 1
@@ -359,14 +357,14 @@ class ServingLoop:
         ends = self._ends
         while ends and (ends[0][2].off is None or ends[0][2].adm != ends[0][1]):  # stale entries
             heapq.heappop(ends)
-        batch = [(s, 1) for s in running]
-        if not batch:
-            return batch
+        if not running:
+            return []
+        batch = _EveryRunning(running)
         B = self._members
         slack = {}
-        for p, c in enumerate(phase):  # members by computed mod block_size, as _decodes' plan counts them
-            if c:
-                slack[(p + tick) % bs] = c
+        for p, members in enumerate(phase):  # members by computed mod block_size, as _decodes' plan counts
+            if members:
+                slack[(p + tick) % bs] = len(members)
         self._decoded = (batch, B, ends[0][0] - tick, self._base + B * tick + B, slack, True)
         return batch
 
@@ -582,13 +580,37 @@ class ServingLoop:
                 t += dt
 
 
+def _admission(s: _Seq) -> int:
+    return s.adm
+
+
+class _EveryRunning:
+    """The batch of a decode step on V0's clock: every running request, one token each (a view of the
+    running list, walked only by whoever asks; nothing changes it before the step)."""
+
+    __slots__ = ("running",)
+
+    def __init__(self, running: list[_Seq]):
+        self.running = running
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def __iter__(self):
+        return ((s, 1) for s in self.running)
+
+
 def _extra_blocks(slack: dict[int, int], t: int, bs: int) -> int:
     """Blocks a decode run's requests take for ``t`` more tokens each (step j >= 1 writes the KV of token
     known + j - 1: t = m - 1 for m steps). A request knowing k tokens in b blocks takes
     max(0, ceil((k + t) / bs) - b) = max(0, (t + e) // bs) with e = k + bs - 1 - b * bs; ``slack`` counts the
     requests by e, so the sum costs one term per distinct e (at most ``bs`` of them when every request
     holds exactly the blocks its tokens need), not one per request."""
-    return sum(c * ((t + e) // bs) for e, c in slack.items() if t + e >= bs)
+    blocks = 0
+    for e, c in slack.items():
+        if t + e >= bs:
+            blocks += c * ((t + e) // bs)
+    return blocks
 
 
 def _most_steps(n: int, blocks_needed, free: int) -> int:
