@@ -537,6 +537,7 @@ class ServingLoop:
         t, steps = env.now, 0
         runs = self.sm.decodes(B, kv0, most)  # runs of identical steps (StepModel.decodes)
         res, count = next(runs)
+        rec = None  # [result, start, step, steps]: consecutive runs of one result, recorded as one
         while True:
             dt = self._wall(res, B)
             t0, k = t, 0
@@ -549,7 +550,12 @@ class ServingLoop:
                     k += 1
                     if t >= arrival:
                         break
-            self._record_run(res, t0, dt, k, B)
+            if rec is not None and rec[0] is res:
+                rec[3] += k
+            else:
+                if rec is not None:
+                    self._record_run(*rec, B)
+                rec = [res, t0, dt, k]
             steps += k
             if t >= arrival:
                 break
@@ -560,6 +566,7 @@ class ServingLoop:
                 res, count = runs.send(hint)
             except StopIteration:
                 break
+        self._record_run(*rec, B)
         yield env.timeout(t - env.now)
         return steps
 
