@@ -535,7 +535,7 @@ class ServingLoop:
         env = self.env
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        runs = self.sm.decodes(B, kv0, most)  # runs of identical steps (StepModel.decodes)
+        runs = self.sm.decodes(B, kv0, most, whole=arrival == math.inf)  # runs of identical steps
         res, count = next(runs)
         rec = None  # [result, start, step, steps]: consecutive runs of one result, recorded as one
         while True:

@@ -553,7 +553,7 @@ class StepModel:
             bhd = binned[head] = _bin(head, q)
         return _bin(c.gpu, q), bh, bt, bc, bhd
 
-    def decodes(self, seqs: int, kv0: int, n: int):
+    def decodes(self, seqs: int, kv0: int, n: int, whole: bool = False):
         """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
         tokens (a decode run: sim/serving.py), as (result, steps) runs in order. Where the cost model is
         ``context_monotone`` (the roofline), every cost is monotone in j, so two steps in one bin have
@@ -563,7 +563,9 @@ class StepModel:
         ``run`` step by step (tests/test_step.py). Other cost models: one step per run.
 
         A caller may ``send`` the number of steps it expects to take in all (a hint: galloping then
-        probes no further than that until the caller asks for more; the results are the same)."""
+        probes no further than that until the caller asks for more; the results are the same). ``whole``:
+        the caller takes all ``n`` steps whatever comes (it sends no hints): each bin's steps come as one
+        run, not its first step alone and then the rest; the same probes, the same results."""
         if not self._monotone:
             for j in range(n):
                 kv = kv0 + seqs * j
@@ -580,10 +582,11 @@ class StepModel:
             res = self._cache.get(key)
             if res is None:
                 res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
-            hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
+            if not whole:
+                hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
             # every step up to the end of kv's interval is in res's bin: those first, without probes
             lo = min((ends[i] - kv0) // seqs, n - 1)
-            if lo > j:
+            if lo > j and not whole:
                 hint = (yield res, lo - j) or hint
             # then galloping and bisection: lo the last step known in res's bin, hi the first known
             # outside it (None: not found yet); up to the hint, or the end once the caller passed it
@@ -604,7 +607,9 @@ class StepModel:
                     else:
                         hi = mid
             guess = max(1, lo + 1 - j)
-            if lo > start:
+            if whole:
+                yield res, lo + 1 - j
+            elif lo > start:
                 hint = (yield res, lo - start) or hint
             j = lo + 1
 
