@@ -9,16 +9,20 @@ and advances the clock by the simulated step time. Scheduling follows vLLM:
   then on prompt chunks;
 - KV blocks (``block_size`` tokens) are allocated as tokens are computed; when a decode needs a
   block and none is free, the most recently admitted request is preempted and recomputed later.
+
+Decode steps of an unchanging batch are taken together (``_decode_run``); without chunked prefill the
+running requests that decode share one clock (``ServingLoop.clock``), so a decode run costs Python per
+request that joins, finishes or is preempted, not per running request. Both are exact.
 """
 from __future__ import annotations
 
 import heapq
 import math
 from collections import deque
+from dataclasses import dataclass
 from functools import reduce
 from itertools import repeat
 from operator import add
-from dataclasses import dataclass
 
 import simpy
 
