@@ -94,9 +94,10 @@ def main():
     ap.add_argument("--v1-only", action="store_true", help="only the V1 / ShareGPT figures")
     ap.add_argument("--v0-only", action="store_true", help="only the V0 `offloadlab run` figures")
     a = ap.parse_args()
-    v0_run()
-    if a.v0_only:
-        return
+    if not a.v1_only:
+        v0_run()
+        if a.v0_only:
+            return
     v1_sharegpt()
     if a.v1_only:
         return
