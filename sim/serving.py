@@ -530,6 +530,8 @@ class ServingLoop:
                 e = k + bs - 1 - s.blocks * bs
                 slack[e] = slack.get(e, 0) + 1
             B = len(self.running)
+        if slack and min(slack) >= 0 and max(slack) < bs:  # every request holds just its tokens' blocks
+            return B, _steps_that_fit(n, slack, bs, free), kv
         return B, _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free), kv
 
     def _decode_steps(self, B: int, most: int, kv0: int):
@@ -622,6 +624,22 @@ def _extra_blocks(slack: dict[int, int], t: int, bs: int) -> int:
         if t + e >= bs:
             blocks += c * ((t + e) // bs)
     return blocks
+
+
+def _steps_that_fit(n: int, slack: dict[int, int], bs: int, free: int) -> int:
+    """``_most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)`` where every slack e is in [0, bs)
+    (every request holds just the blocks of its tokens), in closed form: with m - 1 = q * bs + r, the
+    extra blocks are q * (all requests) + (requests with e >= bs - r), so q is the most whole rounds of
+    block_size steps the free blocks pay for and r the most steps of the next round the rest pays for."""
+    total = sum(slack.values())
+    q, left = divmod(free, total)
+    r, more = 0, 0
+    while r + 1 < bs:
+        more += slack.get(bs - r - 1, 0)  # the requests that take a block in step r + 1 of the round
+        if more > left:
+            break
+        r += 1
+    return min(n, q * bs + r + 1)
 
 
 def _most_steps(n: int, blocks_needed, free: int) -> int:

@@ -20,7 +20,7 @@ from offloadlab.policy import NoOffload, Prefetch, VllmCopy, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim import EngineConfig, plan_memory, simulate
 from offloadlab.sim.costs import cost_model
-from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps
+from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps, _steps_that_fit
 from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request, Workload, fixed, make_workload
 
@@ -209,6 +209,15 @@ def test_a_decode_runs_blocks_by_slack_are_the_per_request_sum(bs, reqs, n, free
         assert _extra_blocks(slack, m - 1, bs) == plain(m)
     most = _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)
     assert most == max([1] + [m for m in range(1, n + 1) if plain(m) <= free])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([1, 2, 4, 16, 32]), st.data(), st.integers(1, 600), st.integers(0, 3000))
+def test_the_steps_that_fit_in_closed_form_are_the_bisections(bs, data, n, free):
+    """_steps_that_fit (requests that hold just their tokens' blocks: every slack in [0, block_size)) is
+    _most_steps' bisection over _extra_blocks."""
+    slack = data.draw(st.dictionaries(st.integers(0, bs - 1), st.integers(1, 300), min_size=1))
+    assert _steps_that_fit(n, slack, bs, free) == _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)
 
 
 @SETTINGS
