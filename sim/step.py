@@ -592,6 +592,8 @@ class StepModel:
             # outside it (None: not found yet); up to the hint, or the end once the caller passed it
             start, step, hi = lo, guess, None
             last = n - 1 if hint is None or lo + 1 >= hint else min(n - 1, hint - 1)
+            if lo < last and i + 1 < len(ends) and bins[0][i + 1] <= kv0 + seqs * (lo + 1) and bins[2][i + 1] != key:
+                hi = lo + 1  # the next step reads into the next known interval, of another key: no probes
             while hi is None and lo < last:
                 probe = min(lo + step, last)
                 if self._decode_key(seqs, kv0 + seqs * probe, bins)[0] == key:
