@@ -7,7 +7,10 @@ Also: vLLM's V1 engine (chunked prefill, prefix caching; 0.11.0's defaults) on r
 steady rate, 2,000 requests, in ms per request beside Vidur's event loop on the same machine class (issue
 19's measurement: about 2.6 ms per request; Vidur is not run here) and in yardsticks (a plain SimPy loop of
 100,000 timeouts, measured in the same run).
-Run:  python benchmarks/bench_sim.py [--scale 200,2000,20000] [--v1-only]
+Also: vLLM's V0 engine as ``offloadlab run --requests 2000`` runs it (the paper's engine, Llama-3.1-8B on
+A100-SXM4-40GB, interval:2, 2,000 multi_news-like requests at t=0), per run in yardsticks: warm, first call of
+the process, and the two band corners (issue 19: the command runs all three; target about 1 yardstick warm).
+Run:  python benchmarks/bench_sim.py [--scale 200,2000,20000] [--v1-only] [--v0-only]
 """
 from __future__ import annotations
 
@@ -59,11 +62,43 @@ def v1_sharegpt(n: int = 2000, rate: float = 20.0):
           f"{VIDUR_MS_PER_REQUEST / ms:.1f}x Vidur's {VIDUR_MS_PER_REQUEST} ms/request (target >= 20x)\n")
 
 
+def v0_run(n: int = 2000, repeat: int = 5):
+    """V0 engine as ``offloadlab run --requests n`` simulates it (its run and its two band corners)."""
+    from bench_commands import yardstick
+
+    import offloadlab.apps.cli as cli
+
+    a = cli.build_parser().parse_args(["run", "--requests", str(n)])
+    cli._settle_engine(a)
+    wl, pol, model, eng = cli._workload(a), cli._policy(a), cli._model(a), cli._engine(a)
+    y = yardstick()  # best of the yardsticks before and after the runs, as the runs' best (a shared machine)
+    times, s = {}, None
+    for corner in (None, "low", "high"):
+        for _ in range(repeat if corner is None else 1):
+            t = time.perf_counter()
+            r = simulate(model, a.gpu, pol, wl, eng, trace_steps=False, corner=corner)
+            dt = time.perf_counter() - t
+            times.setdefault(corner, []).append(dt)
+            s = r.summary if corner is None else s
+    y = min(y, yardstick())
+    first, warm = times[None][0], min(times[None][1:] or times[None])
+    print(f"V0 (the paper's engine: `offloadlab run --requests {n}`), {model.name} on {a.gpu}, {pol.label}, {n} "
+          f"multi_news-like requests at t=0: warm {warm:.3f} s (best of {repeat - 1}) = {warm / y:.2f} yardsticks "
+          f"({y:.3f} s), first call {first:.3f} s = {first / y:.2f}; corners low {times['low'][0]:.3f} s, high "
+          f"{times['high'][0]:.3f} s; {s['steps']} steps, {s['step_sims']} step sims, {s['preemptions']} preemptions "
+          f"(target: about 1 yardstick warm)\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", default="200,2000,20000")
     ap.add_argument("--v1-only", action="store_true", help="only the V1 / ShareGPT figures")
+    ap.add_argument("--v0-only", action="store_true", help="only the V0 `offloadlab run` figures")
     a = ap.parse_args()
+    if not a.v1_only:
+        v0_run()
+        if a.v0_only:
+            return
     v1_sharegpt()
     if a.v1_only:
         return

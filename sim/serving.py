@@ -9,12 +9,20 @@ and advances the clock by the simulated step time. Scheduling follows vLLM:
   then on prompt chunks;
 - KV blocks (``block_size`` tokens) are allocated as tokens are computed; when a decode needs a
   block and none is free, the most recently admitted request is preempted and recomputed later.
+
+Decode steps of an unchanging batch are taken together (``_decode_run``); without chunked prefill the
+running requests that decode share one clock (``ServingLoop.clock``), so a decode run costs Python per
+request that joins, finishes or is preempted, not per running request. Both are exact.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
+from functools import reduce
+from itertools import repeat
+from operator import add
 
 import simpy
 
@@ -108,7 +116,8 @@ class ServingLoop:
     """
 
     def __init__(self, step_model: StepModel | None, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
-                 fast_forward: bool = True, *, env: simpy.Environment | None = None, pipeline: "Pipeline | None" = None):
+                 fast_forward: bool = True, *, env: simpy.Environment | None = None, pipeline: "Pipeline | None" = None,
+                 clock: bool = True):
         self.sm, self.cfg, self.trace_steps = step_model, engine, trace_steps
         self.pipeline = pipeline
         self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
@@ -126,6 +135,22 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
+        # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
+        self._decoded: tuple | None = None
+        # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): running requests
+        # that decode form a cohort advancing one token per tick (a decode step); a member's own counters
+        # are stale, its true ones follow from the tick (``counters``): generated = tick - off, computed =
+        # prompt_len - 1 + generated, blocks = ceil(computed / block_size) (one more token's worth once
+        # _clock_decodes took the step's blocks: ``_grown``). The cohort is kept as the sums a decode run
+        # needs: members by (computed - tick) mod block_size (who takes a block at a tick), the sum of
+        # computed - tick (the step's KV) and a heap of the ticks at which they finish; so a decode run
+        # costs Python in proportion to the requests that join, finish or are preempted, not to the batch.
+        self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
+        self._tick = self._members = self._base = 0
+        self._phase: list[set[_Seq]] = [set() for _ in range(engine.block_size)]  # members by phase
+        self._ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
+        self._grown = False
+        self._admissions = 0  # numbers admissions (running requests are in that order)
 
     @property
     def unfinished(self) -> int:
@@ -177,6 +202,7 @@ class ServingLoop:
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """Pick (sequence, new tokens) for the next step."""
         cfg = self.cfg
+        self._decoded = None
         if not cfg.chunked_prefill:
             batch, tokens = [], 0
             while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
@@ -188,9 +214,17 @@ class ServingLoop:
                 batch.append((s, n))
                 tokens += n
             if batch:
+                if self.clock:
+                    for s, _ in batch:
+                        s.adm = self._admissions
+                        self._admissions += 1
                 self.running.extend(s for s, _ in batch)
                 return batch
-            return self._decodes(cfg.max_num_batched_tokens)[0]
+            if self.clock:
+                if len(self.running) <= cfg.max_num_batched_tokens:  # the budget cannot stop the walk
+                    return self._clock_decodes()
+                self._pin_all()
+            return self._decodes(cfg.max_num_batched_tokens, plan=True)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
         i = 0
         while i < len(self.running) and budget:  # continue partial prefills (preemption pops the end)
@@ -217,21 +251,151 @@ class ServingLoop:
             budget -= n
         return batch
 
-    def _decodes(self, budget: int) -> tuple[list[tuple[_Seq, int]], int]:
-        """One token for every running request whose prompt is done, preempting when blocks run out."""
+    def _decodes(self, budget: int, plan: bool = False) -> tuple[list[tuple[_Seq, int]], int]:
+        """One token for every running request whose prompt is done, preempting when blocks run out.
+
+        ``plan``: the batch is the step (nothing joins it): note in ``_decoded`` what a decode run of it
+        needs (``_decode_plan``'s walk, done here in the same pass). A request's counters are final once
+        it is in the batch: a preemption takes the last running request, never one already passed."""
         batch = []
+        bs = self.cfg.block_size
+        running = self.running
+        n, kv, slack, first = math.inf, 0, {}, True  # see _decode_plan
         i = 0
-        while i < len(self.running) and budget:
-            s = self.running[i]
-            if s.req.prompt_len + s.generated - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
+        while i < len(running) and budget:
+            s = running[i]
+            g = s.generated
+            known = s.req.prompt_len + g
+            if known - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
                 i += 1
                 continue
-            if not self._grow_or_preempt(s, s.known, batch):
+            # its blocks already hold the token (_grow's first case, inlined), or _grow_or_preempt
+            if known > s.blocks * bs and not self._grow_or_preempt(s, known, batch):
                 break  # s itself was preempted: it was the last running request
             batch.append((s, 1))
             budget -= 1
             i += 1
+            if plan:
+                if s.output_len - g < n:
+                    n = s.output_len - g
+                kv += known
+                e = known + bs - 1 - s.blocks * bs
+                slack[e] = slack.get(e, 0) + 1
+                first = first and g > 0
+        if plan:
+            self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
+
+    # ---- V0's shared decode clock ----
+    def counters(self, s: _Seq) -> tuple[int, int, int]:
+        """(generated, computed, blocks) of running request ``s`` as they are now (a member's from the clock)."""
+        if s.off is None:
+            return s.generated, s.computed, s.blocks
+        c = s.req.prompt_len - 1 - s.off + self._tick
+        return self._tick - s.off, c, -(-(c + self._grown) // self.cfg.block_size)
+
+    def _join(self, s: _Seq) -> None:
+        """``s`` (running, decoding: computed == known - 1, its blocks those of its computed tokens) joins."""
+        bs, tick = self.cfg.block_size, self._tick
+        assert s.blocks == -(-s.computed // bs) and s.computed == s.req.prompt_len + s.generated - 1
+        s.off = tick - s.generated
+        base = s.computed - tick
+        self._phase[base % bs].add(s)
+        self._base += base
+        self._members += 1
+        heapq.heappush(self._ends, (s.off + s.output_len, s.adm, s))
+
+    def _pin(self, s: _Seq) -> None:
+        """Write member ``s``'s counters (``counters``) and take it out of the cohort (its finish stays in
+        ``_ends``, stale: an entry counts only while its request is a member of that admission)."""
+        bs = self.cfg.block_size
+        base = s.req.prompt_len - 1 - s.off
+        self._phase[base % bs].discard(s)
+        self._base -= base
+        self._members -= 1
+        s.generated, s.computed, s.blocks = self.counters(s)
+        s.off = None
+
+    def _pin_all(self) -> None:
+        for s in self.running:
+            if s.off is not None:
+                self._pin(s)
+        self._ends.clear()
+
+    def _clock_decodes(self) -> list[tuple[_Seq, int]]:
+        """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
+        cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
+        blocks, in running order, and when none is free the last running request is preempted, as
+        _decodes' walk does (only those members take or lack a block, so only they are walked)."""
+        bs, running, tick, phase = self.cfg.block_size, self.running, self._tick, self._phase
+        for s in reversed(running):  # the requests admitted since the last decode step: a suffix
+            if s.off is not None:
+                break
+            self._join(s)
+        needers = phase[-tick % bs]  # the members whose computed tokens fill their blocks
+        if len(needers) <= self.free_blocks:
+            self.free_blocks -= len(needers)
+        else:
+            # _decodes' walk, worked out first: each of them (in running order, i.e. by admission) takes a
+            # block, and where none is free the last running request is preempted (its blocks are those of
+            # its computed tokens: the walk has not reached it) until one is; running[:end] is what is left
+            free, end, grown = self.free_blocks, len(running), 0
+            for s in sorted(needers, key=_admission):
+                if s.adm > running[end - 1].adm:
+                    break  # preempted: the walk has reached the end
+                while not free and running[end - 1] is not s:
+                    end -= 1
+                    free += self.counters(running[end])[2]
+                if not free:  # s is the last one left: it goes itself
+                    end -= 1
+                    free += self.counters(s)[2]
+                    break
+                free -= 1
+                grown += 1
+            while len(running) > end:  # then done: the preemptions, last first, and the blocks taken
+                self._pin(running[-1])
+                self._preempt_last()
+            self.free_blocks -= grown
+            assert self.free_blocks == free
+        self._grown = True
+        ends = self._ends
+        while ends and (ends[0][2].off is None or ends[0][2].adm != ends[0][1]):  # stale entries
+            heapq.heappop(ends)
+        if not running:
+            return []
+        batch = _EveryRunning(running)
+        B = self._members
+        slack = {}
+        for p, members in enumerate(phase):  # members by computed mod block_size, as _decodes' plan counts
+            if members:
+                slack[(p + tick) % bs] = len(members)
+        self._decoded = (batch, B, ends[0][0] - tick, self._base + B * tick + B, slack, True)
+        return batch
+
+    def _clock_run_end(self, steps: int, slack: dict[int, int]) -> None:
+        """After a decode run of ``steps`` on the clock: the members' blocks for its other steps, the tick,
+        and the members that finished (sampled, released and handed on in running order)."""
+        bs = self.cfg.block_size
+        self.free_blocks -= _extra_blocks(slack, steps - 1, bs)
+        assert self.free_blocks >= 0, "the run's plan checked the free blocks"
+        self._tick = tick = self._tick + steps
+        self._grown = False
+        ends, done = self._ends, []
+        while ends and ends[0][0] <= tick:
+            _, adm, s = heapq.heappop(ends)
+            if s.off is not None and s.adm == adm:
+                self._pin(s)
+                done.append(s)
+        if len(done) > 1:
+            done.sort(key=lambda s: s.adm)
+        now = self.env.now
+        for s in done:  # _sample's end of a request
+            s.finish = now
+            self._release(s)
+            self.running.remove(s)
+            self.feed.finished()
+            if self.sink is not None:
+                self.sink(s)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -291,6 +455,9 @@ class ServingLoop:
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
         """Every running request decodes one token, each past its first (a decode run may start)."""
+        d = self._decoded
+        if d is not None and d[0] is batch:  # _decodes' batch, as it left it: one token each
+            return d[1] == len(self.running) and d[5]
         return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
                 and all(s.generated for s, _ in batch))
 
@@ -313,13 +480,33 @@ class ServingLoop:
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        run = self.running
+        run, d = self.running, self._decoded
         steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
-        for s in list(run):
-            self._grow(s, s.known + steps - 1)
+        if self._members:  # on the clock: every running request is a member
+            self._clock_run_end(steps, d[4])
+            return
+        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
+        # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
+        bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
+        for s in run:
+            need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
+            if need > 0:
+                free -= need
+                s.blocks += need
             s.computed += steps
-            s.generated += steps - 1
-            self._sample(s, self.env.now)
+            s.generated += steps
+            if s.generated >= s.output_len:
+                done.append(s)
+        self.free_blocks = free
+        assert free >= 0, "the run's plan checked the free blocks"
+        if done:
+            for s in done:  # _sample's end of a request, in running order
+                s.finish = now
+                self._release(s)
+                self.feed.finished()
+                if self.sink is not None:
+                    self.sink(s)
+            run[:] = [s for s in run if s.generated < s.output_len]
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""
@@ -329,17 +516,23 @@ class ServingLoop:
         """(batch size, steps until a running request finishes but no more than the ``free`` blocks allow,
         KV tokens read by the first step) of a decode run of the whole running batch."""
         bs = self.cfg.block_size
-        n, known = math.inf, []  # steps until the first request finishes; (tokens known, blocks held)
-        for s in self.running:
-            g = s.generated
-            if s.output_len - g < n:
-                n = s.output_len - g
-            known.append((s.req.prompt_len + g, s.blocks))
-
-        def blocks_needed(m):  # extra blocks for m steps (step j writes the KV of token known + j - 1)
-            t = m - 1
-            return sum(max(0, -(-(k + t) // bs) - b) for k, b in known)
-        return len(known), _most_steps(n, blocks_needed, free), sum(k for k, _ in known)
+        d, self._decoded = self._decoded, None
+        if d is not None:  # _decodes walked this batch (the whole running batch: _pure_decodes)
+            _, B, n, kv, slack, _ = d
+        else:
+            n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
+            for s in self.running:
+                g = s.generated
+                if s.output_len - g < n:
+                    n = s.output_len - g
+                k = s.req.prompt_len + g
+                kv += k
+                e = k + bs - 1 - s.blocks * bs
+                slack[e] = slack.get(e, 0) + 1
+            B = len(self.running)
+        if slack and min(slack) >= 0 and max(slack) < bs:  # every request holds just its tokens' blocks
+            return B, _steps_that_fit(n, slack, bs, free), kv
+        return B, _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free), kv
 
     def _decode_steps(self, B: int, most: int, kv0: int):
         """Run decode steps of a batch of ``B`` (SimPy generator), the first reading ``kv0`` KV tokens
@@ -348,17 +541,27 @@ class ServingLoop:
         env = self.env
         arrival = self.feed.next_arrival()
         t, steps = env.now, 0
-        runs = self.sm.decodes(B, kv0, most)  # runs of identical steps (StepModel.decodes)
+        runs = self.sm.decodes(B, kv0, most, whole=arrival == math.inf)  # runs of identical steps
         res, count = next(runs)
+        rec = None  # [result, start, step, steps]: consecutive runs of one result, recorded as one
         while True:
             dt = self._wall(res, B)
             t0, k = t, 0
-            while k < count:
-                t += dt
-                k += 1
-                if t >= arrival:
-                    break
-            self._record_run(res, t0, dt, k, B)
+            if arrival == math.inf:  # no arrival to stop at: the same additions, in C
+                t, k = reduce(add, repeat(dt, count), t), count
+            if k < count or t == math.inf:
+                t, k = t0, 0
+                while k < count:
+                    t += dt
+                    k += 1
+                    if t >= arrival:
+                        break
+            if rec is not None and rec[0] is res:
+                rec[3] += k
+            else:
+                if rec is not None:
+                    self._record_run(*rec, B)
+                rec = [res, t0, dt, k]
             steps += k
             if t >= arrival:
                 break
@@ -369,6 +572,7 @@ class ServingLoop:
                 res, count = runs.send(hint)
             except StopIteration:
                 break
+        self._record_run(*rec, B)
         yield env.timeout(t - env.now)
         return steps
 
@@ -378,24 +582,64 @@ class ServingLoop:
         busy = self.busy
         for lane, b in res.busy.items():
             if b:
-                x = busy[lane]
-                if k == 1:
-                    x += b
-                else:
-                    for _ in range(k):
-                        x += b
-                busy[lane] = x
+                busy[lane] = reduce(add, repeat(b, k), busy[lane])
         if res.stall:
-            x = self.stall
-            for _ in range(k):
-                x += res.stall
-            self.stall = x
+            self.stall = reduce(add, repeat(res.stall, k), self.stall)
         self.n_steps["decode"] += k
         if self.trace_steps:
             steps = self.steps
             for _ in range(k):
                 steps.append((t, t + dt, "decode", size))
                 t += dt
+
+
+def _admission(s: _Seq) -> int:
+    return s.adm
+
+
+class _EveryRunning:
+    """The batch of a decode step on V0's clock: every running request, one token each (a view of the
+    running list, walked only by whoever asks; nothing changes it before the step)."""
+
+    __slots__ = ("running",)
+
+    def __init__(self, running: list[_Seq]):
+        self.running = running
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def __iter__(self):
+        return ((s, 1) for s in self.running)
+
+
+def _extra_blocks(slack: dict[int, int], t: int, bs: int) -> int:
+    """Blocks a decode run's requests take for ``t`` more tokens each (step j >= 1 writes the KV of token
+    known + j - 1: t = m - 1 for m steps). A request knowing k tokens in b blocks takes
+    max(0, ceil((k + t) / bs) - b) = max(0, (t + e) // bs) with e = k + bs - 1 - b * bs; ``slack`` counts the
+    requests by e, so the sum costs one term per distinct e (at most ``bs`` of them when every request
+    holds exactly the blocks its tokens need), not one per request."""
+    blocks = 0
+    for e, c in slack.items():
+        if t + e >= bs:
+            blocks += c * ((t + e) // bs)
+    return blocks
+
+
+def _steps_that_fit(n: int, slack: dict[int, int], bs: int, free: int) -> int:
+    """``_most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)`` where every slack e is in [0, bs)
+    (every request holds just the blocks of its tokens), in closed form: with m - 1 = q * bs + r, the
+    extra blocks are q * (all requests) + (requests with e >= bs - r), so q is the most whole rounds of
+    block_size steps the free blocks pay for and r the most steps of the next round the rest pays for."""
+    total = sum(slack.values())
+    q, left = divmod(free, total)
+    r, more = 0, 0
+    while r + 1 < bs:
+        more += slack.get(bs - r - 1, 0)  # the requests that take a block in step r + 1 of the round
+        if more > left:
+            break
+        r += 1
+    return min(n, q * bs + r + 1)
 
 
 def _most_steps(n: int, blocks_needed, free: int) -> int:

@@ -325,101 +325,142 @@ def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfe
                     uva_read=None, join: str = "eager") -> StepResult:
     """The same lanes as the SimPy model (host, compute, copy, link; the same staging-slot schedule),
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
-    ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events."""
-    L = placement.layers
-    if not any(placement.offloaded):  # every weight resident: host and compute lanes only
-        return _resident_recurrence(L, layer, head)
-    offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
-    P = 2 if wrap and offloaded else 1
-    copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
-    sched = placement.schedule if offloaded else None
-    slot_of = {i: m for m, i in enumerate(offloaded)}
-    copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
-    uva_read = uva_read or transfer
-    n = len(offloaded)
-    join_layer, join_end = _joins(placement, P, join) if P > 1 else ({}, {})
-    extra = 1 if join_layer or join_end else 0  # the step after: its first copies are joined in the last
-    copy_end = [[0.0] * n for _ in range(P + extra)]
-    released = [[0.0] * n for _ in range(P)]
-    last = P - 1
-    busy = idle_lanes()
-    stall = 0.0
-    host_free = compute_free = copier_free = pass_end = 0.0
-    issued = 0  # copies placed on the copy stream so far (pass-major)
+    ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events.
+    (``Recurrence``: the walk's plan, built once and run for any layer costs.)"""
+    return Recurrence(placement, transfer, wrap, join).run(layer, head, uva_read or transfer)
 
-    def issue_copies(upto_pass: int, upto_m: int) -> None:
-        """Place every copy up to (pass, m) whose wait is known, in order (the copy stream is FIFO)."""
-        nonlocal issued, copier_free
-        total = P * n + (sched.ring if extra else 0)
-        while issued < total and divmod(issued, n) <= (upto_pass, upto_m):
-            p, m = divmod(issued, n)
-            start = copier_free
+
+class Recurrence:
+    """``lane_recurrence``'s plan for one (placement, transfer, wrap, join): everything that does not depend
+    on the layer costs (which layers copy what, each copy's seconds and the read it waits for, the
+    joins) worked out once, so ``run`` is the walk alone (a StepModel keeps one per join mode)."""
+
+    __slots__ = ("L", "P", "resident", "layers", "copies", "uva", "join_end")
+
+    def __init__(self, placement: Placement, transfer, wrap: bool = False, join: str = "eager"):
+        self.L = L = placement.layers
+        self.resident = not any(placement.offloaded)  # every weight resident: host and compute lanes only
+        if self.resident:
+            return
+        offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
+        self.P = P = 2 if wrap and offloaded else 1
+        copy_path, self.uva = placement.mechanism == "copy", placement.mechanism == "uva"
+        sched = placement.schedule if offloaded else None
+        slot_of = {i: m for m, i in enumerate(offloaded)}
+        n = len(offloaded)
+        join_layer, join_end = _joins(placement, P, join) if P > 1 else ({}, {})
+        extra = 1 if join_layer or join_end else 0  # the step after: its first copies are joined in the last
+        # the copy stream, pass-major: copy k = p * n + m (seconds, the released read it waits for as
+        # p' * n + m' or -1, whether it is in the reported pass)
+        copy_s = [transfer(placement.layer_offloaded_bytes(i)) for i in offloaded]
+        self.copies = []
+        for k in range(P * n + (sched.ring if extra else 0)):
+            p, m = divmod(k, n)
             after = sched.waits_for(m)
-            if after is not None and p + after[0] >= 0:
-                start = max(start, released[p + after[0]][after[1]])
-            copier_free = copy_end[p][m] = start + copy_s[m]
-            if p == last:
-                busy["copy"] += copy_s[m]
-                busy["link"] += copy_s[m]
-            issued += 1
+            wait = (p + after[0]) * n + after[1] if after is not None and p + after[0] >= 0 else -1
+            self.copies.append((copy_s[m], wait, p == P - 1))
 
-    def join_copy(c: int, t: float, reported: bool) -> float:
-        """Wait at t for copy c (global layer index) to end; return when the compute stream goes on."""
-        nonlocal stall
-        q, m = c // L, slot_of[c % L]
-        issue_copies(q, m)
-        if copy_end[q][m] > t:
+        def flat(c: int) -> int:  # a joined copy (global layer index) as its copy number
+            return c // L * n + slot_of[c % L]
+        # per pass and layer: (its copy number or -1, the copy path's issue seconds, its copies'
+        # seconds (None: none), its UVA-offloaded parameters (None: none), copies its piece joins)
+        self.layers = [
+            [(p * n + slot_of[i] if i in slot_of else -1,
+              len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0,
+              sum(transfer(b) for b in placement.offloaded[i]) if copy_path and placement.offloaded[i] else None,
+              placement.offloaded[i] if self.uva and placement.offloaded[i] else None,
+              [flat(c) for c in join_layer.get(p * L + i, ())])
+             for i in range(L)]
+            for p in range(P)]
+        self.join_end = [[flat(c) for c in join_end.get(p, ())] for p in range(P)]  # before the LM head
+
+    def run(self, layer: LayerCost, head: float, uva_read=None) -> StepResult:
+        """The step's result for these layer costs (``uva_read``: as in ``simulate_layers``)."""
+        if self.resident:
+            return _resident_recurrence(self.L, layer, head)
+        P, copies = self.P, self.copies
+        last = P - 1
+        copy_end = [0.0] * len(copies)
+        released = [0.0] * len(copies)  # by copy number: when the layer computing from that copy ended
+        b_host = b_compute = b_copy = b_link = stall = 0.0
+        host_free = compute_free = copier_free = pass_end = prev_end = 0.0
+        issued = 0  # copies placed on the copy stream so far (pass-major)
+        host, tail, comm = layer.host, layer.tail, layer.link_comm
+        gpu0 = layer.gpu - comm
+
+        def ended(c: int) -> float:
+            """When copy c ends: every copy up to it placed first, in order (the copy stream is FIFO), each
+            once the read it must follow is known."""
+            nonlocal issued, copier_free, b_copy, b_link
+            while issued <= c:
+                s, wait, rep = copies[issued]
+                start = copier_free
+                if wait >= 0 and released[wait] > start:  # max(start, released[wait])
+                    start = released[wait]
+                copier_free = copy_end[issued] = start + s
+                if rep:
+                    b_copy += s
+                    b_link += s
+                issued += 1
+            return copy_end[c]
+
+        for p in range(P):
+            reported = p == last
+            if p:
+                host_free = max(host_free, pass_end)  # the next step is launched after the last one's tokens
+            for k, issue, cp, uva_parts, joins in self.layers[p]:
+                h0 = host_free
+                host_free = h0 + host + issue
+                t = h0 if h0 > compute_free else compute_free  # max(compute_free, h0), without the call
+                if reported:
+                    b_host += host_free - h0
+                if cp is not None:
+                    t += cp
+                    if reported:
+                        b_compute += cp
+                        b_link += cp
+                if k >= 0:
+                    e = ended(k)
+                    if e > t:
+                        if reported:
+                            stall += e - t
+                        t = e
+                gpu = gpu0
+                if uva_parts is not None:
+                    reading = sum(uva_read(b) for b in uva_parts)
+                    gpu = max(gpu, reading)
+                    if reported:
+                        b_link += reading
+                end = t + gpu + comm
+                if comm and reported:
+                    b_link += comm
+                late = host_free + tail
+                if late > end:  # the last kernel, launched late, still runs: max(end, late)
+                    end = late
+                if reported:
+                    b_compute += end - t
+                if k >= 0:
+                    released[k] = end
+                for c in joins:  # piecewise: the piece joins the copies it started
+                    e = ended(c)
+                    if e > end:
+                        if reported:
+                            stall += e - end
+                        end = e
+                compute_free = end
+            for c in self.join_end[p]:  # join_after_forward, before the LM head
+                e = ended(c)
+                if e > compute_free:
+                    if reported:
+                        stall += e - compute_free
+                    compute_free = e
+            prev_end, pass_end = pass_end, compute_free + head
             if reported:
-                stall += copy_end[q][m] - t
-            return copy_end[q][m]
-        return t
-
-    for p in range(P):
-        if p:
-            host_free = max(host_free, pass_end)  # the next step is launched after the last one's tokens
-        for i in range(L):
-            h0 = host_free
-            host_free = h0 + layer.host + (len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0)
-            t = max(compute_free, h0)
-            if p == last:
-                busy["host"] += host_free - h0
-            if copy_path and placement.offloaded[i]:
-                cp = sum(transfer(b) for b in placement.offloaded[i])
-                t += cp
-                if p == last:
-                    busy["compute"] += cp
-                    busy["link"] += cp
-            m = slot_of.get(i)
-            if m is not None:
-                issue_copies(p, m)
-                if copy_end[p][m] > t:
-                    if p == last:
-                        stall += copy_end[p][m] - t
-                    t = copy_end[p][m]
-            gpu = layer.gpu - layer.link_comm
-            if uva and placement.offloaded[i]:
-                reading = sum(uva_read(b) for b in placement.offloaded[i])
-                gpu = max(gpu, reading)
-                if p == last:
-                    busy["link"] += reading
-            end = t + gpu + layer.link_comm
-            if layer.link_comm and p == last:
-                busy["link"] += layer.link_comm
-            end = max(end, host_free + layer.tail)  # the last kernel, launched late, still runs
-            if p == last:
-                busy["compute"] += end - t
-            if m is not None:
-                released[p][m] = end
-            for c in join_layer.get(p * L + i, ()):  # piecewise: the piece joins the copies it started
-                end = join_copy(c, end, p == last)
-            compute_free = end
-        for c in join_end.get(p, ()):  # join_after_forward, before the LM head
-            compute_free = join_copy(c, compute_free, p == last)
-        prev_end, pass_end = pass_end, compute_free + head
-        if p == last:
-            busy["compute"] += head
-        compute_free = pass_end
-    return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
+                b_compute += head
+            compute_free = pass_end
+        busy = idle_lanes()
+        busy["host"], busy["compute"], busy["copy"], busy["link"] = b_host, b_compute, b_copy, b_link
+        return StepResult(pass_end - (prev_end if P > 1 else 0.0), busy, stall, 0)
 
 
 def _resident_recurrence(L: int, layer: LayerCost, head: float) -> StepResult:
@@ -481,6 +522,7 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
+        self._plans: dict[str, Recurrence] = {}  # join mode -> the lane recurrence's plan (see _simulate)
         self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
         self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
@@ -511,7 +553,7 @@ class StepModel:
             bhd = binned[head] = _bin(head, q)
         return _bin(c.gpu, q), bh, bt, bc, bhd
 
-    def decodes(self, seqs: int, kv0: int, n: int):
+    def decodes(self, seqs: int, kv0: int, n: int, whole: bool = False):
         """The results of ``n`` decode steps of ``seqs`` sequences, step j reading ``kv0 + seqs * j`` KV
         tokens (a decode run: sim/serving.py), as (result, steps) runs in order. Where the cost model is
         ``context_monotone`` (the roofline), every cost is monotone in j, so two steps in one bin have
@@ -521,7 +563,9 @@ class StepModel:
         ``run`` step by step (tests/test_step.py). Other cost models: one step per run.
 
         A caller may ``send`` the number of steps it expects to take in all (a hint: galloping then
-        probes no further than that until the caller asks for more; the results are the same)."""
+        probes no further than that until the caller asks for more; the results are the same). ``whole``:
+        the caller takes all ``n`` steps whatever comes (it sends no hints): each bin's steps come as one
+        run, not its first step alone and then the rest; the same probes, the same results."""
         if not self._monotone:
             for j in range(n):
                 kv = kv0 + seqs * j
@@ -538,15 +582,18 @@ class StepModel:
             res = self._cache.get(key)
             if res is None:
                 res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
-            hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
+            if not whole:
+                hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
             # every step up to the end of kv's interval is in res's bin: those first, without probes
             lo = min((ends[i] - kv0) // seqs, n - 1)
-            if lo > j:
+            if lo > j and not whole:
                 hint = (yield res, lo - j) or hint
             # then galloping and bisection: lo the last step known in res's bin, hi the first known
             # outside it (None: not found yet); up to the hint, or the end once the caller passed it
             start, step, hi = lo, guess, None
             last = n - 1 if hint is None or lo + 1 >= hint else min(n - 1, hint - 1)
+            if lo < last and i + 1 < len(ends) and bins[0][i + 1] <= kv0 + seqs * (lo + 1) and bins[2][i + 1] != key:
+                hi = lo + 1  # the next step reads into the next known interval, of another key: no probes
             while hi is None and lo < last:
                 probe = min(lo + step, last)
                 if self._decode_key(seqs, kv0 + seqs * probe, bins)[0] == key:
@@ -562,7 +609,9 @@ class StepModel:
                     else:
                         hi = mid
             guess = max(1, lo + 1 - j)
-            if lo > start:
+            if whole:
+                yield res, lo + 1 - j
+            elif lo > start:
                 hint = (yield res, lo - start) or hint
             j = lo + 1
 
@@ -615,8 +664,15 @@ class StepModel:
         uva_read = None
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
-        res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                              wrap=self.placement.wrap, uva_read=uva_read, join=self.join or join_mode(self.cost, shape))
+        join = self.join or join_mode(self.cost, shape)
+        if not trace and recurrence_applies(self.placement, layer, self.cost.copy_slowdown):
+            plan = self._plans.get(join)  # simulate_layers' recurrence, its plan built once per join mode
+            if plan is None:
+                plan = self._plans[join] = Recurrence(self.placement, self.cost.transfer, self.placement.wrap, join)
+            res = plan.run(layer, head, uva_read or self.cost.transfer)
+        else:
+            res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
+                                  wrap=self.placement.wrap, uva_read=uva_read, join=join)
         self.simulated += 1
         self.events += res.events
         if not trace:

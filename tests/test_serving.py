@@ -20,7 +20,7 @@ from offloadlab.policy import NoOffload, Prefetch, VllmCopy, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim import EngineConfig, plan_memory, simulate
 from offloadlab.sim.costs import cost_model
-from offloadlab.sim.serving import WATERMARK, ServingLoop
+from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps, _steps_that_fit
 from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request, Workload, fixed, make_workload
 
@@ -51,11 +51,12 @@ def hw_with_kv(model, policy, eng: EngineConfig, kv_tokens: int, hw: HardwareSpe
 
 
 class CheckedLoop(ServingLoop):
-    """A ServingLoop that checks its KV-block accounting after every allocation and release."""
+    """A ServingLoop that checks its KV-block accounting after every allocation and release (a request on
+    V0's shared decode clock by its counters from the clock: ``ServingLoop.counters``)."""
 
     def _check(self):
         assert 0 <= self.free_blocks <= self.total_blocks
-        held = sum(s.blocks for s in self.seqs)
+        held = sum(self.counters(s)[2] for s in self.seqs)
         assert held + self.free_blocks == self.total_blocks, "blocks leaked or double-freed"
         self.max_used = max(getattr(self, "max_used", 0), held)
 
@@ -79,8 +80,9 @@ class CheckedLoop(ServingLoop):
         batch = super()._schedule()
         self._check_queues()
         for s, k in batch:  # the KV of every token computed this step has a block
-            assert s.blocks * self.cfg.block_size >= s.computed + k
-            assert 1 <= k <= s.uncomputed
+            generated, computed, blocks = self.counters(s)
+            assert blocks * self.cfg.block_size >= computed + k
+            assert 1 <= k <= s.req.prompt_len + generated - computed
         assert sum(k for _, k in batch) <= self.cfg.max_num_batched_tokens
         assert len(self.running) <= self.cfg.max_num_seqs
         return batch
@@ -92,10 +94,11 @@ class CheckedLoop(ServingLoop):
         self._check_queues()
 
 
-def run_loop(policy, eng: EngineConfig, requests, kv_tokens: int, fast_forward: bool, model=MODEL, hw=HW):
+def run_loop(policy, eng: EngineConfig, requests, kv_tokens: int, fast_forward: bool, model=MODEL, hw=HW,
+             clock: bool = True):
     placement = policy.place(model)
     sm = StepModel(placement, cost_model(model, hw))
-    loop = CheckedLoop(sm, eng, kv_tokens, fast_forward=fast_forward)
+    loop = CheckedLoop(sm, eng, kv_tokens, fast_forward=fast_forward, clock=clock)
     loop.run(list(requests))
     return loop
 
@@ -185,6 +188,71 @@ def test_fast_forward_equals_step_by_step(sc):
         assert a1 == pytest.approx(b1, rel=1e-9)
     for lane in slow.busy:
         assert slow.busy[lane] == pytest.approx(fast.busy[lane], rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([1, 2, 16, 32]),
+       st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3)), min_size=1, max_size=40),
+       st.integers(1, 400), st.integers(0, 200))
+def test_a_decode_runs_blocks_by_slack_are_the_per_request_sum(bs, reqs, n, free):
+    """_extra_blocks (requests counted by their slack) is the per-request sum it replaces, for any
+    blocks held (the tokens' own, or more), and _most_steps over it is the longest run that fits."""
+    known = [(k, -(-k // bs) + more) for k, more in reqs]  # (tokens known, blocks held)
+    slack = {}
+    for k, b in known:
+        e = k + bs - 1 - b * bs
+        slack[e] = slack.get(e, 0) + 1
+
+    def plain(m):  # extra blocks for m steps, request by request (step j writes token known + j - 1)
+        return sum(max(0, -(-(k + m - 1) // bs) - b) for k, b in known)
+    for m in range(1, n + 1):
+        assert _extra_blocks(slack, m - 1, bs) == plain(m)
+    most = _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)
+    assert most == max([1] + [m for m in range(1, n + 1) if plain(m) <= free])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from([1, 2, 4, 16, 32]), st.data(), st.integers(1, 600), st.integers(0, 3000))
+def test_the_steps_that_fit_in_closed_form_are_the_bisections(bs, data, n, free):
+    """_steps_that_fit (requests that hold just their tokens' blocks: every slack in [0, block_size)) is
+    _most_steps' bisection over _extra_blocks."""
+    slack = data.draw(st.dictionaries(st.integers(0, bs - 1), st.integers(1, 300), min_size=1))
+    assert _steps_that_fit(n, slack, bs, free) == _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free)
+
+
+@SETTINGS
+@given(scenarios(), st.integers(0, 3))
+def test_the_v0_decode_clock_is_the_per_request_decode_run_exactly(sc, seed):
+    """V0's shared decode clock (decode runs kept as cohort sums, preemptions worked out from the members
+    that take a block) gives exactly what decode runs request by request give: every token, time and
+    sum to the last bit. Some scenarios arrive over time (runs stopped by an arrival)."""
+    policy, eng, requests, kv_tokens = sc
+    if seed:
+        requests = [Request(r.id, r.prompt_len, r.output_len, 1e-3 * ((r.id * 7919 * seed) % 13))
+                    for r in requests]
+    plain = run_loop(policy, eng, requests, kv_tokens, fast_forward=True, clock=False)
+    clock = run_loop(policy, eng, requests, kv_tokens, fast_forward=True, clock=True)
+    assert clock.clock == (not eng.chunked_prefill)
+    assert outcome(plain) == outcome(clock)
+    assert [s.computed for s in plain.seqs] == [s.computed for s in clock.seqs]
+    assert (plain.steps, plain.busy, plain.stall, plain.n_steps, plain.preemptions) == \
+        (clock.steps, clock.busy, clock.stall, clock.n_steps, clock.preemptions)
+
+
+@pytest.mark.parametrize("budget, kv_tokens", [(40, 4096), (40, 700), (512, 600)],
+                         ids=["budget-below-batch", "budget-below-batch-preempting", "preempting"])
+def test_the_v0_decode_clock_with_a_small_budget_or_cache(budget, kv_tokens):
+    """More running requests than the token budget (the clock steps aside: every member written back, the
+    walk request by request) and a cache that preempts at most decode runs' ends: still exactly the same."""
+    eng = engine(max_num_batched_tokens=budget, max_num_seqs=64, block_size=4, max_model_len=40)
+    requests = [Request(i, 3 + i % 9, 5 + (i * 5) % 23, 0.0) for i in range(90)]
+    plain = run_loop(interval(2), eng, requests, kv_tokens, fast_forward=True, clock=False)
+    clock = run_loop(interval(2), eng, requests, kv_tokens, fast_forward=True, clock=True)
+    assert outcome(plain) == outcome(clock)
+    assert (plain.steps, plain.busy, plain.stall, plain.n_steps, plain.preemptions) == \
+        (clock.steps, clock.busy, clock.stall, clock.n_steps, clock.preemptions)
+    if kv_tokens < 1000:
+        assert clock.preemptions > 0
 
 
 def test_small_cache_preempts_and_fast_forward_agrees():

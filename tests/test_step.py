@@ -732,6 +732,12 @@ def test_decode_runs_in_bins_equal_step_by_step(m, data, seqs, kv0, n, corner):
     # each bin's steps come as its first step, then those of the KV interval already known to be in
     # its bin, then the rest found by probing: at most three runs per bin
     assert len(runs) <= 3 * len({id(r) for r, _ in runs})
+    # a caller taking every step (whole=True): one run per bin, the same results, the same simulations
+    model = StepModel(placement, cost)
+    whole = list(model.decodes(seqs, kv0, n, whole=True))
+    assert [res for res, k in whole for _ in range(k)] == want
+    assert [r for r, _ in whole] == [r for i, (r, _) in enumerate(runs) if not i or runs[i - 1][0] is not r]
+    assert model.simulated == len(whole)
 
 
 @settings(max_examples=40, deadline=None)
