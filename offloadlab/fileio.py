@@ -11,8 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from .errors import ConfigError
 
 
@@ -64,6 +62,8 @@ def load_mapping(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError("path", str(p), "an existing YAML or JSON file")
     text = read_text(p, "YAML or JSON file")
+    import yaml  # here, not with the module: every command imports this one, few read YAML
+
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, RecursionError) as e:

@@ -51,6 +51,7 @@ issues host reads with poor parallelism. Decode batches up to 64 tokens read eac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -319,9 +320,14 @@ class Roofline:
         return f"datasheet roofline of {self.model.name} on {self.hw.name} (no profile)"
 
     def band(self, s: StepShape) -> Band:
-        """Datasheet only: the widest band (see DATASHEET_*)."""
-        host = (0.5, 2.0) if self.replays_graph(s) else DATASHEET_LAUNCH
-        return Band(datasheet_gpu(self), host, _sym(_quad(BAND_STRUCTURE, DATASHEET_COPY)))
+        """Datasheet only: the widest band (see DATASHEET_*): one of two, by whether ``s`` replays a graph."""
+        return self._bands[self.replays_graph(s)]
+
+    @functools.cached_property
+    def _bands(self) -> tuple[Band, Band]:
+        """``band``'s two values (eager, graph replay), made once: a corner run asks for one per cost."""
+        gpu, copy = datasheet_gpu(self), _sym(_quad(BAND_STRUCTURE, DATASHEET_COPY))
+        return Band(gpu, DATASHEET_LAUNCH, copy), Band(gpu, (0.5, 2.0), copy)
 
 
 NEAR = 32.0  # a measured shape "near" a step: token counts within this factor (else: no row near, an error)
@@ -726,13 +732,17 @@ class Corner:
     def head(self, s: StepShape) -> float:
         return self.base.head(s) * self.base.band(s).gpu[self.side]
 
-    def transfer(self, nbytes: float) -> float:
+    @functools.cached_property
+    def _copy(self) -> float:
         # the copy factor does not depend on the step: any shape will do
-        return self.base.transfer(nbytes) * self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+        return self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+
+    def transfer(self, nbytes: float) -> float:
+        return self.base.transfer(nbytes) * self._copy
 
     def uva_read(self, nbytes: float, tokens: int) -> float:
         """UVA's reads are host-link transfers: scaled by the copy factor like ``transfer``."""
-        return self.base.uva_read(nbytes, tokens) * self.base.band(StepShape.uniform(1, 1, 0)).copy[self.side]
+        return self.base.uva_read(nbytes, tokens) * self._copy
 
     def band(self, s: StepShape) -> Band:
         return self.base.band(s)

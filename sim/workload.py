@@ -111,11 +111,12 @@ DEFAULT_N = MULTI_NEWS_REQUESTS
 # Validation helpers
 # ----------------------------------------------------------------------------------------------
 def _is_int(v: object) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    # the exact type first: the ABC check costs ~1 us, and a workload checks three fields per request
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
 def _is_real(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return type(v) is float or type(v) is int or (isinstance(v, numbers.Real) and not isinstance(v, bool))
 
 
 def _check_int(field: str, v: object, minimum: int, source: str | None = None) -> int:
