@@ -7,16 +7,23 @@ from __future__ import annotations
 
 
 class OffloadLabError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose.
+
+    A subclass's ``args`` are its constructor's arguments, so ``type(e)(*e.args)`` makes the same error:
+    pickle does that (an error raised in a worker process), and so does SimPy when a process fails
+    (simpy/core.py ``Environment.step`` raises a copy built that way). The message is ``str(e)``."""
 
 
 class ConfigError(OffloadLabError, ValueError):
     """A field of a spec, policy, workload or config file has a bad value."""
 
-    def __init__(self, field: str, value: object, expected: str, *, source: str | None = None):
+    def __init__(self, field: str, value: object, expected: str, source: str | None = None):
         self.field, self.value, self.expected, self.source = field, value, expected, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field}={value!r}: expected {expected}")
+        super().__init__(field, value, expected, source)
+
+    def __str__(self) -> str:
+        where = f"{self.source}: " if self.source else ""
+        return f"{where}{self.field}={self.value!r}: expected {self.expected}"
 
 
 class UnknownNameError(OffloadLabError, KeyError):
@@ -24,10 +31,10 @@ class UnknownNameError(OffloadLabError, KeyError):
 
     def __init__(self, kind: str, name: str, known: list[str]):
         self.kind, self.name, self.known = kind, name, known
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(known)}")
+        super().__init__(kind, name, known)
 
     def __str__(self) -> str:  # KeyError would quote the whole message
-        return self.args[0]
+        return f"unknown {self.kind} {self.name!r}; known: {', '.join(self.known)}"
 
 
 class DoesNotFitError(OffloadLabError):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..catalog import get_gpu, get_model
-from ..errors import ConfigError, DoesNotFitError, OffloadLabError
+from ..errors import ConfigError, DoesNotFitError
 from ..policy import NoOffload, Placement, Policy
 from ..profile import Profile, load_profiles
 from ..specs import GiB, HardwareSpec, ModelSpec
@@ -329,24 +329,10 @@ def _summary(r: RunResult) -> dict:
     return r.summary
 
 
-def _corner_task(reduce: Callable[[RunResult], Any], args: tuple, kw: dict) -> tuple[bool, Any]:
-    """One corner run where an executor runs it: (True, ``reduce(result)``), or (False, the project error it
-    raised, as class, args and attributes: ConfigError's own __init__ cannot be called back by pickle)."""
-    try:
-        return True, reduce(simulate(*args, **kw))
-    except OffloadLabError as e:
-        return False, (type(e), e.args, vars(e))
-
-
-def _unpack(done: tuple[bool, Any]) -> Any:
-    ok, value = done
-    if ok:
-        return value
-    cls, args, attrs = value
-    err = cls.__new__(cls)
-    Exception.__init__(err, *args)
-    err.__dict__.update(attrs)
-    raise err
+def _corner_task(reduce: Callable[[RunResult], Any], args: tuple, kw: dict) -> Any:
+    """One corner run where an executor runs it: ``reduce(result)``. A project error it raises comes back
+    through the future as itself (offloadlab/errors.py: its args rebuild it)."""
+    return reduce(simulate(*args, **kw))
 
 
 def start_corners(reduce: Callable[[RunResult], Any], model, gpu, policy, workload: Workload,
@@ -364,7 +350,7 @@ def start_corners(reduce: Callable[[RunResult], Any], model, gpu, policy, worklo
     if executor is None:
         return lambda: tuple(reduce(simulate(*args, **kw)) for kw in kws)
     futures = [executor.submit(_corner_task, reduce, args, kw) for kw in kws]
-    return lambda: tuple(_unpack(f.result()) for f in futures)
+    return lambda: tuple(f.result() for f in futures)
 
 
 def band_of(low: dict, high: dict) -> dict:

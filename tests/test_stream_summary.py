@@ -110,3 +110,14 @@ def test_summary_run_equals_the_frame_run_on_the_same_requests():
             assert lo * (1 - ACC) <= summ.summary[f"{c}_p{p}_s"] <= hi * (1 + ACC)
     with pytest.raises(ConfigError, match="requests"):
         simulate("llama-3.1-8b", "a100-80gb", NoOffload(), small_stream(), eng, requests="frame")
+
+
+def test_a_too_long_request_deep_in_a_stream_is_the_same_one_line_error():
+    """A stream's requests are checked as the feed reaches them, inside a SimPy process: SimPy re-raises a
+    failed process's error as ``type(e)(*e.args)`` (simpy/core.py), which must give the same ConfigError."""
+    engine = EngineConfig(max_model_len=3000, max_num_batched_tokens=8192)
+    with pytest.raises(ConfigError) as e:
+        simulate("llama-3.1-8b", "A100-SXM4-80GB", NoOffload(), RequestStream("sharegpt_8k", n=200, rate=5.0),
+                 engine, requests="summary", trace_steps=False)
+    assert e.value.field.endswith("prompt_len+output_len") and "at most max_model_len=3000" in str(e.value)
+    assert not str(e.value).startswith("request 0 ")  # not the first request: raised inside the process

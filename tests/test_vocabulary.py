@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offloadlab.catalog import get_model
@@ -108,3 +108,17 @@ def test_budgets_round_down_to_hundredths_of_a_gib(gib):
     b = floor_budget(gib)
     assert b <= gib + 1e-12 and gib - b < 0.01 + 1e-9 and abs(b * 100 - round(b * 100)) < 1e-6
     assert budget_for(int(gib * GiB)) == floor_budget(int(gib * GiB) / GiB)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=20), st.one_of(st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=10)),
+       st.text(max_size=20), st.one_of(st.none(), st.text(min_size=1, max_size=20)))
+def test_project_errors_rebuild_from_their_args(field, value, expected, source):
+    """pickle (a worker's error) and SimPy (a failed process) rebuild an error as type(e)(*e.args)."""
+    import pickle
+
+    from offloadlab.errors import ConfigError, UnknownNameError
+
+    for e in (ConfigError(field, value, expected, source=source), UnknownNameError("model", field, [expected])):
+        for again in (type(e)(*e.args), pickle.loads(pickle.dumps(e))):
+            assert type(again) is type(e) and str(again) == str(e) and vars(again) == vars(e)

@@ -61,8 +61,11 @@ class NoFeasiblePolicyError(OffloadLabError):
     """Some candidates fit, but none meets the constraints; ``table`` holds every candidate's row."""
 
     def __init__(self, message: str, table: pd.DataFrame):
-        super().__init__(message)
-        self.table = table
+        super().__init__(message, table)
+        self.message, self.table = message, table
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ------------------------------------------------------------------------------------------------
