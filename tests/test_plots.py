@@ -147,3 +147,25 @@ def test_the_paper_figure_without_pyplot_writes_the_bytes_savefig_writes(tmp_pat
                                               for m in ("ttft", "tpot", "e2e")}), None, [(0.0, 1, 0), (1.0, 0, 0)],
                                 pyplot=False)
     assert isinstance(bare, Figure) and set(plt.get_fignums()) == before | {fig.number}
+
+
+def test_the_painters_warm_up_draws_the_same_png(tmp_path):
+    """warm_up in a fresh process (the CLI's painter) skips matplotlib's Artist.set docstrings: the figure it
+    then writes is the same bytes as one written with matplotlib imported as usual (this process)."""
+    import json
+    import subprocess
+    import sys
+
+    from offloadlab.apps.paper import memory_rows, paper_rows
+    from offloadlab.apps.tables import as_lists
+
+    res, mem = as_lists(paper_rows(requests=8)), as_lists(memory_rows())
+    (tmp_path / "data.json").write_text(json.dumps([res, mem]))
+    plots.write_png(str(tmp_path / "here.png"), "paper_figure", res, mem, "t")
+    code = ("import json, sys; from offloadlab.apps import plots; plots.warm_up(); "
+            "from matplotlib.artist import Artist; from matplotlib.text import Text; "
+            "assert 'Supported properties' not in (Text.set.__doc__ or ''), 'the docstrings were built'; "
+            "res, mem = json.load(open(sys.argv[1])); plots.write_png(sys.argv[2], 'paper_figure', res, mem, 't')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "data.json"), str(tmp_path / "painter.png")],
+                   check=True, timeout=120)
+    assert (tmp_path / "painter.png").read_bytes() == (tmp_path / "here.png").read_bytes()

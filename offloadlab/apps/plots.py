@@ -54,13 +54,28 @@ def write_png(path: str, plot: str, *args, dpi: float = 110, **kw) -> None:
 
 
 def warm_up() -> None:
-    """Load what a first draw loads (Agg, the fonts), so that the figure that matters draws sooner."""
-    fig, ax = _subplots(figsize=(2, 1), constrained_layout=True, pyplot=False)
-    ax.bar(["a", "b"], [1.0, 2.0], label="x")
-    ax.set(title="t", ylabel="y")
-    ax.legend(fontsize=8)
-    fig.suptitle("t")
-    fig.canvas.draw()
+    """In a process that only draws (the CLI's painter): import what a figure needs (Figure, the Agg
+    canvas: most of matplotlib) and load the default font, so that the figure that matters draws sooner.
+
+    Matplotlib builds a signature and docstring for every Artist subclass's ``set`` as it defines the class
+    (matplotlib/artist.py, ``Artist.__init_subclass__`` -> ``_update_set_signature_and_docstring``): about
+    0.25 s of its 0.6 s import here, for help text a drawing process never reads. When matplotlib is not
+    imported yet, that step is skipped for the classes defined from now on; ``set`` itself still works
+    (each class inherits the generic one), and the PNG is the same bytes (tests/test_plots.py holds it).
+    No trial draw: a draw costs as much the second time (about 0.05 s here), so one made before the data
+    is time the figure then waits for."""
+    import sys
+
+    if "matplotlib.figure" not in sys.modules:
+        from matplotlib.artist import Artist
+
+        if hasattr(Artist, "_update_set_signature_and_docstring"):  # a later matplotlib may not have it
+            Artist._update_set_signature_and_docstring = classmethod(lambda cls: None)
+    from matplotlib import font_manager
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+    font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))
 
 
 def paper_figure(results, memory, title: str = "", *, pyplot: bool = True):
