@@ -1,9 +1,12 @@
 """One reader of a serving run's files (offloadlab/serving_files.py) for the simulator's workload source and
-validation's replay: the same rows, the same one-style errors, each caller's own leniency."""
+validation's replay: the same rows, the same one-style errors, each caller's own leniency; and
+`offloadlab validate <serving run>` prints and writes without pandas."""
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -174,3 +177,18 @@ def test_the_stored_run_reads_as_the_dataframe_it_was():
     df["tpot"] = (df["last_token_ts"] - df["first_token_ts"]) / np.maximum(1, df["output_len"] - 1)
     df["e2e"] = df["last_token_ts"] - df["queued_ts"]
     assert run.requests.equals(df)
+
+
+# ---- the command ----
+@pytest.mark.parametrize("extra", [[], ["--json", "{tmp}/r.json"]])
+def test_validate_of_a_serving_run_imports_no_pandas(tmp_path, extra):
+    """pandas' import is ~0.4 s of a ~1 s command: the replay prints its table and writes --json without it."""
+    argv = ["validate", str(RUN), *[a.replace("{tmp}", str(tmp_path)) for a in extra]]
+    code = ("import sys; from offloadlab.apps.cli import main; rc = main(%r); "
+            "sys.exit(10 if 'pandas' in sys.modules else rc)" % (argv,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] + ("\npandas was imported" if done.returncode == 10 else "")
+    assert "TTFT mean s" in done.stdout and "throughput req/s" in done.stdout
+    if extra:
+        doc = json.loads((tmp_path / "r.json").read_text())
+        assert len(doc["requests"]) == 300 and doc["summary"]["requests"] == 300
