@@ -109,8 +109,16 @@ def read_requests(path: str | Path, fields: Sequence[str] = REQUEST_FIELDS) -> d
     return out
 
 
+# the cells pandas' read_csv reads as missing (its default na_values): NaN in a column of numbers
+_MISSING = frozenset(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"])
+
+
 def _number(cell: str) -> float | None:
-    """A CSV cell as a number (as pandas reads one: no digit separators), else None."""
+    """A CSV cell as a number, as pandas' read_csv reads one (no digit separators; its missing-value words
+    are NaN), else None."""
+    if cell in _MISSING:
+        return math.nan
     if "_" in cell:
         return None
     try:
@@ -149,14 +157,16 @@ def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) 
         raise ConfigError("columns", header, f"distinct names ({dup!r} twice)", source=str(file))
     if not set(need) <= set(header):
         raise ConfigError("columns", sorted(header), f"at least {list(need)}", source=str(file))
+    at = {name: header.index(name) for name in need}
+    for line, cells in rows:  # the first bad cell in file order
+        for name, j in at.items():
+            v = _number(cells[j])
+            if v is None or not math.isfinite(v):
+                raise ConfigError(name, cells[j], "a finite number", source=f"{file}, line {line}")
     out: dict[str, np.ndarray] = {}
     for j, name in enumerate(header):
         cells = [r[j] for _, r in rows]
         nums = [_number(c) for c in cells]
-        if name in need:
-            for (line, _), c, v in zip(rows, cells, nums):
-                if v is None or not math.isfinite(v):
-                    raise ConfigError(name, c, "a finite number", source=f"{file}, line {line}")
         if all(v is not None for v in nums):  # integers (pandas' int64) when every cell is written as one
             ints = all(math.isfinite(v) and abs(v) <= 2**53 and v.is_integer() and not set(c.lower()) & set(".e")
                        for c, v in zip(cells, nums))

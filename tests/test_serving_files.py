@@ -142,7 +142,9 @@ cells = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(-1e6, 1e6).map(
        n=st.integers(0, 6), data=st.data())
 def test_timeseries_columns_are_pandas_own(extra, n, data):
     header = ["t", "running", "waiting", *extra]
-    rows = [[data.draw(st.sampled_from(["a", "b c"]) if c == "note" else cells) for c in header] for _ in range(n)]
+    extra_cells = cells | st.sampled_from(["", "NA", "nan"])  # missing values: NaN, as pandas reads them
+    rows = [[data.draw(st.sampled_from(["a", "b c"]) if c == "note" else extra_cells if c in extra else cells)
+             for c in header] for _ in range(n)]
     text = "\n".join(",".join(r) for r in [header, *rows]) + "\n"
     d = Path(_DIR.name) / "ts"
     d.mkdir(exist_ok=True)
@@ -154,7 +156,7 @@ def test_timeseries_columns_are_pandas_own(extra, n, data):
         mine, theirs = cols[c], frame[c].to_numpy()
         if n:  # an empty column's dtype is pandas' guess
             assert mine.dtype.kind == theirs.dtype.kind, (c, mine.dtype, theirs.dtype)
-        assert mine.tolist() == theirs.tolist()
+        np.testing.assert_array_equal(mine, theirs)
 
 
 def test_the_stored_runs_timeseries_is_read_as_pandas_reads_it():
