@@ -404,8 +404,8 @@ CASES = [
      {"p.json": profile_text(copy_slowdown=0)}, "copy_slowdown=0"),
     ("compare-profile-bad", ["compare", "--requests", "4", "--profile", "p.json"], {"p.json": BINARY}, "UTF-8"),
     # ---- serving-run directories: one reader (offloadlab/serving_files.py), one message, for both commands ----
-    *[(f"{cmd}-serving-{name}", argv + ["run"], {"run/meta.json": "{}", **({"run/requests.jsonl": rows} if rows else {})},
-       needle)
+    *[(f"{cmd}-serving-{name}", argv + ["run"],
+       {"run/meta.json": "{}", **({"run/requests.jsonl": rows} if rows else {})}, needle)
       for cmd, argv in (("run", R + ["--workload"]), ("validate", ["validate"]))
       for name, rows, needle in (
           ("no-requests", None, "run: requests.jsonl=None: expected present in the serving-run directory"),

@@ -328,8 +328,8 @@ def _predicted(res) -> dict[str, np.ndarray]:
     """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
     defines them (a one-token output's TPOT divides by 1, not NaN); ``preemptions`` beside them."""
     pred = res.columns  # in id order (sim/metrics.py request_columns)
-    return {"ttft": pred["ttft"], "tpot": (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1),
-            "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
+    tpot = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
+    return {"ttft": pred["ttft"], "tpot": tpot, "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
 
 
 def _corner_ends(n: int, res) -> dict:
