@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..fileio import atomic_write_text, host_memory_available, read_text
+from ..serving_files import read_requests
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -678,35 +679,13 @@ def from_serving_run(path: str | Path) -> Workload:
     ``requests.jsonl`` with ``input_toks``, ``output_toks`` and ``queued_ts`` per request), in file order.
 
     Arrival is ``queued_ts`` (the engine's clock; the run's TTFT and latency are measured from it) less the
-    first request's. Request ids are the rows' positions. The workload is named after the directory.
+    first request's. Request ids are the rows' positions. The workload is named after the directory. Only
+    these three fields are read and checked (offloadlab/serving_files.py): a run recorded without token
+    times still replays.
     """
-    d = Path(path)
-    src = str(d)
-    for name in ("meta.json", "requests.jsonl"):
-        if not (d / name).is_file():
-            raise ConfigError("path", src, f"a serving-run directory with {name}")
-    rows = []
-    for i, line in enumerate(read_text(d / "requests.jsonl", "JSON-lines file").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{d / 'requests.jsonl'}, line {i}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError("line", line[:60], f"a JSON object ({e.msg})", source=where) from None
-        if not isinstance(rec, dict):
-            raise ConfigError("line", line[:60], "a JSON object", source=where)
-        for key, minimum in (("input_toks", 1), ("output_toks", 1)):
-            if not _is_int(rec.get(key)) or rec[key] < minimum:
-                raise ConfigError(key, rec.get(key), f"an integer >= {minimum}", source=where)
-        q = rec.get("queued_ts")
-        if not _is_real(q) or not math.isfinite(q):
-            raise ConfigError("queued_ts", q, "a finite time in seconds", source=where)
-        rows.append((rec["input_toks"], rec["output_toks"], float(q)))
-    if not rows:
-        raise ConfigError("requests.jsonl", 0, "at least one request", source=src)
-    t0 = min(q for _, _, q in rows)
-    return Workload(d.name or "serving-run", tuple(Request(i, p, o, q - t0) for i, (p, o, q) in enumerate(rows)))
+    cols = read_requests(path, ("input_toks", "output_toks", "queued_ts"))
+    rows = zip(cols["input_toks"].tolist(), cols["output_toks"].tolist(), cols["arrival"].tolist())
+    return Workload(Path(path).name or "serving-run", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(rows)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 field, the value and what was expected, no traceback, and no new file (issue 16's reliability targets).
 
 Each case runs ``offloadlab.apps.cli.main`` in-process in an empty directory holding only the files the case
-writes; the directory must hold exactly those afterwards. Serving-run directories (issue 12) are not here.
+writes; the directory must hold exactly those afterwards. Serving-run directories: here, the requests.jsonl
+rows both readers share (``run --workload DIR`` and ``validate DIR`` give the same line); the rest of issue 12's
+cases in test_serving_run.py.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ PROBE = json.loads((ROOT / "validation" / "traces" / "h100_llama8b_probe.json").
 LATIN1 = "models:\n  caf\xe9-7b: {base: llama-3.1-8b}\n".encode("latin-1")
 BINARY = bytes(range(256)) * 4
 GOOD_WL = "prompt_len,output_len\n100,10\n"
+SERVING_ROW = ('{"request_id": "a", "input_toks": 5, "output_toks": 2, "queued_ts": 1.0, "first_token_ts": 2.0, '
+               '"last_token_ts": 3.0}')
 
 
 def probe(edit=None, text=None) -> str:
@@ -399,6 +403,19 @@ CASES = [
     ("optimize-profile-bad", ["optimize", "--requests", "4", "--quiet", "--profile", "p.json"],
      {"p.json": profile_text(copy_slowdown=0)}, "copy_slowdown=0"),
     ("compare-profile-bad", ["compare", "--requests", "4", "--profile", "p.json"], {"p.json": BINARY}, "UTF-8"),
+    # ---- serving-run directories: one reader (offloadlab/serving_files.py), one message, for both commands ----
+    *[(f"{cmd}-serving-{name}", argv + ["run"],
+       {"run/meta.json": "{}", **({"run/requests.jsonl": rows} if rows else {})}, needle)
+      for cmd, argv in (("run", R + ["--workload"]), ("validate", ["validate"]))
+      for name, rows, needle in (
+          ("no-requests", None, "run: requests.jsonl=None: expected present in the serving-run directory"),
+          ("empty", "\n", "run/requests.jsonl: rows=0: expected at least one request"),
+          ("not-json", SERVING_ROW + "\n{oops\n", "run/requests.jsonl, line 2: row='{oops': expected a JSON object"),
+          ("zero-output", SERVING_ROW + "\n" + SERVING_ROW.replace('"output_toks": 2', '"output_toks": 0') + "\n",
+           "run/requests.jsonl, line 2: output_toks=0: expected an integer >= 1"),
+          ("queued-nan", SERVING_ROW.replace('"queued_ts": 1.0', '"queued_ts": NaN') + "\n",
+           "run/requests.jsonl, line 1: queued_ts=nan: expected a finite time in seconds"),
+          ("binary", BINARY, "run/requests.jsonl'"))],
 ]
 
 

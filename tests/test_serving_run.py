@@ -68,21 +68,37 @@ def _error(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("break_it,needle", [
-    (lambda d: (d / "meta.json").unlink(), "meta.json"),
-    (lambda d: (d / "requests.jsonl").unlink(), "requests.jsonl"),
-    (lambda d: (d / "requests.jsonl").write_text('{"request_id": "x", "input_toks": 5, "output_toks": 2, '
-                                                  '"queued_ts": 1.0, "first_token_ts": 2.0}\n'), "last_token_ts"),
-    (lambda d: (d / "requests.jsonl").write_text('{"request_id": "x", "input_toks": 5, "output_toks": 2, '
-                                                  '"queued_ts": 1.0, "first_token_ts": 2.0, "last_token_ts": 1.5}\n'),
-     "last_token_ts=1.5: expected >= first_token_ts"),
-    (lambda d: (d / "requests.jsonl").write_text('{"request_id": "x", "input_toks": 0, "output_toks": 2, '
-                                                  '"queued_ts": 1.0, "first_token_ts": 2.0, "last_token_ts": 3}\n'),
-     "input_toks"),
+ROW = '{"request_id": "x", "input_toks": 5, "output_toks": 2, "queued_ts": 1.0, "first_token_ts": 2.0'
+
+
+@pytest.mark.parametrize("break_it,needle", [  # one style: file[, line]: field=value: expected ...
+    (lambda d: (d / "meta.json").unlink(), "run: meta.json=None: expected present in the serving-run directory"),
+    (lambda d: (d / "requests.jsonl").unlink(), "run: requests.jsonl=None: expected present"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW + "}\n"),
+     "requests.jsonl, line 1: last_token_ts=None: expected present"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW + ', "last_token_ts": 1.5}\n'),
+     "requests.jsonl, line 1: last_token_ts=1.5: expected >= first_token_ts (2.0)"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW.replace('"first_token_ts": 2.0', '"first_token_ts": 0.5')
+                                                  + ', "last_token_ts": 3}\n'),
+     "requests.jsonl, line 1: first_token_ts=0.5: expected >= queued_ts (1.0)"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW.replace('"input_toks": 5', '"input_toks": 0')
+                                                  + ', "last_token_ts": 3}\n'),
+     "requests.jsonl, line 1: input_toks=0: expected an integer >= 1"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW + ', "last_token_ts": 3}\n\n' + ROW + ', "last_token_ts": 4}\n'),
+     "requests.jsonl, line 3: request_id='x': expected unique (line 1 has it too)"),
+    (lambda d: (d / "requests.jsonl").write_text(ROW + ', "last_token_ts": 3}\n[1]\n'),
+     "requests.jsonl, line 2: row='[1]': expected a JSON object"),
+    (lambda d: (d / "requests.jsonl").write_text("\n \n"), "requests.jsonl: rows=0: expected at least one request"),
     (lambda d: (d / "timeseries.csv").write_bytes(b"\xff\xfe"), "UTF-8"),
-    (lambda d: (d / "timeseries.csv").write_text("t,running\n1,2\n"), "timeseries.csv columns"),
-    (lambda d: (d / "timeseries.csv").write_text("t,running,waiting\n1,2,x\n"), "timeseries.csv line 2: waiting"),
-    (lambda d: (d / "timeseries.csv").write_text('t,running,waiting\n1,2,3\n"open'), "a CSV table"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running\n1,2\n"),
+     "timeseries.csv: columns=['running', 't']: expected at least ['t', 'running', 'waiting']"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running,waiting\n1,2,x\n"),
+     "timeseries.csv, line 2: waiting='x': expected a finite number"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running,waiting\n1,2,3\n\n2,3\n"),
+     "timeseries.csv, line 4: waiting='': expected a finite number"),
+    (lambda d: (d / "timeseries.csv").write_text("t,running,waiting\n1,2,3,4\n"),
+     "timeseries.csv, line 2: row='1,2,3,4': expected at most 3 cells"),
+    (lambda d: (d / "timeseries.csv").write_text('t,running,waiting\n1,2,3\n"open'), "expected a CSV table"),
 ])
 def test_bad_run_directory_is_one_line(tmp_path, capsys, break_it, needle):
     d = small_run(tmp_path)

@@ -1,9 +1,12 @@
 """Trace against trace: the same step, simulated and measured, compared lane by lane."""
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..trace import Trace
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _merged(trace: Trace, lane: str, kinds: tuple[str, ...]) -> list[tuple[float, float]]:
@@ -47,6 +50,8 @@ def trace_metrics(trace: Trace) -> dict[str, float]:
 
 def compare_traces(simulated: Trace, measured: Trace) -> pd.DataFrame:
     """One row per metric: simulated, measured, and relative error (simulated / measured - 1)."""
+    import pandas as pd
+
     s, m = trace_metrics(simulated), trace_metrics(measured)
     df = pd.DataFrame({"metric": list(s), "simulated": list(s.values()), "measured": [m[k] for k in s]})
     df["error"] = df["simulated"] / df["measured"].where(df["measured"] != 0) - 1

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..catalog import get_gpu, get_model, gpu_for_device
 from ..errors import ConfigError, OffloadLabError
@@ -28,6 +27,9 @@ from ..profile import PROBE_POLICIES as POLICIES, PROBE_ROW_FIELDS as ROW_FIELDS
 from ..sim import StepShape, cost_model, simulate_layers
 from ..sim.costs import Corner
 from ..specs import HardwareSpec, ModelSpec
+
+if TYPE_CHECKING:  # the predictions are DataFrames; pandas is imported when one is made, not with the module
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ def predict_probe(probe: ProbeFile | str | Path, source: Profile | tuple[Profile
     ``source``: calibrate from these Profiles instead of the file's own components (every row is then
     a prediction); ``()``: from the datasheet roofline alone. ``rows_of``: predict only rows whose (B, T, C) is in this set.
     """
+    import pandas as pd
+
     if not isinstance(probe, ProbeFile):
         probe = ProbeFile.load(probe)
     profile = probe.profile() if source is None else (source or None)  # (): no source, the datasheet alone
@@ -121,6 +125,8 @@ def leave_one_shape_out(probe: ProbeFile | str | Path, **cost_kw) -> pd.DataFram
                 "layer": [r for r in d["layer"] if (r["B"], r["T"], r["C"]) != sh]}
         src = Profile.from_probe_data(kept, f"{probe.path} without B={sh[0]} T={sh[1]} C={sh[2]}")
         frames.append(predict_probe(probe, source=src, rows_of={sh}, **cost_kw))
+    import pandas as pd
+
     return pd.concat(frames, ignore_index=True)
 
 

@@ -15,22 +15,23 @@ engine_kwargs leaves unset) and compares request by request.
 """
 from __future__ import annotations
 
-import json
-import math
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from ..catalog import get_gpu, get_model, gpu_for_device, model_names
-from ..checks import is_int, is_number
-from ..errors import ConfigError, OffloadLabError, UnknownNameError
-from ..fileio import read_json_object, read_text
+from ..errors import ConfigError, UnknownNameError
+from ..fileio import read_json_object
+from ..serving_files import check_run_dir, read_requests, read_timeseries
 from ..specs import HardwareSpec, ModelSpec
 
-REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
+if TYPE_CHECKING:
+    import pandas as pd
+
 # engine_kwargs (vLLM's EngineArgs names) -> EngineConfig fields / vllm_engine settings
 ENGINE_KWARGS = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
                  "max_model_len": "max_model_len", "gpu_memory_utilization": "gpu_memory_utilization",
@@ -66,10 +67,29 @@ def is_serving_run(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class ServingRun:
+    """A serving run as read: ``columns`` (numpy arrays in file order: request_id, prompt_len, output_len,
+    queued_ts, first_token_ts, last_token_ts, arrival, and the measured ttft, tpot, e2e) and, when the run
+    has one, ``timeseries_columns`` (timeseries.csv's columns); ``requests`` and ``timeseries`` are the same
+    as DataFrames, made when first asked for (a replay's printed summary needs no pandas)."""
+
     path: Path
     meta: dict
-    requests: pd.DataFrame  # file order: request_id, prompt_len, output_len, arrival, measured ttft/tpot/e2e
-    timeseries: pd.DataFrame | None = field(default=None, compare=False)
+    columns: dict = field(repr=False)
+    timeseries_columns: dict | None = field(default=None, compare=False, repr=False)
+
+    @functools.cached_property
+    def requests(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.columns)
+
+    @functools.cached_property
+    def timeseries(self) -> pd.DataFrame | None:
+        if self.timeseries_columns is None:
+            return None
+        import pandas as pd
+
+        return pd.DataFrame(self.timeseries_columns)
 
     @property
     def vllm_version(self) -> str | None:
@@ -96,87 +116,21 @@ class ServingRun:
         return self.meta.get("resolved_config") or {}
 
 
-def _num(row: dict, key: str, i: int, src: str, integer: bool = False, minimum: float | None = None):
-    v = row[key]
-    ok = is_int(v) if integer else is_number(v)
-    if not ok or not math.isfinite(v) or (minimum is not None and v < minimum):
-        kind = "an integer" if integer else "a finite number"
-        raise ConfigError(f"requests.jsonl line {i + 1}: {key}", v,
-                          f"{kind}{'' if minimum is None else f' >= {minimum}'}", source=src)
-    return v
-
-
 def load_serving_run(path: str | Path) -> ServingRun:
-    """Read and check a run directory; every problem is one ConfigError naming the file, line and field."""
-    d = Path(path)
-    if not d.is_dir():
-        raise ConfigError("serving run", str(d), "a directory holding meta.json and requests.jsonl")
-    for name in ("meta.json", "requests.jsonl"):
-        if not (d / name).is_file():
-            raise ConfigError(name, None, f"present in the serving-run directory {d}")
-    src = str(d / "meta.json")
+    """Read and check a run directory (offloadlab/serving_files.py: every field of every request, and
+    timeseries.csv); every problem is one ConfigError naming the file, line and field."""
+    d = check_run_dir(path)
     meta = read_json_object(d / "meta.json", "meta.json")
     kw = meta.get("engine_kwargs")
     if kw is not None and not isinstance(kw, dict):
-        raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=src)
-    src = str(d / "requests.jsonl")
-    rows = []
-    for i, line in enumerate(read_text(d / "requests.jsonl", "JSON-lines file").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"requests.jsonl line {i + 1}", line[:60], f"a JSON object ({e.msg})", source=src) from None
-        if not isinstance(r, dict):
-            raise ConfigError(f"requests.jsonl line {i + 1}", r, "a JSON object", source=src)
-        missing = [f for f in REQUEST_FIELDS if f not in r]
-        if missing:
-            raise ConfigError(f"requests.jsonl line {i + 1}: {missing[0]}", None, "present", source=src)
-        prompt = _num(r, "input_toks", i, src, integer=True, minimum=1)
-        output = _num(r, "output_toks", i, src, integer=True, minimum=1)
-        q, f, last = (_num(r, k, i, src) for k in ("queued_ts", "first_token_ts", "last_token_ts"))
-        if f < q:
-            raise ConfigError(f"requests.jsonl line {i + 1}: first_token_ts", f, f">= queued_ts ({q})", source=src)
-        if last < f:
-            raise ConfigError(f"requests.jsonl line {i + 1}: last_token_ts", last, f">= first_token_ts ({f})",
-                              source=src)
-        rows.append((str(r["request_id"]), prompt, output, q, f, last))
-    if not rows:
-        raise ConfigError("requests.jsonl", "empty", "one row per request", source=src)
-    df = pd.DataFrame(rows, columns=["request_id", "prompt_len", "output_len", "queued_ts", "first_token_ts",
-                                     "last_token_ts"])
-    dup = df["request_id"][df["request_id"].duplicated()]
-    if len(dup):
-        raise ConfigError("requests.jsonl: request_id", dup.iloc[0], "unique", source=src)
-    t0 = df["queued_ts"].min()
-    df["arrival"] = df["queued_ts"] - t0
-    df["ttft"] = df["first_token_ts"] - df["queued_ts"]
-    df["tpot"] = (df["last_token_ts"] - df["first_token_ts"]) / np.maximum(1, df["output_len"] - 1)
-    df["e2e"] = df["last_token_ts"] - df["queued_ts"]
-    ts = None
-    if (d / "timeseries.csv").is_file():
-        ts = _timeseries(d / "timeseries.csv")
-    return ServingRun(d, meta, df, ts)
-
-
-def _timeseries(path: Path) -> pd.DataFrame:
-    """timeseries.csv: one row per tick with at least t, running and waiting, all numbers."""
-    import io
-
-    need = ["t", "running", "waiting"]
-    try:
-        ts = pd.read_csv(io.StringIO(read_text(path, "CSV file")))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise ConfigError("timeseries.csv", str(e).splitlines()[0][:80], "a CSV table", source=str(path)) from None
-    if not set(need) <= set(ts.columns):
-        raise ConfigError("timeseries.csv columns", sorted(map(str, ts.columns)), f"at least {need}", source=str(path))
-    for col in need:
-        bad = ts[col][~ts[col].map(lambda v: is_number(v) and math.isfinite(v))]
-        if len(bad):
-            raise ConfigError(f"timeseries.csv line {bad.index[0] + 2}: {col}", bad.iloc[0], "a finite number",
-                              source=str(path))
-    return ts
+        raise ConfigError("engine_kwargs", kw, "an object of vLLM engine arguments", source=str(d / "meta.json"))
+    raw = read_requests(d)
+    q, first, last, n = raw["queued_ts"], raw["first_token_ts"], raw["last_token_ts"], raw["output_toks"]
+    cols = {"request_id": raw["request_id"], "prompt_len": raw["input_toks"], "output_len": n, "queued_ts": q,
+            "first_token_ts": first, "last_token_ts": last, "arrival": raw["arrival"],
+            # as shared/data/README.md defines them (a one-token output's TPOT divides by 1)
+            "ttft": first - q, "tpot": (last - first) / np.maximum(1, n - 1), "e2e": last - q}
+    return ServingRun(d, meta, cols, read_timeseries(d))
 
 
 def serving_requests(path: str | Path | ServingRun) -> list[dict]:
@@ -184,7 +138,7 @@ def serving_requests(path: str | Path | ServingRun) -> list[dict]:
     first request was queued), in file order."""
     run = path if isinstance(path, ServingRun) else load_serving_run(path)
     cols = ["request_id", "prompt_len", "output_len", "arrival"]
-    return [dict(zip(cols, (r[0], int(r[1]), int(r[2]), float(r[3])))) for r in run.requests[cols].itertuples(index=False)]
+    return [dict(zip(cols, r)) for r in zip(*(run.columns[c].tolist() for c in cols))]
 
 
 def workload_of(run: ServingRun):
@@ -305,19 +259,27 @@ def engine_settings(run: ServingRun) -> dict:
 
 @dataclass
 class ServingComparison:
-    """Measured vs predicted, request by request (``requests``) and summed up (``summary``)."""
+    """Measured vs predicted, request by request (``columns``: numpy arrays in file order; ``requests``: the
+    same as a DataFrame, made when first asked for) and summed up (``summary``)."""
 
     run: ServingRun
     model: ModelSpec
     gpu: HardwareSpec
     engine: object
-    requests: pd.DataFrame
+    columns: dict = field(repr=False)
     summary: dict
     result: object  # the sim RunResult
 
+    @functools.cached_property
+    def requests(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame(self.columns)
+
     def json_dict(self) -> dict:
         cols = ["request_id"] + [f"{w}_{m}_s" for m in METRICS for w in ("measured", "predicted")]
-        return {"requests": self.requests[cols].to_dict("records"), "summary": self.summary}
+        return {"requests": [dict(zip(cols, r)) for r in zip(*(self.columns[c].tolist() for c in cols))],
+                "summary": self.summary}
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -365,10 +327,9 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
 def _predicted(res) -> dict[str, np.ndarray]:
     """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
     defines them (a one-token output's TPOT divides by 1, not NaN); ``preemptions`` beside them."""
-    pred = res.requests.sort_values("id").reset_index(drop=True)
-    return {"ttft": pred["ttft"].to_numpy(),
-            "tpot": ((pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)).to_numpy(),
-            "e2e": pred["e2e"].to_numpy(), "preemptions": pred["preemptions"].to_numpy()}
+    pred = res.columns  # in id order (sim/metrics.py request_columns)
+    tpot = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
+    return {"ttft": pred["ttft"], "tpot": tpot, "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
 
 
 def _corner_ends(n: int, res) -> dict:
@@ -395,29 +356,26 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     plan = run if isinstance(run, ReplayPlan) else plan_replay(run, **resolve)
     run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
     wl = workload_of(run)
-    corners = start_corners(partial(_corner_ends, len(run.requests)), m, hw, None, wl, eng, profile=plan.profile,
+    n = len(run.columns["request_id"])
+    corners = start_corners(partial(_corner_ends, n), m, hw, None, wl, eng, profile=plan.profile,
                             cost_kw=plan.cost_kw, executor=executor) if band else None
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
     pred = _predicted(res)
-    meas = run.requests.reset_index(drop=True)
-    rows = pd.DataFrame({"request_id": meas["request_id"], "prompt_len": meas["prompt_len"],
-                         "output_len": meas["output_len"], "arrival_s": meas["arrival"]})
-    for mtr in METRICS:
-        rows[f"measured_{mtr}_s"] = meas[mtr]
-    for mtr in METRICS:
-        rows[f"predicted_{mtr}_s"] = pred[mtr]
-    rows["predicted_preemptions"] = pred["preemptions"]
+    meas = run.columns
+    rows = {"request_id": meas["request_id"], "prompt_len": meas["prompt_len"], "output_len": meas["output_len"],
+            "arrival_s": meas["arrival"], **{f"measured_{mtr}_s": meas[mtr] for mtr in METRICS},
+            **{f"predicted_{mtr}_s": pred[mtr] for mtr in METRICS}, "predicted_preemptions": pred["preemptions"]}
     summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
-                     "scheduler": eng.scheduler, "requests": len(rows)}
+                     "scheduler": eng.scheduler, "requests": n}
     for mtr in METRICS:
         for who in ("measured", "predicted"):
-            for k, v in _stats(rows[f"{who}_{mtr}_s"].to_numpy()).items():
+            for k, v in _stats(rows[f"{who}_{mtr}_s"]).items():
                 summary[f"{who}_{mtr}_{k}_s"] = v
     makespan_m = float(meas["last_token_ts"].max() - meas["queued_ts"].min())
     makespan_p = float(res.summary["makespan_s"])
     out_tokens = int(meas["output_len"].sum())
     summary.update(measured_makespan_s=makespan_m, predicted_makespan_s=makespan_p,
-                   measured_throughput_rps=len(rows) / makespan_m, predicted_throughput_rps=len(rows) / makespan_p,
+                   measured_throughput_rps=n / makespan_m, predicted_throughput_rps=n / makespan_p,
                    measured_output_tok_s=out_tokens / makespan_m, predicted_output_tok_s=out_tokens / makespan_p,
                    measured_kv_blocks=run.measured_kv_blocks, predicted_kv_blocks=res.memory.kv_blocks,
                    predicted_preemptions=int(res.summary["preemptions"]),

@@ -563,8 +563,6 @@ def _report_probe(a, f: str, probe, source):
 
 
 def cmd_validate(a) -> None:
-    import pandas as pd
-
     from ..profile import load_profiles
     from ..validation import ProbeFile, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
@@ -597,6 +595,8 @@ def cmd_validate(a) -> None:
             out = [c.json_dict() for c in replays]
             a.outputs.write_text(a.json, json.dumps(out[0] if len(out) == 1 else out, indent=1, default=float))
         else:
+            import pandas as pd  # probe rows are DataFrames (a serving run's replay prints and writes without pandas)
+
             a.outputs.write_text(a.json, pd.concat(frames).to_json(orient="records", indent=1))
     if a.plot:
         from .plots import predicted_vs_measured, save_png, serving_replay  # matplotlib: only when plotting
@@ -611,6 +611,8 @@ def cmd_validate(a) -> None:
             a.outputs.write(path, lambda fh, fig=fig: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {path}")
         if frames:
+            import pandas as pd
+
             fig = predicted_vs_measured(pd.concat(frames), "step time: simulator vs measured", pyplot=False)
             a.outputs.write(a.plot, lambda fh: save_png(fig, fh, dpi=110), binary=True)
             print(f"wrote {a.plot}")
