@@ -311,3 +311,21 @@ def test_a_signal_while_the_temp_file_is_made_leaves_no_temp_file(tmp_path, monk
     finally:
         stop.set()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_command_that_fails_as_its_band_workers_start_never_hangs():
+    """A run whose simulation fails at once (here: more pipeline stages than layers) kills its band workers
+    while they are being forked. With SIGTERM, one in about 300 such runs left a worker alive, blocked on
+    the task queue's lock its killed sibling held, and the pool's shutdown waited on it for ever; the
+    workers are SIGKILLed now (apps/pool.py OwnPool.kill). 600 runs in a child process with a time limit:
+    a hang is a failure here, not a stuck test run."""
+    code = ("import io, contextlib; from offloadlab.apps.cli import main\n"
+            "for i in range(600):\n"
+            "    with contextlib.redirect_stderr(io.StringIO()):\n"
+            "        rc = main(['run', '--requests', '4', '--model', 'llama-3.2-1b', '-pp', '17'])\n"
+            "    assert rc == 2, (i, rc)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a failing run's pool shutdown hung")
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -39,8 +39,8 @@ def process_pool(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -
 
 
 class OwnPool:
-    """A process pool this command creates and ends: shut down when done, its workers killed at once
-    on Ctrl-C or SIGTERM. Its workers are the child processes started after it was made
+    """A process pool this command creates and ends: shut down when done, its workers killed (SIGKILL) at
+    once on Ctrl-C, SIGTERM or an error. Its workers are the child processes started after it was made
     (``multiprocessing.active_children``; Python >= 3.14: ``terminate_workers``)."""
 
     def __init__(self, workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)):
@@ -51,15 +51,21 @@ class OwnPool:
         self.pool = process_pool(workers, preload)
 
     def kill(self) -> None:
+        """SIGKILL every worker. Not SIGTERM: a worker forked a moment ago still has the parent's SIGTERM
+        handler until ``worker_init`` runs, and one that outlived its signal blocked for ever on the task
+        queue's lock that a killed sibling held, so ``close`` waited on it for ever (about 1 run in 300
+        of a command that failed as its band workers started; tests/test_reliability.py). A worker has
+        nothing of its own to clean up either way: its outputs are the parent's staged files."""
         import multiprocessing as mp
+        import signal
 
         stop = getattr(self.pool, "terminate_workers", None)  # Python >= 3.14
         if stop is not None:
-            stop()
+            stop(signal.SIGKILL)
             return
         for proc in mp.active_children():
             if proc not in self._before:
-                proc.terminate()
+                proc.kill()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
