@@ -389,13 +389,8 @@ class ServingLoop:
         if len(done) > 1:
             done.sort(key=lambda s: s.adm)
         now = self.env.now
-        for s in done:  # _sample's end of a request
-            s.finish = now
-            self._release(s)
-            self.running.remove(s)
-            self.feed.finished()
-            if self.sink is not None:
-                self.sink(s)
+        for s in done:
+            self._finish(s, now)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -466,12 +461,16 @@ class ServingLoop:
         if math.isnan(s.first):
             s.first = now
         if s.generated >= s.output_len:
-            s.finish = now
-            self._release(s)
-            self.running.remove(s)
-            self.feed.finished()
-            if self.sink is not None:
-                self.sink(s)
+            self._finish(s, now)
+
+    def _finish(self, s: _Seq, now: float) -> None:
+        """``s`` has its last token at ``now``: its blocks freed, its client slot returned, handed on."""
+        s.finish = now
+        self._release(s)
+        self.running.remove(s)
+        self.feed.finished()
+        if self.sink is not None:
+            self.sink(s)
 
     def _decode_run(self):
         """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
