@@ -425,9 +425,16 @@ class ServingLoop:
         """Schedule and run steps until every request is served; waits (forever, once the feed is
         dry: SimPy then stops) when there is nothing to do."""
         env = self.env
+        # the only engine the feed serves: every request it has handed over is taken at once, without a get
+        # event each (the feed hands a same-instant burst over whole: Feed._arrivals)
+        alone = self.feed.bursts and self.pipeline is None and len(self.feed.engines) == 1
+        arrived = self.arrived
         while True:
-            while self.arrived.items:
-                self.waiting.append((yield self.arrived.get()))
+            if alone and arrived.items:
+                self.waiting.extend(arrived.items)
+                arrived.items.clear()
+            while arrived.items:
+                self.waiting.append((yield arrived.get()))
             batch = self._schedule()
             if not batch:
                 if self.running or (self.waiting and not self.feed.more_coming()):  # nothing fits, nothing will
@@ -675,6 +682,10 @@ class Feed:
     around each request in vllm/benchmarks/serve.py): a request that is due waits, in arrival order, until
     fewer than that many sent requests are unfinished; ``_Seq.sent`` records when it went out."""
 
+    # hand requests that arrive at one instant to a lone engine as one burst (False: one event each, as
+    # before; tests/test_serving.py holds the two to the same results)
+    bursts = True
+
     def __init__(self, env: simpy.Environment, seqs, engines: list[ServingLoop],
                  max_concurrency: int | None = None):
         """``seqs``: a list (sorted here), or any iterable already in (arrival, id) order (a stream:
@@ -699,7 +710,14 @@ class Feed:
                                   "a stream in (arrival, id) order")
             engines = self.engines
             target = engines[0] if len(engines) == 1 else min(engines, key=lambda e: e.unfinished)
-            yield target.arrived.put(s)
+            put = target.arrived.put(s)  # an unbounded Store: the request is in its items now
+            if (self.bursts and self.slots is None and len(engines) == 1 and nxt is not None
+                    and nxt.req.arrival <= self.env.now):
+                # the next request arrives at this same instant: hand the burst over whole. Waiting for each
+                # put let the engine take one request per event, but it took them all before scheduling
+                # anyway (each put came before its next look), so the engine sees the same burst
+                continue
+            yield put
 
     def finished(self) -> None:
         """A request completed: its client slot is free."""

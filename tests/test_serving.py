@@ -571,3 +571,35 @@ def test_chunked_prefill_preempts_instead_of_stalling():
     assert loop.preemptions >= 1 and loop.free_blocks == loop.total_blocks
     for t0, t1, kind, n in loop.steps:
         assert n >= 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(1, 1500), st.integers(1, 300), st.sampled_from([0.0, 0.0, 0.5, 1.25, 3.0])),
+                min_size=1, max_size=60),
+       st.sampled_from(["v0", "v0-chunked", "v1"]), st.sampled_from([None, 7]))
+def test_a_burst_handed_over_whole_serves_as_one_handed_over_request_by_request(reqs, engine, limit):
+    """Requests that arrive at one instant go to a lone engine as one burst (Feed.bursts); one event per
+    request, as before, gives the same run but for the event count: the engine took every request already
+    handed over before it scheduled, at t=0 and at later ties alike (a step may end at that instant)."""
+    from offloadlab.sim.serving import Feed
+
+    reqs = sorted(reqs, key=lambda r: r[2])
+    wl = Workload("ties", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)), max_concurrency=limit)
+    eng = {"v0": EngineConfig(max_num_batched_tokens=2048, max_model_len=2048),
+           "v0-chunked": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True),
+           "v1": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True,
+                              scheduler="v1", prefix_caching=True)}[engine]
+    runs = []
+    for bursts in (True, False):
+        Feed.bursts = bursts
+        try:
+            runs.append(simulate("llama-3.1-8b", "A100-SXM4-40GB", interval(2), wl, eng, trace_steps=True))
+        finally:
+            Feed.bursts = True
+    whole, one_by_one = runs
+    assert whole.steps == one_by_one.steps
+    pd.testing.assert_frame_equal(whole.requests, one_by_one.requests)
+    assert whole.summary["simpy_events"] <= one_by_one.summary["simpy_events"]
+    for k, v in whole.summary.items():
+        if k not in ("wall_s", "simpy_events"):
+            assert v == one_by_one.summary[k] or (v != v and one_by_one.summary[k] != one_by_one.summary[k]), k
