@@ -37,6 +37,7 @@ is an error naming the field to add.
 from __future__ import annotations
 
 import json
+import io
 import os
 import re
 import statistics
@@ -45,7 +46,7 @@ from pathlib import Path
 
 from .checks import is_int as _int, is_positive as _positive
 from .errors import ConfigError, OffloadLabError
-from .fileio import atomic_write_json, load_mapping
+from .fileio import atomic_write_json, load_mapping, read_text
 from .policy import NoOffload, Placement, copy_prefix, interval
 from .specs import HardwareSpec, ModelSpec
 
@@ -248,7 +249,8 @@ class Profile:
     def describe(self) -> str:
         """'H100 8B' style: the GPU's catalog family and the model, for one-line messages."""
         try:
-            gpu = self.source_gpu().name.split("-")[0]
+            parts = self.source_gpu().name.split("-")
+            gpu = "-".join(parts[:2]) if parts[0] == "RTX" else parts[0]  # "RTX-4090", not "RTX"
         except OffloadLabError:
             gpu = self.gpu or "?"
         return f"{gpu} {self.model or 'unnamed-model'}"
@@ -264,7 +266,10 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
-        """A Profile file, a probe file, or Vidur's profiling CSVs (a directory or one .csv file)."""
+        """A Profile file, a probe file, LLMServingSim's profile bundle (a directory with meta.yaml), or
+        Vidur's profiling CSVs (a directory or one .csv file)."""
+        if Path(path).is_dir() and (Path(path) / "meta.yaml").is_file():
+            return cls.from_llmservingsim(path)
         if Path(path).is_dir() or Path(path).suffix == ".csv":
             return cls.from_vidur(path)
         d = load_mapping(path)
@@ -395,6 +400,60 @@ class Profile:
         return cls(kernels=tuple(sorted(kernels)), allreduce=tuple(sorted(allreduce)), model=name, gpu=gpu,
                    model_shape=tuple(sorted(shape.items())) if shape and not name else (),
                    layers=0, meta={"source": str(p), "from": "vidur"})
+
+    @classmethod
+    def from_llmservingsim(cls, path: str | Path) -> "Profile":
+        """LLMServingSim's profile bundle of one model on one GPU (casys-kaist/LLMServingSim,
+        profiler/perf/<hardware>/<model>/<variant>/, written by its profiler under vLLM): ``meta.yaml``
+        (the GPU's device name, the model's Hugging Face id and shape overrides) and ``tp1/dense.csv``
+        (``layer,tokens,time_us``: one decoder layer's operators by token count). The four GEMMs keep
+        their names (qkv_proj, o_proj, gate_up_proj, down_proj); elementwise work is layernorm twice
+        (before attention and before the MLP, each with its residual add fused, as vLLM's Llama runs it)
+        + rotary_emb + act_fn. attention.csv and per_sequence.csv are not read: attention stays on the
+        datasheet (as with Vidur's kernels)."""
+        import csv
+
+        from .catalog import gpu_for_device
+
+        d = Path(path)
+        meta = load_mapping(d / "meta.yaml")
+        src = str(d / "meta.yaml")
+        device, hf, over = meta.get("gpu"), meta.get("model"), meta.get("engine_effective", {}).get("hf_overrides")
+        if not isinstance(device, str) or not device:
+            raise ConfigError("gpu", device, "the device name the profiler recorded", source=src)
+        if not isinstance(over, dict):
+            raise ConfigError("engine_effective.hf_overrides", over, "the model's shape (a mapping)", source=src)
+        shape = {"heads": over.get("num_attention_heads"), "kv_heads": over.get("num_key_value_heads"),
+                 "intermediate": over.get("intermediate_size"), "vocab": over.get("vocab_size"),
+                 "weight_bytes": 2 if meta.get("variant") in ("bf16", "fp16") else None}
+        name = _model_from_shape(shape) if all(_int(v, 1) for v in shape.values()) else ""
+        if not name:
+            raise ConfigError("model", hf, f"a catalog model of this shape ({shape})", source=src)
+        f = d / "tp1" / "dense.csv"
+        if not f.is_file():
+            raise ConfigError("tp1/dense.csv", None, "present in the profile bundle", source=str(d))
+        times: dict[int, dict[str, float]] = {}
+        for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
+            try:
+                op, tokens, us = row["layer"], int(row["tokens"]), float(row["time_us"])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"line {i}", dict(row), "layer, tokens (an integer), time_us (a number)",
+                                  source=str(f)) from None
+            if not (_int(tokens, 1) and _positive(us)):
+                raise ConfigError(f"line {i}", dict(row), "tokens >= 1 and time_us > 0", source=str(f))
+            times.setdefault(tokens, {})[op] = us / 1e6
+        parts = {**{op: ((op, 1),) for op in GEMM_OPS},
+                 "elementwise": (("layernorm", 2), ("rotary_emb", 1), ("act_fn", 1))}
+        kernels = []
+        for tokens, ops in sorted(times.items()):
+            for op, terms in parts.items():
+                if all(k in ops for k, _ in terms):
+                    kernels.append((op, tokens, 1, sum(ops[k] * n for k, n in terms)))
+        if not kernels:
+            raise ConfigError("tp1/dense.csv", str(f), f"rows of {', '.join(GEMM_OPS)}", source=str(d))
+        return cls(kernels=tuple(sorted(kernels)), model=name, gpu=gpu_for_device(device).name, layers=0,
+                   meta={"source": str(d), "from": "llmservingsim", "vllm_version": str(meta.get("vllm_version", "")),
+                         "device": device})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
