@@ -429,28 +429,40 @@ class Profile:
         name = _model_from_shape(shape) if all(_int(v, 1) for v in shape.values()) else ""
         if not name:
             raise ConfigError("model", hf, f"a catalog model of this shape ({shape})", source=src)
+        # the profiler's current table (dense.csv: fused GEMMs, time_us), else its first one (layers.csv:
+        # q/k/v and gate/up apart, one row per operator and token count at kv_cache 0, latency in ns)
         f = d / "tp1" / "dense.csv"
-        if not f.is_file():
-            raise ConfigError("tp1/dense.csv", None, "present in the profile bundle", source=str(d))
-        times: dict[int, dict[str, float]] = {}
-        for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
-            try:
-                op, tokens, us = row["layer"], int(row["tokens"]), float(row["time_us"])
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"line {i}", dict(row), "layer, tokens (an integer), time_us (a number)",
-                                  source=str(f)) from None
-            if not (_int(tokens, 1) and _positive(us)):
-                raise ConfigError(f"line {i}", dict(row), "tokens >= 1 and time_us > 0", source=str(f))
-            times.setdefault(tokens, {})[op] = us / 1e6
+        cols = ("layer", "tokens", "time_us", 1e6)
         parts = {**{op: ((op, 1),) for op in GEMM_OPS},
                  "elementwise": (("layernorm", 2), ("rotary_emb", 1), ("act_fn", 1))}
+        if not f.is_file() and (d / "tp1" / "layers.csv").is_file():
+            f = d / "tp1" / "layers.csv"
+            cols = ("layer_name", "input", "latency(ns)", 1e9)
+            parts = {"qkv_proj": (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)), "o_proj": (("o_proj", 1),),
+                     "gate_up_proj": (("gate_proj", 1), ("up_proj", 1)), "down_proj": (("down_proj", 1),),
+                     "elementwise": (("input_layernorm", 1), ("post_layernorm", 1), ("rope", 1), ("act_fn", 1))}
+        if not f.is_file():
+            raise ConfigError("tp1/dense.csv", None, "present in the profile bundle (or tp1/layers.csv)", source=str(d))
+        times: dict[int, dict[str, float]] = {}
+        name_col, tokens_col, time_col, per_second = cols
+        for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
+            if row.get("kv_cache", "0") not in ("0", 0):
+                continue  # layers.csv: attention rows by KV length; the GEMMs do not depend on it
+            try:
+                op, tokens, t = row[name_col], int(row[tokens_col]), float(row[time_col])
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"line {i}", dict(row), f"{name_col}, {tokens_col} (an integer), {time_col} (a number)",
+                                  source=str(f)) from None
+            if not (_int(tokens, 1) and _positive(t)):
+                raise ConfigError(f"line {i}", dict(row), f"{tokens_col} >= 1 and {time_col} > 0", source=str(f))
+            times.setdefault(tokens, {})[op] = t / per_second
         kernels = []
         for tokens, ops in sorted(times.items()):
             for op, terms in parts.items():
                 if all(k in ops for k, _ in terms):
                     kernels.append((op, tokens, 1, sum(ops[k] * n for k, n in terms)))
         if not kernels:
-            raise ConfigError("tp1/dense.csv", str(f), f"rows of {', '.join(GEMM_OPS)}", source=str(d))
+            raise ConfigError(f"tp1/{f.name}", str(f), f"rows of {', '.join(GEMM_OPS)}", source=str(d))
         return cls(kernels=tuple(sorted(kernels)), model=name, gpu=gpu_for_device(device).name, layers=0,
                    meta={"source": str(d), "from": "llmservingsim", "vllm_version": str(meta.get("vllm_version", "")),
                          "device": device})

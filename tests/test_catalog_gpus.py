@@ -56,13 +56,14 @@ def test_rtx_4090_datasheet_row():
     ("NVIDIA A10", "A10-24GB"),
     ("NVIDIA GH200 480GB", "GH200-96GB"),
     ("AMD Instinct MI300X", "MI300X-192GB"),
+    ("NVIDIA GeForce RTX 3090", "RTX-3090-24GB"),
 ])
 def test_device_names_map_to_their_catalog_row(device, name):
     assert gpu_for_device(device).name == name
 
 
 @pytest.mark.parametrize("device", ["NVIDIA Quadro P400", "NVIDIA RTX A4000", "Tesla V100-SXM2-32GB",
-                                    "NVIDIA GeForce RTX 3090", "NVIDIA L40 NVL"])
+                                    "NVIDIA GeForce RTX 3080", "NVIDIA L40 NVL"])
 def test_unknown_device_is_an_error(device):
     """A device is never matched to a GPU it does not name (RTX alone is not an RTX 4090), nor to
     another form of one it does ("L40 NVL" is no L40 row)."""

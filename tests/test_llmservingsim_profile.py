@@ -74,3 +74,26 @@ def test_the_run_replayed_on_its_gpus_kernel_profile_is_within_ten_percent():
         assert abs(s[f"error_{k}"]) < abs(datasheet[f"error_{k}"]), k
     for k in ("ttft_mean_s", "tpot_mean_s", "e2e_mean_s", "throughput_rps", "makespan_s"):
         assert s[f"inside_band_{k}"], (k, s[f"band_lo_{k}"], s[f"measured_{k}"], s[f"band_hi_{k}"])
+
+
+V0_BUNDLES = {"rtx3090_llama-3.1-8b_v0": "RTX-3090-24GB", "rtx-a6000_llama-3.1-8b_v0": "RTX-A6000-48GB",
+              "h100_llama-3.1-8b_v0": "H100-SXM5-80GB"}
+
+
+@pytest.mark.parametrize("name, gpu", V0_BUNDLES.items())
+def test_the_first_profiler_format_fuses_the_split_gemms(name, gpu):
+    """layers.csv (LLMServingSim's first profiler) times q/k/v and gate/up apart, in ns: their sums are the
+    fused GEMMs, the two norms + rope + act_fn the elementwise work; attention rows (kv_cache > 0) are not read."""
+    d = TRACES / "profiles" / name
+    with open(d / "tp1" / "layers.csv") as f:
+        ns = {(r["layer_name"], int(r["input"])): float(r["latency(ns)"]) for r in csv.DictReader(f)
+              if r["kv_cache"] == "0"}
+    p = Profile.load(d)
+    assert (p.model, p.gpu) == ("llama-3.1-8b", gpu)
+    got = {(op, t): s for op, t, _, s in p.kernels}
+    for t in sorted({t for _, t in ns}):
+        assert got["qkv_proj", t] == pytest.approx(sum(ns[k, t] for k in ("q_proj", "k_proj", "v_proj")) / 1e9, rel=1e-12)
+        assert got["gate_up_proj", t] == pytest.approx((ns["gate_proj", t] + ns["up_proj", t]) / 1e9, rel=1e-12)
+        assert got["o_proj", t] == ns["o_proj", t] / 1e9 and got["down_proj", t] == ns["down_proj", t] / 1e9
+        elem = sum(ns[k, t] for k in ("input_layernorm", "post_layernorm", "rope", "act_fn")) / 1e9
+        assert got["elementwise", t] == pytest.approx(elem, rel=1e-12)
