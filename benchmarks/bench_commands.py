@@ -87,12 +87,12 @@ def command_time(args: list[str], repeat: int, env: dict[str, str] | None = None
     return best
 
 
-def import_time(module: str, repeat: int) -> float:
+def import_time(module: str, repeat: int, env: dict[str, str] | None = None) -> float:
     """Best seconds to import ``module`` in a fresh interpreter (what ``python -X importtime`` sums)."""
     best = float("inf")
     for _ in range(repeat):
         out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stderr
+                             capture_output=True, text=True, check=True, env=env).stderr
         last = [ln for ln in out.splitlines() if ln.rstrip().endswith(f"| {module}")][-1]
         best = min(best, int(last.split("|")[1]) / 1e6)
     return best
@@ -135,7 +135,7 @@ def main() -> None:
     if a.imports:
         print("\nimport time (python -X importtime, best of the repeats):")
         for mod in ("simpy", "numpy", "pandas", "matplotlib.figure", "offloadlab.apps.cli", "offloadlab.sim"):
-            t = import_time(mod, a.repeat)
+            t = import_time(mod, a.repeat, env)
             print(f"  {mod:20s} {t:6.3f} s {t / y:6.1f} yardsticks")
 
 

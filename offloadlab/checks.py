@@ -14,13 +14,14 @@ from .errors import ConfigError
 
 def is_int(v, minimum: int | None = None, maximum: int | None = None) -> bool:
     """An integer (Python or numpy, not bool) in [minimum, maximum] (either bound may be None)."""
-    return (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    # the exact type first: the numbers ABC check costs ~1 us, and a workload checks fields per request
+    return ((type(v) is int or isinstance(v, numbers.Integral) and not isinstance(v, bool))
             and (minimum is None or v >= minimum) and (maximum is None or v <= maximum))
 
 
 def is_number(v) -> bool:
     """A real number, not bool (NaN and infinities included: bound them with the comparisons)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return type(v) is float or type(v) is int or isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def is_positive(v) -> bool:

@@ -418,7 +418,8 @@ class Profile:
         d = Path(path)
         meta = load_mapping(d / "meta.yaml")
         src = str(d / "meta.yaml")
-        device, hf, over = meta.get("gpu"), meta.get("model"), meta.get("engine_effective", {}).get("hf_overrides")
+        eff = meta.get("engine_effective")
+        device, hf, over = meta.get("gpu"), meta.get("model"), eff.get("hf_overrides") if isinstance(eff, dict) else None
         if not isinstance(device, str) or not device:
             raise ConfigError("gpu", device, "the device name the profiler recorded", source=src)
         if not isinstance(over, dict):
@@ -446,7 +447,7 @@ class Profile:
         times: dict[int, dict[str, float]] = {}
         name_col, tokens_col, time_col, per_second = cols
         for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
-            if row.get("kv_cache", "0") not in ("0", 0):
+            if row.get("kv_cache", "0") != "0":
                 continue  # layers.csv: attention rows by KV length; the GEMMs do not depend on it
             try:
                 op, tokens, t = row[name_col], int(row[tokens_col]), float(row[time_col])

@@ -278,19 +278,28 @@ class Roofline:
         its copies: all of them on a GPU without NVLink, none otherwise."""
         return 0.0 if self.hw.gpu_link_bw else 2 * self.allreduce_time(s.tokens)
 
-    def replays_graph(self, s: StepShape) -> bool:
-        """vLLM V0 captures decode steps of up to ``max_graph_batch`` sequences in CUDA graphs; V1
-        (``graph_mode="piecewise"``) every step of up to ``max_graph_batch`` tokens, in pieces."""
+    def graph_kind(self, s: StepShape) -> str | None:
+        """What step ``s`` replays (see ``graph_mode``): "full" (one CUDA graph), "piecewise" (the graphs
+        between attention ops, attention launched eagerly) or None (eager, or compiled code beyond the
+        capture size). V0 ("decode") captures decode steps of up to ``max_graph_batch`` sequences; V1's
+        modes every step of up to ``max_graph_batch`` tokens."""
+        if not self.cuda_graphs:
+            return None
         if self.graph_mode == "decode":
-            return self.cuda_graphs and s.decode_only and s.seqs <= self.max_graph_batch
-        return self.cuda_graphs and s.tokens <= self.max_graph_batch
+            return "full" if s.decode_only and s.seqs <= self.max_graph_batch else None
+        if s.tokens > self.max_graph_batch:
+            return None
+        if self.graph_mode == "piecewise_only" or (self.graph_mode == "piecewise" and not s.decode_only):
+            return "piecewise"
+        return "full"
+
+    def replays_graph(self, s: StepShape) -> bool:
+        return self.graph_kind(s) is not None
 
     def launch_time(self, s: StepShape) -> float:
-        if not self.replays_graph(s):
-            return self.eager_launch_per_layer
-        if self.graph_mode == "piecewise_only" or (self.graph_mode == "piecewise" and not s.decode_only):
-            return self.piecewise_launch_per_layer
-        return self.graph_launch_per_layer
+        kind = self.graph_kind(s)
+        return (self.eager_launch_per_layer if kind is None
+                else self.piecewise_launch_per_layer if kind == "piecewise" else self.graph_launch_per_layer)
 
     def layer(self, s: StepShape) -> LayerCost:
         return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor, self.link_comm_time(s))

@@ -98,8 +98,9 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
     if kv_tokens < need:
         raise DoesNotFitError(
             f"{model.name} on {hw.name} with this policy does not fit: {capacity / GiB:.2f} GiB usable "
-            f"(gpu_memory_utilization={gpu_memory_utilization}) - weights {resident / GiB:.2f} - staging "
+            f"({'kv_cache_memory_bytes given' if kv_cache_bytes is not None else f'gpu_memory_utilization={gpu_memory_utilization}'}) - weights {resident / GiB:.2f} - staging "
             f"{staging / GiB:.2f} - activations {act / GiB:.2f} - overhead {overhead / GiB:.2f} leaves "
             f"{max(kv, 0) / GiB:.2f} GiB = {kv_tokens} KV tokens, fewer than max_model_len={max_model_len}; "
-            f"offload more, lower max_model_len, or raise gpu_memory_utilization")
+            f"offload more, lower max_model_len, or raise "
+            + ("kv_cache_memory_bytes" if kv_cache_bytes is not None else "gpu_memory_utilization"))
     return plan

@@ -1,21 +1,16 @@
 """The simulated requests as a request frame (see offloadlab.metrics for the columns)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ..metrics import latency_columns, summarize
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-__all__ = ["request_columns", "request_frame", "summarize"]
+__all__ = ["request_columns", "summarize"]
 
 
 def request_columns(seqs) -> dict[str, np.ndarray]:
     """One entry per request, as numpy columns in id order: lengths, arrival, first token, finish, TTFT,
-    TPOT, end-to-end latency (s); ``request_frame`` is the same as a DataFrame."""
+    TPOT, end-to-end latency (s); ``RunResult.requests`` is the same as a DataFrame."""
     return latency_columns({
         "id": np.array([s.req.id for s in seqs], dtype=np.int64),
         "prompt_len": np.array([s.req.prompt_len for s in seqs], dtype=np.int64),
@@ -27,9 +22,3 @@ def request_columns(seqs) -> dict[str, np.ndarray]:
         "preemptions": np.array([s.preempted for s in seqs], dtype=np.int64),
     })
 
-
-def request_frame(seqs) -> pd.DataFrame:
-    """``request_columns`` as a DataFrame, one row per request."""
-    import pandas as pd
-
-    return pd.DataFrame(request_columns(seqs))

@@ -471,10 +471,15 @@ class ServingLoop:
             self._finish(s, now)
 
     def _finish(self, s: _Seq, now: float) -> None:
-        """``s`` has its last token at ``now``: its blocks freed, its client slot returned, handed on."""
+        """``s`` has its last token at ``now``: out of the running list, and ``_ended``."""
+        self.running.remove(s)
+        self._ended(s, now)
+
+    def _ended(self, s: _Seq, now: float) -> None:
+        """``s``, no longer running, has its last token at ``now``: its blocks freed, its client slot
+        returned, handed on."""
         s.finish = now
         self._release(s)
-        self.running.remove(s)
         self.feed.finished()
         if self.sink is not None:
             self.sink(s)
@@ -506,13 +511,9 @@ class ServingLoop:
         self.free_blocks = free
         assert free >= 0, "the run's plan checked the free blocks"
         if done:
-            for s in done:  # _sample's end of a request, in running order
-                s.finish = now
-                self._release(s)
-                self.feed.finished()
-                if self.sink is not None:
-                    self.sink(s)
             run[:] = [s for s in run if s.generated < s.output_len]
+            for s in done:  # in running order
+                self._ended(s, now)
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""

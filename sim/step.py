@@ -500,9 +500,11 @@ def _bin(x: float, q: float) -> float:
 
 
 def join_mode(cost, shape: StepShape) -> str:
-    """How a step joins vLLM's prefetch copy stream: ``full`` when it replays a CUDA graph (the cost
-    model's rule: decode batches up to the capture size), else ``eager``. The engine's piecewise
-    graphs for mixed batches are chosen explicitly (StepModel(join="piecewise"))."""
+    """How a step joins vLLM's prefetch copy stream: ``full`` when it replays CUDA graphs (the cost
+    model's ``replays_graph``), else ``eager``. A step that replays piecewise graphs (``graph_kind``
+    "piecewise": V1's mixed steps up to the capture size) is joined as a full graph here too; only
+    StepModel(join="piecewise") joins piece by piece (an open question: which vLLM's prefetch backend
+    does there is not checked against its source)."""
     rf = getattr(cost, "roofline", cost)
     return "full" if rf.replays_graph(shape) else "eager"
 

@@ -43,6 +43,7 @@ def test_the_bundle_is_the_rtx4090_and_llama_8b_with_every_gemm_and_the_elementw
     (lambda d: (d / "tp1" / "dense.csv").write_text("layer,tokens,time_us\nqkv_proj,x,3\n"), "tokens (an integer)"),
     (lambda d: (d / "tp1" / "dense.csv").write_text("layer,tokens,time_us\nlayernorm,1,3\n"), "rows of qkv_proj"),
     (lambda d: (d / "meta.yaml").write_text("gpu: NVIDIA GeForce RTX 4090\nengine_effective: {}\n"), "hf_overrides"),
+    (lambda d: (d / "meta.yaml").write_text("gpu: NVIDIA GeForce RTX 4090\nengine_effective: null\n"), "hf_overrides"),
     (lambda d: (d / "meta.yaml").write_text((d / "meta.yaml").read_text().replace("intermediate_size: 14336",
                                                                                 "intermediate_size: 99")),
      "a catalog model of this shape"),

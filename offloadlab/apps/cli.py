@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -253,12 +252,10 @@ def _fmt_results(rows) -> str:
 
     if hasattr(rows, "to_dict"):
         rows = rows.to_dict("records")
-    cols, out = {}, []
+    cols, out = {}, []  # a band's column after its value's (format_table leaves out what no row has)
     for c, label in RESULT_COLUMNS.items():
         cols[c] = label
-        for metric, band, _ in BANDS:
-            if c == metric and any(f"{metric}_lo" in r for r in rows):
-                cols[band] = band
+        cols.update({band: band for metric, band, _ in BANDS if metric == c})
     for r in rows:
         t = {c: r[c] for c in RESULT_COLUMNS if c in r}
         for c in ("tpot_mean_s", "tpot_p99_s"):
@@ -272,7 +269,9 @@ def _fmt_results(rows) -> str:
 
 
 def _band_text(lo: float, hi: float) -> str:
-    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
+    from .tables import missing
+
+    if missing(lo) or missing(hi):
         return "-"
     f = (lambda v: f"{v:,.3g}") if max(abs(lo), abs(hi)) < 100 else (lambda v: f"{v:,.0f}")
     return f"{f(lo)}-{f(hi)}"

@@ -59,8 +59,9 @@ def warm_up() -> None:
 
     Matplotlib builds a signature and docstring for every Artist subclass's ``set`` as it defines the class
     (matplotlib/artist.py, ``Artist.__init_subclass__`` -> ``_update_set_signature_and_docstring``): about
-    0.25 s of its 0.6 s import here, for help text a drawing process never reads. When matplotlib is not
-    imported yet, that step is skipped for the classes defined from now on; ``set`` itself still works
+    0.25 s of its 0.6 s import here, for help text a drawing process never reads. When matplotlib.figure
+    is not imported yet (this module's own matplotlib.ticker import defines almost none of the Artist
+    classes), that step is skipped for the classes defined from now on; ``set`` itself still works
     (each class inherits the generic one), and the PNG is the same bytes (tests/test_plots.py holds it).
     No trial draw: a draw costs as much the second time (about 0.05 s here), so one made before the data
     is time the figure then waits for."""

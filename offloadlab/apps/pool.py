@@ -46,7 +46,6 @@ class OwnPool:
     def __init__(self, workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)):
         import multiprocessing as mp
 
-        self.workers = workers
         self._before = set(mp.active_children())
         self.pool = process_pool(workers, preload)
 

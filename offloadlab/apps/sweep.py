@@ -57,7 +57,7 @@ from ..errors import ConfigError, DoesNotFitError, OffloadLabError
 from ..fileio import atomic_write_json
 from ..policy import NoOffload, Policy, Prefetch, interval, parse_policy
 from ..profile import Profile
-from .pool import OwnPool, usable_cores
+from .pool import owned, usable_cores
 from ..sim import EngineConfig, Workload, simulate, simulate_band
 from ..specs import HardwareSpec, ModelSpec
 
@@ -490,14 +490,9 @@ def _execute(executor, todo: list[str], jobs: dict, workload: Workload, chunksiz
     if executor is not None and not isinstance(executor, int):  # the caller's, left running
         # concurrent.futures has no public worker count: chunk for this machine's cores (``chunksize`` overrides)
         return _run_parallel(executor, usable_cores(), todo, jobs, workload, chunksize, finish)
-    own = OwnPool(executor or usable_cores(), preload=("offloadlab.apps.sweep",))
-    try:
-        _run_parallel(own.pool, own.workers, todo, jobs, workload, chunksize, finish)
-    except BaseException:  # KeyboardInterrupt, SIGTERM (offloadlab.apps.signals): no task is worth waiting for
-        own.kill()
-        raise
-    finally:
-        own.close()
+    workers = executor or usable_cores()
+    with owned(workers, preload=("offloadlab.apps.sweep",)) as pool:  # killed on Ctrl-C, SIGTERM or an error
+        _run_parallel(pool, workers, todo, jobs, workload, chunksize, finish)
 
 
 def _progress_bar(**kw):

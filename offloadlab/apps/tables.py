@@ -28,38 +28,40 @@ def records(columns: Mapping[str, Sequence]) -> list[dict]:
     return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
-def _missing(v) -> bool:
+def _plain(v):
+    """A numpy scalar as its Python value (its text and CSV cell are then Python's); anything else as is."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (str, bytes)) else v
+
+
+def missing(v) -> bool:
+    """None or NaN: an empty CSV cell, "NaN" in a table."""
+    v = _plain(v)
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _cell(v, float_format: Callable[[float], str] | None) -> str:
-    if _missing(v):
+    v = _plain(v)
+    if missing(v):
         return "NaN"
     if isinstance(v, float) and float_format is not None:
         return float_format(v)
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # a numpy scalar: its Python value's text
-        return _cell(v.item(), float_format)
     return str(v)
 
 
 def format_table(rows: Sequence[Mapping], columns: Mapping[str, str] | Sequence[str] | None = None, *,
-                 float_format: Callable[[float], str] | None = None,
-                 formatters: Mapping[str, Callable] | None = None) -> str:
+                 float_format: Callable[[float], str] | None = None) -> str:
     """The rows as a text table, one line per row under a header, every column right-aligned to its widest
     cell and columns two spaces apart. ``columns``: which keys, in order (a mapping: key -> header; absent
-    keys are left out); ``float_format`` writes floats (missing values are "NaN"), ``formatters`` one
-    column's values."""
+    keys are left out); ``float_format`` writes floats (missing values are "NaN")."""
     if columns is None:
         columns = columns_of(rows)
     if not isinstance(columns, Mapping):
         columns = {c: c for c in columns}
     present = set(columns_of(rows))
     keys = [k for k in columns if k in present]
-    formatters = formatters or {}
     cells = [[str(columns[k]) for k in keys]]
     for r in rows:
-        cells.append([formatters[k](r.get(k)) if k in formatters and not _missing(r.get(k))
-                      else _cell(r.get(k), float_format) for k in keys])
+        cells.append([_cell(r.get(k), float_format) for k in keys])
     widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
@@ -72,6 +74,5 @@ def csv_text(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> s
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        w.writerow(["" if _missing(v := r.get(c)) else (v.item() if hasattr(v, "item") and not isinstance(v, str)
-                                                          else v) for c in columns])
+        w.writerow(["" if missing(v := _plain(r.get(c))) else v for c in columns])
     return buf.getvalue()
