@@ -50,6 +50,7 @@ __all__ = [
     "vllm_arrivals",
     "from_vllm_result",
     "from_serving_run",
+    "workload_from_columns",
     "dataset_names",
     "dataset_stats",
 ]
@@ -675,8 +676,15 @@ def from_serving_run(path: str | Path) -> Workload:
     times still replays.
     """
     cols = read_requests(path, ("input_toks", "output_toks", "queued_ts"))
-    rows = zip(cols["input_toks"].tolist(), cols["output_toks"].tolist(), cols["arrival"].tolist())
-    return Workload(Path(path).name or "serving-run", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(rows)))
+    return workload_from_columns(Path(path).name or "serving-run", cols["input_toks"], cols["output_toks"],
+                                 cols["arrival"])
+
+
+def workload_from_columns(name: str, prompt_lens, output_lens, arrivals) -> Workload:
+    """A workload of one request per row of these equal-length columns (ids = row positions), as a
+    serving run's requests are read (``from_serving_run``; validation's replay of the same files)."""
+    rows = zip(np.asarray(prompt_lens).tolist(), np.asarray(output_lens).tolist(), np.asarray(arrivals).tolist())
+    return Workload(name, tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(rows)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,10 +143,10 @@ def serving_requests(path: str | Path | ServingRun) -> list[dict]:
 
 def workload_of(run: ServingRun):
     """A sim Workload (request ids = row numbers in requests.jsonl)."""
-    from ..sim.workload import Request, Workload
+    from ..sim.workload import workload_from_columns
 
-    reqs = tuple(Request(i, r["prompt_len"], r["output_len"], r["arrival"]) for i, r in enumerate(serving_requests(run)))
-    return Workload(run.path.name, reqs)
+    c = run.columns
+    return workload_from_columns(run.path.name, c["prompt_len"], c["output_len"], c["arrival"])
 
 
 # ---- what ran: model, GPU, engine ----
