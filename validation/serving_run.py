@@ -8,8 +8,9 @@ bench format). Measured as that project defines it:
 TTFT = first_token_ts - queued_ts; TPOT = (last_token_ts - first_token_ts) / max(1, output_toks - 1);
 e2e = last_token_ts - queued_ts.
 
-``serving_requests(path)`` is the workload source: prompt_len, output_len and arrival (queued_ts
-relative to the first) per request, in file order. ``replay_serving_run`` simulates the requests on
+``workload_of(run)`` is the workload (prompt_len, output_len and arrival: queued_ts relative to the first,
+per request, in file order; sim/workload.py ``workload_from_columns``, as ``--workload DIR`` builds it);
+``serving_requests`` lists the same rows with their request_id. ``replay_serving_run`` simulates the requests on
 the engine the run used (sim/vllm_engine.py: that vLLM version's defaults for whatever
 engine_kwargs leaves unset) and compares request by request.
 """
