@@ -69,7 +69,10 @@ class StepShape:
     """What one forward step computes, summed over its sequences.
 
     ``pairs`` counts causal query-key pairs (attention work); ``kv_tokens`` counts cached plus new
-    tokens whose K/V are read; ``decode_only`` is true when every sequence adds one token.
+    tokens whose K/V are read; ``decode_only`` is true when every sequence adds one token;
+    ``decodes`` counts the sequences that add one token (one query row each: decodes, and a prompt's
+    last one-token chunk) and ``decode_kv`` their cached plus new tokens (attention kernels treat
+    one-row queries apart: see Roofline.attention_time).
     """
 
     seqs: int
@@ -77,6 +80,8 @@ class StepShape:
     pairs: float
     kv_tokens: int
     decode_only: bool
+    decodes: int
+    decode_kv: int
 
     @classmethod
     def uniform(cls, batch: int, new: int, context: int) -> "StepShape":
@@ -84,17 +89,26 @@ class StepShape:
         for name, v, lo in (("batch", batch, 1), ("new_tokens", new, 1), ("context", context, 0)):
             check_int(name, v, lo)
         pairs = batch * (new * context + new * (new + 1) / 2)
-        return cls(batch, batch * new, pairs, batch * (context + new), new == 1)
+        kv = batch * (context + new)
+        return cls(batch, batch * new, pairs, kv, new == 1, batch if new == 1 else 0, kv if new == 1 else 0)
+
+    @classmethod
+    def decode(cls, seqs: int, kv: int) -> "StepShape":
+        """A decode step: ``seqs`` sequences adding one token each, reading ``kv`` KV tokens in all."""
+        return cls(seqs, seqs, kv, kv, True, seqs, kv)
 
     @classmethod
     def of(cls, seqs: list[tuple[int, int]]) -> "StepShape":
         """From (new tokens, context) per sequence."""
-        tokens = pairs = kv = 0
+        tokens = pairs = kv = dec = dkv = 0
         for new, ctx in seqs:
             tokens += new
             pairs += new * ctx + new * (new + 1) / 2
             kv += ctx + new
-        return cls(len(seqs), tokens, pairs, kv, tokens == len(seqs))
+            if new == 1:
+                dec += 1
+                dkv += ctx + 1
+        return cls(len(seqs), tokens, pairs, kv, tokens == len(seqs), dec, dkv)
 
 
 @dataclass(frozen=True)

@@ -440,13 +440,17 @@ class V1ServingLoop(ServingLoop):
         if ndec:
             ctx = self.base + ndec * self.tick  # the members' computed tokens
             tokens, pairs, kv = ndec, float(ctx + ndec), ctx + ndec
+        dec, dkv = ndec, kv
         for s, new in batch:
             ctx = s.computed
             tokens += new
             pairs += new * ctx + new * (new + 1) / 2  # integer-valued: exact in any order
             kv += ctx + new
+            if new == 1:
+                dec += 1
+                dkv += ctx + 1
         seqs = ndec + len(batch)
-        return StepShape(seqs, tokens, pairs, kv, tokens == seqs)
+        return StepShape(seqs, tokens, pairs, kv, tokens == seqs, dec, dkv)
 
     def _advance(self, batch: list[tuple[_Seq, int]], ndec: int, ticks: int, now: float) -> None:
         """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when

@@ -571,7 +571,7 @@ class StepModel:
         if not self._monotone:
             for j in range(n):
                 kv = kv0 + seqs * j
-                yield self.run(StepShape(seqs, seqs, kv, kv, True)), 1
+                yield self.run(StepShape.decode(seqs, kv)), 1
             return
         bins = self._decode_bins.get(seqs)
         if bins is None:
@@ -583,7 +583,7 @@ class StepModel:
             key, i = self._decode_key(seqs, kv, bins)
             res = self._cache.get(key)
             if res is None:
-                res = self._simulate(key, StepShape(seqs, seqs, kv, kv, True))
+                res = self._simulate(key, StepShape.decode(seqs, kv))
             if not whole:
                 hint = (yield res, 1) or hint  # first alone: a caller that stops after it spends no probes
             # every step up to the end of kv's interval is in res's bin: those first, without probes
@@ -627,7 +627,7 @@ class StepModel:
         i = bisect_right(starts, kv) - 1
         if i >= 0 and kv <= ends[i]:
             return keys[i], i
-        key = self._key(StepShape(seqs, seqs, kv, kv, True))
+        key = self._key(StepShape.decode(seqs, kv))
         right = i + 1 < len(starts) and keys[i + 1] == key
         if i >= 0 and keys[i] == key:
             if right:  # kv joins the intervals on either side

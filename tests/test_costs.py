@@ -16,8 +16,10 @@ def test_step_shape_counts_causal_pairs_by_hand():
     # 2 sequences: (new=3 after 5 cached) -> keys 6+7+8 = 21; (new=1 after 10) -> 11
     s = StepShape.of([(3, 5), (1, 10)])
     assert (s.seqs, s.tokens, s.pairs, s.kv_tokens, s.decode_only) == (2, 4, 32, 19, False)
-    assert StepShape.uniform(4, 1, 100) == StepShape.of([(1, 100)] * 4)
+    assert (s.decodes, s.decode_kv) == (1, 11)  # the one-token sequence alone: 10 cached + 1
+    assert StepShape.uniform(4, 1, 100) == StepShape.of([(1, 100)] * 4) == StepShape.decode(4, 404)
     assert StepShape.uniform(4, 1, 100).decode_only
+    assert (StepShape.uniform(2, 5, 7).decodes, StepShape.uniform(2, 5, 7).decode_kv) == (0, 0)
 
 
 @pytest.mark.parametrize("field,value", [("batch", 0), ("new_tokens", 0), ("context", -1)])

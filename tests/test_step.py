@@ -727,7 +727,7 @@ def test_decode_runs_in_bins_equal_step_by_step(m, data, seqs, kv0, n, corner):
     assert sum(k for _, k in runs) == n and all(k >= 1 for _, k in runs)
     got = [res for res, k in runs for _ in range(k)]
     one = StepModel(placement, cost)
-    want = [one.run(StepShape(seqs, seqs, kv0 + seqs * j, kv0 + seqs * j, True)) for j in range(n)]
+    want = [one.run(StepShape.decode(seqs, kv0 + seqs * j)) for j in range(n)]
     assert got == want
     # each bin's steps come as its first step, then those of the KV interval already known to be in
     # its bin, then the rest found by probing: at most three runs per bin
@@ -760,7 +760,7 @@ def test_decode_runs_on_a_warm_model_equal_step_by_step(seqs, runs):
                 item = gen.send(hint)
             except StopIteration:
                 break
-        want = [fresh.run(StepShape(seqs, seqs, kv0 + seqs * j, kv0 + seqs * j, True)) for j in range(n)]
+        want = [fresh.run(StepShape.decode(seqs, kv0 + seqs * j)) for j in range(n)]
         assert got == want
     starts, ends, keys = warm._decode_bins[seqs]
     assert all(a <= b < c for a, b, c in zip(starts, ends, starts[1:]))  # disjoint, by start

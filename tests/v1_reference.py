@@ -188,7 +188,7 @@ class V1ServingLoop(ServingLoop):
         t, steps = env.now, 0
         while steps < lo:
             kv = kv0 + B * steps
-            res = self.sm.run(StepShape(B, B, kv, kv, True))
+            res = self.sm.run(StepShape.decode(B, kv))
             dt = self._wall(res, B)
             self._record(res, t, t + dt, "decode", B)
             t += dt
