@@ -17,7 +17,7 @@ PROBES = [m for m in STORED if m.kind == "probe"]
 def test_stored_measurement_within_tolerance(m):
     assert m.kind in ("probe", "serving"), f"no replay for kind {m.kind!r} yet"
     if m.kind == "serving":  # a real vLLM run replayed request by request (validation/serving_run.py)
-        s = replay_serving_run(m.path, trace_steps=False).summary
+        s = replay_serving_run(m.path, trace_steps=False, **m.replay).summary
         errors = {k: s[f"error_{k}"] for k in m.tolerance}
         assert all(abs(errors[k]) <= tol for k, tol in m.tolerance.items()), errors
         # the evidence band (datasheet-only costs here: the widest) holds the prediction and, on this

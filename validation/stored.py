@@ -17,6 +17,7 @@ class StoredMeasurement:
     gpu: str
     tolerance: dict
     provenance: dict
+    replay: dict  # what the replay is told beside the run's own files (e.g. gpu: a run without hardware facts)
 
 
 def stored_measurements() -> list[StoredMeasurement]:
@@ -34,6 +35,10 @@ def stored_measurements() -> list[StoredMeasurement]:
                 raise ConfigError(f"[{i}].tolerance", tol, "{summary figure: largest |error|, ...}", source=str(index))
         elif not isinstance(tol, dict) or not {"mape", "max_abs_error"} <= set(tol):
             raise ConfigError(f"[{i}].tolerance", tol, "{mape: x, max_abs_error: y}", source=str(index))
-        prov = {k: v for k, v in e.items() if k not in ("file", "kind", "gpu", "tolerance")}
-        out.append(StoredMeasurement(folder / e["file"], e["kind"], e["gpu"], tol, prov))
+        replay = e.get("replay") or {}
+        if not isinstance(replay, dict) or not set(replay) <= {"gpu", "model", "profile"}:
+            raise ConfigError(f"[{i}].replay", replay, "{gpu: NAME, model: NAME, profile: PATH} (any of them)",
+                              source=str(index))
+        prov = {k: v for k, v in e.items() if k not in ("file", "kind", "gpu", "tolerance", "replay")}
+        out.append(StoredMeasurement(folder / e["file"], e["kind"], e["gpu"], tol, prov, replay))
     return out
