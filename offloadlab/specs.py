@@ -226,11 +226,16 @@ class HardwareSpec:
     gpus_per_host_link: int = 1  # GPUs behind one PCIe switch / socket link, sharing its bandwidth
     network_bw: float = 50 * GB  # bytes/s per GPU per direction between nodes (400 Gb/s InfiniBand NDR each)
     network_latency: float = 5e-6  # seconds per message between nodes
+    # CUDA compute capability (8.0 A100, 8.9 Ada, 9.0 Hopper, 10.0 B200, 12.0 RTX Blackwell): which
+    # attention kernels vLLM runs on it (sim/vllm_engine.attention_kernel); 0: not known (or not CUDA)
+    compute_capability: float = 0.0
     note: str = field(default="", compare=False)
 
     def __post_init__(self):
         _check_positive(self, "memory_bytes", "hbm_bw", "peak_flops", "host_link_bw", "host_memory_bytes",
                         "network_bw")
+        check_range("HardwareSpec.compute_capability", self.compute_capability, 0, 100,
+                    "a CUDA compute capability such as 8.9 (0: not known)", high_open=True)
         check_range("HardwareSpec.h2d_efficiency", self.h2d_efficiency, 0, 1, "a number in (0, 1]", low_open=True)
         for f in ("host_link_latency", "network_latency"):
             check_range(f"HardwareSpec.{f}", getattr(self, f), 0, math.inf, "a number >= 0 seconds", high_open=True)

@@ -175,6 +175,17 @@ def _quad(*ws: float) -> float:
 # cudagraph_mode values (vllm/config/compilation.py CUDAGraphMode): FULL_AND_PIECEWISE (V1's default),
 # PIECEWISE, FULL; FULL_DECODE_ONLY replays as "decode" does
 GRAPH_MODES = ("decode", "piecewise", "piecewise_only", "full")
+ATTENTION_KERNELS = ("packed", "fa2")
+# Of each repeated read of a KV head's cache by another query head of its GQA group, the share that
+# reaches HBM under FlashAttention-2's unpacked one-row queries (Roofline.attention_time). Evidence:
+# LLMServingSim's attention tables under vLLM 0.19 (validation/traces/profiles/), a mixed step's decode
+# attention (its time less the prefill chunk's alone) over the same decodes' time in a decode-only step,
+# median over the rows where the decodes dominate (>= 32 decodes of >= 512 tokens, chunk <= 512): RTX
+# 4090 Llama-3.1-8B (4 query heads per KV head) 2.01 -> (2.01 - 1) / 3 = 0.34; RTX PRO 6000 Llama-3.1-8B
+# TP 1 1.73 -> 0.24, TP 2 1.81 -> 0.27; RTX PRO 6000 Qwen3-32B TP 2 (8 per KV head) 3.03 -> 0.29.
+# Their median. The spread (0.24-0.34) moves a mixed step's attention by a few % at most: inside the
+# datasheet-only GPU band (datasheet_gpu) and the attention factor a Calibrated cost gives datasheet attention.
+FA2_REREAD = 0.28
 
 
 @dataclass(frozen=True)
@@ -209,6 +220,11 @@ class Roofline:
     allreduce_latency: float = 5e-6  # seconds per ring hop
     link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
     uva_tile_m: int = 64  # token rows per host read of a UVA-offloaded weight (module doc: assumption)
+    # how a step's attention kernels read the KV cache (ATTENTION_KERNELS; sim/vllm_engine.attention_kernel
+    # picks it for V1 by GPU): "packed": each KV head's cache is read once for its whole GQA group of
+    # query heads (V0's separate decode kernel, FA3, FlashInfer); "fa2": V1's FlashAttention-2 call,
+    # packed in decode-only steps, unpacked for the one-row queries of a mixed step (attention_time)
+    attention_kernel: str = "packed"
 
     def __post_init__(self):
         for f in ("matmul_eff", "attention_eff", "memory_eff"):
@@ -220,6 +236,8 @@ class Roofline:
         if not self.link_share >= 1:
             raise ConfigError("link_share", self.link_share, "a number of GPUs >= 1")
         check_int("uva_tile_m", self.uva_tile_m, 1, expected="an integer >= 1 (token rows per M-tile)")
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ConfigError("attention_kernel", self.attention_kernel, "one of " + ", ".join(ATTENTION_KERNELS))
         if self.graph_mode not in GRAPH_MODES:
             raise ConfigError("graph_mode", self.graph_mode, "one of " + ", ".join(GRAPH_MODES))
         # gpu_time's terms that follow a step's tokens only, by token count (not a field: not compared)
@@ -237,9 +255,18 @@ class Roofline:
                             out_f * in_f * self.model.weight_bytes + tokens * (in_f + out_f) * act, self.matmul_eff)
 
     def attention_time(self, s: StepShape) -> float:
+        """Attention over the KV cache: causal pairs at attention_eff of peak, or the KV read at
+        memory_eff of HBM bandwidth. With ``attention_kernel`` "fa2", a mixed step's one-row queries (its
+        decodes) are not packed: FlashAttention-2 folds a GQA group's query heads into one row block only
+        when every query of the call has one row (csrc/flash_attn/flash_api.cpp mha_varlen_fwd,
+        seqlenq_ngroups_swapped needs max_seqlen_q == 1), so otherwise each query head of a group reads
+        its KV head's cache again; FA2_REREAD of each repeated read reaches HBM (the rest hits L2)."""
         m, act = self.model, ACT_BYTES
         q = m.heads * m.head_dim
-        return self._kernel(4.0 * q * s.pairs, s.kv_tokens * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act,
+        kv = s.kv_tokens
+        if self.attention_kernel == "fa2" and s.decodes and not s.decode_only and m.heads > m.kv_heads:
+            kv += FA2_REREAD * (m.heads // m.kv_heads - 1) * s.decode_kv
+        return self._kernel(4.0 * q * s.pairs, kv * m.kv_bytes_per_token_layer + 2 * s.tokens * q * act,
                             self.attention_eff)
 
     def elementwise_time(self, tokens: int) -> float:

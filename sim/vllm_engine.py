@@ -50,6 +50,19 @@ def batch_defaults(gpu: HardwareSpec, entry_point: str = "serve", gpu_memory_byt
     return (2048, 256) if entry_point == "serve" else (8192, 256)
 
 
+def attention_kernel(gpu: HardwareSpec) -> str:
+    """How V1 runs a step's attention on ``gpu`` (a Roofline ``attention_kernel``): "fa2" where it runs
+    FlashAttention-2, one varlen call for the whole batch, else "packed". vllm/platforms/cuda.py
+    (_get_backend_priorities): FLASHINFER first on compute capability 10.x (B200), FLASH_ATTN elsewhere;
+    vllm/v1/attention/backends/fa_utils.py (get_flash_attn_version): FA3 on 9.x (Hopper), FA2 on the
+    others (Ampere 8.0/8.6, Ada 8.9, RTX Blackwell 12.0). FA3 packs a GQA group's query heads for
+    every varlen batch (hopper/heuristics.h should_pack_gqa) and FlashInfer runs decodes in their own
+    kernel, so only FA2 leaves them unpacked (see Roofline.attention_time). A GPU of unknown compute
+    capability keeps "packed" (the roofline as without this rule)."""
+    cc = gpu.compute_capability
+    return "fa2" if 8 <= cc < 9 or cc >= 11 else "packed"
+
+
 def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None, *, entry_point: str = "serve",
                 gpu_memory_bytes: float | None = None, **settings) -> tuple[EngineConfig, dict]:
     """(EngineConfig, cost-model keywords) for vLLM ``version`` on ``gpu``. ``settings`` are the
@@ -95,4 +108,4 @@ def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None,
         # vllm/config/vllm.py (_set_cudagraph_sizes): min(2 x max_num_seqs, 512), then at most the budget
         capture = min(2 * eng.max_num_seqs, 512, eng.max_num_batched_tokens)
     return eng, {"cuda_graphs": not eager, "graph_mode": "piecewise" if eager else graph_mode,
-                 "max_graph_batch": int(capture)}
+                 "max_graph_batch": int(capture), "attention_kernel": attention_kernel(gpu)}

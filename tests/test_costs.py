@@ -3,10 +3,13 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from offloadlab import ConfigError, Profile, get_gpu, get_model, interval
 from offloadlab.policy import Placement
 from offloadlab.sim import Roofline, StepShape, cost_model, simulate_layers
+from offloadlab.sim.costs import FA2_REREAD
 
 M8 = get_model("llama-3.1-8b")
 H100 = get_gpu("h100")
@@ -89,6 +92,40 @@ def test_roofline_decode_reads_weights_and_kv_by_hand():
     t = rf.gpu_time(StepShape.uniform(B, 1, C))
     # memory-bound: at least the weight and KV bytes over HBM bandwidth, and not far above
     assert (weights + kv) / 3.35e12 < t < 1.1 * (weights + kv) / 3.35e12
+
+
+def test_fa2_rereads_a_mixed_steps_decode_kv_by_hand():
+    """vLLM V1's FlashAttention-2 call: a mixed step's one-row queries are not GQA-packed, so each of a
+    KV head's 4 query heads (Llama-3.1-8B: 32 over 8) reads its cache; FA2_REREAD of the 3 extra reads
+    reach HBM. Byte-bound (infinite FLOP/s): the decodes' KV bytes grow by 3 x FA2_REREAD; the prefill
+    chunk's and the activations' do not."""
+    kw = dict(memory_eff=1.0, kernel_floor=0.0)
+    hw = H100.replace(peak_flops=INF)
+    packed, fa2 = Roofline(M8, hw, **kw), Roofline(M8, hw, attention_kernel="fa2", **kw)
+    mixed = StepShape.of([(512, 0)] + [(1, 2047)] * 64)  # a chunk and 64 decodes of 2,048 KV tokens each
+    assert (mixed.decodes, mixed.decode_kv) == (64, 64 * 2048)
+    extra = FA2_REREAD * 3 * 64 * 2048 * 4096 / 3.35e12  # 4,096 KV bytes per token per layer
+    assert fa2.attention_time(mixed) == pytest.approx(packed.attention_time(mixed) + extra, rel=1e-12)
+    for same in (StepShape.uniform(64, 1, 2047), StepShape.of([(512, 0), (300, 100)])):  # decode-only, no decodes
+        assert fa2.attention_time(same) == packed.attention_time(same)
+    mha = M8.replace(kv_heads=32)
+    assert Roofline(mha, hw, attention_kernel="fa2", **kw).attention_time(mixed) == \
+        Roofline(mha, hw, **kw).attention_time(mixed)  # one query head per KV head: nothing to pack
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 600), st.integers(0, 5000)), min_size=1, max_size=12))
+def test_fa2_never_cheaper_and_only_mixed_steps_differ(seqs):
+    shape = StepShape.of(seqs)
+    packed, fa2 = Roofline(M8, H100), Roofline(M8, H100, attention_kernel="fa2")
+    assert fa2.gpu_time(shape) >= packed.gpu_time(shape)
+    if shape.decode_only or not shape.decodes:
+        assert fa2.gpu_time(shape) == packed.gpu_time(shape)
+
+
+def test_unknown_attention_kernel_is_named():
+    with pytest.raises(ConfigError, match="attention_kernel"):
+        Roofline(M8, H100, attention_kernel="fa4")
 
 
 def test_more_tokens_never_cost_less():

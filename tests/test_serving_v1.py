@@ -12,7 +12,7 @@ from offloadlab.sim import EngineConfig, simulate
 from offloadlab.sim.costs import cost_model
 from offloadlab.sim.serving_v1 import V1ServingLoop
 from offloadlab.sim.step import StepModel
-from offloadlab.sim.vllm_engine import batch_defaults, engine_generation, parse_version, vllm_engine
+from offloadlab.sim.vllm_engine import attention_kernel, batch_defaults, engine_generation, parse_version, vllm_engine
 from offloadlab.sim.workload import Request, Workload, fixed
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 
@@ -133,13 +133,25 @@ def test_batch_defaults_follow_vllm_arg_utils(gpu, entry, expected):
     assert batch_defaults(get_gpu(gpu), entry) == expected
 
 
+@pytest.mark.parametrize("gpu,kernel", [
+    ("rtx4090", "fa2"), ("a100", "fa2"), ("a10g", "fa2"), ("rtx-pro-6000", "fa2"), ("rtx5090", "fa2"),
+    ("h100", "packed"), ("h200", "packed"), ("gh200", "packed"), ("h20", "packed"),  # FA3 packs GQA
+    ("b200", "packed"),  # FlashInfer first on compute capability 10.x
+    ("mi300x", "packed"),  # not a CUDA device: no rule known, the plain roofline
+])
+def test_v1_attention_kernel_by_compute_capability(gpu, kernel):
+    assert attention_kernel(get_gpu(gpu)) == kernel
+    assert vllm_engine("0.19.0", get_gpu(gpu), get_model("llama-3.1-8b"))[1]["attention_kernel"] == kernel
+    assert "attention_kernel" not in vllm_engine("0.7.3", get_gpu(gpu), get_model("llama-3.1-8b"))[1]  # V0: apart
+
+
 def test_vllm_engine_per_version():
     m, hw = get_model("llama-3.1-8b"), get_gpu("rtx4090")
     eng, kw = vllm_engine("0.19.0", hw, m)
     assert (eng.scheduler, eng.chunked_prefill, eng.prefix_caching, eng.reserve_full_isl, eng.async_scheduling) == \
         ("v1", True, True, True, True)
     assert (eng.max_num_batched_tokens, eng.max_num_seqs, eng.max_model_len) == (2048, 256, 131072)
-    assert kw == {"cuda_graphs": True, "graph_mode": "piecewise", "max_graph_batch": 512}
+    assert kw == {"cuda_graphs": True, "graph_mode": "piecewise", "max_graph_batch": 512, "attention_kernel": "fa2"}
     eng, kw = vllm_engine("0.10.1", hw, m, max_num_seqs=4, enforce_eager=True)
     assert eng.scheduler == "v1" and not eng.async_scheduling and not eng.reserve_full_isl
     assert eng.max_num_seqs == 4 and kw["cuda_graphs"] is False and kw["max_graph_batch"] == 8

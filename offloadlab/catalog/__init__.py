@@ -65,6 +65,16 @@ _NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "L40S-48GB":
           "RTX-4090-24GB": (4, 1, 12.5), "RTX-5090-32GB": (4, 1, 12.5), "RTX-6000-Ada-48GB": (4, 1, 12.5),
           "RTX-PRO-6000-Blackwell-96GB": (4, 1, 12.5), "RTX-A6000-48GB": (4, 1, 12.5)}
 _DEFAULT_NODE = (8, 2, 50)
+# CUDA compute capability of each catalog GPU (NVIDIA's CUDA GPUs list, developer.nvidia.com/cuda-gpus;
+# datasheet facts). MI300X is not a CUDA device: left at 0 (not known).
+_COMPUTE_CAPABILITY = {
+    "A100-SXM4-40GB": 8.0, "A100-SXM4-80GB": 8.0, "A100-PCIe-40GB": 8.0, "A100-PCIe-80GB": 8.0,
+    "A10-24GB": 8.6, "A10G-24GB": 8.6, "RTX-A6000-48GB": 8.6, "RTX-3090-24GB": 8.6,
+    "L4-24GB": 8.9, "L40-48GB": 8.9, "L40S-48GB": 8.9, "RTX-4090-24GB": 8.9, "RTX-6000-Ada-48GB": 8.9,
+    "H100-SXM5-80GB": 9.0, "H100-PCIe-80GB": 9.0, "H100-NVL-94GB": 9.0, "H200-SXM-141GB": 9.0,
+    "H200-NVL-141GB": 9.0, "H20-96GB": 9.0, "GH200-96GB": 9.0,
+    "B200-180GB": 10.0, "RTX-5090-32GB": 12.0, "RTX-PRO-6000-Blackwell-96GB": 12.0,
+}
 # Short names people type.
 _ALIASES = {
     "a100": "A100-SXM4-40GB", "a100-40gb": "A100-SXM4-40GB", "a100-80gb": "A100-SXM4-80GB",
@@ -122,6 +132,7 @@ def _datasheet_gpus() -> dict[str, HardwareSpec]:
             gpus_per_node=_NODES.get(name, _DEFAULT_NODE)[0],
             gpus_per_host_link=_NODES.get(name, _DEFAULT_NODE)[1],
             network_bw=_NODES.get(name, _DEFAULT_NODE)[2] * GB,
+            compute_capability=_COMPUTE_CAPABILITY.get(name, 0.0),
             note=row["note"],
         )
     return out
