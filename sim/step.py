@@ -513,12 +513,13 @@ def join_mode(cost, shape: StepShape) -> str:
     - vllm/model_executor/offloader/prefetch.py: a layer's hook starts its copy after the layer's
       forward (``start_prefetch``, vllm/model_executor/offloader/prefetch_ops.py), inside the piece
       that runs into the next layer's attention; ``join_after_forward`` joins "only layers prefetched
-      by THIS subgraph's layers" and clears ``_prefetch_in_capture``, so the later ``_wait_for_layer``
-      of the layer that reads the copy returns without a wait: the piece's join is the only one;
+      by THIS subgraph's layers" and clears ``_prefetch_in_capture``, so the ``_wait_for_layer`` of a
+      reading layer in a later piece returns without a wait: the piece's join is the one that counts;
     - under one FULL graph (vllm/v1/worker/gpu_model_runner.py wraps the model in
-      ``CUDAGraphWrapper(runtime_mode=FULL)``; the pieces' wrappers then run their code uncaptured)
-      a copy is waited for by the layer that reads it (``_wait_for_layer``: ``wait_event``) and
-      ``join_after_forward`` joins only the copies for the next step's first layers, at the end;
+      ``CUDAGraphWrapper(runtime_mode=FULL)``; the pieces' wrappers, their mode not the step's, just
+      call their code inside that one capture) a copy is waited for by the layer that reads it
+      (``_wait_for_layer``: ``wait_event``) and ``join_after_forward`` joins only the copies for the
+      next step's first layers, at the end;
     - in an eager step nothing joins: ``_wait_for_layer`` waits for the layer's own event.
     ``sync_prev_onload`` before every replay waits only for copies queued outside a graph (after an
     eager step), which a step simulated on its own has none of."""
