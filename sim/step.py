@@ -500,13 +500,31 @@ def _bin(x: float, q: float) -> float:
 
 
 def join_mode(cost, shape: StepShape) -> str:
-    """How a step joins vLLM's prefetch copy stream: ``full`` when it replays CUDA graphs (the cost
-    model's ``replays_graph``), else ``eager``. A step that replays piecewise graphs (``graph_kind``
-    "piecewise": V1's mixed steps up to the capture size) is joined as a full graph here too; only
-    StepModel(join="piecewise") joins piece by piece (an open question: which vLLM's prefetch backend
-    does there is not checked against its source)."""
+    """How a step joins vLLM's prefetch copy stream: as the CUDA graphs it replays (the cost model's
+    ``graph_kind``): "full", "piecewise", or "eager" when it replays none. V1's mixed steps up to the
+    capture size replay piecewise graphs (FULL_AND_PIECEWISE, vllm/v1/cudagraph_dispatcher.py
+    ``dispatch``) and join piece by piece. In vLLM 0.19.0:
+    - vllm/compilation/backends.py ``wrap_with_cudagraph_if_needed`` (and, with Inductor's graph
+      partition, vllm/compilation/decorators.py ``maybe_use_cudagraph_partition_wrapper``) wraps each
+      piece, split at the attention ops (vllm/config/compilation.py ``_attention_ops``; the offloader's
+      ops are not among them), in its own CUDAGraphWrapper; vllm/compilation/cuda_graph.py
+      ``CUDAGraphWrapper.__call__`` calls ``get_offloader().join_after_forward()`` inside every
+      capture, so each piece's graph waits for the copies started in it;
+    - vllm/model_executor/offloader/prefetch.py: a layer's hook starts its copy after the layer's
+      forward (``start_prefetch``, vllm/model_executor/offloader/prefetch_ops.py), inside the piece
+      that runs into the next layer's attention; ``join_after_forward`` joins "only layers prefetched
+      by THIS subgraph's layers" and clears ``_prefetch_in_capture``, so the ``_wait_for_layer`` of a
+      reading layer in a later piece returns without a wait: the piece's join is the one that counts;
+    - under one FULL graph (vllm/v1/worker/gpu_model_runner.py wraps the model in
+      ``CUDAGraphWrapper(runtime_mode=FULL)``; the pieces' wrappers, their mode not the step's, just
+      call their code inside that one capture) a copy is waited for by the layer that reads it
+      (``_wait_for_layer``: ``wait_event``) and ``join_after_forward`` joins only the copies for the
+      next step's first layers, at the end;
+    - in an eager step nothing joins: ``_wait_for_layer`` waits for the layer's own event.
+    ``sync_prev_onload`` before every replay waits only for copies queued outside a graph (after an
+    eager step), which a step simulated on its own has none of."""
     rf = getattr(cost, "roofline", cost)
-    return "full" if rf.replays_graph(shape) else "eager"
+    return rf.graph_kind(shape) or "eager"
 
 
 class StepModel:
