@@ -21,6 +21,11 @@ A Profile is what a GPU measured, in the project's units (bytes, seconds). On di
     allreduce: [[bytes, gpus, seconds], ...]   # one all-reduce over gpus GPUs of one node
     uva_gemm: [[M, bytes, seconds], ...]      # optional: a GEMM of M token rows reading a weight of
                                               # `bytes` from pinned host memory through its UVA view
+    attention: [[prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds], ...]
+                                    # one layer's attention op (one GPU's shard under tensor parallelism
+                                    # tp) for a step of one prefill chunk of prefill_chunk tokens after
+                                    # kv_prefill cached ones, plus n_decode decodes each after kv_decode
+                                    # cached tokens (0 and 0: no chunk; 0 and 0: no decodes)
     meta: {...}                     # torch/driver versions, date, command
 
 Every field but ``gpu`` and the model is optional: a Profile says what it measured and the
@@ -31,8 +36,9 @@ its ``h2d_bandwidth`` pinned rows, and its ``resident`` forward rows divided by 
 in-stack layer time; isolated ``layer`` rows are used only for shapes with no resident row, scaled
 by the median in-stack/isolated ratio). ``Profile.from_vidur`` reads Vidur's profiling CSVs
 (per-operator GEMM and elementwise times by token count and tensor-parallel degree, NCCL all-reduce
-times). ``source_model`` and ``source_gpu`` identify what was measured; a file that does not say
-is an error naming the field to add.
+times). ``Profile.from_llmservingsim`` reads LLMServingSim's profile bundles (per-operator times and
+an attention table by step shape, per tensor-parallel degree). ``source_model`` and ``source_gpu``
+identify what was measured; a file that does not say is an error naming the field to add.
 """
 from __future__ import annotations
 
@@ -55,6 +61,23 @@ MiB = 1024**2
 GEMM_OPS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # ModelSpec.layer_param_shapes' GEMMs
 KERNEL_OPS = (*GEMM_OPS, "elementwise")
 SHAPE_FIELDS = ("hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab", "weight_bytes")
+ROW_FIELDS = ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm", "attention")  # a Profile's tables of rows
+ATTENTION_COLUMNS = ("prefill_chunk", "kv_prefill", "n_decode", "kv_decode")  # LLMServingSim's attention.csv
+
+
+def _attention_row_problem(row) -> str:
+    """What is wrong with an attention row (prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds),
+    as the expectation to print; '' when nothing."""
+    if not isinstance(row, (tuple, list)) or len(row) != 6:
+        return "[prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds]"
+    pc, kvp, nd, kvd, tp, sec = row
+    if not all(_int(v, 0) for v in (pc, kvp, nd, kvd)) or not _int(tp, 1) or not _positive(sec):
+        return "[prefill_chunk, kv_prefill, n_decode, kv_decode integers >= 0, tp >= 1, seconds > 0 finite]"
+    if pc + nd == 0:
+        return "a prefill chunk or decodes (prefill_chunk + n_decode >= 1)"
+    if pc == 0 and kvp or nd == 0 and kvd:
+        return "kv_prefill 0 without a prefill chunk and kv_decode 0 without decodes"
+    return ""
 
 
 # The probe format (shared/data/README.md): fields of a ``forward`` row and its placements.
@@ -142,6 +165,8 @@ class Profile:
     kernels: tuple[tuple[str, int, int, float], ...] = ()
     allreduce: tuple[tuple[float, int, float], ...] = ()
     uva_gemm: tuple[tuple[int, int, float], ...] = ()  # (M tokens, weight bytes, seconds), UVA reads
+    # (prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds): one layer's attention op by step shape
+    attention: tuple[tuple[int, int, int, int, int, float], ...] = ()
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -151,10 +176,10 @@ class Profile:
             object.__setattr__(self, "model_shape", tuple(sorted((str(k), v) for k, v in shape)))
         except (TypeError, ValueError):
             raise ConfigError("model_shape", self.model_shape, f"a mapping of {', '.join(SHAPE_FIELDS)}", source=src) from None
-        if not (self.h2d or self.layer_times or self.kernels or self.allreduce):
-            raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row (or layer_times, kernels "
-                              "or allreduce rows)", source=src)
-        for key in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm"):
+        if not (self.h2d or self.layer_times or self.kernels or self.allreduce or self.attention):
+            raise ConfigError("h2d", self.h2d, "at least one [bytes, bytes_per_s] row (or layer_times, kernels, "
+                              "allreduce or attention rows)", source=src)
+        for key in ROW_FIELDS:
             if not isinstance(getattr(self, key), (tuple, list)):
                 raise ConfigError(key, getattr(self, key), "a list of rows", source=src)
             for i, row in enumerate(getattr(self, key)):
@@ -183,6 +208,15 @@ class Profile:
         for i, row in enumerate(self.allreduce):
             if len(row) != 3 or not all(_positive(x) for x in row) or row[1] < 2:
                 raise ConfigError(f"allreduce[{i}]", row, "[bytes > 0, gpus >= 2, seconds > 0]", source=src)
+        seen = set()
+        for i, row in enumerate(self.attention):
+            why = _attention_row_problem(row)
+            if why:
+                raise ConfigError(f"attention[{i}]", row, why, source=src)
+            if tuple(row[:5]) in seen:
+                raise ConfigError(f"attention[{i}]", row, "one row per (prefill_chunk, kv_prefill, n_decode, "
+                                  "kv_decode, tp): this shape is measured twice", source=src)
+            seen.add(tuple(row[:5]))
         lpl = self.launch_per_layer
         if lpl is not None and not (_positive(lpl) or lpl == 0 and not isinstance(lpl, bool)):
             raise ConfigError("launch_per_layer", lpl, "a finite number of seconds >= 0, or null", source=src)
@@ -259,8 +293,7 @@ class Profile:
     def save(self, path: str | Path) -> Path:
         d = asdict(self)
         d["model_shape"] = dict(self.model_shape)
-        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm")
-                                      else v)
+        d = {"schema": SCHEMA, **{k: (list(map(list, v)) if k in ROW_FIELDS else v)
                                   for k, v in d.items()}}
         return atomic_write_json(path, d)
 
@@ -281,10 +314,10 @@ class Profile:
         for key in ("h2d", "layer_times"):
             if not isinstance(d.get(key), list):
                 raise ConfigError(key, d.get(key), "a list of rows", source=src)
-        for key in ("kernels", "allreduce", "uva_gemm"):
+        for key in ROW_FIELDS[2:]:
             if not isinstance(d.get(key, []), list):
                 raise ConfigError(key, d.get(key), "a list of rows", source=src)
-        for key in ("h2d", "layer_times", "kernels", "allreduce", "uva_gemm"):
+        for key in ROW_FIELDS:
             for i, r in enumerate(d.get(key, [])):
                 if not isinstance(r, list):
                     raise ConfigError(f"{key}[{i}]", r, "a row: a list of numbers", source=src)
@@ -303,7 +336,8 @@ class Profile:
                        host_link=d.get("host_link", ""),
                        kernels=tuple(tuple(r) for r in d.get("kernels", [])),
                        allreduce=tuple(tuple(r) for r in d.get("allreduce", [])),
-                       uva_gemm=tuple(tuple(r) for r in d.get("uva_gemm", [])), meta=meta)
+                       uva_gemm=tuple(tuple(r) for r in d.get("uva_gemm", [])),
+                       attention=tuple(tuple(r) for r in d.get("attention", [])), meta=meta)
         except TypeError as e:
             raise ConfigError("file", src, f"rows of numbers ({e})") from None
 
@@ -405,14 +439,20 @@ class Profile:
     def from_llmservingsim(cls, path: str | Path) -> "Profile":
         """LLMServingSim's profile bundle of one model on one GPU (casys-kaist/LLMServingSim,
         profiler/perf/<hardware>/<model>/<variant>/, written by its profiler under vLLM): ``meta.yaml``
-        (the GPU's device name, the model's Hugging Face id and shape overrides) and ``tp1/dense.csv``
-        (``layer,tokens,time_us``: one decoder layer's operators by token count). The four GEMMs keep
-        their names (qkv_proj, o_proj, gate_up_proj, down_proj); elementwise work is layernorm twice
-        (before attention and before the MLP, each with its residual add fused, as vLLM's Llama runs it)
-        + rotary_emb + act_fn. attention.csv and per_sequence.csv are not read: attention stays on the
-        datasheet (as with Vidur's kernels)."""
-        import csv
+        (the GPU's device name, the model's Hugging Face id, the tensor-parallel degrees profiled and
+        shape overrides) and, per degree N, ``tpN/dense.csv`` (``layer,tokens,time_us``: one decoder
+        layer's operators by token count, on one GPU's shard) and ``tpN/attention.csv`` (optional:
+        ``prefill_chunk,kv_prefill,n_decode,kv_decode,time_us``, one layer's attention op by step shape).
 
+        The model: ``engine_effective.hf_overrides`` describe the shard of one of the degrees profiled
+        (the last one, as the profiler leaves them), so the catalog model is the one whose shard at a
+        degree in ``tp_degrees`` has these heads, KV heads, MLP columns and vocabulary (ties: the one
+        the Hugging Face id names, else the catalog's order). Kernels: the four GEMMs keep their names
+        (qkv_proj, o_proj, gate_up_proj, down_proj); elementwise work is layernorm twice (before
+        attention and before the MLP, each with its residual add fused, as vLLM's Llama runs it) +
+        rotary_emb + act_fn (+ qk_norm where the model has it: Qwen3), each row with tp=N.
+        per_sequence.csv and the skew files are not read. The first profiler's bundles (tp1/layers.csv,
+        no attention table) are read too."""
         from .catalog import gpu_for_device
 
         d = Path(path)
@@ -424,49 +464,26 @@ class Profile:
             raise ConfigError("gpu", device, "the device name the profiler recorded", source=src)
         if not isinstance(over, dict):
             raise ConfigError("engine_effective.hf_overrides", over, "the model's shape (a mapping)", source=src)
+        degrees = meta.get("tp_degrees", [1])
+        if not isinstance(degrees, list) or not degrees or not all(_int(n, 1) for n in degrees) \
+                or len(set(degrees)) != len(degrees):
+            raise ConfigError("tp_degrees", degrees, "a list of distinct tensor-parallel degrees (integers >= 1)",
+                              source=src)
         shape = {"heads": over.get("num_attention_heads"), "kv_heads": over.get("num_key_value_heads"),
                  "intermediate": over.get("intermediate_size"), "vocab": over.get("vocab_size"),
                  "weight_bytes": 2 if meta.get("variant") in ("bf16", "fp16") else None}
-        name = _model_from_shape(shape) if all(_int(v, 1) for v in shape.values()) else ""
+        name = _model_from_shard(shape, degrees, hf) if all(_int(v, 1) for v in shape.values()) else ""
         if not name:
-            raise ConfigError("model", hf, f"a catalog model of this shape ({shape})", source=src)
-        # the profiler's current table (dense.csv: fused GEMMs, time_us), else its first one (layers.csv:
-        # q/k/v and gate/up apart, one row per operator and token count at kv_cache 0, latency in ns)
-        f = d / "tp1" / "dense.csv"
-        cols = ("layer", "tokens", "time_us", 1e6)
-        parts = {**{op: ((op, 1),) for op in GEMM_OPS},
-                 "elementwise": (("layernorm", 2), ("rotary_emb", 1), ("act_fn", 1))}
-        if not f.is_file() and (d / "tp1" / "layers.csv").is_file():
-            f = d / "tp1" / "layers.csv"
-            cols = ("layer_name", "input", "latency(ns)", 1e9)
-            parts = {"qkv_proj": (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)), "o_proj": (("o_proj", 1),),
-                     "gate_up_proj": (("gate_proj", 1), ("up_proj", 1)), "down_proj": (("down_proj", 1),),
-                     "elementwise": (("input_layernorm", 1), ("post_layernorm", 1), ("rope", 1), ("act_fn", 1))}
-        if not f.is_file():
-            raise ConfigError("tp1/dense.csv", None, "present in the profile bundle (or tp1/layers.csv)", source=str(d))
-        times: dict[int, dict[str, float]] = {}
-        name_col, tokens_col, time_col, per_second = cols
-        for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
-            if row.get("kv_cache", "0") != "0":
-                continue  # layers.csv: attention rows by KV length; the GEMMs do not depend on it
-            try:
-                op, tokens, t = row[name_col], int(row[tokens_col]), float(row[time_col])
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"line {i}", dict(row), f"{name_col}, {tokens_col} (an integer), {time_col} (a number)",
-                                  source=str(f)) from None
-            if not (_int(tokens, 1) and _positive(t)):
-                raise ConfigError(f"line {i}", dict(row), f"{tokens_col} >= 1 and {time_col} > 0", source=str(f))
-            times.setdefault(tokens, {})[op] = t / per_second
-        kernels = []
-        for tokens, ops in sorted(times.items()):
-            for op, terms in parts.items():
-                if all(k in ops for k, _ in terms):
-                    kernels.append((op, tokens, 1, sum(ops[k] * n for k, n in terms)))
-        if not kernels:
-            raise ConfigError(f"tp1/{f.name}", str(f), f"rows of {', '.join(GEMM_OPS)}", source=str(d))
-        return cls(kernels=tuple(sorted(kernels)), model=name, gpu=gpu_for_device(device).name, layers=0,
+            raise ConfigError("model", hf, f"a catalog model of this shape ({shape}) or whose shard at a degree in "
+                              f"tp_degrees {degrees} has it", source=src)
+        kernels, attention = [], []
+        for n in sorted(degrees):
+            kernels += _bundle_kernels(d, n)
+            attention += _bundle_attention(d / f"tp{n}" / "attention.csv", n)
+        return cls(kernels=tuple(sorted(kernels)), attention=tuple(sorted(attention)), model=name,
+                   gpu=gpu_for_device(device).name, layers=0,
                    meta={"source": str(d), "from": "llmservingsim", "vllm_version": str(meta.get("vllm_version", "")),
-                         "device": device})
+                         "device": device, "tp_degrees": sorted(degrees)})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -509,6 +526,118 @@ def _catalog_model(matches) -> str:
 def _model_from_shape(shape: dict) -> str:
     """The catalog model with this layer shape ('' when none)."""
     return _catalog_model(lambda m: all(getattr(m, k) == v for k, v in shape.items()))
+
+
+def _model_from_shard(shape: dict, degrees, hf_id) -> str:
+    """The catalog model whose shard at one of ``degrees`` has this layer shape ('' when none); among
+    several, the one the Hugging Face id ``hf_id`` names (its last part, lower case, less a "meta-" prefix,
+    starts with the catalog name: Llama-3.3-70B-Instruct is llama-3.3-70b), else the first in the catalog."""
+    from .catalog import MODELS
+
+    found = []
+    for name, m in MODELS.items():
+        for n in degrees:
+            try:
+                part = m.shard(n)
+            except ConfigError:
+                continue
+            if all(getattr(part, k) == v for k, v in shape.items()):
+                found.append(name)
+                break
+    hf = str(hf_id or "").rstrip("/").split("/")[-1].lower()
+    hf = hf[len("meta-"):] if hf.startswith("meta-") else hf
+    named = [n for n in found if hf.startswith(n)]
+    return max(named, key=len) if named else (found[0] if found else "")
+
+
+# LLMServingSim's operator tables: (file, name column, tokens column, time column, time units per second) and
+# each kernel's operator terms (name, count); optional terms are added where the table has them
+_DENSE = ("dense.csv", "layer", "tokens", "time_us", 1e6)
+_DENSE_PARTS = {**{op: ((op, 1),) for op in GEMM_OPS},
+                "elementwise": (("layernorm", 2), ("rotary_emb", 1), ("act_fn", 1))}
+_DENSE_OPTIONAL = {"elementwise": (("qk_norm", 1),)}  # Qwen3's per-head q/k RMSNorm
+_LAYERS = ("layers.csv", "layer_name", "input", "latency(ns)", 1e9)  # the first profiler: q/k/v, gate/up apart
+_LAYERS_PARTS = {"qkv_proj": (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)), "o_proj": (("o_proj", 1),),
+                 "gate_up_proj": (("gate_proj", 1), ("up_proj", 1)), "down_proj": (("down_proj", 1),),
+                 "elementwise": (("input_layernorm", 1), ("post_layernorm", 1), ("rope", 1), ("act_fn", 1))}
+
+
+def _bundle_kernels(d: Path, tp: int) -> list:
+    """(op, tokens, tp, seconds) rows of a bundle's tp``tp``/dense.csv, else its first profiler's layers.csv
+    (one row per operator and token count at kv_cache 0, latency in ns)."""
+    import csv
+
+    f, (fname, name_col, tokens_col, time_col, per_second), parts, optional = \
+        d / f"tp{tp}" / "dense.csv", _DENSE, _DENSE_PARTS, _DENSE_OPTIONAL
+    if not f.is_file() and (d / f"tp{tp}" / "layers.csv").is_file():
+        f, (fname, name_col, tokens_col, time_col, per_second), parts, optional = \
+            d / f"tp{tp}" / "layers.csv", _LAYERS, _LAYERS_PARTS, {}
+    if not f.is_file():
+        raise ConfigError(f"tp{tp}/dense.csv", None, f"present in the profile bundle (or tp{tp}/layers.csv; meta.yaml's "
+                          f"tp_degrees lists {tp})", source=str(d))
+    times: dict[int, dict[str, float]] = {}
+    for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
+        if row.get("kv_cache", "0") != "0":
+            continue  # layers.csv: attention rows by KV length; the GEMMs do not depend on it
+        try:
+            op, tokens, t = row[name_col], int(row[tokens_col]), float(row[time_col])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"line {i}", dict(row), f"{name_col}, {tokens_col} (an integer), {time_col} (a number)",
+                              source=str(f)) from None
+        if not (_int(tokens, 1) and _positive(t)):
+            raise ConfigError(f"line {i}", dict(row), f"{tokens_col} >= 1 and {time_col} > 0", source=str(f))
+        times.setdefault(tokens, {})[op] = t / per_second
+    kernels = []
+    for tokens, ops in sorted(times.items()):
+        for op, terms in parts.items():
+            if all(k in ops for k, _ in terms):
+                terms = terms + tuple(t for t in optional.get(op, ()) if t[0] in ops)
+                kernels.append((op, tokens, tp, sum(ops[k] * n for k, n in terms)))
+    if not kernels:
+        raise ConfigError(f"tp{tp}/{fname}", str(f), f"rows of {', '.join(GEMM_OPS)}", source=str(d))
+    return kernels
+
+
+def _bundle_attention(f: Path, tp: int) -> list:
+    """(prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds) rows of an attention.csv (none when the
+    bundle has no such file); a bad row is an error naming the file, line, column and value."""
+    import csv
+
+    if not f.is_file():
+        return []
+    reader = csv.DictReader(io.StringIO(read_text(f, "CSV file")))
+    missing = [c for c in (*ATTENTION_COLUMNS, "time_us") if c not in (reader.fieldnames or ())]
+    if missing:
+        raise ConfigError(missing[0], None, f"a column of LLMServingSim's attention.csv ({', '.join(ATTENTION_COLUMNS)}, "
+                          "time_us)", source=str(f))
+    rows, seen = [], {}
+    for i, row in enumerate(reader, start=2):
+        vals = []
+        for c in ATTENTION_COLUMNS:
+            v = row[c]
+            try:
+                n = int(v)
+            except (TypeError, ValueError):
+                n = -1
+            if n < 0:
+                raise ConfigError(f"line {i} {c}", v, "an integer >= 0", source=str(f))
+            vals.append(n)
+        try:
+            us = float(row["time_us"])
+        except (TypeError, ValueError):
+            us = float("nan")
+        if not _positive(us):
+            raise ConfigError(f"line {i} time_us", row["time_us"], "a finite number of microseconds > 0", source=str(f))
+        why = _attention_row_problem((*vals, tp, us / 1e6))
+        if why:
+            raise ConfigError(f"line {i}", ",".join(str(v) for v in vals), why, source=str(f))
+        key = tuple(vals)
+        if key in seen:
+            raise ConfigError(f"line {i}", ",".join(str(v) for v in vals), f"one row per shape (line {seen[key]} has it "
+                              "too)", source=str(f))
+        seen[key] = i
+        rows.append((*vals, tp, us / 1e6))
+    return rows
 
 
 def _model_from_layer_bytes(layer_bytes, src: str) -> str:
