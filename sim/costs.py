@@ -17,9 +17,11 @@ time is the target's roofline times the ratio at the corresponding size:
 - compute, whole layer (probe files, the runtime's ``offloadlab bench``): one ratio per measured
   (B, T, C), applied at the nearest measured shape in (log tokens, log KV tokens): GEMMs,
   attention by context and elementwise work move together, in the measured layer's mix;
-- compute, per kernel (Vidur's operator CSVs): each GEMM by tokens and weight shape (the nearest
-  measured shape, interpolated in log tokens), elementwise work by tokens; attention, which Vidur's
-  CSVs lack, from the datasheet roofline;
+- compute, per kernel (Vidur's operator CSVs, LLMServingSim's bundles): each GEMM by tokens and
+  weight shape (the nearest measured shape, interpolated in log tokens), elementwise work by tokens;
+  attention by step shape where the profile has an attention table (LLMServingSim's: one prefill chunk
+  and its cached tokens, the decodes and their mean context; ``_AttentionTable``), of the target's
+  tensor-parallel degree, else of the nearest degree; otherwise (Vidur's CSVs lack it) the datasheet roofline;
 - all-reduce: ratio to the ring model of the measured GPUs' link, by message size, per TP degree;
 - host launch time per layer: a property of the host, driver and Python, not of the GPU: kept;
 - copies: the measured curve (latency + size / streaming rate) when the target's host link is the
@@ -50,6 +52,7 @@ issues host reads with poor parallelism. Decode batches up to 64 tokens read eac
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -408,6 +411,147 @@ def _same_model(a: ModelSpec, b: ModelSpec) -> bool:
         a.intermediate * a.tensor_parallel == b.intermediate * b.tensor_parallel
 
 
+def _nearest_gemm(gemms, shape: tuple[int, int], op: str = ""):
+    """The measured GEMM table (log weight size, op, log tokens, ratios) of the weight size nearest ``shape``'s;
+    among equally near ones, one of the same operator ``op`` (a TP-2 shard's gate_up_proj is as large as the
+    whole model's down_proj), else the first."""
+    lp = math.log(shape[0] * shape[1])
+    return min(gemms, key=lambda g: (round(abs(g[0] - lp), 9), g[1] != op))
+
+
+def _table_shape(pc: int, kvp: int, nd: int, kvd: int) -> StepShape:
+    """The step an attention table row measured: one prefill chunk of ``pc`` tokens after ``kvp`` cached
+    ones (none when ``pc`` is 0) and ``nd`` decodes, each after ``kvd`` cached tokens."""
+    parts = ([StepShape.of([(pc, kvp)])] if pc else []) + ([StepShape.decode(nd, nd * (kvd + 1))] if nd else [])
+    if len(parts) == 1:
+        return parts[0]
+    a, b = parts
+    return StepShape(a.seqs + b.seqs, a.tokens + b.tokens, a.pairs + b.pairs, a.kv_tokens + b.kv_tokens,
+                     a.decode_only and b.decode_only, a.decodes + b.decodes, a.decode_kv + b.decode_kv)
+
+
+def _table_coords(s: StepShape) -> tuple[int, tuple[float, ...]]:
+    """A step in an attention table's coordinates: (kind, coordinates), kind 0 decode-only (n_decode,
+    kv_decode), 1 prefill-only (prefill_chunk, kv_prefill), 2 both (prefill_chunk, kv_prefill, n_decode,
+    kv_decode). The step's one-row sequences are the decodes, at their mean context; every other sequence's
+    new tokens are one prefill chunk, after their mean cached tokens (a step of several prompt chunks is
+    costed as one chunk of them all)."""
+    dec = s.decodes
+    pre = s.tokens - dec
+    if pre == 0:
+        return 0, (dec, s.decode_kv / dec - 1)
+    if dec == 0:
+        return 1, (pre, (s.kv_tokens - pre) / s.seqs)
+    return 2, (pre, (s.kv_tokens - s.decode_kv - pre) / (s.seqs - dec), dec, s.decode_kv / dec - 1)
+
+
+class _AttentionTable:
+    """Measured / roofline attention time by step shape, from one tensor-parallel degree's attention table
+    (Profile.attention rows), for ``Calibrated``.
+
+    Each row's ratio is its measured time over the measured GPU's roofline (``roofline``, of the measured
+    shard) of the step it measured (``_table_shape``). A step is looked up in the table of its kind
+    (``_table_coords``: decode-only, prefill-only, both) by multilinear interpolation of the ratios in
+    log coordinates on the grid of the measured values of each axis (a 0 on an axis, e.g. no cached
+    tokens, sits one halving below its smallest positive value); outside the grid an axis is clamped to
+    its end (the ratio is held, the roofline carries the growth). Where a grid cell lacks measured
+    corners (a table that is not a full product grid), the measured corners' weights are renormalized;
+    where it has none, the nearest measured point (in log coordinates) gives the ratio. At a measured
+    shape the ratio is the measured one: on the measured GPU and model, the measured time comes back.
+    Ratios are remembered per step coordinates (exact: no binning)."""
+
+    def __init__(self, rows, roofline: Roofline, tp: int):
+        self.tp = tp
+        by_kind: dict[int, list] = {}
+        for pc, kvp, nd, kvd, sec in rows:
+            kind = 0 if pc == 0 else 1 if nd == 0 else 2  # as _table_coords sorts steps
+            exact = (nd, kvd) if kind == 0 else (pc, kvp) if kind == 1 else (pc, kvp, nd, kvd)
+            by_kind.setdefault(kind, []).append((exact, sec / roofline.attention_time(_table_shape(pc, kvp, nd, kvd))))
+        self.kinds: dict[int, tuple] = {}
+        self.loo: dict[int, float] = {}  # p90 of leave-one-out residuals (interior points, along each axis)
+        for kind, pts in by_kind.items():
+            k = len(pts[0][0])
+            values = [sorted({p[0][j] for p in pts}) for j in range(k)]
+            floors = [(v[1] / 2 if v[0] == 0 and len(v) > 1 else max(v[0], 1)) for v in values]
+            axes = [[math.log(max(x, f)) for x in v] for v, f in zip(values, floors)]
+            index = [{x: i for i, x in enumerate(v)} for v in values]
+            grid = np.full([len(v) for v in values], np.nan)
+            for exact, r in pts:
+                grid[tuple(index[j][exact[j]] for j in range(k))] = r
+            strides = [int(st // grid.itemsize) for st in grid.strides]
+            # a cell's corners as offsets from its lowest one, the last axis varying fastest (see _interpolate)
+            offsets = [sum(strides[j] for j in range(k) if len(values[j]) > 1 and (c >> (k - 1 - j)) & 1)
+                       for c in range(2 ** k)]
+            # cells whose corners were all measured (by lowest corner): the fast path
+            full = np.isfinite(grid)
+            for j in range(k):
+                if len(values[j]) > 1:
+                    full = full & np.roll(np.isfinite(grid), -1, axis=j)
+            coords = np.array([[axes[j][index[j][e[j]]] for j in range(k)] for e, _ in pts])
+            self.kinds[kind] = (list(zip(axes, floors, strides)), offsets, grid.ravel().tolist(),
+                                full.ravel().tolist(), coords, np.array([r for _, r in pts]))
+            self.loo[kind] = self._loo(grid, axes)
+        self._memo: dict = {}
+
+    @staticmethod
+    def _loo(grid: np.ndarray, axes) -> float:
+        """p90 of |predicted / measured - 1| of each interior grid point from its two neighbours along each
+        axis (linear in that axis's log coordinate): the table's own interpolation error, for ``band``."""
+        errs = []
+        for j, a in enumerate(axes):
+            a = np.asarray(a)
+            for i in range(1, len(a) - 1):
+                w = (a[i] - a[i - 1]) / (a[i + 1] - a[i - 1])
+                lo, mid, hi = (np.take(grid, n, axis=j) for n in (i - 1, i, i + 1))
+                pred = lo + w * (hi - lo)
+                ok = np.isfinite(pred) & np.isfinite(mid)
+                errs.extend(np.abs(pred[ok] / mid[ok] - 1).tolist())
+        return float(np.quantile(errs, 0.9)) if errs else 0.0
+
+    def ratio(self, s: StepShape) -> float:
+        """Measured / roofline attention time for step ``s``; 1.0 when no row measured its kind."""
+        key = _table_coords(s)
+        r = self._memo.get(key)
+        if r is None:
+            r = self._memo[key] = self._interpolate(*key) if key[0] in self.kinds else 1.0
+        return r
+
+    def _interpolate(self, kind: int, x: tuple[float, ...]) -> float:
+        axes, offsets, flat, full, coords, ratios = self.kinds[kind]
+        base, ws = 0, []
+        for (a, f, st), v in zip(axes, x):
+            u = math.log(v) if v > f else math.log(f)
+            n = len(a)
+            if n == 1 or u <= a[0]:
+                i, w = 0, 0.0
+            elif u >= a[-1]:
+                i, w = n - 2, 1.0
+            else:
+                i = bisect.bisect_right(a, u) - 1
+                w = (u - a[i]) / (a[i + 1] - a[i])
+            base += i * st
+            ws.append(w)
+        if full[base]:  # every corner measured: lerp the corners pairwise, the last axis first
+            vals = [flat[base + o] for o in offsets]
+            for w in reversed(ws):
+                vals = [p + w * (q - p) for p, q in zip(vals[::2], vals[1::2])]
+            return vals[0]
+        k = len(ws)
+        total = weight = 0.0
+        for c, o in enumerate(offsets):
+            wt = 1.0
+            for j, w in enumerate(ws):
+                wt *= w if (c >> (k - 1 - j)) & 1 else 1.0 - w
+            r = flat[base + o]
+            if wt > 0.0 and r == r:  # a measured corner (not NaN)
+                total += wt * r
+                weight += wt
+        if weight > 0.0:
+            return total / weight
+        u = np.array([math.log(max(v, f)) for v, (_, f, _) in zip(x, axes)])
+        return float(ratios[int(np.argmin(((coords - u) ** 2).sum(axis=1)))])
+
+
 @dataclass(frozen=True)
 class Calibrated:
     """The target's roofline corrected by efficiencies measured elsewhere (see module docstring).
@@ -428,6 +572,7 @@ class Calibrated:
     _elementwise: tuple = field(init=False, repr=False, compare=False)
     _gemm_tables: tuple = field(init=False, repr=False, compare=False)
     _elem_table: tuple | None = field(init=False, repr=False, compare=False)
+    _attention: _AttentionTable | None = field(init=False, repr=False, compare=False)
     _launch: float = field(init=False, repr=False, compare=False)
     _latency: float = field(init=False, repr=False, compare=False)
     _rate: float = field(init=False, repr=False, compare=False)
@@ -509,9 +654,27 @@ class Calibrated:
         set_("_gemms", tuple(gemms))
         set_("_elementwise", tuple(elem))
         # the target's GEMMs, each with the measured table of the nearest weight shape (fixed per model)
-        set_("_gemm_tables", tuple((shape, min(gemms, key=lambda g: abs(g[0] - math.log(shape[0] * shape[1]))))
-                                   for _, shape in rf.model.layer_param_shapes if len(shape) == 2) if gemms else ())
+        set_("_gemm_tables", tuple((shape, _nearest_gemm(gemms, shape, n.split(".")[-2]))
+                                   for n, shape in rf.model.layer_param_shapes if len(shape) == 2) if gemms else ())
         set_("_elem_table", min(elem, key=lambda g: abs(math.log(g[0] / rf.model.tensor_parallel))) if elem else None)
+        # attention (LLMServingSim's tables): measured / the measured shard's roofline by step shape, from the
+        # table of the target's tensor-parallel degree, else of the nearest degree (a model transfer)
+        att = None
+        if compute is not None and not points and compute.profile.attention:
+            by_tp: dict = {}
+            for pc, kvp, nd, kvd, ktp, sec in compute.profile.attention:
+                by_tp.setdefault(ktp, []).append((pc, kvp, nd, kvd, sec))
+            shards = {}
+            for ktp in by_tp:
+                try:
+                    shards[ktp] = compute.roofline.model.shard(ktp)
+                except ConfigError:
+                    continue
+            if shards:
+                tp = rf.model.tensor_parallel
+                ktp = min(shards, key=lambda n: (abs(math.log(n / tp)), n))
+                att = _AttentionTable(by_tp[ktp], dataclasses.replace(compute.roofline, model=shards[ktp]), ktp)
+        set_("_attention", att)
 
         # all-reduce: measured / the measured GPUs' ring model, by message size, for this TP degree
         if ar is not None:
@@ -593,7 +756,9 @@ class Calibrated:
         """(low, high) cost factors for step ``s``, from evidence: the calibration's leave-one-out
         residuals (growing with the distance to the nearest measured shape), BAND_STRUCTURE, the
         transfer terms when the source is another GPU or model, datasheet factors for whatever no
-        source measured (attention under per-kernel profiles, launch, copies)."""
+        source measured (attention under per-kernel profiles without an attention table, launch, copies).
+        A measured attention table's term is its leave-one-out p90 for the step's kind (``_AttentionTable``),
+        with BAND_TRANSFER_MODEL when the table is another tensor-parallel degree's."""
         rf, ev = self.roofline, self._evidence
         host = (0.5, 2.0) if rf.replays_graph(s) else ev["launch"]
         copy = _sym(ev["copy"])
@@ -618,7 +783,17 @@ class Calibrated:
                 w = _quad(w_meas, BAND_TRANSFER_MODEL if other and not self._compute.distance % 2 else 0.0)
                 t = parts[name]
                 lo, hi, total = lo + t * _sym(w)[0], hi + t * _sym(w)[1], total + t
-            for name, f in (("elementwise", _sym(w_meas)), ("attention", datasheet_gpu(rf, attention=True)),
+            att = self._attention
+            if att is not None:  # measured attention: weighed at its calibrated time, its table's own error
+                kind = _table_coords(s)[0]
+                parts["attention"] *= att.ratio(s)
+                other = att.tp != rf.model.tensor_parallel and not self._compute.distance % 2
+                f_att = _sym(_quad(BAND_STRUCTURE, att.loo.get(kind, 0.0), xfer, BAND_TRANSFER_MODEL if other else 0.0))
+                if kind not in att.kinds:
+                    f_att = datasheet_gpu(rf, attention=True)
+            else:
+                f_att = datasheet_gpu(rf, attention=True)
+            for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att),
                             ("allreduce", _sym(_quad(BAND_STRUCTURE, xfer)))):
                 t = parts[name]
                 lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
@@ -641,9 +816,8 @@ class Calibrated:
         lt, lk = math.log(s.tokens), math.log(max(s.kv_tokens, 1))
         return min(self._points, key=lambda p: (p[0] - lt) ** 2 + 0.25 * (p[1] - lk) ** 2) if self._points else None
 
-    def _gemm_ratio(self, shape: tuple[int, int], tokens: int) -> float:
-        lp = math.log(shape[0] * shape[1])
-        _, _, lts, ratios = min(self._gemms, key=lambda g: abs(g[0] - lp))
+    def _gemm_ratio(self, shape: tuple[int, int], tokens: int, op: str = "") -> float:
+        _, _, lts, ratios = _nearest_gemm(self._gemms, shape, op)
         return float(np.interp(math.log(tokens), lts, ratios))
 
     def _elementwise_ratio(self, tokens: int) -> float:
@@ -670,7 +844,7 @@ class Calibrated:
             return (rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens)) * p[2] + ar, p[3]
         if self._gemms:
             lt = math.log(s.tokens)
-            gpu = rf.attention_time(s) + ar  # attention: no per-kernel measurement, datasheet roofline
+            gpu = rf.attention_time(s) * (self._attention.ratio(s) if self._attention else 1.0) + ar
             for shape, (_, _, lts, ratios) in self._gemm_tables:
                 gpu += rf.gemm_time(shape, s.tokens) * float(np.interp(lt, lts, ratios))
             gpu += rf.elementwise_time(s.tokens) * (self._elementwise_ratio(s.tokens) if self._elem_table else 1.0)
@@ -749,8 +923,13 @@ class Calibrated:
         elif self._points:
             comp = f"compute: {c.label}'s whole-layer efficiencies by tokens and context"
         else:
-            comp = f"compute: {c.label}'s GEMM efficiencies by tokens and shape, elementwise by tokens, " \
-                   "attention from the datasheet"
+            att = self._attention
+            if att is None:
+                how_att = "attention from the datasheet"
+            else:
+                how_att = f"attention by step shape from its tp{att.tp} table" + \
+                    ("" if att.tp == rf.model.tensor_parallel else " (another degree's: a model transfer)")
+            comp = f"compute: {c.label}'s GEMM efficiencies by tokens and shape, elementwise by tokens, {how_att}"
         launch = f"launch: {self._launch * 1e3:.3f} ms/layer from " + \
             (f"{self._launch_src.label} (host time kept)" if self._launch_src else "the roofline default")
         extra = ""
