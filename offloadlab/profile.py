@@ -25,7 +25,8 @@ A Profile is what a GPU measured, in the project's units (bytes, seconds). On di
                                     # one layer's attention op (one GPU's shard under tensor parallelism
                                     # tp) for a step of one prefill chunk of prefill_chunk tokens after
                                     # kv_prefill cached ones, plus n_decode decodes each after kv_decode
-                                    # cached tokens (0 and 0: no chunk; 0 and 0: no decodes)
+                                    # cached tokens (0 and 0: no chunk; 0 and 0: no decodes), as vLLM V1
+                                    # runs it on the measured GPU (its attention backend there)
     meta: {...}                     # torch/driver versions, date, command
 
 Every field but ``gpu`` and the model is optional: a Profile says what it measured and the
@@ -42,8 +43,9 @@ identify what was measured; a file that does not say is an error naming the fiel
 """
 from __future__ import annotations
 
-import json
 import io
+import json
+import math
 import os
 import re
 import statistics
@@ -71,7 +73,7 @@ def _attention_row_problem(row) -> str:
     if not isinstance(row, (tuple, list)) or len(row) != 6:
         return "[prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds]"
     pc, kvp, nd, kvd, tp, sec = row
-    if not all(_int(v, 0) for v in (pc, kvp, nd, kvd)) or not _int(tp, 1) or not _positive(sec):
+    if not (_int(pc, 0) and _int(kvp, 0) and _int(nd, 0) and _int(kvd, 0) and _int(tp, 1) and _positive(sec)):
         return "[prefill_chunk, kv_prefill, n_decode, kv_decode integers >= 0, tp >= 1, seconds > 0 finite]"
     if pc + nd == 0:
         return "a prefill chunk or decodes (prefill_chunk + n_decode >= 1)"
@@ -605,38 +607,41 @@ def _bundle_attention(f: Path, tp: int) -> list:
 
     if not f.is_file():
         return []
-    reader = csv.DictReader(io.StringIO(read_text(f, "CSV file")))
-    missing = [c for c in (*ATTENTION_COLUMNS, "time_us") if c not in (reader.fieldnames or ())]
+    reader = csv.reader(io.StringIO(read_text(f, "CSV file")))
+    header = next(reader, [])
+    missing = [c for c in (*ATTENTION_COLUMNS, "time_us") if c not in header]
     if missing:
         raise ConfigError(missing[0], None, f"a column of LLMServingSim's attention.csv ({', '.join(ATTENTION_COLUMNS)}, "
                           "time_us)", source=str(f))
+    cols = [header.index(c) for c in (*ATTENTION_COLUMNS, "time_us")]
     rows, seen = [], {}
     for i, row in enumerate(reader, start=2):
+        if len(row) < len(header):
+            raise ConfigError(f"line {i}", ",".join(row), f"{len(header)} columns ({', '.join(header)})", source=str(f))
         vals = []
-        for c in ATTENTION_COLUMNS:
-            v = row[c]
+        for c, j in zip(ATTENTION_COLUMNS, cols):
             try:
-                n = int(v)
-            except (TypeError, ValueError):
+                n = int(row[j])
+            except ValueError:
                 n = -1
             if n < 0:
-                raise ConfigError(f"line {i} {c}", v, "an integer >= 0", source=str(f))
+                raise ConfigError(f"line {i} {c}", row[j], "an integer >= 0", source=str(f))
             vals.append(n)
         try:
-            us = float(row["time_us"])
-        except (TypeError, ValueError):
-            us = float("nan")
+            us = float(row[cols[4]])
+        except ValueError:
+            us = math.nan
         if not _positive(us):
-            raise ConfigError(f"line {i} time_us", row["time_us"], "a finite number of microseconds > 0", source=str(f))
-        why = _attention_row_problem((*vals, tp, us / 1e6))
-        if why:
-            raise ConfigError(f"line {i}", ",".join(str(v) for v in vals), why, source=str(f))
-        key = tuple(vals)
+            raise ConfigError(f"line {i} time_us", row[cols[4]], "a finite number of microseconds > 0", source=str(f))
+        pc, kvp, nd, kvd = vals
+        if pc + nd == 0 or (pc == 0 and kvp) or (nd == 0 and kvd):
+            raise ConfigError(f"line {i}", ",".join(row), _attention_row_problem((*vals, tp, us / 1e6)), source=str(f))
+        key = (pc, kvp, nd, kvd)
         if key in seen:
-            raise ConfigError(f"line {i}", ",".join(str(v) for v in vals), f"one row per shape (line {seen[key]} has it "
-                              "too)", source=str(f))
+            raise ConfigError(f"line {i}", ",".join(row), f"one row per shape (line {seen[key]} has it too)",
+                              source=str(f))
         seen[key] = i
-        rows.append((*vals, tp, us / 1e6))
+        rows.append((pc, kvp, nd, kvd, tp, us / 1e6))
     return rows
 
 

@@ -422,10 +422,9 @@ def _nearest_gemm(gemms, shape: tuple[int, int], op: str = ""):
 def _table_shape(pc: int, kvp: int, nd: int, kvd: int) -> StepShape:
     """The step an attention table row measured: one prefill chunk of ``pc`` tokens after ``kvp`` cached
     ones (none when ``pc`` is 0) and ``nd`` decodes, each after ``kvd`` cached tokens."""
-    parts = ([StepShape.of([(pc, kvp)])] if pc else []) + ([StepShape.decode(nd, nd * (kvd + 1))] if nd else [])
-    if len(parts) == 1:
-        return parts[0]
-    a, b = parts
+    if not (pc and nd):
+        return StepShape.of([(pc, kvp)]) if pc else StepShape.decode(nd, nd * (kvd + 1))
+    a, b = StepShape.of([(pc, kvp)]), StepShape.decode(nd, nd * (kvd + 1))
     return StepShape(a.seqs + b.seqs, a.tokens + b.tokens, a.pairs + b.pairs, a.kv_tokens + b.kv_tokens,
                      a.decode_only and b.decode_only, a.decodes + b.decodes, a.decode_kv + b.decode_kv)
 
@@ -458,7 +457,15 @@ class _AttentionTable:
     corners (a table that is not a full product grid), the measured corners' weights are renormalized;
     where it has none, the nearest measured point (in log coordinates) gives the ratio. At a measured
     shape the ratio is the measured one: on the measured GPU and model, the measured time comes back.
-    Ratios are remembered per step coordinates (exact: no binning)."""
+    Ratios are remembered per step coordinates (exact: no binning; at most MEMO of them, then anew).
+    Built once per (rows, roofline) in a process (``build``): a replay and its band's corners share it."""
+
+    MEMO = 1 << 16
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def build(rows: tuple, roofline: Roofline, tp: int) -> "_AttentionTable":
+        return _AttentionTable(rows, roofline, tp)
 
     def __init__(self, rows, roofline: Roofline, tp: int):
         self.tp = tp
@@ -492,6 +499,7 @@ class _AttentionTable:
                                 full.ravel().tolist(), coords, np.array([r for _, r in pts]))
             self.loo[kind] = self._loo(grid, axes)
         self._memo: dict = {}
+        self._last: tuple = (None, 0, 1.0)  # (step, kind, ratio) of the last look-up: layer, band and head ask alike
 
     @staticmethod
     def _loo(grid: np.ndarray, axes) -> float:
@@ -508,13 +516,22 @@ class _AttentionTable:
                 errs.extend(np.abs(pred[ok] / mid[ok] - 1).tolist())
         return float(np.quantile(errs, 0.9)) if errs else 0.0
 
-    def ratio(self, s: StepShape) -> float:
-        """Measured / roofline attention time for step ``s``; 1.0 when no row measured its kind."""
+    def lookup(self, s: StepShape) -> tuple[int, float]:
+        """(kind, measured / roofline attention time) for step ``s``; the ratio 1.0 when no row measured its kind."""
+        last = self._last
+        if s is last[0]:
+            return last[1], last[2]
         key = _table_coords(s)
         r = self._memo.get(key)
         if r is None:
+            if len(self._memo) >= self.MEMO:
+                self._memo.clear()
             r = self._memo[key] = self._interpolate(*key) if key[0] in self.kinds else 1.0
-        return r
+        self._last = (s, key[0], r)
+        return key[0], r
+
+    def ratio(self, s: StepShape) -> float:
+        return self.lookup(s)[1]
 
     def _interpolate(self, kind: int, x: tuple[float, ...]) -> float:
         axes, offsets, flat, full, coords, ratios = self.kinds[kind]
@@ -578,6 +595,7 @@ class Calibrated:
     _rate: float = field(init=False, repr=False, compare=False)
     _link_note: str = field(init=False, repr=False, compare=False)
     _evidence: dict = field(init=False, repr=False, compare=False)
+    _band_last: list = field(init=False, repr=False, compare=False)  # [step, its band]: band's last answer
 
     def __post_init__(self):
         rf = self.roofline
@@ -671,9 +689,14 @@ class Calibrated:
                 except ConfigError:
                     continue
             if shards:
+                from .vllm_engine import attention_kernel  # vllm_engine imports this module
+
                 tp = rf.model.tensor_parallel
                 ktp = min(shards, key=lambda n: (abs(math.log(n / tp)), n))
-                att = _AttentionTable(by_tp[ktp], dataclasses.replace(compute.roofline, model=shards[ktp]), ktp)
+                # the rows are vLLM V1's attention op on the measured GPU: its roofline with the kernel V1 runs there
+                srf = dataclasses.replace(compute.roofline, model=shards[ktp],
+                                          attention_kernel=attention_kernel(compute.roofline.hw))
+                att = _AttentionTable.build(tuple(by_tp[ktp]), srf, ktp)
         set_("_attention", att)
 
         # all-reduce: measured / the measured GPUs' ring model, by message size, for this TP degree
@@ -703,6 +726,7 @@ class Calibrated:
         set_("_rate", rate)
         set_("_link_note", note)
         set_("_evidence", self._residuals(copies, kind if copies is not None else ""))
+        set_("_band_last", [None, None])
 
     def _residuals(self, copies: _Source | None, kind: str) -> dict:
         """The calibration's own residuals, for ``band``: leave-one-out on its shapes and token counts,
@@ -725,6 +749,12 @@ class Calibrated:
             for i in range(1, len(lts) - 1):
                 errs.append(abs(np.interp(lts[i], (lts[i - 1], lts[i + 1]), (rs[i - 1], rs[i + 1])) / rs[i] - 1))
         ev["kernels"] = float(np.quantile(errs, 0.9)) if errs else 0.0
+        # attention table: its leave-one-out p90 by kind of step, with the transfer terms (band's attention factor)
+        att = self._attention
+        if att is not None:
+            other = att.tp != self.roofline.model.tensor_parallel and not self._compute.distance % 2
+            xfer = _quad(self._transfer_width(self._compute), BAND_TRANSFER_MODEL if other else 0.0)
+            ev["attention"] = {kind: _sym(_quad(BAND_STRUCTURE, w, xfer)) for kind, w in att.loo.items()}
         ev["gemm_shapes"] = {round(g[0], 2) for g in self._gemms}
         # copies: the latency + size / rate model against the measured curve (16 MiB and up)
         if copies is not None:
@@ -759,6 +789,14 @@ class Calibrated:
         source measured (attention under per-kernel profiles without an attention table, launch, copies).
         A measured attention table's term is its leave-one-out p90 for the step's kind (``_AttentionTable``),
         with BAND_TRANSFER_MODEL when the table is another tensor-parallel degree's."""
+        last = self._band_last
+        if s is last[0]:  # a Corner asks for the layer's and then the head's band of one step
+            return last[1]
+        band = self._band(s)
+        last[0], last[1] = s, band
+        return band
+
+    def _band(self, s: StepShape) -> Band:
         rf, ev = self.roofline, self._evidence
         host = (0.5, 2.0) if rf.replays_graph(s) else ev["launch"]
         copy = _sym(ev["copy"])
@@ -783,16 +821,11 @@ class Calibrated:
                 w = _quad(w_meas, BAND_TRANSFER_MODEL if other and not self._compute.distance % 2 else 0.0)
                 t = parts[name]
                 lo, hi, total = lo + t * _sym(w)[0], hi + t * _sym(w)[1], total + t
-            att = self._attention
-            if att is not None:  # measured attention: weighed at its calibrated time, its table's own error
-                kind = _table_coords(s)[0]
-                parts["attention"] *= att.ratio(s)
-                other = att.tp != rf.model.tensor_parallel and not self._compute.distance % 2
-                f_att = _sym(_quad(BAND_STRUCTURE, att.loo.get(kind, 0.0), xfer, BAND_TRANSFER_MODEL if other else 0.0))
-                if kind not in att.kinds:
-                    f_att = datasheet_gpu(rf, attention=True)
-            else:
-                f_att = datasheet_gpu(rf, attention=True)
+            f_att = datasheet_gpu(rf, attention=True)
+            if self._attention is not None:  # measured attention: weighed at its calibrated time, its table's error
+                kind, ratio = self._attention.lookup(s)
+                parts["attention"] *= ratio
+                f_att = ev["attention"].get(kind, f_att)
             for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att),
                             ("allreduce", _sym(_quad(BAND_STRUCTURE, xfer)))):
                 t = parts[name]
