@@ -490,10 +490,10 @@ class _AttentionTable:
             offsets = [sum(strides[j] for j in range(k) if len(values[j]) > 1 and (c >> (k - 1 - j)) & 1)
                        for c in range(2 ** k)]
             # cells whose corners were all measured (by lowest corner): the fast path
-            full = np.isfinite(grid)
-            for j in range(k):
-                if len(values[j]) > 1:
-                    full = full & np.roll(np.isfinite(grid), -1, axis=j)
+            measured, full = np.isfinite(grid), np.isfinite(grid)
+            for c in range(1, 2 ** k):
+                shift = [-((c >> (k - 1 - j)) & 1) if len(values[j]) > 1 else 0 for j in range(k)]
+                full = full & np.roll(measured, shift, axis=tuple(range(k)))
             coords = np.array([[axes[j][index[j][e[j]]] for j in range(k)] for e, _ in pts])
             self.kinds[kind] = (list(zip(axes, floors, strides)), offsets, grid.ravel().tolist(),
                                 full.ravel().tolist(), coords, np.array([r for _, r in pts]))
