@@ -826,8 +826,9 @@ class Calibrated:
                 kind, ratio = self._attention.lookup(s)
                 parts["attention"] *= ratio
                 f_att = ev["attention"].get(kind, f_att)
-            for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att),
-                            ("allreduce", _sym(_quad(BAND_STRUCTURE, xfer)))):
+            # all-reduce: measured (Profile.allreduce of this degree) or the datasheet's ring model
+            f_ar = _sym(_quad(BAND_STRUCTURE, xfer)) if self._allreduce else datasheet_gpu(rf)
+            for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att), ("allreduce", f_ar)):
                 t = parts[name]
                 lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
             return Band((lo / total, hi / total), host, copy)

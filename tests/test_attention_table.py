@@ -173,3 +173,16 @@ def test_a_step_of_several_prompt_chunks_is_costed_as_one_chunk_at_their_mean_co
     table = _table(p4090)
     s = StepShape.of([(300, 1000), (300, 3000)] + [(1, 511)] * 4 + [(1, 1535)] * 4)
     assert table.ratio(s) == table._interpolate(2, (600, 2000.0, 8, 1023.0))
+
+
+def test_an_all_reduce_no_profile_measured_gets_the_datasheet_band(pro6000):
+    """The bundles time one GPU's shard, no all-reduce: at TP 2 its term is the datasheet ring model's, and so
+    is its band (wider than with the same all-reduce measured)."""
+    rf = _roofline("RTX-PRO-6000-Blackwell-96GB", 2)
+    sizes = [2.0 ** k for k in range(10, 28)]
+    rows = tuple((b, 2, rf.allreduce_seconds(b, 2)) for b in sizes)  # measured exactly as the ring model says
+    unmeasured, measured = Calibrated(rf, pro6000), Calibrated(rf, dataclasses.replace(pro6000, allreduce=rows))
+    for s in (StepShape.decode(64, 64 * 1000), StepShape.uniform(1, 2048, 0)):
+        assert unmeasured.gpu_host(s)[0] == pytest.approx(measured.gpu_host(s)[0], rel=1e-9)
+        (lo, hi), (mlo, mhi) = unmeasured.band(s).gpu, measured.band(s).gpu
+        assert lo < mlo and hi > mhi
