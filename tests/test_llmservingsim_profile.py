@@ -219,3 +219,30 @@ def test_a_profile_with_a_bad_attention_row_names_it(row, needle):
 def test_a_shape_measured_twice_in_a_profile_is_an_error():
     with pytest.raises(OffloadLabError, match="measured twice"):
         Profile(attention=((16, 0, 0, 0, 1, 1e-5), (16, 0, 0, 0, 1, 2e-5)), model="llama-3.1-8b", gpu="RTX-4090-24GB")
+
+
+@pytest.mark.parametrize("overrides, hf, model", [
+    # Qwen3-32B's TP-2 shard (LLMServingSim's RTX PRO 6000 bundle of it says these)
+    ({"num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 12800, "vocab_size": 75968},
+     "Qwen/Qwen3-32B", "qwen3-32b"),
+    # a 70B TP-2 shard is Llama-3.1-70B's and Llama-3.3-70B's: the Hugging Face id says which, else the catalog's order
+    ({"num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 14336, "vocab_size": 64128},
+     "meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b"),
+    ({"num_attention_heads": 32, "num_key_value_heads": 4, "intermediate_size": 14336, "vocab_size": 64128},
+     "someone/a-fine-tune", "llama-3.1-70b"),
+])
+def test_a_bundles_model_is_the_one_whose_shard_at_a_profiled_degree_has_its_overrides(tmp_path, overrides, hf, model):
+    import yaml
+
+    d = tmp_path / "bundle"
+    shutil.copytree(BUNDLE, d)
+    shutil.copytree(d / "tp1", d / "tp2")
+    meta = yaml.safe_load((d / "meta.yaml").read_text())
+    meta.update(model=hf, tp_degrees=[1, 2])
+    meta["engine_effective"]["hf_overrides"].update(overrides)
+    (d / "meta.yaml").write_text(yaml.safe_dump(meta))
+    assert Profile.load(d).model == model
+    meta["tp_degrees"] = [1]  # no degree whose shard this is: no model
+    (d / "meta.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(OffloadLabError, match="a catalog model of this shape"):
+        Profile.load(d)
