@@ -419,12 +419,23 @@ def _nearest_gemm(gemms, shape: tuple[int, int], op: str = ""):
     return min(gemms, key=lambda g: (round(abs(g[0] - lp), 9), g[1] != op))
 
 
+@functools.lru_cache(maxsize=1024)
+def _chunk_shape(pc: int, kvp: int) -> StepShape:
+    return StepShape.of([(pc, kvp)])
+
+
+@functools.lru_cache(maxsize=1024)
+def _decodes_shape(nd: int, kvd: int) -> StepShape:
+    return StepShape.decode(nd, nd * (kvd + 1))
+
+
 def _table_shape(pc: int, kvp: int, nd: int, kvd: int) -> StepShape:
     """The step an attention table row measured: one prefill chunk of ``pc`` tokens after ``kvp`` cached
-    ones (none when ``pc`` is 0) and ``nd`` decodes, each after ``kvd`` cached tokens."""
+    ones (none when ``pc`` is 0) and ``nd`` decodes, each after ``kvd`` cached tokens (a table's rows
+    share their chunks and decode batches: each is made once)."""
     if not (pc and nd):
-        return StepShape.of([(pc, kvp)]) if pc else StepShape.decode(nd, nd * (kvd + 1))
-    a, b = StepShape.of([(pc, kvp)]), StepShape.decode(nd, nd * (kvd + 1))
+        return _chunk_shape(pc, kvp) if pc else _decodes_shape(nd, kvd)
+    a, b = _chunk_shape(pc, kvp), _decodes_shape(nd, kvd)
     return StepShape(a.seqs + b.seqs, a.tokens + b.tokens, a.pairs + b.pairs, a.kv_tokens + b.kv_tokens,
                      a.decode_only and b.decode_only, a.decodes + b.decodes, a.decode_kv + b.decode_kv)
 
