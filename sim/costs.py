@@ -126,10 +126,10 @@ class LayerCost:
 # Step-model structure error at measured shapes: the same-GPU validation of the H100 probe
 # (`offloadlab validate`: 36 offload rows, MAPE 2.05%, worst 5.4%); a ~90% band, not the worst row.
 BAND_STRUCTURE = 0.05
-# Efficiencies moved to another GPU: one layer's GEMM time on each of five GPUs profiled by token count
-# (RTX 4090, RTX 3090, RTX A6000, H100 [LLMServingSim's bundles, validation/traces/profiles] and Vidur's
-# A100), each predicted from each other's efficiency at 1-2,048 tokens (validation/efficiency.py,
-# `python -m offloadlab.validation.efficiency`): 120 errors, median 14.9%, p90 32.7%, max 49%. GEMM
+# Efficiencies moved to another GPU: one layer's GEMM time on each of six GPUs profiled by token count
+# (RTX 4090, RTX 3090, RTX A6000, RTX PRO 6000, H100 [LLMServingSim's bundles, validation/traces/profiles]
+# and Vidur's A100), each predicted from each other's efficiency at 1-2,048 tokens (validation/efficiency.py,
+# `python -m offloadlab.validation.efficiency`): 180 errors, median 12.5%, p90 31.3%, max 49%. GEMM
 # efficiencies are a property of the GPU (clocks under load, power limit), not of its class: A100 ->
 # H100 happens to carry (Vidur's operators predict the H100 probe's resident rows 3.8-4.7% off), A100 or
 # H100 -> RTX 4090 does not (-30%). The p90, rounded up; tests/test_transfer.py recomputes it.
