@@ -42,7 +42,7 @@ def main(run: str | Path = RUN) -> None:
     row(" + prefix caching (a preempted request finds its blocks)", dataclasses.replace(final, engine=v1, cost_kw={},
                                                                                         gpu=datasheet_gpu))
     v1 = dataclasses.replace(v1, async_scheduling=True)
-    row(" + async scheduling, piecewise CUDA graphs", dataclasses.replace(final, engine=v1, gpu=datasheet_gpu))
+    row(" + async scheduling, piecewise CUDA graphs, FA2 mixed steps", dataclasses.replace(final, engine=v1, gpu=datasheet_gpu))
     row(" + the device's total memory as measured (= validate)", final)
     blocks = final.run.measured_kv_blocks
     if blocks:
