@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checks import is_int as _int, is_positive as _positive
-from .errors import ConfigError, OffloadLabError
+from .errors import ConfigError, OffloadLabError, UnknownNameError
 from .fileio import atomic_write_json, load_mapping, read_text
 from .policy import NoOffload, Placement, copy_prefix, interval
 from .specs import HardwareSpec, ModelSpec
@@ -532,9 +532,9 @@ def _model_from_shape(shape: dict) -> str:
 
 def _model_from_shard(shape: dict, degrees, hf_id) -> str:
     """The catalog model whose shard at one of ``degrees`` has this layer shape ('' when none); among
-    several, the one the Hugging Face id ``hf_id`` names (its last part, lower case, less a "meta-" prefix,
-    starts with the catalog name: Llama-3.3-70B-Instruct is llama-3.3-70b), else the first in the catalog."""
-    from .catalog import MODELS
+    several, the one the Hugging Face id ``hf_id`` names (catalog.model_for_hf_id: Llama-3.3-70B-Instruct
+    is llama-3.3-70b), else the first in the catalog."""
+    from .catalog import MODELS, model_for_hf_id
 
     found = []
     for name, m in MODELS.items():
@@ -546,10 +546,11 @@ def _model_from_shard(shape: dict, degrees, hf_id) -> str:
             if all(getattr(part, k) == v for k, v in shape.items()):
                 found.append(name)
                 break
-    hf = str(hf_id or "").rstrip("/").split("/")[-1].lower()
-    hf = hf[len("meta-"):] if hf.startswith("meta-") else hf
-    named = [n for n in found if hf.startswith(n)]
-    return max(named, key=len) if named else (found[0] if found else "")
+    try:
+        named = model_for_hf_id(hf_id).name if hf_id else ""
+    except UnknownNameError:
+        named = ""
+    return named if named in found else (found[0] if found else "")
 
 
 # LLMServingSim's operator tables: (file, name column, tokens column, time column, time units per second) and

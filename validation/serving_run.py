@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..catalog import get_gpu, get_model, gpu_for_device, model_names
+from ..catalog import get_gpu, get_model, gpu_for_device, model_for_hf_id, model_names
 from ..errors import ConfigError, UnknownNameError
 from ..fileio import read_json_object
 from ..serving_files import check_run_dir, read_requests, read_timeseries
@@ -151,24 +151,6 @@ def workload_of(run: ServingRun):
 
 
 # ---- what ran: model, GPU, engine ----
-def model_for_hf_id(hf_id: str) -> ModelSpec:
-    """A Hugging Face id (``meta-llama/Llama-3.1-8B``, ``meta-llama/Meta-Llama-3.1-8B-Instruct``,
-    ``mistralai/Mistral-7B-Instruct-v0.3``, ``Qwen/Qwen2.5-7B-Instruct``) -> the catalog model of the
-    same shape (instruction-tuned and chat variants share their base's shape)."""
-    name = str(hf_id).rstrip("/").split("/")[-1].lower()
-    candidates = [name]
-    if name.startswith("meta-"):
-        candidates.append(name[len("meta-"):])
-    for c in list(candidates):
-        base = re.sub(r"-(instruct|chat|hf|it)(?=-|$)", "", c)
-        if base != c:
-            candidates.append(base)
-    for c in candidates:
-        if c in model_names():
-            return get_model(c)
-    raise UnknownNameError("model (Hugging Face id; give --model NAME or a config.json)", hf_id, model_names())
-
-
 def resolve_model(run: ServingRun, model: str | ModelSpec | None = None) -> ModelSpec:
     if isinstance(model, ModelSpec):
         return model

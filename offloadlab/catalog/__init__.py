@@ -156,6 +156,24 @@ def get_model(name: str | ModelSpec) -> ModelSpec:
         raise UnknownNameError("model", name, model_names()) from None
 
 
+def model_for_hf_id(hf_id: str) -> ModelSpec:
+    """A Hugging Face id (``meta-llama/Llama-3.1-8B``, ``meta-llama/Meta-Llama-3.1-8B-Instruct``,
+    ``mistralai/Mistral-7B-Instruct-v0.3``, ``Qwen/Qwen2.5-7B-Instruct``) -> the catalog model of the
+    same shape (instruction-tuned and chat variants share their base's shape)."""
+    name = str(hf_id).rstrip("/").split("/")[-1].lower()
+    candidates = [name]
+    if name.startswith("meta-"):
+        candidates.append(name[len("meta-"):])
+    for c in list(candidates):
+        base = re.sub(r"-(instruct|chat|hf|it)(?=-|$)", "", c)
+        if base != c:
+            candidates.append(base)
+    for c in candidates:
+        if c in model_names():
+            return get_model(c)
+    raise UnknownNameError("model (Hugging Face id; give --model NAME or a config.json)", hf_id, model_names())
+
+
 def get_gpu(name: str | HardwareSpec) -> HardwareSpec:
     if isinstance(name, HardwareSpec):
         return name
