@@ -352,6 +352,12 @@ class Roofline:
     def layer(self, s: StepShape) -> LayerCost:
         return LayerCost(self.gpu_time(s), self.launch_time(s), self.kernel_floor, self.link_comm_time(s))
 
+    def pre_attention(self, s: StepShape) -> float:
+        """GPU seconds of a layer's work before its attention op, where vLLM's piecewise CUDA graphs
+        end a piece (sim/step.py ``join_mode``): the QKV projection (the input norm and rotary
+        embedding around it, a few us, are left out: the join is taken slightly early)."""
+        return self.gemm_time(self.model.layer_param_shapes[0][1], s.tokens)
+
     def head(self, s: StepShape) -> float:
         """GPU seconds for the final norm and LM head on the last token of each sequence (none on a
         pipeline stage without the head)."""
@@ -905,6 +911,17 @@ class Calibrated:
             host = rf.launch_time(s)
         return LayerCost(gpu, host, rf.kernel_floor, min(rf.link_comm_time(s), gpu))
 
+    def pre_attention(self, s: StepShape) -> float:
+        """As Roofline.pre_attention, by the efficiency the QKV projection's time is moved with."""
+        rf = self.roofline
+        t = rf.pre_attention(s)
+        if self._points:
+            return t * self._nearest(s)[2]
+        if self._gemms:
+            shape, (_, _, lts, ratios) = self._gemm_tables[0]
+            return rf.gemm_time(shape, s.tokens) * float(np.interp(math.log(s.tokens), lts, ratios))
+        return t
+
     def head(self, s: StepShape) -> float:
         return self.roofline.head(s)
 
@@ -1009,6 +1026,9 @@ class Corner:
 
     def head(self, s: StepShape) -> float:
         return self.base.head(s) * self.base.band(s).gpu[self.side]
+
+    def pre_attention(self, s: StepShape) -> float:
+        return self.base.pre_attention(s) * self.base.band(s).gpu[self.side]
 
     @functools.cached_property
     def _copy(self) -> float:

@@ -110,7 +110,7 @@ def _joins(placement: Placement, passes: int, join: str) -> tuple[dict, dict]:
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
                     trace: bool = False, wrap: bool = False, engine: str = "auto", uva_read=None,
-                    join: str = "eager") -> StepResult:
+                    join: str = "eager", pre_attention: float = 0.0) -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
 
     ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
@@ -130,8 +130,10 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
       next step's first layers are joined before the graph ends, so the forward (before the LM
       head, which runs outside the graph) waits for them.
     - ``piecewise`` (piecewise graphs, split at attention): each piece joins the copies it started,
-      so a copy issued after layer i must end before the piece reaching layer i+1's attention ends;
-      modelled as a wait right after layer i+1's compute (after the last layer: before the LM head).
+      so a copy issued after layer i must end before the piece reaching layer i+1's attention ends:
+      a wait after the first ``pre_attention`` GPU seconds of layer i+1 (its QKV projection: the cost
+      model's ``pre_attention``; 0 joins at the layer's start), the rest of the layer after it (after
+      the last layer: before the LM head).
     A joined copy that is still running is a ``wait`` span on the compute lane.
 
     ``engine``: "simpy" runs the lanes as SimPy processes; "auto" (the default) takes the same lanes
@@ -144,8 +146,8 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
         raise ConfigError("engine", engine, "'auto' or 'simpy'")
     uva_read = uva_read or transfer
     if engine == "auto" and not trace and recurrence_applies(placement, layer, copy_slowdown):
-        return lane_recurrence(placement, layer, head, transfer, wrap, uva_read, join)
-    return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap, uva_read, join).run()
+        return lane_recurrence(placement, layer, head, transfer, wrap, uva_read, join, pre_attention)
+    return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap, uva_read, join, pre_attention).run()
 
 
 class CountingEnvironment(simpy.Environment):
@@ -166,9 +168,10 @@ class _Lanes:
     + layer; with wrap two passes (steps) run back to back and the second is reported."""
 
     def __init__(self, placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float,
-                 trace: bool, wrap: bool, uva_read, join: str):
+                 trace: bool, wrap: bool, uva_read, join: str, pre_attention: float = 0.0):
         self.env = env = CountingEnvironment()
         self.placement, self.layer, self.head, self.transfer = placement, layer, head, transfer
+        self.pre_attention = pre_attention
         self.uva_read = uva_read
         self.copy_slowdown, self.trace = copy_slowdown, trace
         self.L = L = placement.layers
@@ -266,6 +269,13 @@ class _Lanes:
                     self.record("compute", "wait", t0, g)
                 t0 = env.now
                 gpu = (layer.gpu - layer.link_comm) * (self.copy_slowdown if self.copying else 1.0)
+                joins = self.join_layer.get(g, ())
+                if joins:  # piecewise: the piece ending at this layer's attention joins the copies it started
+                    pre = min(self.pre_attention, gpu)
+                    yield env.timeout(pre)
+                    self.record("compute", "compute", t0, g)
+                    yield from self.joined(joins, g)
+                    gpu, t0 = gpu - pre, env.now
                 if pl.mechanism == "uva" and pl.offloaded[i]:
                     # zero-copy: the kernels stream the offloaded weights over the host link as they run
                     reading = sum(self.uva_read(b) for b in pl.offloaded[i])
@@ -286,7 +296,6 @@ class _Lanes:
                 self.record("compute", "compute", t0, g)
                 if g in self.released:
                     self.released[g].succeed()
-                yield from self.joined(self.join_layer.get(g, ()), g)  # piecewise: the piece joins its copies
             yield from self.joined(self.join_end.get(p, ()), p * self.L + self.L - 1)  # join_after_forward
             t0 = env.now
             yield env.timeout(self.head)
@@ -322,12 +331,12 @@ def recurrence_applies(placement: Placement, layer: LayerCost, copy_slowdown: fl
 
 
 def lane_recurrence(placement: Placement, layer: LayerCost, head: float, transfer, wrap: bool = False,
-                    uva_read=None, join: str = "eager") -> StepResult:
+                    uva_read=None, join: str = "eager", pre_attention: float = 0.0) -> StepResult:
     """The same lanes as the SimPy model (host, compute, copy, link; the same staging-slot schedule),
     walked in dependency order: each span starts at the max of the ends it waits for. Exact where
     ``recurrence_applies`` (a property test holds it to the SimPy model); no trace, no SimPy events.
     (``Recurrence``: the walk's plan, built once and run for any layer costs.)"""
-    return Recurrence(placement, transfer, wrap, join).run(layer, head, uva_read or transfer)
+    return Recurrence(placement, transfer, wrap, join).run(layer, head, uva_read or transfer, pre_attention)
 
 
 class Recurrence:
@@ -374,8 +383,8 @@ class Recurrence:
             for p in range(P)]
         self.join_end = [[flat(c) for c in join_end.get(p, ())] for p in range(P)]  # before the LM head
 
-    def run(self, layer: LayerCost, head: float, uva_read=None) -> StepResult:
-        """The step's result for these layer costs (``uva_read``: as in ``simulate_layers``)."""
+    def run(self, layer: LayerCost, head: float, uva_read=None, pre_attention: float = 0.0) -> StepResult:
+        """The step's result for these layer costs (``uva_read``, ``pre_attention``: as in ``simulate_layers``)."""
         if self.resident:
             return _resident_recurrence(self.L, layer, head)
         P, copies = self.P, self.copies
@@ -426,6 +435,18 @@ class Recurrence:
                             stall += e - t
                         t = e
                 gpu = gpu0
+                if joins:  # piecewise: the piece ending at this layer's attention joins the copies it started
+                    pre = pre_attention if pre_attention < gpu else gpu
+                    mid = t + pre
+                    if reported:
+                        b_compute += mid - t
+                    for c in joins:
+                        e = ended(c)
+                        if e > mid:
+                            if reported:
+                                stall += e - mid
+                            mid = e
+                    t, gpu = mid, gpu - pre
                 if uva_parts is not None:
                     reading = sum(uva_read(b) for b in uva_parts)
                     gpu = max(gpu, reading)
@@ -441,12 +462,6 @@ class Recurrence:
                     b_compute += end - t
                 if k >= 0:
                     released[k] = end
-                for c in joins:  # piecewise: the piece joins the copies it started
-                    e = ended(c)
-                    if e > end:
-                        if reported:
-                            stall += e - end
-                        end = e
                 compute_free = end
             for c in self.join_end[p]:  # join_after_forward, before the LM head
                 e = ended(c)
@@ -665,12 +680,14 @@ class StepModel:
     def _key(self, shape: StepShape) -> tuple:
         """The memo key of a step: its binned layer and head costs (``_binned_costs``, flat: a tuple of
         floats compares fast), UVA reads and graph join."""
-        uva_key = join = None
+        uva_key = join = pre = None
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
             uva_key = _bin(self.cost.uva_read(self.placement.layer_bytes, shape.tokens), self.quantum)
         if self.placement.wrap:
             join = self.join or join_mode(self.cost, shape)
-        return (*self._binned_costs(shape), uva_key, join)
+            if join == "piecewise":  # where in a layer its piece joins (simulate_layers)
+                pre = _bin(self.cost.pre_attention(shape), self.quantum)
+        return (*self._binned_costs(shape), uva_key, join, pre)
 
     def run(self, shape: StepShape, trace: bool = False) -> StepResult:
         key = self._key(shape)
@@ -685,14 +702,15 @@ class StepModel:
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
         join = self.join or join_mode(self.cost, shape)
+        pre = key[-1] or 0.0
         if not trace and recurrence_applies(self.placement, layer, self.cost.copy_slowdown):
             plan = self._plans.get(join)  # simulate_layers' recurrence, its plan built once per join mode
             if plan is None:
                 plan = self._plans[join] = Recurrence(self.placement, self.cost.transfer, self.placement.wrap, join)
-            res = plan.run(layer, head, uva_read or self.cost.transfer)
+            res = plan.run(layer, head, uva_read or self.cost.transfer, pre)
         else:
             res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                                  wrap=self.placement.wrap, uva_read=uva_read, join=join)
+                                  wrap=self.placement.wrap, uva_read=uva_read, join=join, pre_attention=pre)
         self.simulated += 1
         self.events += res.events
         if not trace:

@@ -37,6 +37,25 @@ def test_v1_mixed_step_within_the_capture_size_joins_piece_by_piece():
     assert by_step.time > full.time * 1.05 and by_step.stall > full.stall
 
 
+def test_a_piece_ends_at_the_next_layers_attention():
+    """vLLM's pieces are split at the attention ops, so the piece that issued a copy ends after the next
+    layer's QKV projection (Roofline.pre_attention): the join waits there, between the bounds of joining
+    at that layer's start and at its end."""
+    from offloadlab.sim.step import simulate_layers
+
+    m, hw = _gh200_8b()
+    pl = Prefetch(8, 1, 2, wrap=True).place(m)
+    rf = Roofline(m, hw, graph_mode="piecewise", max_graph_batch=512)
+    mixed = StepShape.of([(200, 0)] + [(1, 1000)] * 64)
+    qkv = rf.gemm_time((6144, 4096), mixed.tokens)  # Llama-3.1-8B's fused QKV weight
+    assert rf.pre_attention(mixed) == qkv and 0 < qkv < rf.layer(mixed).gpu
+    layer, head = rf.layer(mixed), rf.head(mixed)
+    t = {f: simulate_layers(pl, layer, head, rf.transfer, wrap=True, join="piecewise", pre_attention=f).time
+         for f in (0.0, qkv, layer.gpu)}
+    by_step = StepModel(pl, rf, quantum=0).run(mixed).time
+    assert by_step == t[qkv] and t[0.0] > by_step > t[layer.gpu]
+
+
 def test_the_other_steps_of_v1_join_as_their_graphs():
     m, hw = _gh200_8b()
     pl = Prefetch(8, 1, 2, wrap=True).place(m)

@@ -324,17 +324,21 @@ def recurrence_cases(draw):
         cost = LayerCost(cost.gpu, cost.host, cost.tail, 0.0)
     tr = link(draw(st.floats(0.0, 5e-5)), draw(st.floats(1e8, 1e11)))
     reads = draw(st.integers(1, 8))  # UVA: M-tiles that each read the weight again
+    # piecewise joins wait after the layer's first pre_attention seconds (beyond its GPU time: at its end)
+    pre = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0, 1.5])) * cost.gpu
     return (policy.place(m), cost, draw(st.floats(0.0, 2e-3)), tr, lambda b: tr(b * reads),
-            draw(st.sampled_from(["eager", "full", "piecewise"])))
+            draw(st.sampled_from(["eager", "full", "piecewise"])), pre)
 
 
 @SETTINGS
 @given(recurrence_cases())
 def test_the_lane_recurrence_equals_the_simpy_model(case):
-    placement, cost, head, tr, uva_read, join = case
+    placement, cost, head, tr, uva_read, join, pre = case
     assert recurrence_applies(placement, cost, 1.0)
-    sim = simulate_layers(placement, cost, head, tr, wrap=placement.wrap, engine="simpy", uva_read=uva_read, join=join)
-    fast = lane_recurrence(placement, cost, head, tr, wrap=placement.wrap, uva_read=uva_read, join=join)
+    sim = simulate_layers(placement, cost, head, tr, wrap=placement.wrap, engine="simpy", uva_read=uva_read, join=join,
+                          pre_attention=pre)
+    fast = lane_recurrence(placement, cost, head, tr, wrap=placement.wrap, uva_read=uva_read, join=join,
+                           pre_attention=pre)
     assert fast.time == pytest.approx(sim.time, rel=1e-9, abs=EPS)
     assert fast.stall == pytest.approx(sim.stall, rel=1e-9, abs=EPS)
     for lane in ("host", "compute", "copy", "link"):
@@ -696,6 +700,11 @@ def test_joining_the_copy_stream_never_speeds_a_step_up(g, n, s, layers, gpu, bw
     t = {j: simulate_layers(pl, cost, head, tr, wrap=True, join=j) for j in ("eager", "full", "piecewise")}
     assert t["eager"].time <= t["full"].time * (1 + 1e-9) <= t["piecewise"].time * (1 + 1e-9) ** 2
     assert t["piecewise"].busy["copy"] == pytest.approx(t["eager"].busy["copy"])
+    # a piece that reaches further into the next layer before its attention lets its copies overlap more:
+    # joined at the next layer's start (0), a third of the way in, at its end (the whole layer)
+    pw = [simulate_layers(pl, cost, head, tr, wrap=True, join="piecewise", pre_attention=f * gpu).time
+          for f in (0.0, 1 / 3, 1.0)]
+    assert pw[0] * (1 + 1e-9) >= pw[1] and pw[1] * (1 + 1e-9) >= pw[2] >= t["eager"].time * (1 - 1e-9)
 
 
 def test_step_model_joins_decode_graph_steps_and_overlaps_eager_ones():

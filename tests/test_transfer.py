@@ -347,3 +347,15 @@ def test_measured_all_reduce_replaces_the_ring_model(vidur):
     assert abs(math.log(near[0] / nbytes)) < 0.5
     assert cal._allreduce_time(tokens) == pytest.approx(2 * near[2], rel=0.25)
     assert cal._allreduce_time(tokens) > 2 * rf.allreduce_time(tokens)
+
+
+def test_the_work_before_attention_is_the_measured_qkv_projection(vidur):
+    """Calibrated.pre_attention (where a piecewise CUDA graph's piece ends: sim/step.py) on the profile's
+    own GPU and model is the measured QKV projection; a band's corners scale it with the GPU time."""
+    cal = cost_model(M8, A100_80, profile=vidur)
+    measured = {t: sec for op, t, tp, sec in vidur.kernels if op == "qkv_proj" and tp == 1}
+    for t in (128, 512, 2048):
+        assert cal.pre_attention(StepShape.uniform(1, t, 0)) == pytest.approx(measured[t], rel=1e-9)
+    s = StepShape.of([(300, 0)] + [(1, 900)] * 16)
+    lo, mid, hi = (Corner(cal, 0).pre_attention(s), cal.pre_attention(s), Corner(cal, 1).pre_attention(s))
+    assert lo < mid < hi
