@@ -107,6 +107,107 @@ class _Seq:
         return self.known - self.computed
 
 
+class _Cohort:
+    """The shared decode clock: running requests that decode (prompt done, a token out) advance one token
+    per ``tick`` (a step in which each of them decodes), so the engine pays Python per request that joins,
+    leaves or finishes, not per member per step. Both engines use it: V0 without chunked prefill
+    (``ServingLoop``, where every running request decodes in a decode step) and V1 (``V1ServingLoop``, where
+    the members are scheduled beside the requests still prefilling).
+
+    A member's own counters are stale; its true ones follow from the tick (``counters``): generated =
+    tick - off, computed = prompt_len - 1 + generated, blocks = ceil(computed / block_size), or of one token
+    more once the step's blocks are ``taken``. The cohort is kept as the sums a step and a decode run need:
+    the members by (computed - tick) mod block_size (``phase``: who takes a block at a tick), the sum of
+    computed - tick (``base``: the step's KV) and a heap of the ticks at which they finish (``ends``; an
+    entry counts only while its request is a member of that admission)."""
+
+    __slots__ = ("bs", "tick", "size", "base", "phase", "ends", "last", "taken")
+
+    def __init__(self, block_size: int):
+        self.bs = block_size
+        self.tick = self.size = self.base = 0
+        self.phase: list[set[_Seq]] = [set() for _ in range(block_size)]  # members by phase
+        self.ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
+        self.last = -1  # no member was admitted after this admission number (-1: no member)
+        self.taken = False  # the members' blocks for the step at this tick are allocated
+
+    def join(self, s: _Seq) -> None:
+        """``s`` (running; decoding: computed == known - 1; its blocks those of its computed tokens, and of the
+        step's token once ``taken``) joins at this tick."""
+        bs, tick = self.bs, self.tick
+        assert s.blocks == -(-(s.computed + self.taken) // bs) and s.computed == s.req.prompt_len + s.generated - 1
+        s.off = tick - s.generated
+        base = s.computed - tick
+        self.phase[base % bs].add(s)
+        self.base += base
+        self.size += 1
+        if s.adm > self.last:
+            self.last = s.adm
+        heapq.heappush(self.ends, (s.off + s.output_len, s.adm, s))
+
+    def counters(self, s: _Seq) -> tuple[int, int, int]:
+        """(generated, computed, blocks) of member ``s`` at this tick."""
+        c = s.req.prompt_len - 1 - s.off + self.tick
+        return self.tick - s.off, c, -(-(c + self.taken) // self.bs)
+
+    def leave(self, s: _Seq) -> int:
+        """Member ``s`` leaves, its counters written back (``counters``); returns its computed tokens. Its
+        finish stays in ``ends``, stale."""
+        base = s.req.prompt_len - 1 - s.off
+        self.phase[base % self.bs].discard(s)
+        self.base -= base
+        self.size -= 1
+        if not self.size:
+            self.last = -1
+        s.generated, s.computed, s.blocks = self.counters(s)
+        s.off = None
+        return s.computed
+
+    def needers(self) -> set[_Seq]:
+        """The members whose computed tokens fill their blocks: each takes one for the step at this tick."""
+        return self.phase[-self.tick % self.bs]
+
+    def kv(self) -> int:
+        """The members' computed tokens."""
+        return self.base + self.size * self.tick
+
+    def steps_that_fit(self, free: int) -> int:
+        """The most decode steps of the members alone from this tick (the first step's blocks taken) until one
+        finishes, while the blocks they take in the others fit in ``free``."""
+        ends = self.ends
+        while ends[0][2].off is None or ends[0][2].adm != ends[0][1]:  # stale entries
+            heapq.heappop(ends)
+        n = ends[0][0] - self.tick
+        if self.size * -(-(n - 1) // self.bs) <= free:  # a block per member per block_size ticks at most
+            return n
+        return _steps_that_fit(n, self.slack(), self.bs, free)
+
+    def slack(self) -> dict[int, int]:
+        """The members by computed tokens mod block_size (``_extra_blocks``' slack: their blocks hold just
+        their tokens)."""
+        tick, bs = self.tick, self.bs
+        return {(p + tick) % bs: len(m) for p, m in enumerate(self.phase) if m}
+
+    def run_blocks(self, steps: int) -> int:
+        """The blocks the members take in steps 2 .. ``steps`` of a decode run from this tick."""
+        return _extra_blocks(self.slack(), steps - 1, self.bs) if steps > 1 else 0
+
+    def advance(self, ticks: int) -> list[_Seq]:
+        """The clock moves on ``ticks`` steps; returns the members that finished (they leave: their counters
+        written back, generated == output_len), by admission."""
+        self.tick = tick = self.tick + ticks
+        self.taken = False
+        ends, done = self.ends, []
+        while ends and ends[0][0] <= tick:
+            _, adm, s = heapq.heappop(ends)
+            if s.off is not None and s.adm == adm:
+                self.leave(s)
+                done.append(s)
+        if len(done) > 1:
+            done.sort(key=_admission)
+        return done
+
+
 class ServingLoop:
     """Runs a workload through the scheduler; ``steps`` and ``seqs`` hold the outcome.
 
@@ -137,19 +238,11 @@ class ServingLoop:
         self.preemptions = 0
         # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
         self._decoded: tuple | None = None
-        # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): running requests
-        # that decode form a cohort advancing one token per tick (a decode step); a member's own counters
-        # are stale, its true ones follow from the tick (``counters``): generated = tick - off, computed =
-        # prompt_len - 1 + generated, blocks = ceil(computed / block_size) (one more token's worth once
-        # _clock_decodes took the step's blocks: ``_grown``). The cohort is kept as the sums a decode run
-        # needs: members by (computed - tick) mod block_size (who takes a block at a tick), the sum of
-        # computed - tick (the step's KV) and a heap of the ticks at which they finish; so a decode run
-        # costs Python in proportion to the requests that join, finish or are preempted, not to the batch.
+        # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): the running requests
+        # that decode are a _Cohort, so a decode run costs Python in proportion to the requests that join,
+        # finish or are preempted, not to the batch
         self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
-        self._tick = self._members = self._base = 0
-        self._phase: list[set[_Seq]] = [set() for _ in range(engine.block_size)]  # members by phase
-        self._ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
-        self._grown = False
+        self.cohort = _Cohort(engine.block_size)
         self._admissions = 0  # numbers admissions (running requests are in that order)
 
     @property
@@ -289,50 +382,30 @@ class ServingLoop:
     # ---- V0's shared decode clock ----
     def counters(self, s: _Seq) -> tuple[int, int, int]:
         """(generated, computed, blocks) of running request ``s`` as they are now (a member's from the clock)."""
-        if s.off is None:
-            return s.generated, s.computed, s.blocks
-        c = s.req.prompt_len - 1 - s.off + self._tick
-        return self._tick - s.off, c, -(-(c + self._grown) // self.cfg.block_size)
-
-    def _join(self, s: _Seq) -> None:
-        """``s`` (running, decoding: computed == known - 1, its blocks those of its computed tokens) joins."""
-        bs, tick = self.cfg.block_size, self._tick
-        assert s.blocks == -(-s.computed // bs) and s.computed == s.req.prompt_len + s.generated - 1
-        s.off = tick - s.generated
-        base = s.computed - tick
-        self._phase[base % bs].add(s)
-        self._base += base
-        self._members += 1
-        heapq.heappush(self._ends, (s.off + s.output_len, s.adm, s))
+        return (s.generated, s.computed, s.blocks) if s.off is None else self.cohort.counters(s)
 
     def _pin(self, s: _Seq) -> None:
-        """Write member ``s``'s counters (``counters``) and take it out of the cohort (its finish stays in
-        ``_ends``, stale: an entry counts only while its request is a member of that admission)."""
-        bs = self.cfg.block_size
-        base = s.req.prompt_len - 1 - s.off
-        self._phase[base % bs].discard(s)
-        self._base -= base
-        self._members -= 1
-        s.generated, s.computed, s.blocks = self.counters(s)
-        s.off = None
+        """Member ``s``'s counters written back; it leaves the cohort."""
+        self.cohort.leave(s)
 
     def _pin_all(self) -> None:
+        """Every member's counters written back; the cohort empty (the scheduler goes request by request)."""
         for s in self.running:
             if s.off is not None:
                 self._pin(s)
-        self._ends.clear()
+        self.cohort.ends.clear()
 
     def _clock_decodes(self) -> list[tuple[_Seq, int]]:
         """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
         cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
         blocks, in running order, and when none is free the last running request is preempted, as
         _decodes' walk does (only those members take or lack a block, so only they are walked)."""
-        bs, running, tick, phase = self.cfg.block_size, self.running, self._tick, self._phase
+        running, cohort = self.running, self.cohort
         for s in reversed(running):  # the requests admitted since the last decode step: a suffix
             if s.off is not None:
                 break
-            self._join(s)
-        needers = phase[-tick % bs]  # the members whose computed tokens fill their blocks
+            cohort.join(s)
+        needers = cohort.needers()
         if len(needers) <= self.free_blocks:
             self.free_blocks -= len(needers)
         else:
@@ -345,10 +418,10 @@ class ServingLoop:
                     break  # preempted: the walk has reached the end
                 while not free and running[end - 1] is not s:
                     end -= 1
-                    free += self.counters(running[end])[2]
+                    free += cohort.counters(running[end])[2]
                 if not free:  # s is the last one left: it goes itself
                     end -= 1
-                    free += self.counters(s)[2]
+                    free += cohort.counters(s)[2]
                     break
                 free -= 1
                 grown += 1
@@ -357,40 +430,12 @@ class ServingLoop:
                 self._preempt_last()
             self.free_blocks -= grown
             assert self.free_blocks == free
-        self._grown = True
-        ends = self._ends
-        while ends and (ends[0][2].off is None or ends[0][2].adm != ends[0][1]):  # stale entries
-            heapq.heappop(ends)
         if not running:
             return []
+        cohort.taken = True
         batch = _EveryRunning(running)
-        B = self._members
-        slack = {}
-        for p, members in enumerate(phase):  # members by computed mod block_size, as _decodes' plan counts
-            if members:
-                slack[(p + tick) % bs] = len(members)
-        self._decoded = (batch, B, ends[0][0] - tick, self._base + B * tick + B, slack, True)
+        self._decoded = (batch, cohort.size, None, None, None, True)  # for _pure_decodes; the run is the cohort's
         return batch
-
-    def _clock_run_end(self, steps: int, slack: dict[int, int]) -> None:
-        """After a decode run of ``steps`` on the clock: the members' blocks for its other steps, the tick,
-        and the members that finished (sampled, released and handed on in running order)."""
-        bs = self.cfg.block_size
-        self.free_blocks -= _extra_blocks(slack, steps - 1, bs)
-        assert self.free_blocks >= 0, "the run's plan checked the free blocks"
-        self._tick = tick = self._tick + steps
-        self._grown = False
-        ends, done = self._ends, []
-        while ends and ends[0][0] <= tick:
-            _, adm, s = heapq.heappop(ends)
-            if s.off is not None and s.adm == adm:
-                self._pin(s)
-                done.append(s)
-        if len(done) > 1:
-            done.sort(key=lambda s: s.adm)
-        now = self.env.now
-        for s in done:
-            self._finish(s, now)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -491,11 +536,17 @@ class ServingLoop:
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        run, d = self.running, self._decoded
-        steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
-        if self._members:  # on the clock: every running request is a member
-            self._clock_run_end(steps, d[4])
+        run, cohort = self.running, self.cohort
+        if cohort.size:  # on the clock: every running request is a member
+            self._decoded = None
+            steps = yield from self._cohort_run(self.free_blocks)
+            self.free_blocks -= cohort.run_blocks(steps)
+            assert self.free_blocks >= 0, "the run's plan checked the free blocks"
+            now = self.env.now
+            for s in cohort.advance(steps):  # sampled, released and handed on in running order
+                self._finish(s, now)
             return
+        steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
         # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
         # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
         bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
@@ -514,6 +565,14 @@ class ServingLoop:
             run[:] = [s for s in run if s.generated < s.output_len]
             for s in done:  # in running order
                 self._ended(s, now)
+
+    def _cohort_run(self, free: int):
+        """Decode steps of the cohort alone (SimPy generator; the first step's blocks taken) until a member
+        finishes, a request arrives or the ``free`` blocks would run out; returns how many ran. Records the
+        steps; changes no request (then ``cohort.run_blocks`` and ``cohort.advance``)."""
+        c = self.cohort
+        B = c.size
+        return (yield from self._decode_steps(B, c.steps_that_fit(free), c.kv() + B))
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""

@@ -25,11 +25,10 @@ What it models, and the vLLM file each rule comes from:
 """
 from __future__ import annotations
 
-import heapq
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, Pipeline, ServingLoop, _Seq, _most_steps
+from .serving import EngineConfig, Pipeline, ServingLoop, _Seq
 from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
@@ -148,14 +147,8 @@ class V1ServingLoop(ServingLoop):
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
         self.admitted = 0  # admissions so far (numbers them: running requests are in that order)
-        self.lazy = lazy and self.pipeline is None
-        self.tick = 0  # the shared decode clock
-        self.cohort = 0  # members
-        self.phase = [0] * engine.block_size  # members by (computed - tick) % block_size
-        self.base = 0  # sum over the members of computed - tick
-        self.ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, adm, member)
+        self.lazy = lazy and self.pipeline is None  # the shared decode clock (self.cohort)
         self.others: list[_Seq] = []  # running requests outside the cohort, in running order
-        self.last_member = -1  # no member was admitted after this admission number
         self._ndec = 0  # members scheduled in the step being built (all of them, or none)
 
     # ---- blocks ----
@@ -175,66 +168,27 @@ class V1ServingLoop(ServingLoop):
         if self.cfg.prefix_caching:
             s.hashed = min(s.computed + n, s.known) // self.cfg.block_size
 
-    # ---- the shared decode clock ----
-    def _join(self, s: _Seq) -> None:
-        """``s`` (running, computed == known - 1, a token out, not finished) decodes with the clock."""
-        base = s.computed - self.tick
-        s.off = self.tick - s.generated
-        self.phase[base % self.cfg.block_size] += 1
-        self.base += base
-        self.cohort += 1
-        if s.adm > self.last_member:
-            self.last_member = s.adm
-        heapq.heappush(self.ends, (s.off + s.output_len, s.adm, s))
-
-    def _pin(self, s: _Seq, tick: int) -> None:
-        """Write member ``s``'s counters as they are between steps at ``tick`` (after the samples of the
-        step that ended it) and take it out of the cohort (its finish stays in ``ends`` unless popped
-        by the caller)."""
-        bs = self.cfg.block_size
-        base = s.req.prompt_len - 1 - s.off
-        self.phase[base % bs] -= 1
-        self.base -= base
-        self.cohort -= 1
-        if not self.cohort:
-            self.last_member = -1
-        s.computed = c = base + tick
-        s.generated = tick - s.off
-        s.blocks = -(-c // bs)
-        s.hashed = c // bs if self.cfg.prefix_caching else 0
-        s.off = None
+    # ---- the shared decode clock (serving._Cohort) ----
+    def _pin(self, s: _Seq) -> None:
+        """Member ``s``'s counters written back (its hashed blocks too); it leaves the cohort."""
+        c = self.cohort.leave(s)
+        if self.cfg.prefix_caching:
+            s.hashed = c // self.cfg.block_size
 
     def _pin_all(self) -> None:
-        """Every member's counters written back; the cohort empty (the scheduler goes request by request)."""
-        for s in self.running:
-            if s.off is not None:
-                self._pin(s, self.tick)
-        self.ends.clear()
+        super()._pin_all()
         self.others = list(self.running)
-
-    def _tick_blocks(self, first: int, m: int) -> int:
-        """Blocks the members take at ticks ``first`` .. ``first + m - 1`` (one each when its computed
-        tokens fill a block: computed % block_size == 0 before the step)."""
-        bs, phase = self.cfg.block_size, self.phase
-        q, r = divmod(m, bs)
-        if not r:
-            return q * self.cohort
-        # ticks first .. first + r - 1 read phase[-first % bs] downwards, wrapping to the top
-        top = -first % bs
-        if r <= top + 1:
-            return q * self.cohort + sum(phase[top - r + 1:top + 1])
-        return q * self.cohort + sum(phase[:top + 1]) + sum(phase[bs - (r - top - 1):])
 
     def scheduled(self, batch: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int, int, int]]:
         """(request, new tokens, computed tokens, blocks held) of every request in the step ``_schedule``
         just returned ``batch`` for, cohort members included (their counters from the clock, their
         blocks for this step taken), in running order: the step request by request (for checks)."""
-        bs, new = self.cfg.block_size, {id(s): n for s, n in batch}
+        new, cohort = {id(s): n for s, n in batch}, self.cohort
         out = []
         for s in self.running:
             if s.off is not None:
-                c = s.req.prompt_len - 1 - s.off + self.tick
-                out.append((s, 1, c, -(-(c + 1) // bs)))
+                _, c, b = cohort.counters(s)
+                out.append((s, 1, c, b))
             elif id(s) in new:
                 out.append((s, new[id(s)], s.computed, s.blocks))
         return out
@@ -250,14 +204,14 @@ class V1ServingLoop(ServingLoop):
             # before the others (the usual case: a long prompt's chunks, admitted last), and when the
             # blocks of everything scheduled are free: then nobody is preempted, and the allocations
             # are all taken from the free queue's head, in any order.
-            cfg, pool, bs = self.cfg, self.pool, self.cfg.block_size
-            members = self.cohort
+            cfg, pool, bs, cohort = self.cfg, self.pool, self.cfg.block_size, self.cohort
+            members = cohort.size
             left = cfg.max_num_batched_tokens - members
-            need = self.phase[-self.tick % bs] if members else 0
+            need = len(cohort.needers()) if members else 0
             batch = []
             fits = left >= 0
             if fits and self.others:
-                ordered = self.last_member < self.others[0].adm
+                ordered = cohort.last < self.others[0].adm
                 for s in self.others:
                     c = s.computed
                     n = s.req.prompt_len + s.generated - c
@@ -276,6 +230,7 @@ class V1ServingLoop(ServingLoop):
             if fits and need <= pool.free:
                 if need:
                     pool.take(need)
+                cohort.taken = bool(members)
                 decodes_only = True
                 for s, n in batch:
                     c = s.computed + n
@@ -393,7 +348,7 @@ class V1ServingLoop(ServingLoop):
     def _engine(self):
         if not self.lazy:
             return (yield from super()._engine())
-        env, pool, cfg, arrived = self.env, self.pool, self.cfg, self.arrived
+        env, pool, cfg, arrived, cohort = self.env, self.pool, self.cfg, self.arrived, self.cohort
         while True:
             while arrived.items:
                 if env.peek() > env.now:
@@ -402,14 +357,15 @@ class V1ServingLoop(ServingLoop):
                     self.waiting.append(arrived.items.pop(0))
                 else:
                     self.waiting.append((yield arrived.get()))
-            ndec = self.cohort
+            ndec = cohort.size
             if ndec and self.bulk and not self.others and not self.waiting and ndec <= cfg.max_num_batched_tokens:
                 # _schedule's common case, written out: only members run, each one token, and nobody
                 # waits: a decode run if their blocks for the step are free
-                need = self.phase[-self.tick % cfg.block_size]
+                need = len(cohort.needers())
                 if need <= pool.free:
                     if need:
                         pool.take(need)
+                    cohort.taken = True
                     self._ndec = ndec
                     self.fast_forward = self._decodes_only = True
                     if self.trace_steps:
@@ -438,7 +394,7 @@ class V1ServingLoop(ServingLoop):
         """StepShape.of the whole step: the members' one token each after their computed ones, then ``batch``."""
         tokens = pairs = kv = 0
         if ndec:
-            ctx = self.base + ndec * self.tick  # the members' computed tokens
+            ctx = self.cohort.kv()  # the members' computed tokens
             tokens, pairs, kv = ndec, float(ctx + ndec), ctx + ndec
         dec, dkv = ndec, kv
         for s, new in batch:
@@ -458,13 +414,11 @@ class V1ServingLoop(ServingLoop):
         samples, in running order (finished requests free their blocks in that order)."""
         done = []
         if ndec:
-            self.tick = tick = self.tick + ticks
-            ends = self.ends
-            while ends and ends[0][0] == tick:
-                s = heapq.heappop(ends)[2]
-                self._pin(s, tick)
+            done = self.cohort.advance(ticks)
+            for s in done:
+                if self.cfg.prefix_caching:
+                    s.hashed = s.computed // self.cfg.block_size
                 s.generated -= 1  # its last token is sampled below
-                done.append(s)
         for s, k in batch:
             s.computed += k
             if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV cache
@@ -475,7 +429,7 @@ class V1ServingLoop(ServingLoop):
             self._sample(s, now)
             if s.off is None and s.generated < s.output_len:  # out of its prompt (or back): decodes now
                 self.others.remove(s)
-                self._join(s)
+                self.cohort.join(s)
             elif s.off is None and s in self.others:
                 self.others.remove(s)
 
@@ -494,17 +448,16 @@ class V1ServingLoop(ServingLoop):
         free blocks would run out (then the scheduler decides again). Blocks for the first step were
         allocated by _schedule."""
         if self.lazy:
+            cohort = self.cohort
+            cohort.taken = True
             for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
-                self._join(s)
+                cohort.join(s)
             self.others.clear()
-            B, tick, n = self.cohort, self.tick, self.ends[0][0] - self.tick
-            if B * -(-(n - 1) // self.cfg.block_size) <= self.pool.free:
-                most = n  # a block per member per block_size ticks at most: the blocks cannot run out
-            else:
-                most = _most_steps(n, lambda m: self._tick_blocks(tick + 1, m - 1), self.pool.free)
-            steps = yield from self._decode_steps(B, most, self.base + B * tick + B)
-            if steps > 1:
-                self.pool.take(self._tick_blocks(tick + 1, steps - 1))
+            B = cohort.size
+            steps = yield from self._cohort_run(self.pool.free)
+            blocks = cohort.run_blocks(steps)
+            if blocks:
+                self.pool.take(blocks)
             self._advance((), B, steps, self.env.now)
             return
         bs, run = self.cfg.block_size, self.running

@@ -63,14 +63,3 @@ def test_run_length_pool_equals_one_entry_per_block(ops, blocks, caching):
                 pool.give_back(s)
         assert pools[0].free == pools[1].free
         assert [pools[0].hits(s) for s in seqs[0]] == [pools[1].hits(s) for s in seqs[1]]
-
-
-@settings(max_examples=300, deadline=None)
-@given(bs=st.sampled_from([1, 2, 16, 32]), data=st.data(), first=st.integers(0, 10_000), m=st.integers(0, 200))
-def test_blocks_the_cohort_takes_over_ticks_count_each_tick(bs, data, first, m):
-    """The shared decode clock's block count over m ticks (slices of its phase table) is the tick-by-tick
-    count: at tick t, the members whose computed tokens fill a block, phase[-t % block_size]."""
-    lp = V1ServingLoop(None, v1(block_size=bs), 64 * bs)
-    lp.phase = data.draw(st.lists(st.integers(0, 5), min_size=bs, max_size=bs))
-    lp.cohort = sum(lp.phase)
-    assert lp._tick_blocks(first, m) == sum(lp.phase[-t % bs] for t in range(first, first + m))

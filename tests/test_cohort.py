@@ -1,0 +1,58 @@
+"""The shared decode clock (sim/serving.py ``_Cohort``, used by the V0 and the V1 engine) against its members
+counted one by one: who takes a block at a tick, the blocks of a decode run, the longest run that fits, and
+the counters it writes back when the clock moves on."""
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from offloadlab.sim.serving import _Cohort, _Seq
+from offloadlab.sim.workload import Request
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bs=st.sampled_from([1, 2, 4, 16, 32]), tick=st.integers(0, 10_000),
+       members=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 90), st.integers(1, 70)), min_size=1,
+                        max_size=12),
+       free=st.integers(0, 40), data=st.data())
+def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, data):
+    c = _Cohort(bs)
+    c.tick = tick
+    plain = []  # (seq, generated, computed) as each member's own counters would be
+    for i, (prompt, generated, more) in enumerate(members):
+        s = _Seq(Request(i, prompt, generated + more, 0.0), generated + more)
+        s.generated, s.computed, s.adm = generated, prompt + generated - 1, i
+        s.blocks = _ceil(s.computed, bs)
+        c.join(s)
+        plain.append((s, generated, s.computed))
+    assert c.size == len(plain) and c.kv() == sum(k for _, _, k in plain)
+    assert c.needers() == {s for s, _, k in plain if k % bs == 0}  # their computed tokens fill their blocks
+    for s, g, k in plain:
+        assert c.counters(s) == (g, k, _ceil(k, bs))
+    c.taken = True  # the step's blocks allocated, as the engines do before a step
+    for s, g, k in plain:
+        assert c.counters(s) == (g, k, _ceil(k + 1, bs))
+    n = min(s.output_len - g for s, g, _ in plain)  # steps until the first member finishes
+
+    def blocks(m):  # what the members take in steps 2 .. m, one by one
+        return sum(_ceil(k + m, bs) - _ceil(k + 1, bs) for _, _, k in plain)
+
+    for m in range(1, n + 1):
+        assert c.run_blocks(m) == blocks(m)
+    assert c.steps_that_fit(free) == max(m for m in range(1, n + 1) if blocks(m) <= free)
+    m = data.draw(st.integers(1, n))
+    done = c.advance(m)
+    assert not c.taken
+    finished = [s for s, g, _ in plain if s.output_len - g == m]
+    assert done == finished  # by admission
+    for s, g, k in plain:
+        if s in finished:
+            assert (s.off, s.generated, s.computed, s.blocks) == (None, s.output_len, k + m, _ceil(k + m, bs))
+        else:
+            assert c.counters(s) == (g + m, k + m, _ceil(k + m, bs))
+            assert c.leave(s) == k + m and (s.off, s.generated, s.blocks) == (None, g + m, _ceil(k + m, bs))
+    assert c.size == 0 and c.base == 0 and c.last == -1 and not any(c.phase)
