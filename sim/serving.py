@@ -11,8 +11,9 @@ and advances the clock by the simulated step time. Scheduling follows vLLM:
   block and none is free, the most recently admitted request is preempted and recomputed later.
 
 Decode steps of an unchanging batch are taken together (``_decode_run``); without chunked prefill the
-running requests that decode share one clock (``ServingLoop.clock``), so a decode run costs Python per
-request that joins, finishes or is preempted, not per running request. Both are exact.
+running requests that decode share one clock (``_Cohort``; V1's engine, sim/serving_v1.py, uses it too),
+so a decode run costs Python per request that joins, finishes or is preempted, not per running request.
+Both are exact.
 """
 from __future__ import annotations
 
@@ -91,9 +92,9 @@ class _Seq:
         self.req, self.output_len = req, output_len
         self.generated = self.computed = self.blocks = self.preempted = 0
         self.hashed = self.gen = 0  # V1 prefix caching: full blocks hashed; admissions so far
-        # V1's shared decode clock (sim/serving_v1.py): the engine's admission number of this request's
-        # last admission (running requests are in that order), and, while it decodes in the clock's
-        # cohort, the clock's tick at which it had generated nothing (None: its fields are its own)
+        # the shared decode clock (_Cohort): the engine's admission number of this request's last admission
+        # (running requests are in that order), and, while it decodes as a member of the clock's cohort, the
+        # clock's tick at which it had generated nothing (None: its fields are its own)
         self.adm, self.off = 0, None
         self.first = self.finish = math.nan
         self.sent = req.arrival  # when the client sent it: later than arrival only under max_concurrency
@@ -468,37 +469,57 @@ class ServingLoop:
 
     def _engine(self):
         """Schedule and run steps until every request is served; waits (forever, once the feed is
-        dry: SimPy then stops) when there is nothing to do."""
-        env = self.env
+        dry: SimPy then stops) when there is nothing to do. V1ServingLoop runs this loop too, through
+        ``_handed_over``, ``_schedule``, ``_shape`` and ``_advance``."""
+        env, arrived = self.env, self.arrived
         # the only engine the feed serves: every request it has handed over is taken at once, without a get
         # event each (the feed hands a same-instant burst over whole: Feed._arrivals)
-        alone = self.feed.bursts and self.pipeline is None and len(self.feed.engines) == 1
-        arrived = self.arrived
+        self._alone = self.feed.bursts and self.pipeline is None and len(self.feed.engines) == 1
         while True:
-            if alone and arrived.items:
-                self.waiting.extend(arrived.items)
-                arrived.items.clear()
             while arrived.items:
-                self.waiting.append((yield arrived.get()))
+                if not self._handed_over():
+                    self.waiting.append((yield arrived.get()))
             batch = self._schedule()
-            if not batch:
+            if not batch and not self._ndec:
                 if self.running or (self.waiting and not self.feed.more_coming()):  # nothing fits, nothing will
                     raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # arrive: a bug
-                self.waiting.append((yield self.arrived.get()))
+                self.waiting.append((yield arrived.get()))
                 continue
             if self.fast_forward and self._pure_decodes(batch):
                 yield from self._decode_run()
                 continue
-            shape = StepShape.of([(k, s.computed) for s, k in batch])
+            shape = self._shape(batch)
             t0 = env.now
             res = yield from self._step(shape)
-            kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k in batch) else "mixed")
-            self._record(res, t0, env.now, kind, len(batch))
-            now = env.now
-            for s, k in batch:
-                s.computed += k
-                if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV
-                    self._sample(s, now)  # cache (s.uncomputed == 0): sample a token
+            kind = "decode" if shape.decode_only else (
+                "prefill" if not self._ndec and all(k > 1 for _, k in batch) else "mixed")
+            self._record(res, t0, env.now, kind, shape.seqs)
+            self._advance(batch, env.now)
+
+    # requests that V1's step runs beside ``batch`` (its shared decode clock's members); none in V0
+    _ndec = 0
+
+    def _handed_over(self) -> bool:
+        """Take what the feed has handed over (``arrived.items``) without a get event, when that is the same
+        hand-off: True when it took, False when a get must. Here: all of it when this is the feed's only
+        engine (``_alone``)."""
+        if not self._alone:
+            return False
+        self.waiting.extend(self.arrived.items)
+        self.arrived.items.clear()
+        return True
+
+    def _shape(self, batch: list[tuple[_Seq, int]]) -> StepShape:
+        """The StepShape of the step of ``batch``."""
+        return StepShape.of([(k, s.computed) for s, k in batch])
+
+    def _advance(self, batch: list[tuple[_Seq, int]], now: float) -> None:
+        """After the step of ``batch``: its tokens computed; whoever has its whole known sequence in the KV
+        cache (s.uncomputed == 0) samples a token."""
+        for s, k in batch:
+            s.computed += k
+            if s.computed == s.req.prompt_len + s.generated:
+                self._sample(s, now)
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
         """Every running request decodes one token, each past its first (a decode run may start)."""

@@ -125,17 +125,20 @@ class V1ServingLoop(ServingLoop):
     max_num_seqs, which decode steps only make fuller; ``bulk=False`` schedules every step.
 
     The shared decode clock (``lazy``, the default without pipeline parallelism): running requests
-    that decode (prompt done, a token out) form a cohort that advances one token per tick of
-    ``tick`` (a step in which each of them decodes), so a step costs Python in proportion to the
-    requests that start, finish or are still prefilling, not to the whole batch. A member's own
-    counters are stale; its true ones follow from the tick (``_pin``): generated = tick - off,
-    computed = generated + prompt_len - 1, blocks = ceil(computed / block_size), hashed blocks =
-    computed // block_size. The cohort is kept as sums that a step needs: members by computed mod
-    block_size (which of them take a block at a tick), the sum of their computed tokens (the step's
-    KV) and a heap of the ticks at which they finish. A step whose scheduled tokens' blocks are free
-    (no preemption) and in which every running request's tokens fit the budget, or only prompts
-    admitted after every member are cut or left out, is scheduled from the sums (``_schedule``); any
-    other step first writes every member's counters back and runs the scheduler request by request.
+    that decode (prompt done, a token out) are the ``cohort`` (sim/serving.py ``_Cohort``, V0's clock
+    too), so a step costs Python in proportion to the requests that start, finish or are still
+    prefilling, not to the whole batch; a member's hashed blocks are computed // block_size. A step
+    whose scheduled tokens' blocks are free (no preemption) and in which every running request's tokens
+    fit the budget, or only prompts admitted after every member are cut or left out, is scheduled from
+    the cohort's sums (``_schedule``); any other step first writes every member's counters back and runs
+    the scheduler request by request.
+
+    Where it differs from V0's use of the clock: V0 without chunked prefill has a decode step of every
+    running request, so its whole batch is the cohort and a preemption is worked out from the members
+    that need a block; V1 schedules the members (``_ndec``, one token each) beside the requests still
+    prefilling (``others``) in one step, and preempts only request by request (``_schedule_each``).
+    The loop is ServingLoop._engine with V1's hand-off of arrivals (``_handed_over``), step shape and
+    samples (``_shape``, ``_advance``).
     Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
     def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
@@ -177,7 +180,7 @@ class V1ServingLoop(ServingLoop):
 
     def _pin_all(self) -> None:
         super()._pin_all()
-        self.others = list(self.running)
+        self.others = list(self.running)  # every running request outside the cohort
 
     def scheduled(self, batch: list[tuple[_Seq, int]]) -> list[tuple[_Seq, int, int, int]]:
         """(request, new tokens, computed tokens, blocks held) of every request in the step ``_schedule``
@@ -198,14 +201,28 @@ class V1ServingLoop(ServingLoop):
         """The next step's (request, new tokens), members of the cohort left out (``_ndec`` of them, all
         scheduled for one token when > 0)."""
         if self.lazy:
+            cfg, pool, cohort = self.cfg, self.pool, self.cohort
+            members = cohort.size
+            if members and self.bulk and not self.others and not self.waiting and members <= cfg.max_num_batched_tokens:
+                # the common case, written out: only members run, each one token, and nobody waits: a decode
+                # run (ServingLoop._engine: _pure_decodes) if their blocks for the step are free
+                need = len(cohort.needers())
+                if need <= pool.free:
+                    if need:
+                        pool.take(need)
+                    cohort.taken = True
+                    self._ndec = members
+                    self.fast_forward = self._decodes_only = True
+                    if self.trace_steps:
+                        self.occupancy.append((self.env.now, members, 0))
+                    return []
             # vLLM walks the running requests in order, each taking its tokens (a prompt's chunk cut to
             # what is left of the budget) until the budget is spent. The walk is taken from the cohort's
             # sums when every request's tokens fit, or when the members (one token each) all come
             # before the others (the usual case: a long prompt's chunks, admitted last), and when the
             # blocks of everything scheduled are free: then nobody is preempted, and the allocations
             # are all taken from the free queue's head, in any order.
-            cfg, pool, bs, cohort = self.cfg, self.pool, self.cfg.block_size, self.cohort
-            members = cohort.size
+            bs = cfg.block_size
             left = cfg.max_num_batched_tokens - members
             need = len(cohort.needers()) if members else 0
             batch = []
@@ -344,54 +361,23 @@ class V1ServingLoop(ServingLoop):
         if self.lazy:
             self.others.remove(victim)
 
-    # ---- the loop ----
-    def _engine(self):
+    # ---- the loop: ServingLoop._engine's, through these ----
+    def _handed_over(self) -> bool:
+        """One request handed over without a get event when no other event is due now (the get would be
+        the next event, alone: the same hand-off, one event fewer per request). Not the base's (all of it
+        when this is the feed's only engine): under a client limit (``max_concurrency``) a request that
+        finishes at the end of a step frees a slot, and the feed sends the next request in an event of
+        that instant, which a get lets in before the step is scheduled and taking at once leaves out."""
         if not self.lazy:
-            return (yield from super()._engine())
-        env, pool, cfg, arrived, cohort = self.env, self.pool, self.cfg, self.arrived, self.cohort
-        while True:
-            while arrived.items:
-                if env.peek() > env.now:
-                    # no other event is due now, so a get would be the next event, alone: taking the
-                    # request here is the same hand-off without the event (one fewer per request)
-                    self.waiting.append(arrived.items.pop(0))
-                else:
-                    self.waiting.append((yield arrived.get()))
-            ndec = cohort.size
-            if ndec and self.bulk and not self.others and not self.waiting and ndec <= cfg.max_num_batched_tokens:
-                # _schedule's common case, written out: only members run, each one token, and nobody
-                # waits: a decode run if their blocks for the step are free
-                need = len(cohort.needers())
-                if need <= pool.free:
-                    if need:
-                        pool.take(need)
-                    cohort.taken = True
-                    self._ndec = ndec
-                    self.fast_forward = self._decodes_only = True
-                    if self.trace_steps:
-                        self.occupancy.append((env.now, ndec, 0))
-                    yield from self._decode_run()
-                    continue
-            batch = self._schedule()
-            ndec = self._ndec
-            if not batch and not ndec:
-                if self.running or (self.waiting and not self.feed.more_coming()):  # nothing fits, nothing will
-                    raise RuntimeError("scheduler stalled: requests that can never be scheduled")  # arrive: a bug
-                self.waiting.append((yield self.arrived.get()))
-                continue
-            if self.fast_forward and self._decodes_only:
-                yield from self._decode_run()
-                continue
-            shape = self._shape(batch, ndec)
-            t0 = env.now
-            res = yield from self._step(shape)
-            kind = "decode" if shape.decode_only else (
-                "prefill" if not ndec and all(k > 1 for _, k in batch) else "mixed")
-            self._record(res, t0, env.now, kind, shape.seqs)
-            self._advance(batch, ndec, 1, env.now)
+            return super()._handed_over()
+        if self.env.peek() > self.env.now:
+            self.waiting.append(self.arrived.items.pop(0))
+            return True
+        return False
 
-    def _shape(self, batch: list[tuple[_Seq, int]], ndec: int) -> StepShape:
+    def _shape(self, batch: list[tuple[_Seq, int]]) -> StepShape:
         """StepShape.of the whole step: the members' one token each after their computed ones, then ``batch``."""
+        ndec = self._ndec
         tokens = pairs = kv = 0
         if ndec:
             ctx = self.cohort.kv()  # the members' computed tokens
@@ -408,7 +394,10 @@ class V1ServingLoop(ServingLoop):
         seqs = ndec + len(batch)
         return StepShape(seqs, tokens, pairs, kv, tokens == seqs, dec, dkv)
 
-    def _advance(self, batch: list[tuple[_Seq, int]], ndec: int, ticks: int, now: float) -> None:
+    def _advance(self, batch: list[tuple[_Seq, int]], now: float) -> None:
+        self._advance_by(batch, self._ndec, 1, now)
+
+    def _advance_by(self, batch: list[tuple[_Seq, int]], ndec: int, ticks: int, now: float) -> None:
         """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when
         scheduled (``ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
         samples, in running order (finished requests free their blocks in that order)."""
@@ -425,8 +414,11 @@ class V1ServingLoop(ServingLoop):
                 done.append(s)
         if len(done) > 1:
             done.sort(key=lambda s: s.adm)
+        lazy = self.lazy
         for s in done:
             self._sample(s, now)
+            if not lazy:
+                continue
             if s.off is None and s.generated < s.output_len:  # out of its prompt (or back): decodes now
                 self.others.remove(s)
                 self.cohort.join(s)
@@ -458,7 +450,7 @@ class V1ServingLoop(ServingLoop):
             blocks = cohort.run_blocks(steps)
             if blocks:
                 self.pool.take(blocks)
-            self._advance((), B, steps, self.env.now)
+            self._advance_by((), B, steps, self.env.now)
             return
         bs, run = self.cfg.block_size, self.running
         steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))

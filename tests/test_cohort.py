@@ -1,13 +1,19 @@
 """The shared decode clock (sim/serving.py ``_Cohort``, used by the V0 and the V1 engine) against its members
 counted one by one: who takes a block at a tick, the blocks of a decode run, the longest run that fits, and
-the counters it writes back when the clock moves on."""
+the counters it writes back when the clock moves on. And V1's hand-off of arrivals in the loop it shares
+with V0 (ServingLoop._engine) against a get event each."""
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from offloadlab.policy import NoOffload
+from offloadlab.sim.costs import cost_model
 from offloadlab.sim.serving import _Cohort, _Seq
+from offloadlab.sim.serving_v1 import V1ServingLoop
+from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request
+from test_serving_v1 import HW, MODEL, v1
 
 
 def _ceil(a: int, b: int) -> int:
@@ -56,3 +62,33 @@ def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, da
             assert c.counters(s) == (g + m, k + m, _ceil(k + m, bs))
             assert c.leave(s) == k + m and (s.off, s.generated, s.blocks) == (None, g + m, _ceil(k + m, bs))
     assert c.size == 0 and c.base == 0 and c.last == -1 and not any(c.phase)
+
+
+class _EveryArrivalByAGet(V1ServingLoop):
+    """V1 taking every handed-over request with a get event (the hand-off as SimPy defines it)."""
+
+    def _handed_over(self) -> bool:
+        return False
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 12), st.sampled_from([0.0, 0.0, 0.0, 0.01])),
+                     min_size=2, max_size=30),
+       limit=st.sampled_from([None, 2, 3, 4, 6]), caching=st.booleans(), budget=st.sampled_from([32, 64, 512]))
+def test_v1_takes_arrivals_as_a_get_each_would(reqs, limit, caching, budget):
+    """V1's loop (ServingLoop._engine) takes a handed-over request without an event only when the get would
+    be the next event anyway (V1ServingLoop._handed_over): the same run as a get each, client limit or not
+    (short outputs at one instant under a limit: requests finish at consecutive step ends, each freeing a
+    slot for the next, which taking every handed-over request at once would leave out of the next step)."""
+    wl = sorted((Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)), key=lambda r: (r.arrival, r.id))
+    eng = v1(max_num_batched_tokens=budget, prefix_caching=caching)
+    sm = StepModel(NoOffload().place(MODEL), cost_model(MODEL, HW, graph_mode="piecewise", max_graph_batch=64))
+    runs = []
+    for cls in (V1ServingLoop, _EveryArrivalByAGet):
+        lp = cls(sm, eng, 40 * 16)
+        lp.run(list(wl), limit)
+        runs.append(([(s.req.id, s.sent, s.first, s.finish, s.preempted) for s in lp.seqs], lp.steps, lp.occupancy,
+                     lp.env.scheduled))
+    (seqs, steps, occ, events), (seqs1, steps1, occ1, events1) = runs
+    assert (seqs, steps, occ) == (seqs1, steps1, occ1)
+    assert events <= events1
