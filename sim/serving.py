@@ -134,9 +134,9 @@ class _Cohort:
 
     def join(self, s: _Seq) -> None:
         """``s`` (running; decoding: computed == known - 1; its blocks those of its computed tokens, and of the
-        step's token once ``taken``) joins at this tick."""
+        step's token once ``taken``: the engines' checks, tests/test_serving.py CheckedLoop and
+        tests/test_serving_v1.py Checked, hold them) joins at this tick."""
         bs, tick = self.bs, self.tick
-        assert s.blocks == -(-(s.computed + self.taken) // bs) and s.computed == s.req.prompt_len + s.generated - 1
         s.off = tick - s.generated
         base = s.computed - tick
         self.phase[base % bs].add(s)
@@ -160,9 +160,11 @@ class _Cohort:
         self.size -= 1
         if not self.size:
             self.last = -1
-        s.generated, s.computed, s.blocks = self.counters(s)
+        s.generated = self.tick - s.off
+        s.computed = c = base + self.tick
+        s.blocks = -(-(c + self.taken) // self.bs)
         s.off = None
-        return s.computed
+        return c
 
     def needers(self) -> set[_Seq]:
         """The members whose computed tokens fill their blocks: each takes one for the step at this tick."""
@@ -172,26 +174,31 @@ class _Cohort:
         """The members' computed tokens."""
         return self.base + self.size * self.tick
 
-    def steps_that_fit(self, free: int) -> int:
-        """The most decode steps of the members alone from this tick (the first step's blocks taken) until one
-        finishes, while the blocks they take in the others fit in ``free``."""
-        ends = self.ends
-        while ends[0][2].off is None or ends[0][2].adm != ends[0][1]:  # stale entries
+    def plan(self, free: int) -> tuple[int, int, int]:
+        """(batch size, steps, KV tokens read by the first step) of a decode run of the members alone from this
+        tick (the first step's blocks taken; ServingLoop._decode_steps): steps until one finishes, while the
+        blocks they take in the others fit in ``free``."""
+        ends, bs, size = self.ends, self.bs, self.size
+        while (e := ends[0])[2].off is None or e[2].adm != e[1]:  # stale entries
             heapq.heappop(ends)
-        n = ends[0][0] - self.tick
-        if self.size * -(-(n - 1) // self.bs) <= free:  # a block per member per block_size ticks at most
-            return n
-        return _steps_that_fit(n, self.slack(), self.bs, free)
+        n = e[0] - self.tick
+        if size * -(-(n - 1) // bs) > free:  # else they cannot run out: a block per member per block_size ticks
+            n = _steps_that_fit(n, self.slack(), bs, free)
+        return size, n, self.base + size * self.tick + size
 
-    def slack(self) -> dict[int, int]:
-        """The members by computed tokens mod block_size (``_extra_blocks``' slack: their blocks hold just
-        their tokens)."""
-        tick, bs = self.tick, self.bs
-        return {(p + tick) % bs: len(m) for p, m in enumerate(self.phase) if m}
+    def slack(self, least: int = 0) -> dict[int, int]:
+        """The members by computed tokens mod block_size, e (``_extra_blocks``' slack: their blocks hold just
+        their tokens), for e >= ``least``."""
+        bs, phase = self.bs, self.phase
+        k = (least - self.tick) % bs  # the phase of e = least: e = (phase + tick) mod block_size
+        return dict(zip(range(least, bs), map(len, phase[k:] + phase[:k])))
 
     def run_blocks(self, steps: int) -> int:
-        """The blocks the members take in steps 2 .. ``steps`` of a decode run from this tick."""
-        return _extra_blocks(self.slack(), steps - 1, self.bs) if steps > 1 else 0
+        """The blocks the members take in steps 2 .. ``steps`` of a decode run from this tick (``_extra_blocks``
+        of ``slack``: a member takes none in t = steps - 1 tokens unless t + e >= block_size, so a short run
+        needs only the members with e >= block_size - t)."""
+        t = steps - 1
+        return _extra_blocks(self.slack(max(0, self.bs - t)), t, self.bs) if t > 0 else 0
 
     def advance(self, ticks: int) -> list[_Seq]:
         """The clock moves on ``ticks`` steps; returns the members that finished (they leave: their counters
@@ -199,6 +206,8 @@ class _Cohort:
         self.tick = tick = self.tick + ticks
         self.taken = False
         ends, done = self.ends, []
+        if not ends or ends[0][0] > tick:
+            return done
         while ends and ends[0][0] <= tick:
             _, adm, s = heapq.heappop(ends)
             if s.off is not None and s.adm == adm:
@@ -560,7 +569,7 @@ class ServingLoop:
         run, cohort = self.running, self.cohort
         if cohort.size:  # on the clock: every running request is a member
             self._decoded = None
-            steps = yield from self._cohort_run(self.free_blocks)
+            steps = yield from self._decode_steps(*cohort.plan(self.free_blocks))
             self.free_blocks -= cohort.run_blocks(steps)
             assert self.free_blocks >= 0, "the run's plan checked the free blocks"
             now = self.env.now
@@ -586,14 +595,6 @@ class ServingLoop:
             run[:] = [s for s in run if s.generated < s.output_len]
             for s in done:  # in running order
                 self._ended(s, now)
-
-    def _cohort_run(self, free: int):
-        """Decode steps of the cohort alone (SimPy generator; the first step's blocks taken) until a member
-        finishes, a request arrives or the ``free`` blocks would run out; returns how many ran. Records the
-        steps; changes no request (then ``cohort.run_blocks`` and ``cohort.advance``)."""
-        c = self.cohort
-        B = c.size
-        return (yield from self._decode_steps(B, c.steps_that_fit(free), c.kv() + B))
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""

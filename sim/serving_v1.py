@@ -206,7 +206,7 @@ class V1ServingLoop(ServingLoop):
             if members and self.bulk and not self.others and not self.waiting and members <= cfg.max_num_batched_tokens:
                 # the common case, written out: only members run, each one token, and nobody waits: a decode
                 # run (ServingLoop._engine: _pure_decodes) if their blocks for the step are free
-                need = len(cohort.needers())
+                need = len(cohort.phase[-cohort.tick % cfg.block_size])  # cohort.needers(), inlined
                 if need <= pool.free:
                     if need:
                         pool.take(need)
@@ -224,7 +224,7 @@ class V1ServingLoop(ServingLoop):
             # are all taken from the free queue's head, in any order.
             bs = cfg.block_size
             left = cfg.max_num_batched_tokens - members
-            need = len(cohort.needers()) if members else 0
+            need = len(cohort.phase[-cohort.tick % bs]) if members else 0  # cohort.needers(), inlined
             batch = []
             fits = left >= 0
             if fits and self.others:
@@ -363,15 +363,16 @@ class V1ServingLoop(ServingLoop):
 
     # ---- the loop: ServingLoop._engine's, through these ----
     def _handed_over(self) -> bool:
-        """One request handed over without a get event when no other event is due now (the get would be
-        the next event, alone: the same hand-off, one event fewer per request). Not the base's (all of it
+        """What the feed handed over, taken without a get event when no other event is due now (a get would
+        be the next event, alone: the same hand-off, one event fewer per request). Not the base's (all of it
         when this is the feed's only engine): under a client limit (``max_concurrency``) a request that
         finishes at the end of a step frees a slot, and the feed sends the next request in an event of
         that instant, which a get lets in before the step is scheduled and taking at once leaves out."""
         if not self.lazy:
             return super()._handed_over()
-        if self.env.peek() > self.env.now:
-            self.waiting.append(self.arrived.items.pop(0))
+        if self.env.peek() > self.env.now:  # (and stays so: taking schedules no event)
+            self.waiting.extend(self.arrived.items)
+            self.arrived.items.clear()
             return True
         return False
 
@@ -394,15 +395,12 @@ class V1ServingLoop(ServingLoop):
         seqs = ndec + len(batch)
         return StepShape(seqs, tokens, pairs, kv, tokens == seqs, dec, dkv)
 
-    def _advance(self, batch: list[tuple[_Seq, int]], now: float) -> None:
-        self._advance_by(batch, self._ndec, 1, now)
-
-    def _advance_by(self, batch: list[tuple[_Seq, int]], ndec: int, ticks: int, now: float) -> None:
+    def _advance(self, batch: list[tuple[_Seq, int]], now: float, ticks: int = 1) -> None:
         """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when
-        scheduled (``ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
+        scheduled (``_ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
         samples, in running order (finished requests free their blocks in that order)."""
         done = []
-        if ndec:
+        if self._ndec:
             done = self.cohort.advance(ticks)
             for s in done:
                 if self.cfg.prefix_caching:
@@ -445,12 +443,12 @@ class V1ServingLoop(ServingLoop):
             for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
                 cohort.join(s)
             self.others.clear()
-            B = cohort.size
-            steps = yield from self._cohort_run(self.pool.free)
+            self._ndec = cohort.size  # every running request
+            steps = yield from self._decode_steps(*cohort.plan(self.pool.free))
             blocks = cohort.run_blocks(steps)
             if blocks:
                 self.pool.take(blocks)
-            self._advance_by((), B, steps, self.env.now)
+            self._advance((), self.env.now, steps)
             return
         bs, run = self.cfg.block_size, self.running
         steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))

@@ -49,7 +49,8 @@ def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, da
 
     for m in range(1, n + 1):
         assert c.run_blocks(m) == blocks(m)
-    assert c.steps_that_fit(free) == max(m for m in range(1, n + 1) if blocks(m) <= free)
+    kv = sum(k for _, _, k in plain) + len(plain)  # the first step reads every member's context and new token
+    assert c.plan(free) == (len(plain), max(m for m in range(1, n + 1) if blocks(m) <= free), kv)
     m = data.draw(st.integers(1, n))
     done = c.advance(m)
     assert not c.taken
