@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, Pipeline, ServingLoop, _Seq
+from .serving import EngineConfig, Pipeline, ServingLoop, _admission, _Seq
 from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
@@ -167,10 +167,6 @@ class V1ServingLoop(ServingLoop):
             s.blocks += need
         return True
 
-    def _hash(self, s: _Seq, n: int) -> None:
-        if self.cfg.prefix_caching:
-            s.hashed = min(s.computed + n, s.known) // self.cfg.block_size
-
     # ---- the shared decode clock (serving._Cohort) ----
     def _pin(self, s: _Seq) -> None:
         """Member ``s``'s counters written back (its hashed blocks too); it leaves the cohort."""
@@ -275,7 +271,7 @@ class V1ServingLoop(ServingLoop):
         decodes_only = True  # every scheduled request a decode past its first token (so far)
         while i < len(running) and budget > 0:
             s = running[i]
-            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed, _allocate and _hash inlined
+            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _allocate inlined; full blocks hashed
             c = s.computed
             n = known - c
             if n > budget:
@@ -312,29 +308,35 @@ class V1ServingLoop(ServingLoop):
                preempted: bool) -> list[tuple[_Seq, int]]:
         """Waiting requests into ``batch`` while the budget, max_num_seqs and the free blocks allow (none
         after a preemption: scheduler.py, ``if not preempted_reqs``)."""
-        cfg, pool = self.cfg, self.pool
+        cfg, pool, bs = self.cfg, self.pool, self.cfg.block_size
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 s = self.waiting[0]
                 hit = pool.hits(s)
-                n = s.known - hit * cfg.block_size
+                known = s.req.prompt_len + s.generated  # s.known; _blocks_for and _allocate inlined below
+                c = hit * bs
+                n = known - c
                 if not cfg.chunked_prefill and n > budget:
                     break
                 n = min(n, budget)
                 # blocks for the whole sequence must be free (cached hits among them: they leave the free queue)
-                if cfg.reserve_full_isl and self._blocks_for(min(s.known, cfg.max_model_len)) > pool.free:
+                if cfg.reserve_full_isl and -(-min(known, cfg.max_model_len) // bs) > pool.free:
                     break
-                if self._blocks_for(hit * cfg.block_size + n) > pool.free:
+                need = -(-(c + n) // bs)  # the hits' blocks and the chunk's
+                if need > pool.free:
                     break
                 pool.touch(s, hit)
                 s.gen += 1
                 s.adm = self.admitted
                 self.admitted += 1
                 s.blocks = s.hashed = hit
-                s.computed = hit * cfg.block_size
-                self.cached_tokens += s.computed
-                assert self._allocate(s, s.computed + n), "admission checked the free blocks"
-                self._hash(s, n)
+                s.computed = c
+                self.cached_tokens += c
+                if need > hit:  # the chunk's new blocks (admission checked that they are free)
+                    pool.take(need - hit)
+                    s.blocks = need
+                if cfg.prefix_caching:
+                    s.hashed = (c + n if c + n < known else known) // bs
                 self.waiting.popleft()
                 self.running.append(s)
                 if self.lazy:
@@ -411,7 +413,7 @@ class V1ServingLoop(ServingLoop):
             if s.computed == s.req.prompt_len + s.generated:  # the whole known sequence is in the KV cache
                 done.append(s)
         if len(done) > 1:
-            done.sort(key=lambda s: s.adm)
+            done.sort(key=_admission)
         lazy = self.lazy
         for s in done:
             self._sample(s, now)
@@ -453,7 +455,7 @@ class V1ServingLoop(ServingLoop):
         bs, run = self.cfg.block_size, self.running
         steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
         pool, caching, now = self.pool, self.cfg.prefix_caching, self.env.now
-        for s in list(run):  # _allocate, _hash and _sample's common case inlined
+        for s in list(run):  # _allocate, the hashed blocks and _sample's common case inlined
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
             if need > 0:
                 assert need <= pool.free, "the run checked the free blocks"
