@@ -122,10 +122,10 @@ class _Cohort:
     computed - tick (``base``: the step's KV) and a heap of the ticks at which they finish (``ends``; an
     entry counts only while its request is a member of that admission)."""
 
-    __slots__ = ("bs", "tick", "size", "base", "phase", "ends", "last", "taken")
+    __slots__ = ("bs", "caching", "tick", "size", "base", "phase", "ends", "last", "taken")
 
-    def __init__(self, block_size: int):
-        self.bs = block_size
+    def __init__(self, block_size: int, caching: bool = False):
+        self.bs, self.caching = block_size, caching  # caching: V1's prefix caching (a member's full blocks hashed)
         self.tick = self.size = self.base = 0
         self.phase: list[set[_Seq]] = [set() for _ in range(block_size)]  # members by phase
         self.ends: list[tuple[int, int, _Seq]] = []  # heap: (tick at which it finishes, admission, member)
@@ -152,8 +152,8 @@ class _Cohort:
         return self.tick - s.off, c, -(-(c + self.taken) // self.bs)
 
     def leave(self, s: _Seq) -> int:
-        """Member ``s`` leaves, its counters written back (``counters``); returns its computed tokens. Its
-        finish stays in ``ends``, stale."""
+        """Member ``s`` leaves, its counters written back (``counters``; with ``caching``, its hashed blocks:
+        computed // block_size); returns its computed tokens. Its finish stays in ``ends``, stale."""
         base = s.req.prompt_len - 1 - s.off
         self.phase[base % self.bs].discard(s)
         self.base -= base
@@ -163,6 +163,8 @@ class _Cohort:
         s.generated = self.tick - s.off
         s.computed = c = base + self.tick
         s.blocks = -(-(c + self.taken) // self.bs)
+        if self.caching:
+            s.hashed = c // self.bs
         s.off = None
         return c
 
@@ -252,7 +254,7 @@ class ServingLoop:
         # that decode are a _Cohort, so a decode run costs Python in proportion to the requests that join,
         # finish or are preempted, not to the batch
         self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
-        self.cohort = _Cohort(engine.block_size)
+        self.cohort = _Cohort(engine.block_size, engine.prefix_caching)
         self._admissions = 0  # numbers admissions (running requests are in that order)
 
     @property
@@ -394,16 +396,13 @@ class ServingLoop:
         """(generated, computed, blocks) of running request ``s`` as they are now (a member's from the clock)."""
         return (s.generated, s.computed, s.blocks) if s.off is None else self.cohort.counters(s)
 
-    def _pin(self, s: _Seq) -> None:
-        """Member ``s``'s counters written back; it leaves the cohort."""
-        self.cohort.leave(s)
-
     def _pin_all(self) -> None:
         """Every member's counters written back; the cohort empty (the scheduler goes request by request)."""
+        cohort = self.cohort
         for s in self.running:
             if s.off is not None:
-                self._pin(s)
-        self.cohort.ends.clear()
+                cohort.leave(s)
+        cohort.ends.clear()
 
     def _clock_decodes(self) -> list[tuple[_Seq, int]]:
         """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
@@ -436,7 +435,7 @@ class ServingLoop:
                 free -= 1
                 grown += 1
             while len(running) > end:  # then done: the preemptions, last first, and the blocks taken
-                self._pin(running[-1])
+                cohort.leave(running[-1])
                 self._preempt_last()
             self.free_blocks -= grown
             assert self.free_blocks == free

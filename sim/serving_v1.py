@@ -127,7 +127,7 @@ class V1ServingLoop(ServingLoop):
     The shared decode clock (``lazy``, the default without pipeline parallelism): running requests
     that decode (prompt done, a token out) are the ``cohort`` (sim/serving.py ``_Cohort``, V0's clock
     too), so a step costs Python in proportion to the requests that start, finish or are still
-    prefilling, not to the whole batch; a member's hashed blocks are computed // block_size. A step
+    prefilling, not to the whole batch. A step
     whose scheduled tokens' blocks are free (no preemption) and in which every running request's tokens
     fit the budget, or only prompts admitted after every member are cut or left out, is scheduled from
     the cohort's sums (``_schedule``); any other step first writes every member's counters back and runs
@@ -139,6 +139,7 @@ class V1ServingLoop(ServingLoop):
     prefilling (``others``) in one step, and preempts only request by request (``_schedule_each``).
     The loop is ServingLoop._engine with V1's hand-off of arrivals (``_handed_over``), step shape and
     samples (``_shape``, ``_advance``).
+
     Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
     def __init__(self, step_model, engine: EngineConfig, kv_tokens: int, trace_steps: bool = True,
@@ -168,12 +169,6 @@ class V1ServingLoop(ServingLoop):
         return True
 
     # ---- the shared decode clock (serving._Cohort) ----
-    def _pin(self, s: _Seq) -> None:
-        """Member ``s``'s counters written back (its hashed blocks too); it leaves the cohort."""
-        c = self.cohort.leave(s)
-        if self.cfg.prefix_caching:
-            s.hashed = c // self.cfg.block_size
-
     def _pin_all(self) -> None:
         super()._pin_all()
         self.others = list(self.running)  # every running request outside the cohort
@@ -405,8 +400,6 @@ class V1ServingLoop(ServingLoop):
         if self._ndec:
             done = self.cohort.advance(ticks)
             for s in done:
-                if self.cfg.prefix_caching:
-                    s.hashed = s.computed // self.cfg.block_size
                 s.generated -= 1  # its last token is sampled below
         for s, k in batch:
             s.computed += k

@@ -24,9 +24,9 @@ def _ceil(a: int, b: int) -> int:
 @given(bs=st.sampled_from([1, 2, 4, 16, 32]), tick=st.integers(0, 10_000),
        members=st.lists(st.tuples(st.integers(1, 300), st.integers(1, 90), st.integers(1, 70)), min_size=1,
                         max_size=12),
-       free=st.integers(0, 40), data=st.data())
-def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, data):
-    c = _Cohort(bs)
+       free=st.integers(0, 40), caching=st.booleans(), data=st.data())
+def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, caching, data):
+    c = _Cohort(bs, caching)
     c.tick = tick
     plain = []  # (seq, generated, computed) as each member's own counters would be
     for i, (prompt, generated, more) in enumerate(members):
@@ -62,6 +62,7 @@ def test_the_cohort_counts_as_its_members_one_by_one(bs, tick, members, free, da
         else:
             assert c.counters(s) == (g + m, k + m, _ceil(k + m, bs))
             assert c.leave(s) == k + m and (s.off, s.generated, s.blocks) == (None, g + m, _ceil(k + m, bs))
+        assert s.hashed == ((k + m) // bs if caching else 0)  # V1's prefix caching: its full blocks
     assert c.size == 0 and c.base == 0 and c.last == -1 and not any(c.phase)
 
 
