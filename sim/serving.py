@@ -391,7 +391,7 @@ class ServingLoop:
             self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
 
-    # ---- V0's shared decode clock ----
+    # ---- V0 on the shared decode clock (_Cohort) ----
     def counters(self, s: _Seq) -> tuple[int, int, int]:
         """(generated, computed, blocks) of running request ``s`` as they are now (a member's from the clock)."""
         return (s.generated, s.computed, s.blocks) if s.off is None else self.cohort.counters(s)
