@@ -480,9 +480,13 @@ class ServingLoop:
         dry: SimPy then stops) when there is nothing to do. V1ServingLoop runs this loop too, through
         ``_handed_over``, ``_schedule``, ``_shape`` and ``_advance``."""
         env, arrived = self.env, self.arrived
-        # the only engine the feed serves: every request it has handed over is taken at once, without a get
-        # event each (the feed hands a same-instant burst over whole: Feed._arrivals)
-        self._alone = self.feed.bursts and self.pipeline is None and len(self.feed.engines) == 1
+        # the only engine the feed serves, with no client limit: every request it has handed over is taken at
+        # once, without a get event each (the feed hands a same-instant burst over whole: Feed._arrivals).
+        # Under a limit (max_concurrency) a request finishing at a step's end frees a slot, and the feed sends
+        # the next one in an event of that instant, which a get lets in before the step is scheduled and
+        # taking at once leaves out (V1 has its own rule: V1ServingLoop._handed_over)
+        self._alone = (self.feed.bursts and self.pipeline is None and len(self.feed.engines) == 1
+                       and self.feed.slots is None)
         while True:
             while arrived.items:
                 if not self._handed_over():
