@@ -573,21 +573,10 @@ def test_chunked_prefill_preempts_instead_of_stalling():
         assert n >= 1
 
 
-@pytest.mark.parametrize("engine", ["v0", "v0-chunked", "v1"])
-def test_under_a_client_limit_the_engine_takes_requests_as_the_feed_sends_them(engine):
-    """Under max_concurrency a request finishing at a step's end frees a slot and the feed sends the next
-    one at that instant, before the next step is scheduled: the engine must see it then. V0 took what had
-    been handed over at once and left such a request for a step later (makespans 2-5% off on every one of
-    20 random workloads like this one); now V0 takes requests one event each under a limit, as V1 does
-    whenever another event is due, and the burst hand-off is exact again."""
-    import random
-
+def _bursts_and_one_by_one(wl, engine: str) -> list:
+    """``wl`` run on ``engine`` with same-instant arrivals handed over whole (Feed.bursts), then one event each."""
     from offloadlab.sim.serving import Feed
 
-    rng = random.Random(0)
-    reqs = sorted((Request(i, rng.randint(20, 600), rng.randint(1, 12), round(rng.random() * 2, 1)) for i in range(120)),
-                  key=lambda r: (r.arrival, r.id))
-    wl = Workload("limited", tuple(reqs), max_concurrency=8)
     eng = {"v0": EngineConfig(max_num_batched_tokens=2048, max_model_len=2048),
            "v0-chunked": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True),
            "v1": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True,
@@ -599,6 +588,23 @@ def test_under_a_client_limit_the_engine_takes_requests_as_the_feed_sends_them(e
             runs.append(simulate("llama-3.1-8b", "A100-SXM4-40GB", interval(2), wl, eng, trace_steps=True))
         finally:
             Feed.bursts = True
+    return runs
+
+
+@pytest.mark.parametrize("engine", ["v0", "v0-chunked", "v1"])
+def test_under_a_client_limit_the_engine_takes_requests_as_the_feed_sends_them(engine):
+    """Under max_concurrency a request finishing at a step's end frees a slot and the feed sends the next
+    one at that instant, before the next step is scheduled: the engine must see it then. V0 took what had
+    been handed over at once and left such a request for a step later (makespans 2-5% off on every one of
+    20 random workloads like this one); now V0 takes requests one event each under a limit, as V1 does
+    whenever another event is due, and the burst hand-off is exact again."""
+    import random
+
+    rng = random.Random(0)
+    reqs = sorted((Request(i, rng.randint(20, 600), rng.randint(1, 12), round(rng.random() * 2, 1)) for i in range(120)),
+                  key=lambda r: (r.arrival, r.id))
+    wl = Workload("limited", tuple(reqs), max_concurrency=8)
+    runs = _bursts_and_one_by_one(wl, engine)
     assert runs[0].steps == runs[1].steps
     pd.testing.assert_frame_equal(runs[0].requests, runs[1].requests)
 
@@ -611,21 +617,9 @@ def test_a_burst_handed_over_whole_serves_as_one_handed_over_request_by_request(
     """Requests that arrive at one instant go to a lone engine as one burst (Feed.bursts); one event per
     request, as before, gives the same run but for the event count: the engine took every request already
     handed over before it scheduled, at t=0 and at later ties alike (a step may end at that instant)."""
-    from offloadlab.sim.serving import Feed
-
     reqs = sorted(reqs, key=lambda r: r[2])
     wl = Workload("ties", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)), max_concurrency=limit)
-    eng = {"v0": EngineConfig(max_num_batched_tokens=2048, max_model_len=2048),
-           "v0-chunked": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True),
-           "v1": EngineConfig(max_num_batched_tokens=512, max_model_len=2048, chunked_prefill=True,
-                              scheduler="v1", prefix_caching=True)}[engine]
-    runs = []
-    for bursts in (True, False):
-        Feed.bursts = bursts
-        try:
-            runs.append(simulate("llama-3.1-8b", "A100-SXM4-40GB", interval(2), wl, eng, trace_steps=True))
-        finally:
-            Feed.bursts = True
+    runs = _bursts_and_one_by_one(wl, engine)
     whole, one_by_one = runs
     assert whole.steps == one_by_one.steps
     pd.testing.assert_frame_equal(whole.requests, one_by_one.requests)
