@@ -997,6 +997,9 @@ class Calibrated:
         extra = ""
         if self._allreduce:
             extra = f"; all-reduce: {self._allreduce[0].label}'s efficiencies"
+        if c is not None and c.distance >= 2:  # BAND_TRANSFER_GPU's evidence: validation/efficiency.py
+            extra += f"; measured on another GPU: its kernels' band +-{BAND_TRANSFER_GPU:.0%}, as far as " \
+                     "efficiencies moved between the GPUs profiled here erred (p90); a profile of the target is better"
         return f"{' + '.join(labels) or 'no'} profile applied to {target} {how} ({comp}; {self._link_note}; " \
                f"{launch}{extra})"
 
