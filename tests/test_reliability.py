@@ -256,8 +256,10 @@ def test_a_signal_ends_optimize_and_its_workers(tmp_path, sig, code, word):
 @pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
                     reason="reads /proc and ps; the band's corner workers need two cores")
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
-@pytest.mark.parametrize("args,n", [(["run", "--requests", "20000", "--workload", "sharegpt_8k", "--json", "r.json"], 2),
-                                    (["paper", "--requests", "4000", "--quiet", "--out", "p"], 1)])
+# long enough that the signal, 1 s after the workers start, lands inside the run on an idle machine too
+# (2026-12-02, 2 cores: run 40,000 requests 5.9 s; paper 10,000 requests 2.6 s; half as many took 2.9 and 1.5 s)
+@pytest.mark.parametrize("args,n", [(["run", "--requests", "40000", "--workload", "sharegpt_8k", "--json", "r.json"], 2),
+                                    (["paper", "--requests", "10000", "--quiet", "--out", "p"], 1)])
 def test_a_signal_ends_run_and_paper_and_their_workers(tmp_path, sig, code, word, args, n):
     """run: the band's two corner workers; paper: the worker that draws its PNG."""
     p = _start(args, tmp_path)
@@ -267,9 +269,11 @@ def test_a_signal_ends_run_and_paper_and_their_workers(tmp_path, sig, code, word
 
 
 def test_sigterm_during_a_serial_run_writes_nothing(tmp_path):
-    p = _start(["run", "--requests", "60000", "--workload", "sharegpt_8k", "--json", "r.json", "--no-band"], tmp_path)
+    p = _start(["run", "--requests", "200000", "--workload", "sharegpt_8k", "--json", "r.json", "--no-band"], tmp_path)
     try:
-        time.sleep(4)  # imports and part of the simulation (about 8 s in all on 2 cores, V0's decode clock)
+        # imports and part of the simulation (60,000 requests took 4.2 s in all on 2 cores by 2026-12-02, so
+        # a 4 s sleep sometimes outlived the run: 200,000 take ~14 s)
+        time.sleep(2.5)
         assert p.poll() is None
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
