@@ -14,6 +14,38 @@ from typing import Any, Callable, Iterator
 from .errors import ConfigError
 
 
+def read_csv_table(path: str | os.PathLike, pad: bool = True) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A CSV file as (header, [(line number, cells)]): blank lines skipped, a short row's missing cells
+    empty (``pad``; else the row as written, for a reader that requires every cell); a row longer than the header, a malformed file, no header or a repeated column name is a
+    one-line ConfigError naming the file and line."""
+    import csv
+    import io
+
+    file = Path(path)
+    reader = csv.reader(io.StringIO(read_text(file, "CSV file"), newline=""), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    try:
+        for cells in reader:
+            if not cells or cells == [""]:
+                continue
+            if header is None:
+                header = cells
+            elif len(cells) > len(header):
+                raise ConfigError("row", ",".join(cells)[:60], f"at most {len(header)} cells (the header's)",
+                                  source=f"{file}, line {reader.line_num}")
+            else:
+                rows.append((reader.line_num, cells + [""] * (len(header) - len(cells)) if pad else cells))
+    except csv.Error as e:
+        raise ConfigError("row", None, f"a CSV table ({e})", source=f"{file}, line {reader.line_num}") from None
+    if header is None:
+        raise ConfigError("columns", [], "a CSV table with a header", source=str(file))
+    if len(set(header)) < len(header):
+        dup = next(c for i, c in enumerate(header) if c in header[:i])
+        raise ConfigError("columns", header, f"distinct names ({dup!r} twice)", source=str(file))
+    return header, rows
+
+
 def read_text(path: str | os.PathLike, what: str = "file", encoding: str = "utf-8") -> str:
     """The text of ``path``; a missing, unreadable or non-UTF-8 file is a one-line ConfigError naming it."""
     p = Path(path)

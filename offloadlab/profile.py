@@ -43,7 +43,6 @@ identify what was measured; a file that does not say is an error naming the fiel
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -54,7 +53,7 @@ from pathlib import Path
 
 from .checks import is_int as _int, is_positive as _positive
 from .errors import ConfigError, OffloadLabError, UnknownNameError
-from .fileio import atomic_write_json, load_mapping, read_text
+from .fileio import atomic_write_json, load_mapping, read_csv_table
 from .policy import NoOffload, Placement, copy_prefix, interval
 from .specs import HardwareSpec, ModelSpec
 
@@ -286,7 +285,8 @@ class Profile:
         """'H100 8B' style: the GPU's catalog family and the model, for one-line messages."""
         try:
             parts = self.source_gpu().name.split("-")
-            gpu = "-".join(parts[:2]) if parts[0] == "RTX" else parts[0]  # "RTX-4090", not "RTX"
+            # "RTX-4090", "RTX-PRO-6000-Blackwell", "RTX-6000-Ada": an RTX name less its memory, not "RTX"
+            gpu = "-".join(parts[:-1]) if parts[0] == "RTX" else parts[0]
         except OffloadLabError:
             gpu = self.gpu or "?"
         return f"{gpu} {self.model or 'unnamed-model'}"
@@ -568,8 +568,6 @@ _LAYERS_PARTS = {"qkv_proj": (("q_proj", 1), ("k_proj", 1), ("v_proj", 1)), "o_p
 def _bundle_kernels(d: Path, tp: int) -> list:
     """(op, tokens, tp, seconds) rows of a bundle's tp``tp``/dense.csv, else its first profiler's layers.csv
     (one row per operator and token count at kv_cache 0, latency in ns)."""
-    import csv
-
     f, (fname, name_col, tokens_col, time_col, per_second), parts, optional = \
         d / f"tp{tp}" / "dense.csv", _DENSE, _DENSE_PARTS, _DENSE_OPTIONAL
     if not f.is_file() and (d / f"tp{tp}" / "layers.csv").is_file():
@@ -579,7 +577,9 @@ def _bundle_kernels(d: Path, tp: int) -> list:
         raise ConfigError(f"tp{tp}/dense.csv", None, f"present in the profile bundle (or tp{tp}/layers.csv; meta.yaml's "
                           f"tp_degrees lists {tp})", source=str(d))
     times: dict[int, dict[str, float]] = {}
-    for i, row in enumerate(csv.DictReader(io.StringIO(read_text(f, "CSV file"))), start=2):
+    header, table = read_csv_table(f)
+    for i, cells in table:
+        row = dict(zip(header, cells))
         if row.get("kv_cache", "0") != "0":
             continue  # layers.csv: attention rows by KV length; the GEMMs do not depend on it
         try:
@@ -604,19 +604,16 @@ def _bundle_kernels(d: Path, tp: int) -> list:
 def _bundle_attention(f: Path, tp: int) -> list:
     """(prefill_chunk, kv_prefill, n_decode, kv_decode, tp, seconds) rows of an attention.csv (none when the
     bundle has no such file); a bad row is an error naming the file, line, column and value."""
-    import csv
-
     if not f.is_file():
         return []
-    reader = csv.reader(io.StringIO(read_text(f, "CSV file")))
-    header = next(reader, [])
+    header, table = read_csv_table(f, pad=False)
     missing = [c for c in (*ATTENTION_COLUMNS, "time_us") if c not in header]
     if missing:
         raise ConfigError(missing[0], None, f"a column of LLMServingSim's attention.csv ({', '.join(ATTENTION_COLUMNS)}, "
                           "time_us)", source=str(f))
     cols = [header.index(c) for c in (*ATTENTION_COLUMNS, "time_us")]
     rows, seen = [], {}
-    for i, row in enumerate(reader, start=2):
+    for i, row in table:
         if len(row) < len(header):
             raise ConfigError(f"line {i}", ",".join(row), f"{len(header)} columns ({', '.join(header)})", source=str(f))
         vals = []
@@ -635,8 +632,9 @@ def _bundle_attention(f: Path, tp: int) -> list:
         if not _positive(us):
             raise ConfigError(f"line {i} time_us", row[cols[4]], "a finite number of microseconds > 0", source=str(f))
         pc, kvp, nd, kvd = vals
-        if pc + nd == 0 or (pc == 0 and kvp) or (nd == 0 and kvd):
-            raise ConfigError(f"line {i}", ",".join(row), _attention_row_problem((*vals, tp, us / 1e6)), source=str(f))
+        why = _attention_row_problem((*vals, tp, us / 1e6))  # the cells are numbers: what is left is their shape
+        if why:
+            raise ConfigError(f"line {i}", ",".join(row), why, source=str(f))
         key = (pc, kvp, nd, kvd)
         if key in seen:
             raise ConfigError(f"line {i}", ",".join(row), f"one row per shape (line {seen[key]} has it too)",

@@ -13,8 +13,6 @@ No pandas: a command that prints a replay's summary does not pay its import.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -24,7 +22,7 @@ import numpy as np
 
 from .checks import is_int, is_number
 from .errors import ConfigError
-from .fileio import read_text
+from .fileio import read_csv_table, read_text
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
 _INT64_MAX = 2**63 - 1
@@ -134,27 +132,7 @@ def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) 
     file = Path(path) / "timeseries.csv"
     if not file.is_file():
         return None
-    reader = csv.reader(io.StringIO(read_text(file, "CSV file"), newline=""), strict=True)
-    rows: list[tuple[int, list[str]]] = []  # (line, cells)
-    header: list[str] | None = None
-    try:
-        for cells in reader:
-            if not cells or cells == [""]:
-                continue
-            if header is None:
-                header = cells
-            elif len(cells) > len(header):
-                raise ConfigError("row", ",".join(cells)[:60], f"at most {len(header)} cells (the header's)",
-                                  source=f"{file}, line {reader.line_num}")
-            else:
-                rows.append((reader.line_num, cells + [""] * (len(header) - len(cells))))
-    except csv.Error as e:
-        raise ConfigError("row", None, f"a CSV table ({e})", source=f"{file}, line {reader.line_num}") from None
-    if header is None:
-        raise ConfigError("columns", [], f"a CSV table with a header of at least {list(need)}", source=str(file))
-    if len(set(header)) < len(header):
-        dup = next(c for i, c in enumerate(header) if c in header[:i])
-        raise ConfigError("columns", header, f"distinct names ({dup!r} twice)", source=str(file))
+    header, rows = read_csv_table(file)
     if not set(need) <= set(header):
         raise ConfigError("columns", sorted(header), f"at least {list(need)}", source=str(file))
     at = {name: header.index(name) for name in need}
