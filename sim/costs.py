@@ -183,6 +183,22 @@ def _quad(*ws: float) -> float:
 # PIECEWISE, FULL; FULL_DECODE_ONLY replays as "decode" does
 GRAPH_MODES = ("decode", "piecewise", "piecewise_only", "full")
 ATTENTION_KERNELS = ("packed", "fa2")
+
+
+def attention_kernel(gpu: HardwareSpec) -> str:
+    """How V1 runs a step's attention on ``gpu`` (a Roofline ``attention_kernel``, which
+    sim/vllm_engine.py gives V1's cost model): "fa2" where it runs FlashAttention-2, one varlen call for
+    the whole batch, else "packed". vllm/platforms/cuda.py
+    (_get_backend_priorities): FLASHINFER first on compute capability 10.x (B200), FLASH_ATTN elsewhere;
+    vllm/v1/attention/backends/fa_utils.py (get_flash_attn_version): FA3 on 9.x (Hopper), FA2 on the
+    others (Ampere 8.0/8.6, Ada 8.9, RTX Blackwell 12.0). FA3 packs a GQA group's query heads for
+    every varlen batch (hopper/heuristics.h should_pack_gqa) and FlashInfer runs decodes in their own
+    kernel, so only FA2 leaves them unpacked (see Roofline.attention_time). A GPU of unknown compute
+    capability keeps "packed" (the roofline as without this rule)."""
+    cc = gpu.compute_capability
+    return "fa2" if 8 <= cc < 9 or cc >= 11 else "packed"
+
+
 # Of each repeated read of a KV head's cache by another query head of its GQA group, the share that
 # reaches HBM under FlashAttention-2's unpacked one-row queries (Roofline.attention_time). Evidence:
 # LLMServingSim's attention tables under vLLM 0.19 (validation/traces/profiles/), a mixed step's decode
@@ -488,9 +504,9 @@ class _AttentionTable:
         self.tp = tp
         by_kind: dict[int, list] = {}
         for pc, kvp, nd, kvd, sec in rows:
-            kind = 0 if pc == 0 else 1 if nd == 0 else 2  # as _table_coords sorts steps
-            exact = (nd, kvd) if kind == 0 else (pc, kvp) if kind == 1 else (pc, kvp, nd, kvd)
-            by_kind.setdefault(kind, []).append((exact, sec / roofline.attention_time(_table_shape(pc, kvp, nd, kvd))))
+            shape = _table_shape(pc, kvp, nd, kvd)
+            kind, exact = _table_coords(shape)  # the row's own coordinates, as a step's are looked up
+            by_kind.setdefault(kind, []).append((exact, sec / roofline.attention_time(shape)))
         self.kinds: dict[int, tuple] = {}
         self.loo: dict[int, float] = {}  # p90 of leave-one-out residuals (interior points, along each axis)
         for kind, pts in by_kind.items():
@@ -706,8 +722,6 @@ class Calibrated:
                 except ConfigError:
                     continue
             if shards:
-                from .vllm_engine import attention_kernel  # vllm_engine imports this module
-
                 tp = rf.model.tensor_parallel
                 ktp = min(shards, key=lambda n: (abs(math.log(n / tp)), n))
                 # the rows are vLLM V1's attention op on the measured GPU: its roofline with the kernel V1 runs there
@@ -883,6 +897,16 @@ class Calibrated:
         nbytes = rf.model.hidden_state_bytes(tokens)
         return 2 * rf.allreduce_seconds(nbytes, rf.model.tensor_parallel) * float(np.interp(math.log(nbytes), lbs, ratios))
 
+    def gemm_seconds(self, tokens: int) -> float:
+        """One layer's GEMMs over ``tokens`` rows under a per-kernel profile: each weight's roofline time
+        at the efficiency measured for the nearest weight shape (validation/efficiency.py moves them
+        between GPUs with this)."""
+        rf, lt = self.roofline, math.log(tokens)
+        gpu = 0.0
+        for shape, (_, _, lts, ratios) in self._gemm_tables:
+            gpu += rf.gemm_time(shape, tokens) * float(np.interp(lt, lts, ratios))
+        return gpu
+
     def gpu_host(self, s: StepShape) -> tuple[float, float]:
         """(GPU seconds, host seconds) of one layer for step ``s``, before CUDA graphs."""
         rf = self.roofline
@@ -894,10 +918,8 @@ class Calibrated:
             p = self._nearest(s)
             return (rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens)) * p[2] + ar, p[3]
         if self._gemms:
-            lt = math.log(s.tokens)
             gpu = rf.attention_time(s) * (self._attention.ratio(s) if self._attention else 1.0) + ar
-            for shape, (_, _, lts, ratios) in self._gemm_tables:
-                gpu += rf.gemm_time(shape, s.tokens) * float(np.interp(lt, lts, ratios))
+            gpu += self.gemm_seconds(s.tokens)
             gpu += rf.elementwise_time(s.tokens) * (self._elementwise_ratio(s.tokens) if self._elem_table else 1.0)
             return gpu, self._launch
         return rf.gpu_time(s) - 2 * rf.allreduce_time(s.tokens) + ar, self._launch
@@ -913,13 +935,12 @@ class Calibrated:
 
     def pre_attention(self, s: StepShape) -> float:
         """As Roofline.pre_attention, by the efficiency the QKV projection's time is moved with."""
-        rf = self.roofline
-        t = rf.pre_attention(s)
+        t = self.roofline.pre_attention(s)  # the QKV projection, the first of _gemm_tables
         if self._points:
             return t * self._nearest(s)[2]
         if self._gemms:
-            shape, (_, _, lts, ratios) = self._gemm_tables[0]
-            return rf.gemm_time(shape, s.tokens) * float(np.interp(math.log(s.tokens), lts, ratios))
+            _, (_, _, lts, ratios) = self._gemm_tables[0]
+            return t * float(np.interp(math.log(s.tokens), lts, ratios))
         return t
 
     def head(self, s: StepShape) -> float:

@@ -11,7 +11,7 @@ import re
 
 from ..errors import ConfigError
 from ..specs import GiB, HardwareSpec, ModelSpec
-from .costs import GRAPH_MODES
+from .costs import GRAPH_MODES, attention_kernel
 from .serving import EngineConfig
 
 # vLLM 0.8.0 made the V1 engine the default (VLLM_USE_V1, vllm/envs.py); the paper's 0.7 ran V0.
@@ -48,19 +48,6 @@ def batch_defaults(gpu: HardwareSpec, entry_point: str = "serve", gpu_memory_byt
     if big:
         return (8192, 1024) if entry_point == "serve" else (16384, 1024)
     return (2048, 256) if entry_point == "serve" else (8192, 256)
-
-
-def attention_kernel(gpu: HardwareSpec) -> str:
-    """How V1 runs a step's attention on ``gpu`` (a Roofline ``attention_kernel``): "fa2" where it runs
-    FlashAttention-2, one varlen call for the whole batch, else "packed". vllm/platforms/cuda.py
-    (_get_backend_priorities): FLASHINFER first on compute capability 10.x (B200), FLASH_ATTN elsewhere;
-    vllm/v1/attention/backends/fa_utils.py (get_flash_attn_version): FA3 on 9.x (Hopper), FA2 on the
-    others (Ampere 8.0/8.6, Ada 8.9, RTX Blackwell 12.0). FA3 packs a GQA group's query heads for
-    every varlen batch (hopper/heuristics.h should_pack_gqa) and FlashInfer runs decodes in their own
-    kernel, so only FA2 leaves them unpacked (see Roofline.attention_time). A GPU of unknown compute
-    capability keeps "packed" (the roofline as without this rule)."""
-    cc = gpu.compute_capability
-    return "fa2" if 8 <= cc < 9 or cc >= 11 else "packed"
 
 
 def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None, *, entry_point: str = "serve",
