@@ -194,19 +194,6 @@ class V1ServingLoop(ServingLoop):
         if self.lazy:
             cfg, pool, cohort = self.cfg, self.pool, self.cohort
             members = cohort.size
-            if members and self.bulk and not self.others and not self.waiting and members <= cfg.max_num_batched_tokens:
-                # the common case, written out: only members run, each one token, and nobody waits: a decode
-                # run (ServingLoop._engine: _pure_decodes) if their blocks for the step are free
-                need = len(cohort.phase[-cohort.tick % cfg.block_size])  # cohort.needers(), inlined
-                if need <= pool.free:
-                    if need:
-                        pool.take(need)
-                    cohort.taken = True
-                    self._ndec = members
-                    self.fast_forward = self._decodes_only = True
-                    if self.trace_steps:
-                        self.occupancy.append((self.env.now, members, 0))
-                    return []
             # vLLM walks the running requests in order, each taking its tokens (a prompt's chunk cut to
             # what is left of the budget) until the budget is spent. The walk is taken from the cohort's
             # sums when every request's tokens fit, or when the members (one token each) all come

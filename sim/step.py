@@ -344,7 +344,7 @@ class Recurrence:
     on the layer costs (which layers copy what, each copy's seconds and the read it waits for, the
     joins) worked out once, so ``run`` is the walk alone (a StepModel keeps one per join mode)."""
 
-    __slots__ = ("L", "P", "resident", "layers", "copies", "uva", "join_end")
+    __slots__ = ("L", "P", "resident", "layers", "copies", "join_end")
 
     def __init__(self, placement: Placement, transfer, wrap: bool = False, join: str = "eager"):
         self.L = L = placement.layers
@@ -353,7 +353,7 @@ class Recurrence:
             return
         offloaded = placement.offloaded_layers if placement.mechanism == "prefetch" else ()
         self.P = P = 2 if wrap and offloaded else 1
-        copy_path, self.uva = placement.mechanism == "copy", placement.mechanism == "uva"
+        copy_path, uva = placement.mechanism == "copy", placement.mechanism == "uva"
         sched = placement.schedule if offloaded else None
         slot_of = {i: m for m, i in enumerate(offloaded)}
         n = len(offloaded)
@@ -377,7 +377,7 @@ class Recurrence:
             [(p * n + slot_of[i] if i in slot_of else -1,
               len(placement.offloaded[i]) * COPY_ISSUE if copy_path else 0.0,
               sum(transfer(b) for b in placement.offloaded[i]) if copy_path and placement.offloaded[i] else None,
-              placement.offloaded[i] if self.uva and placement.offloaded[i] else None,
+              placement.offloaded[i] if uva and placement.offloaded[i] else None,
               [flat(c) for c in join_layer.get(p * L + i, ())])
              for i in range(L)]
             for p in range(P)]
@@ -679,7 +679,8 @@ class StepModel:
 
     def _key(self, shape: StepShape) -> tuple:
         """The memo key of a step: its binned layer and head costs (``_binned_costs``, flat: a tuple of
-        floats compares fast), UVA reads and graph join."""
+        floats compares fast), UVA reads, the graph join (None without wrap) and, for a piecewise join, the
+        binned seconds before the joining layer's attention (``pre_attention``)."""
         uva_key = join = pre = None
         if self.placement.mechanism == "uva":  # UVA reads grow with the step's tokens (sim/costs.py)
             uva_key = _bin(self.cost.uva_read(self.placement.layer_bytes, shape.tokens), self.quantum)
@@ -701,8 +702,7 @@ class StepModel:
         uva_read = None
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
-        join = self.join or join_mode(self.cost, shape)
-        pre = key[-1] or 0.0
+        join, pre = key[-2] or "eager", key[-1] or 0.0  # no wrap (join None): no copies to join
         if not trace and recurrence_applies(self.placement, layer, self.cost.copy_slowdown):
             plan = self._plans.get(join)  # simulate_layers' recurrence, its plan built once per join mode
             if plan is None:

@@ -17,14 +17,13 @@ engine_kwargs leaves unset) and compares request by request.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..catalog import get_gpu, get_model, gpu_for_device, model_for_hf_id, model_names
+from ..catalog import get_gpu, gpu_for_device, model_for_hf_id  # model_for_hf_id: this module's name for it too
 from ..errors import ConfigError, UnknownNameError
 from ..fileio import read_json_object
 from ..serving_files import check_run_dir, read_requests, read_timeseries
