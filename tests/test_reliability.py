@@ -133,6 +133,29 @@ def test_a_directory_without_write_permission_is_refused_before_the_work(tmp_pat
     assert f"--json='{tmp_path / 'r.json'}': expected a path where files can be written ({tmp_path}: permission denied)" in err
 
 
+def test_a_file_system_that_refuses_new_files_is_found_before_the_work(tmp_path, monkeypatch, capsys):
+    """access() says yes to root on a read-only or special file system (/proc): the check makes a file there."""
+    import errno
+
+    import offloadlab.apps.outputs as outputs
+    import offloadlab.sim as sim
+
+    def refuse(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(outputs, "temp_beside", refuse)
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: pytest.fail("simulated before checking the output path"))
+    assert main(["run", "--requests", "4", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--json='{tmp_path / 'r.json'}': expected a path where files can be written ({tmp_path}: Read-only file system)" in err
+    assert _files(tmp_path) == []
+
+
+def test_the_check_leaves_nothing_behind(tmp_path):
+    OutputSet().file("--json", tmp_path / "sub" / "r.json")
+    assert _files(tmp_path) == []
+
+
 def test_a_rename_that_fails_at_the_end_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
     import offloadlab.apps.outputs as outputs
 

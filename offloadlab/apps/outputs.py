@@ -36,6 +36,14 @@ def _check_place(flag: str, path: str, p: Path) -> None:
         raise ConfigError(flag, path, f"a path under a directory ({anc} is a file)")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise ConfigError(flag, path, f"a path where files can be written ({anc}: permission denied)")
+    # what access() cannot tell (root on a read-only or special file system, such as /proc): make a file there
+    try:
+        with signals_held():
+            fd, tmp = temp_beside(anc / ".offloadlab-check")
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(flag, path, f"a path where files can be written ({anc}: {e.strerror})") from None
 
 
 class OutputSet:
@@ -91,7 +99,10 @@ class OutputSet:
             d.mkdir()
             self._made.append(d)
         with signals_held():  # an interrupt arrives once the temp file is recorded (and so removed)
-            fd, tmp = temp_beside(p)
+            try:
+                fd, tmp = temp_beside(p)
+            except OSError as e:  # named by its target, not by the temp file it could not make
+                raise OSError(e.errno, e.strerror, str(p)) from None
             self._staged.append((tmp, p))
         return fd, tmp, p
 
