@@ -30,7 +30,7 @@ import time
 import torch
 
 from offloadlab.catalog import get_model
-from offloadlab.errors import OffloadLabError
+from offloadlab.errors import ConfigError, OffloadLabError
 from offloadlab.policy import NoOffload
 from offloadlab.profile import SHAPE_FIELDS, Profile
 from offloadlab.specs import ModelSpec
@@ -255,6 +255,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.device is None and not args.tiny and not torch.cuda.is_available():
+            # the default asks for a GPU: a whole model's layers on this CPU take minutes and its RAM
+            raise ConfigError("device", None, f"a CUDA device, but torch {torch.__version__} sees none: --device "
+                                              "cpu measures this CPU anyway (every layer), --tiny is a smoke test")
         spec = TINY if args.tiny else get_model(args.model)
         prof = run(spec, args.device, args.layers, args.grid, args.sizes, args.reps,
                    progress=(lambda *a: None) if args.quiet else print)

@@ -152,6 +152,15 @@ def test_microbench_bad_input_is_a_clean_error(tmp_path, capsys):
         microbench.main(["--tiny", "--grid", "1,2"])
 
 
+def test_microbench_without_cuda_asks_for_a_device_before_measuring(tmp_path, monkeypatch, capsys):
+    """The default is a GPU; without one, a whole model's layers on the CPU would take minutes and its RAM."""
+    monkeypatch.setattr(microbench.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(microbench, "run", lambda *a, **k: pytest.fail("measured without a device"))
+    assert microbench.main(["--out", str(tmp_path / "p.json")]) == 2
+    assert "device=None: expected a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_probe_file_has_the_public_format(tmp_path):
     data = probe.measure(SPEC, "cpu", grid=((1, 8, 0), (2, 1, 8)), sizes_mib=(1,), reps=1,
                          policies=probe.default_policies(SPEC.layers))
