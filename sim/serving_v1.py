@@ -202,7 +202,7 @@ class V1ServingLoop(ServingLoop):
             # are all taken from the free queue's head, in any order.
             bs = cfg.block_size
             left = cfg.max_num_batched_tokens - members
-            need = len(cohort.phase[-cohort.tick % bs]) if members else 0  # cohort.needers(), inlined
+            need = len(cohort.needers())  # the members' blocks for this step (none when there are none)
             batch = []
             fits = left >= 0
             if fits and self.others:
