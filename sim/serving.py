@@ -181,7 +181,7 @@ class _Cohort:
         tick (the first step's blocks taken; ServingLoop._decode_steps): steps until one finishes, while the
         blocks they take in the others fit in ``free``."""
         ends, bs, size = self.ends, self.bs, self.size
-        while (e := ends[0])[2].off is None or e[2].adm != e[1]:  # stale entries
+        while not _live(e := ends[0]):
             heapq.heappop(ends)
         n = e[0] - self.tick
         if size * -(-(n - 1) // bs) > free:  # else they cannot run out: a block per member per block_size ticks
@@ -211,13 +211,20 @@ class _Cohort:
         if not ends or ends[0][0] > tick:
             return done
         while ends and ends[0][0] <= tick:
-            _, adm, s = heapq.heappop(ends)
-            if s.off is not None and s.adm == adm:
-                self.leave(s)
-                done.append(s)
+            e = heapq.heappop(ends)
+            if _live(e):
+                self.leave(e[2])
+                done.append(e[2])
         if len(done) > 1:
             done.sort(key=_admission)
         return done
+
+
+def _live(entry: tuple[int, int, _Seq]) -> bool:
+    """Whether a ``_Cohort.ends`` entry (finish tick, admission, request) counts: its request is still a member,
+    of that admission (else it left, and may have been admitted and joined again since)."""
+    s = entry[2]
+    return s.off is not None and s.adm == entry[1]
 
 
 class ServingLoop:
