@@ -255,8 +255,6 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
-        # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
-        self._decoded: tuple | None = None
         # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): the running requests
         # that decode are a _Cohort, so a decode run costs Python in proportion to the requests that join,
         # finish or are preempted, not to the batch
@@ -314,7 +312,6 @@ class ServingLoop:
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """Pick (sequence, new tokens) for the next step."""
         cfg = self.cfg
-        self._decoded = None
         if not cfg.chunked_prefill:
             batch, tokens = [], 0
             while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
@@ -336,7 +333,7 @@ class ServingLoop:
                 if len(self.running) <= cfg.max_num_batched_tokens:  # the budget cannot stop the walk
                     return self._clock_decodes()
                 self._pin_all()
-            return self._decodes(cfg.max_num_batched_tokens, plan=True)[0]
+            return self._decodes(cfg.max_num_batched_tokens)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
         i = 0
         while i < len(self.running) and budget:  # continue partial prefills (preemption pops the end)
@@ -363,21 +360,16 @@ class ServingLoop:
             budget -= n
         return batch
 
-    def _decodes(self, budget: int, plan: bool = False) -> tuple[list[tuple[_Seq, int]], int]:
-        """One token for every running request whose prompt is done, preempting when blocks run out.
-
-        ``plan``: the batch is the step (nothing joins it): note in ``_decoded`` what a decode run of it
-        needs (``_decode_plan``'s walk, done here in the same pass). A request's counters are final once
-        it is in the batch: a preemption takes the last running request, never one already passed."""
+    def _decodes(self, budget: int) -> tuple[list[tuple[_Seq, int]], int]:
+        """One token for every running request whose prompt is done, preempting when blocks run out (a
+        preemption takes the last running request, never one already in the batch)."""
         batch = []
         bs = self.cfg.block_size
         running = self.running
-        n, kv, slack, first = math.inf, 0, {}, True  # see _decode_plan
         i = 0
         while i < len(running) and budget:
             s = running[i]
-            g = s.generated
-            known = s.req.prompt_len + g
+            known = s.req.prompt_len + s.generated
             if known - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
                 i += 1
                 continue
@@ -387,15 +379,6 @@ class ServingLoop:
             batch.append((s, 1))
             budget -= 1
             i += 1
-            if plan:
-                if s.output_len - g < n:
-                    n = s.output_len - g
-                kv += known
-                e = known + bs - 1 - s.blocks * bs
-                slack[e] = slack.get(e, 0) + 1
-                first = first and g > 0
-        if plan:
-            self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
 
     # ---- V0 on the shared decode clock (_Cohort) ----
@@ -412,7 +395,7 @@ class ServingLoop:
         cohort.ends.clear()
 
     def _clock_decodes(self) -> list[tuple[_Seq, int]]:
-        """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
+        """``_decodes`` of V0 on the clock, for a step of decodes alone: every running request (the newly admitted join the
         cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
         blocks, in running order, and when none is free the last running request is preempted, as
         _decodes' walk does (only those members take or lack a block, so only they are walked)."""
@@ -449,9 +432,7 @@ class ServingLoop:
         if not running:
             return []
         cohort.taken = True
-        batch = _EveryRunning(running)
-        self._decoded = (batch, cohort.size, None, None, None, True)  # for _pure_decodes; the run is the cohort's
-        return batch
+        return _EveryRunning(running)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -542,9 +523,8 @@ class ServingLoop:
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
         """Every running request decodes one token, each past its first (a decode run may start)."""
-        d = self._decoded
-        if d is not None and d[0] is batch:  # _decodes' batch, as it left it: one token each
-            return d[1] == len(self.running) and d[5]
+        if type(batch) is _EveryRunning:  # V0 on the clock: every running request, each a member (past its first)
+            return self.cohort.size == len(self.running)
         return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
                 and all(s.generated for s, _ in batch))
 
@@ -578,7 +558,6 @@ class ServingLoop:
         """
         run, cohort = self.running, self.cohort
         if cohort.size:  # on the clock: every running request is a member
-            self._decoded = None
             steps = yield from self._decode_steps(*cohort.plan(self.free_blocks))
             self.free_blocks -= cohort.run_blocks(steps)
             assert self.free_blocks >= 0, "the run's plan checked the free blocks"
@@ -614,20 +593,16 @@ class ServingLoop:
         """(batch size, steps until a running request finishes but no more than the ``free`` blocks allow,
         KV tokens read by the first step) of a decode run of the whole running batch."""
         bs = self.cfg.block_size
-        d, self._decoded = self._decoded, None
-        if d is not None:  # _decodes walked this batch (the whole running batch: _pure_decodes)
-            _, B, n, kv, slack, _ = d
-        else:
-            n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
-            for s in self.running:
-                g = s.generated
-                if s.output_len - g < n:
-                    n = s.output_len - g
-                k = s.req.prompt_len + g
-                kv += k
-                e = k + bs - 1 - s.blocks * bs
-                slack[e] = slack.get(e, 0) + 1
-            B = len(self.running)
+        n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
+        for s in self.running:
+            g = s.generated
+            if s.output_len - g < n:
+                n = s.output_len - g
+            k = s.req.prompt_len + g
+            kv += k
+            e = k + bs - 1 - s.blocks * bs
+            slack[e] = slack.get(e, 0) + 1
+        B = len(self.running)
         if slack and min(slack) >= 0 and max(slack) < bs:  # every request holds just its tokens' blocks
             return B, _steps_that_fit(n, slack, bs, free), kv
         return B, _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free), kv
