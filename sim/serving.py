@@ -242,7 +242,7 @@ class ServingLoop:
         self.pipeline = pipeline
         self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
         self.total_blocks = kv_tokens // engine.block_size
-        self.free_blocks = self.total_blocks
+        self.pool = _Blocks(self.total_blocks)  # V1's is a BlockPool (sim/serving_v1.py): the same interface
         self.env = env if env is not None else CountingEnvironment()
         self.arrived = simpy.Store(self.env)
         self.feed: Feed | None = None
@@ -260,7 +260,7 @@ class ServingLoop:
         # finish or are preempted, not to the batch
         self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
         self.cohort = _Cohort(engine.block_size, engine.prefix_caching)
-        self._admissions = 0  # numbers admissions (running requests are in that order)
+        self.admitted = 0  # admissions so far (numbers them, _Seq.adm: running requests are in that order)
 
     @property
     def unfinished(self) -> int:
@@ -274,20 +274,19 @@ class ServingLoop:
         if tokens <= s.blocks * self.cfg.block_size:
             return True
         need = self._blocks_for(tokens) - s.blocks
-        if need > self.free_blocks:
+        if need > self.pool.free:
             return False
-        self.free_blocks -= need
+        self.pool.take(need)
         s.blocks += need
         return True
 
     def _admissible(self, s: _Seq) -> bool:
         """vLLM V0 admits a prompt only if 1% of all blocks stay free afterwards (its watermark)."""
         need = self._blocks_for(s.known) - s.blocks
-        return self.free_blocks - need >= WATERMARK * self.total_blocks
+        return self.pool.free - need >= WATERMARK * self.total_blocks
 
     def _release(self, s: _Seq) -> None:
-        self.free_blocks += s.blocks
-        s.blocks = 0
+        self.pool.give_back(s)
 
     def _grow_or_preempt(self, s: _Seq, tokens: int, batch: list[tuple[_Seq, int]]) -> bool:
         """Allocate blocks for ``s``, preempting the most recently admitted requests (vLLM's recompute
@@ -300,13 +299,19 @@ class ServingLoop:
         return True
 
     def _preempt_last(self) -> _Seq:
+        """The last running request (the most recently admitted) is preempted: returned."""
         victim = self.running.pop()
+        self._preempt(victim)
+        return victim
+
+    def _preempt(self, victim: _Seq) -> None:
+        """``victim``, just taken off the running list, is preempted by recompute: its blocks freed, its
+        computed tokens forgotten, back to the front of the waiting queue."""
         self._release(victim)
         victim.computed = 0
         victim.preempted += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
-        return victim
 
     # ---- scheduling ----
     def _schedule(self) -> list[tuple[_Seq, int]]:
@@ -325,8 +330,8 @@ class ServingLoop:
             if batch:
                 if self.clock:
                     for s, _ in batch:
-                        s.adm = self._admissions
-                        self._admissions += 1
+                        s.adm = self.admitted
+                        self.admitted += 1
                 self.running.extend(s for s, _ in batch)
                 return batch
             if self.clock:
@@ -404,14 +409,14 @@ class ServingLoop:
             if s.off is not None:
                 break
             cohort.join(s)
-        needers = cohort.needers()
-        if len(needers) <= self.free_blocks:
-            self.free_blocks -= len(needers)
+        needers, pool = cohort.needers(), self.pool
+        if len(needers) <= pool.free:
+            pool.take(len(needers))
         else:
             # _decodes' walk, worked out first: each of them (in running order, i.e. by admission) takes a
             # block, and where none is free the last running request is preempted (its blocks are those of
             # its computed tokens: the walk has not reached it) until one is; running[:end] is what is left
-            free, end, grown = self.free_blocks, len(running), 0
+            free, end, grown = pool.free, len(running), 0
             for s in sorted(needers, key=_admission):
                 if s.adm > running[end - 1].adm:
                     break  # preempted: the walk has reached the end
@@ -427,8 +432,8 @@ class ServingLoop:
             while len(running) > end:  # then done: the preemptions, last first, and the blocks taken
                 cohort.leave(running[-1])
                 self._preempt_last()
-            self.free_blocks -= grown
-            assert self.free_blocks == free
+            pool.take(grown)
+            assert pool.free == free
         if not running:
             return []
         cohort.taken = True
@@ -558,17 +563,17 @@ class ServingLoop:
         """
         run, cohort = self.running, self.cohort
         if cohort.size:  # on the clock: every running request is a member
-            steps = yield from self._decode_steps(*cohort.plan(self.free_blocks))
-            self.free_blocks -= cohort.run_blocks(steps)
-            assert self.free_blocks >= 0, "the run's plan checked the free blocks"
+            steps = yield from self._decode_steps(*cohort.plan(self.pool.free))
+            self.pool.take(cohort.run_blocks(steps))
+            assert self.pool.free >= 0, "the run's plan checked the free blocks"
             now = self.env.now
             for s in cohort.advance(steps):  # sampled, released and handed on in running order
                 self._finish(s, now)
             return
-        steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
+        steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
         # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
         # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
-        bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
+        bs, now, free, done = self.cfg.block_size, self.env.now, self.pool.free, []
         for s in run:
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
             if need > 0:
@@ -578,7 +583,7 @@ class ServingLoop:
             s.generated += steps
             if s.generated >= s.output_len:
                 done.append(s)
-        self.free_blocks = free
+        self.pool.take(self.pool.free - free)
         assert free >= 0, "the run's plan checked the free blocks"
         if done:
             run[:] = [s for s in run if s.generated < s.output_len]
@@ -664,6 +669,24 @@ class ServingLoop:
             for _ in range(k):
                 steps.append((t, t + dt, "decode", size))
                 t += dt
+
+
+class _Blocks:
+    """V0's KV blocks: how many are free (V0 keeps nothing of a freed block; V1's BlockPool, sim/serving_v1.py,
+    keeps their prefix-cache hashes, behind the same ``free``, ``take`` and ``give_back``)."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, blocks: int):
+        self.free = blocks
+
+    def take(self, n: int) -> None:
+        self.free -= n
+
+    def give_back(self, s: _Seq) -> None:
+        """Every block of ``s`` freed."""
+        self.free += s.blocks
+        s.blocks = 0
 
 
 def _admission(s: _Seq) -> int:

@@ -150,23 +150,9 @@ class V1ServingLoop(ServingLoop):
         self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
-        self.admitted = 0  # admissions so far (numbers them: running requests are in that order)
         self.lazy = lazy and self.pipeline is None  # the shared decode clock (self.cohort)
         self.others: list[_Seq] = []  # running requests outside the cohort, in running order
         self._ndec = 0  # members scheduled in the step being built (all of them, or none)
-
-    # ---- blocks ----
-    def _release(self, s: _Seq) -> None:
-        self.pool.give_back(s)
-
-    def _allocate(self, s: _Seq, tokens: int) -> bool:
-        need = self._blocks_for(tokens) - s.blocks
-        if need > self.pool.free:
-            return False
-        if need > 0:
-            self.pool.take(need)
-            s.blocks += need
-        return True
 
     # ---- the shared decode clock (serving._Cohort) ----
     def _pin_all(self) -> None:
@@ -253,7 +239,7 @@ class V1ServingLoop(ServingLoop):
         decodes_only = True  # every scheduled request a decode past its first token (so far)
         while i < len(running) and budget > 0:
             s = running[i]
-            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _allocate inlined; full blocks hashed
+            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _grow inlined; full blocks hashed
             c = s.computed
             n = known - c
             if n > budget:
@@ -268,9 +254,8 @@ class V1ServingLoop(ServingLoop):
                     s.blocks += need
                 else:
                     scheduled = True
-                    while not self._allocate(s, c + n):
-                        victim = running.pop()  # FCFS: the last running request
-                        self._preempt(victim)
+                    while not self._grow(s, c + n):
+                        victim = self._preempt_last()  # FCFS: the last running request
                         preempted = True
                         if victim is s:  # nothing left to preempt but itself
                             scheduled = False
@@ -295,7 +280,7 @@ class V1ServingLoop(ServingLoop):
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 s = self.waiting[0]
                 hit = pool.hits(s)
-                known = s.req.prompt_len + s.generated  # s.known; _blocks_for and _allocate inlined below
+                known = s.req.prompt_len + s.generated  # s.known; _blocks_for and _grow inlined below
                 c = hit * bs
                 n = known - c
                 if not cfg.chunked_prefill and n > budget:
@@ -337,11 +322,7 @@ class V1ServingLoop(ServingLoop):
         return self._decodes_only  # found by _schedule's pass over the running requests
 
     def _preempt(self, victim: _Seq) -> None:
-        self._release(victim)
-        victim.computed = 0
-        victim.preempted += 1
-        self.preemptions += 1
-        self.waiting.appendleft(victim)
+        super()._preempt(victim)
         if self.lazy:
             self.others.remove(victim)
 

@@ -55,9 +55,9 @@ class CheckedLoop(ServingLoop):
     V0's shared decode clock by its counters from the clock: ``ServingLoop.counters``)."""
 
     def _check(self):
-        assert 0 <= self.free_blocks <= self.total_blocks
+        assert 0 <= self.pool.free <= self.total_blocks
         held = sum(self.counters(s)[2] for s in self.seqs)
-        assert held + self.free_blocks == self.total_blocks, "blocks leaked or double-freed"
+        assert held + self.pool.free == self.total_blocks, "blocks leaked or double-freed"
         self.max_used = max(getattr(self, "max_used", 0), held)
 
     def _check_queues(self):
@@ -153,7 +153,7 @@ def test_every_request_finishes_and_blocks_never_overflow(sc):
     policy, eng, requests, kv_tokens = sc
     loop = run_loop(policy, eng, requests, kv_tokens, fast_forward=True)
     assert len(loop.seqs) == len(requests) and loop.unfinished == 0
-    assert loop.free_blocks == loop.total_blocks  # everything released at the end
+    assert loop.pool.free == loop.total_blocks  # everything released at the end
     assert loop.max_used <= loop.total_blocks
     assert not loop.running and not loop.waiting
     for s in loop.seqs:
@@ -568,7 +568,7 @@ def test_chunked_prefill_preempts_instead_of_stalling():
     reqs = [Request(0, 150, 20, 0.0), Request(1, 150, 20, 0.0)]
     loop.run(reqs)
     assert all(s.generated == 20 for s in loop.seqs)
-    assert loop.preemptions >= 1 and loop.free_blocks == loop.total_blocks
+    assert loop.preemptions >= 1 and loop.pool.free == loop.total_blocks
     for t0, t1, kind, n in loop.steps:
         assert n >= 1
 
