@@ -471,7 +471,7 @@ class ServingLoop:
     def _engine(self):
         """Schedule and run steps until every request is served; waits (forever, once the feed is
         dry: SimPy then stops) when there is nothing to do. V1ServingLoop runs this loop too, through
-        ``_handed_over``, ``_schedule``, ``_shape`` and ``_advance``."""
+        ``_handed_over``, ``_schedule``, ``_shape``, ``_advance`` and (its decode runs) ``_on_clock``."""
         env, arrived = self.env, self.arrived
         # the only engine the feed serves, with no client limit: every request it has handed over is taken at
         # once, without a get event each (the feed hands a same-instant burst over whole: Feed._arrivals).
@@ -555,40 +555,50 @@ class ServingLoop:
             self.sink(s)
 
     def _decode_run(self):
-        """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
+        """Decode steps of an unchanging batch, taken together (the step shapes are known in advance); both
+        engines' (V1 brings its requests outside the cohort in: ``_on_clock``).
 
         The batch cannot change until a request finishes, a request arrives, or a block runs out;
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        run, cohort = self.running, self.cohort
-        if cohort.size:  # on the clock: every running request is a member
-            steps = yield from self._decode_steps(*cohort.plan(self.pool.free))
-            self.pool.take(cohort.run_blocks(steps))
-            assert self.pool.free >= 0, "the run's plan checked the free blocks"
+        pool, cohort = self.pool, self.cohort
+        if self._on_clock():  # every running request is a member
+            steps = yield from self._decode_steps(*cohort.plan(pool.free))
+            pool.take(cohort.run_blocks(steps))
+            assert pool.free >= 0, "the run's plan checked the free blocks"
             now = self.env.now
             for s in cohort.advance(steps):  # sampled, released and handed on in running order
                 self._finish(s, now)
             return
-        steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
-        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
-        # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
-        bs, now, free, done = self.cfg.block_size, self.env.now, self.pool.free, []
+        steps = yield from self._decode_steps(*self._decode_plan(pool.free))
+        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are free; taken
+        # before any finished request's are freed: the same blocks, since they were free before), its tokens (with
+        # prefix caching, its full blocks hashed), and the last step's sample (_sample: each has its first token)
+        bs, now, run, caching = self.cfg.block_size, self.env.now, self.running, self.cfg.prefix_caching
+        taken, done = 0, []
         for s in run:
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
             if need > 0:
-                free -= need
+                taken += need
                 s.blocks += need
             s.computed += steps
             s.generated += steps
+            if caching:
+                s.hashed = s.computed // bs
             if s.generated >= s.output_len:
                 done.append(s)
-        self.pool.take(self.pool.free - free)
-        assert free >= 0, "the run's plan checked the free blocks"
+        assert taken <= pool.free, "the run's plan checked the free blocks"
+        pool.take(taken)
         if done:
             run[:] = [s for s in run if s.generated < s.output_len]
             for s in done:  # in running order
                 self._ended(s, now)
+
+    def _on_clock(self) -> bool:
+        """Whether the decode run about to start is the cohort's (every running request a member): V0 on its
+        clock (_clock_decodes made them all members)."""
+        return self.cohort.size > 0
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""

@@ -138,7 +138,8 @@ class V1ServingLoop(ServingLoop):
     that need a block; V1 schedules the members (``_ndec``, one token each) beside the requests still
     prefilling (``others``) in one step, and preempts only request by request (``_schedule_each``).
     The loop is ServingLoop._engine with V1's hand-off of arrivals (``_handed_over``), step shape and
-    samples (``_shape``, ``_advance``).
+    samples (``_shape``, ``_advance``); a decode run is ServingLoop._decode_run, on the cohort (``_on_clock``)
+    or, without it, request by request.
 
     Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
@@ -360,13 +361,13 @@ class V1ServingLoop(ServingLoop):
         seqs = ndec + len(batch)
         return StepShape(seqs, tokens, pairs, kv, tokens == seqs, dec, dkv)
 
-    def _advance(self, batch: list[tuple[_Seq, int]], now: float, ticks: int = 1) -> None:
-        """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when
-        scheduled (``_ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
-        samples, in running order (finished requests free their blocks in that order)."""
+    def _advance(self, batch: list[tuple[_Seq, int]], now: float) -> None:
+        """After a step: the members move on a token when scheduled (``_ndec``), ``batch``'s requests by their
+        tokens; whoever completed its sequence samples, in running order (finished requests free their blocks
+        in that order)."""
         done = []
         if self._ndec:
-            done = self.cohort.advance(ticks)
+            done = self.cohort.advance(1)
             for s in done:
                 s.generated -= 1  # its last token is sampled below
         for s, k in batch:
@@ -396,37 +397,17 @@ class V1ServingLoop(ServingLoop):
         yield self.env.timeout(self._wall(res, shape.seqs))
         return res
 
-    def _decode_run(self):
-        """Decode steps of the whole running batch until a request finishes, a request arrives or the
-        free blocks would run out (then the scheduler decides again). Blocks for the first step were
-        allocated by _schedule."""
-        if self.lazy:
-            cohort = self.cohort
-            cohort.taken = True
-            for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
-                cohort.join(s)
-            self.others.clear()
-            self._ndec = cohort.size  # every running request
-            steps = yield from self._decode_steps(*cohort.plan(self.pool.free))
-            blocks = cohort.run_blocks(steps)
-            if blocks:
-                self.pool.take(blocks)
-            self._advance((), self.env.now, steps)
-            return
-        bs, run = self.cfg.block_size, self.running
-        steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
-        pool, caching, now = self.pool, self.cfg.prefix_caching, self.env.now
-        for s in list(run):  # _allocate, the hashed blocks and _sample's common case inlined
-            need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
-            if need > 0:
-                assert need <= pool.free, "the run checked the free blocks"
-                pool.take(need)
-                s.blocks += need
-            s.computed += steps
-            s.generated += steps - 1
-            if caching:
-                s.hashed = s.computed // bs
-            self._sample(s, now)
+    def _on_clock(self) -> bool:
+        """With the cohort (``lazy``), the decode run (ServingLoop._decode_run) is the cohort's: the requests
+        outside it, all decodes now (their first step's blocks taken), join it first."""
+        if not self.lazy:
+            return False
+        cohort = self.cohort
+        cohort.taken = True
+        for s in self.others:
+            cohort.join(s)
+        self.others.clear()
+        return True
 
 
 class V1PipelinedServing(V1ServingLoop):
