@@ -635,15 +635,11 @@ class ServingLoop:
         while True:
             dt = self._wall(res, B)
             t0, k = t, 0
-            if arrival == math.inf:  # no arrival to stop at: the same additions, in C
-                t, k = reduce(add, repeat(dt, count), t), count
-            if k < count or t == math.inf:
-                t, k = t0, 0
-                while k < count:
-                    t += dt
-                    k += 1
-                    if t >= arrival:
-                        break
+            while k < count:
+                t += dt
+                k += 1
+                if t >= arrival:
+                    break
             if rec is not None and rec[0] is res:
                 rec[3] += k
             else:
