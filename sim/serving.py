@@ -160,9 +160,8 @@ class _Cohort:
         self.size -= 1
         if not self.size:
             self.last = -1
-        s.generated = self.tick - s.off
-        s.computed = c = base + self.tick
-        s.blocks = -(-(c + self.taken) // self.bs)
+        s.generated, c, s.blocks = self.counters(s)
+        s.computed = c
         if self.caching:
             s.hashed = c // self.bs
         s.off = None
@@ -186,7 +185,7 @@ class _Cohort:
         n = e[0] - self.tick
         if size * -(-(n - 1) // bs) > free:  # else they cannot run out: a block per member per block_size ticks
             n = _steps_that_fit(n, self.slack(), bs, free)
-        return size, n, self.base + size * self.tick + size
+        return size, n, self.kv() + size
 
     def slack(self, least: int = 0) -> dict[int, int]:
         """The members by computed tokens mod block_size, e (``_extra_blocks``' slack: their blocks hold just
@@ -208,8 +207,6 @@ class _Cohort:
         self.tick = tick = self.tick + ticks
         self.taken = False
         ends, done = self.ends, []
-        if not ends or ends[0][0] > tick:
-            return done
         while ends and ends[0][0] <= tick:
             e = heapq.heappop(ends)
             if _live(e):
@@ -400,9 +397,9 @@ class ServingLoop:
         cohort.ends.clear()
 
     def _clock_decodes(self) -> list[tuple[_Seq, int]]:
-        """``_decodes`` of V0 on the clock, for a step of decodes alone: every running request (the newly admitted join the
-        cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
-        blocks, in running order, and when none is free the last running request is preempted, as
+        """``_decodes`` of V0 on the clock, for a step of decodes alone: every running request (the newly
+        admitted join the cohort) decodes one token; blocks for the step go to the members whose computed tokens
+        fill their blocks, in running order, and when none is free the last running request is preempted, as
         _decodes' walk does (only those members take or lack a block, so only they are walked)."""
         running, cohort = self.running, self.cohort
         for s in reversed(running):  # the requests admitted since the last decode step: a suffix
