@@ -524,11 +524,11 @@ class ServingLoop:
                 self._sample(s, now)
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
-        """Every running request decodes one token, each past its first (a decode run may start)."""
+        """Every running request decodes one token, each past its first (a decode run may start): V1's members
+        (``_ndec``) and ``batch``'s requests."""
         if type(batch) is _EveryRunning:  # V0 on the clock: every running request, each a member (past its first)
             return self.cohort.size == len(self.running)
-        return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
-                and all(s.generated for s, _ in batch))
+        return len(batch) + self._ndec == len(self.running) and all(k == 1 and s.generated for s, k in batch)
 
     def _sample(self, s: _Seq, now: float) -> None:
         s.generated += 1

@@ -213,7 +213,6 @@ class V1ServingLoop(ServingLoop):
                 if need:
                     pool.take(need)
                 cohort.taken = bool(members)
-                decodes_only = True
                 for s, n in batch:
                     c = s.computed + n
                     more = -(-c // bs) - s.blocks
@@ -221,10 +220,8 @@ class V1ServingLoop(ServingLoop):
                         s.blocks += more
                     if cfg.prefix_caching:
                         s.hashed = c // bs
-                    if n != 1 or not s.generated:
-                        decodes_only = False
                 self._ndec = members
-                return self._admit(batch, left, decodes_only, False)
+                return self._admit(batch, left, False)
             self._pin_all()
         self._ndec = 0
         return self._schedule_each()
@@ -237,7 +234,6 @@ class V1ServingLoop(ServingLoop):
         preempted = False
         i = 0
         running, bs, caching = self.running, cfg.block_size, cfg.prefix_caching
-        decodes_only = True  # every scheduled request a decode past its first token (so far)
         while i < len(running) and budget > 0:
             s = running[i]
             known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _grow inlined; full blocks hashed
@@ -268,12 +264,9 @@ class V1ServingLoop(ServingLoop):
             batch.append((s, n))
             budget -= n
             i += 1
-            if n != 1 or not s.generated:
-                decodes_only = False
-        return self._admit(batch, budget, decodes_only, preempted)
+        return self._admit(batch, budget, preempted)
 
-    def _admit(self, batch: list[tuple[_Seq, int]], budget: int, decodes_only: bool,
-               preempted: bool) -> list[tuple[_Seq, int]]:
+    def _admit(self, batch: list[tuple[_Seq, int]], budget: int, preempted: bool) -> list[tuple[_Seq, int]]:
         """Waiting requests into ``batch`` while the budget, max_num_seqs and the free blocks allow (none
         after a preemption: scheduler.py, ``if not preempted_reqs``)."""
         cfg, pool, bs = self.cfg, self.pool, self.cfg.block_size
@@ -311,16 +304,10 @@ class V1ServingLoop(ServingLoop):
                     self.others.append(s)
                 batch.append((s, n))
                 budget -= n
-                if n != 1 or not s.generated:  # (a returning request may need one token: a decode)
-                    decodes_only = False
         self.fast_forward = self.bulk and not preempted  # read by _engine
-        self._decodes_only = decodes_only and len(batch) + self._ndec == len(self.running)
         if self.trace_steps:
             self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
         return batch
-
-    def _pure_decodes(self, batch) -> bool:
-        return self._decodes_only  # found by _schedule's pass over the running requests
 
     def _preempt(self, victim: _Seq) -> None:
         super()._preempt(victim)
