@@ -260,7 +260,7 @@ class V1ServingLoop(ServingLoop):
                     if not scheduled:
                         break
             if caching:
-                s.hashed = (c + n if c + n < known else known) // bs
+                s.hashed = (c + n) // bs  # the full blocks once scheduled (n <= known - c)
             batch.append((s, n))
             budget -= n
             i += 1
@@ -297,7 +297,7 @@ class V1ServingLoop(ServingLoop):
                     pool.take(need - hit)
                     s.blocks = need
                 if cfg.prefix_caching:
-                    s.hashed = (c + n if c + n < known else known) // bs
+                    s.hashed = (c + n) // bs  # the full blocks once scheduled (n <= known - c)
                 self.waiting.popleft()
                 self.running.append(s)
                 if self.lazy:
