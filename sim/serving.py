@@ -450,11 +450,11 @@ class ServingLoop:
             raise RuntimeError("serving stopped with requests unserved")  # a bug
 
     def _step(self, shape: StepShape):
-        """Run one step's forward pass (SimPy generator); returns its StepResult."""
+        """Run one step's forward pass (SimPy generator; the step takes ``_wall``); returns its StepResult."""
         if self.pipeline is not None:
             return (yield from self.pipeline.step(shape))
         res = self.sm.run(shape)
-        yield self.env.timeout(res.time)
+        yield self.env.timeout(self._wall(res, shape.seqs))
         return res
 
     def _record(self, res, t0: float, t1: float, kind: str, size: int) -> None:
@@ -493,9 +493,7 @@ class ServingLoop:
             shape = self._shape(batch)
             t0 = env.now
             res = yield from self._step(shape)
-            kind = "decode" if shape.decode_only else (
-                "prefill" if not self._ndec and all(k > 1 for _, k in batch) else "mixed")
-            self._record(res, t0, env.now, kind, shape.seqs)
+            self._record(res, t0, env.now, _kind(shape), shape.seqs)
             self._advance(batch, env.now)
 
     # requests that V1's step runs beside ``batch`` (its shared decode clock's members); none in V0
@@ -690,6 +688,12 @@ class _Blocks:
         """Every block of ``s`` freed."""
         self.free += s.blocks
         s.blocks = 0
+
+
+def _kind(shape: StepShape) -> str:
+    """What the records call a step: "decode" (every request one token), "prefill" (none one token: V1's
+    members, one token each, make a step mixed) or "mixed"."""
+    return "decode" if shape.decode_only else ("mixed" if shape.decodes else "prefill")
 
 
 def _admission(s: _Seq) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, Pipeline, ServingLoop, _admission, _Seq
+from .serving import EngineConfig, Pipeline, ServingLoop, _admission, _kind, _Seq
 from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
@@ -374,15 +374,10 @@ class V1ServingLoop(ServingLoop):
             elif s.off is None and s in self.others:
                 self.others.remove(s)
 
-    # ---- one step: the forward pass and the host's work around it ----
+    # ---- one step: the forward pass and the host's work around it (ServingLoop._step takes _wall) ----
     def _wall(self, res, seqs: int) -> float:
         host = step_host(seqs)
         return max(res.time, host) if self.cfg.async_scheduling else res.time + host
-
-    def _step(self, shape: StepShape):
-        res = self.sm.run(shape)
-        yield self.env.timeout(self._wall(res, shape.seqs))
-        return res
 
     def _on_clock(self) -> bool:
         """With the cohort (``lazy``), the decode run (ServingLoop._decode_run) is the cohort's: the requests
@@ -445,8 +440,7 @@ class V1PipelinedServing(V1ServingLoop):
     def _batch(self, shape: StepShape, tagged):
         t0 = self.env.now
         res = yield from self.pipeline.step(shape)
-        kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k, _ in tagged) else "mixed")
-        self._record(res, t0, self.env.now, kind, len(tagged))
+        self._record(res, t0, self.env.now, _kind(shape), len(tagged))
         for s, k, preempted in tagged:
             if s.preempted == preempted and s.computed == s.known and s in self.running:
                 self._sample(s, self.env.now)
