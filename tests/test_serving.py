@@ -19,8 +19,8 @@ from offloadlab.errors import ConfigError, DoesNotFitError, OffloadLabError
 from offloadlab.policy import NoOffload, Prefetch, VllmCopy, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim import EngineConfig, plan_memory, simulate
-from offloadlab.sim.costs import cost_model
-from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps, _steps_that_fit
+from offloadlab.sim.costs import StepShape, cost_model
+from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _kind, _most_steps, _steps_that_fit
 from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request, Workload, fixed, make_workload
 
@@ -627,3 +627,13 @@ def test_a_burst_handed_over_whole_serves_as_one_handed_over_request_by_request(
     for k, v in whole.summary.items():
         if k not in ("wall_s", "simpy_events"):
             assert v == one_by_one.summary[k] or (v != v and one_by_one.summary[k] != one_by_one.summary[k]), k
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 500)), min_size=1, max_size=12))
+def test_a_steps_kind_read_off_its_shape_is_the_batch_rule(seqs):
+    """The records' step kind from the StepShape (decode_only, decodes) is the rule the engines applied to the
+    batch: decode when every request adds one token, prefill when none does, mixed otherwise."""
+    news = [k for k, _ in seqs]
+    rule = "decode" if all(k == 1 for k in news) else ("prefill" if all(k > 1 for k in news) else "mixed")
+    assert _kind(StepShape.of(seqs)) == rule
