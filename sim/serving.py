@@ -160,9 +160,8 @@ class _Cohort:
         self.size -= 1
         if not self.size:
             self.last = -1
-        s.generated = self.tick - s.off
-        s.computed = c = base + self.tick
-        s.blocks = -(-(c + self.taken) // self.bs)
+        s.generated, c, s.blocks = self.counters(s)
+        s.computed = c
         if self.caching:
             s.hashed = c // self.bs
         s.off = None
@@ -181,12 +180,12 @@ class _Cohort:
         tick (the first step's blocks taken; ServingLoop._decode_steps): steps until one finishes, while the
         blocks they take in the others fit in ``free``."""
         ends, bs, size = self.ends, self.bs, self.size
-        while (e := ends[0])[2].off is None or e[2].adm != e[1]:  # stale entries
+        while not _live(e := ends[0]):
             heapq.heappop(ends)
         n = e[0] - self.tick
         if size * -(-(n - 1) // bs) > free:  # else they cannot run out: a block per member per block_size ticks
             n = _steps_that_fit(n, self.slack(), bs, free)
-        return size, n, self.base + size * self.tick + size
+        return size, n, self.kv() + size
 
     def slack(self, least: int = 0) -> dict[int, int]:
         """The members by computed tokens mod block_size, e (``_extra_blocks``' slack: their blocks hold just
@@ -208,16 +207,21 @@ class _Cohort:
         self.tick = tick = self.tick + ticks
         self.taken = False
         ends, done = self.ends, []
-        if not ends or ends[0][0] > tick:
-            return done
         while ends and ends[0][0] <= tick:
-            _, adm, s = heapq.heappop(ends)
-            if s.off is not None and s.adm == adm:
-                self.leave(s)
-                done.append(s)
+            e = heapq.heappop(ends)
+            if _live(e):
+                self.leave(e[2])
+                done.append(e[2])
         if len(done) > 1:
             done.sort(key=_admission)
         return done
+
+
+def _live(entry: tuple[int, int, _Seq]) -> bool:
+    """Whether a ``_Cohort.ends`` entry (finish tick, admission, request) counts: its request is still a member,
+    of that admission (else it left, and may have been admitted and joined again since)."""
+    s = entry[2]
+    return s.off is not None and s.adm == entry[1]
 
 
 class ServingLoop:
@@ -235,7 +239,7 @@ class ServingLoop:
         self.pipeline = pipeline
         self.fast_forward = fast_forward and pipeline is None  # a decode run assumes the GPU to itself
         self.total_blocks = kv_tokens // engine.block_size
-        self.free_blocks = self.total_blocks
+        self.pool = _Blocks(self.total_blocks)  # V1's is a BlockPool (sim/serving_v1.py): the same interface
         self.env = env if env is not None else CountingEnvironment()
         self.arrived = simpy.Store(self.env)
         self.feed: Feed | None = None
@@ -248,14 +252,12 @@ class ServingLoop:
         self.stall = 0.0
         self.n_steps = {"prefill": 0, "decode": 0, "mixed": 0}
         self.preemptions = 0
-        # what _decodes found walking a decode batch, for the decode run that may follow (see _decodes)
-        self._decoded: tuple | None = None
         # V0's shared decode clock (``clock``; decode runs of V0 without chunked prefill): the running requests
         # that decode are a _Cohort, so a decode run costs Python in proportion to the requests that join,
         # finish or are preempted, not to the batch
         self.clock = clock and self.fast_forward and not engine.chunked_prefill and engine.scheduler == "v0"
         self.cohort = _Cohort(engine.block_size, engine.prefix_caching)
-        self._admissions = 0  # numbers admissions (running requests are in that order)
+        self.admitted = 0  # admissions so far (numbers them, _Seq.adm: running requests are in that order)
 
     @property
     def unfinished(self) -> int:
@@ -269,20 +271,19 @@ class ServingLoop:
         if tokens <= s.blocks * self.cfg.block_size:
             return True
         need = self._blocks_for(tokens) - s.blocks
-        if need > self.free_blocks:
+        if need > self.pool.free:
             return False
-        self.free_blocks -= need
+        self.pool.take(need)
         s.blocks += need
         return True
 
     def _admissible(self, s: _Seq) -> bool:
         """vLLM V0 admits a prompt only if 1% of all blocks stay free afterwards (its watermark)."""
         need = self._blocks_for(s.known) - s.blocks
-        return self.free_blocks - need >= WATERMARK * self.total_blocks
+        return self.pool.free - need >= WATERMARK * self.total_blocks
 
     def _release(self, s: _Seq) -> None:
-        self.free_blocks += s.blocks
-        s.blocks = 0
+        self.pool.give_back(s)
 
     def _grow_or_preempt(self, s: _Seq, tokens: int, batch: list[tuple[_Seq, int]]) -> bool:
         """Allocate blocks for ``s``, preempting the most recently admitted requests (vLLM's recompute
@@ -295,19 +296,24 @@ class ServingLoop:
         return True
 
     def _preempt_last(self) -> _Seq:
+        """The last running request (the most recently admitted) is preempted: returned."""
         victim = self.running.pop()
+        self._preempt(victim)
+        return victim
+
+    def _preempt(self, victim: _Seq) -> None:
+        """``victim``, just taken off the running list, is preempted by recompute: its blocks freed, its
+        computed tokens forgotten, back to the front of the waiting queue."""
         self._release(victim)
         victim.computed = 0
         victim.preempted += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
-        return victim
 
     # ---- scheduling ----
     def _schedule(self) -> list[tuple[_Seq, int]]:
         """Pick (sequence, new tokens) for the next step."""
         cfg = self.cfg
-        self._decoded = None
         if not cfg.chunked_prefill:
             batch, tokens = [], 0
             while self.waiting and len(self.running) + len(batch) < cfg.max_num_seqs:
@@ -321,15 +327,15 @@ class ServingLoop:
             if batch:
                 if self.clock:
                     for s, _ in batch:
-                        s.adm = self._admissions
-                        self._admissions += 1
+                        s.adm = self.admitted
+                        self.admitted += 1
                 self.running.extend(s for s, _ in batch)
                 return batch
             if self.clock:
                 if len(self.running) <= cfg.max_num_batched_tokens:  # the budget cannot stop the walk
                     return self._clock_decodes()
                 self._pin_all()
-            return self._decodes(cfg.max_num_batched_tokens, plan=True)[0]
+            return self._decodes(cfg.max_num_batched_tokens)[0]
         batch, budget = self._decodes(cfg.max_num_batched_tokens)
         i = 0
         while i < len(self.running) and budget:  # continue partial prefills (preemption pops the end)
@@ -356,21 +362,16 @@ class ServingLoop:
             budget -= n
         return batch
 
-    def _decodes(self, budget: int, plan: bool = False) -> tuple[list[tuple[_Seq, int]], int]:
-        """One token for every running request whose prompt is done, preempting when blocks run out.
-
-        ``plan``: the batch is the step (nothing joins it): note in ``_decoded`` what a decode run of it
-        needs (``_decode_plan``'s walk, done here in the same pass). A request's counters are final once
-        it is in the batch: a preemption takes the last running request, never one already passed."""
+    def _decodes(self, budget: int) -> tuple[list[tuple[_Seq, int]], int]:
+        """One token for every running request whose prompt is done, preempting when blocks run out (a
+        preemption takes the last running request, never one already in the batch)."""
         batch = []
         bs = self.cfg.block_size
         running = self.running
-        n, kv, slack, first = math.inf, 0, {}, True  # see _decode_plan
         i = 0
         while i < len(running) and budget:
             s = running[i]
-            g = s.generated
-            known = s.req.prompt_len + g
+            known = s.req.prompt_len + s.generated
             if known - s.computed != 1:  # prompt not done (s.uncomputed, inlined)
                 i += 1
                 continue
@@ -380,15 +381,6 @@ class ServingLoop:
             batch.append((s, 1))
             budget -= 1
             i += 1
-            if plan:
-                if s.output_len - g < n:
-                    n = s.output_len - g
-                kv += known
-                e = known + bs - 1 - s.blocks * bs
-                slack[e] = slack.get(e, 0) + 1
-                first = first and g > 0
-        if plan:
-            self._decoded = (batch, len(batch), n, kv, slack, first)
         return batch, budget
 
     # ---- V0 on the shared decode clock (_Cohort) ----
@@ -405,23 +397,23 @@ class ServingLoop:
         cohort.ends.clear()
 
     def _clock_decodes(self) -> list[tuple[_Seq, int]]:
-        """``_decodes(plan=True)`` of V0 on the clock: every running request (the newly admitted join the
-        cohort) decodes one token; blocks for the step go to the members whose computed tokens fill their
-        blocks, in running order, and when none is free the last running request is preempted, as
+        """``_decodes`` of V0 on the clock, for a step of decodes alone: every running request (the newly
+        admitted join the cohort) decodes one token; blocks for the step go to the members whose computed tokens
+        fill their blocks, in running order, and when none is free the last running request is preempted, as
         _decodes' walk does (only those members take or lack a block, so only they are walked)."""
         running, cohort = self.running, self.cohort
         for s in reversed(running):  # the requests admitted since the last decode step: a suffix
             if s.off is not None:
                 break
             cohort.join(s)
-        needers = cohort.needers()
-        if len(needers) <= self.free_blocks:
-            self.free_blocks -= len(needers)
+        needers, pool = cohort.needers(), self.pool
+        if len(needers) <= pool.free:
+            pool.take(len(needers))
         else:
             # _decodes' walk, worked out first: each of them (in running order, i.e. by admission) takes a
             # block, and where none is free the last running request is preempted (its blocks are those of
             # its computed tokens: the walk has not reached it) until one is; running[:end] is what is left
-            free, end, grown = self.free_blocks, len(running), 0
+            free, end, grown = pool.free, len(running), 0
             for s in sorted(needers, key=_admission):
                 if s.adm > running[end - 1].adm:
                     break  # preempted: the walk has reached the end
@@ -437,14 +429,12 @@ class ServingLoop:
             while len(running) > end:  # then done: the preemptions, last first, and the blocks taken
                 cohort.leave(running[-1])
                 self._preempt_last()
-            self.free_blocks -= grown
-            assert self.free_blocks == free
+            pool.take(grown)
+            assert pool.free == free
         if not running:
             return []
         cohort.taken = True
-        batch = _EveryRunning(running)
-        self._decoded = (batch, cohort.size, None, None, None, True)  # for _pure_decodes; the run is the cohort's
-        return batch
+        return _EveryRunning(running)
 
     # ---- the loop ----
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
@@ -460,11 +450,11 @@ class ServingLoop:
             raise RuntimeError("serving stopped with requests unserved")  # a bug
 
     def _step(self, shape: StepShape):
-        """Run one step's forward pass (SimPy generator); returns its StepResult."""
+        """Run one step's forward pass (SimPy generator; the step takes ``_wall``); returns its StepResult."""
         if self.pipeline is not None:
             return (yield from self.pipeline.step(shape))
         res = self.sm.run(shape)
-        yield self.env.timeout(res.time)
+        yield self.env.timeout(self._wall(res, shape.seqs))
         return res
 
     def _record(self, res, t0: float, t1: float, kind: str, size: int) -> None:
@@ -478,7 +468,7 @@ class ServingLoop:
     def _engine(self):
         """Schedule and run steps until every request is served; waits (forever, once the feed is
         dry: SimPy then stops) when there is nothing to do. V1ServingLoop runs this loop too, through
-        ``_handed_over``, ``_schedule``, ``_shape`` and ``_advance``."""
+        ``_handed_over``, ``_schedule``, ``_shape``, ``_advance`` and (its decode runs) ``_on_clock``."""
         env, arrived = self.env, self.arrived
         # the only engine the feed serves, with no client limit: every request it has handed over is taken at
         # once, without a get event each (the feed hands a same-instant burst over whole: Feed._arrivals).
@@ -503,9 +493,7 @@ class ServingLoop:
             shape = self._shape(batch)
             t0 = env.now
             res = yield from self._step(shape)
-            kind = "decode" if shape.decode_only else (
-                "prefill" if not self._ndec and all(k > 1 for _, k in batch) else "mixed")
-            self._record(res, t0, env.now, kind, shape.seqs)
+            self._record(res, t0, env.now, _kind(shape), shape.seqs)
             self._advance(batch, env.now)
 
     # requests that V1's step runs beside ``batch`` (its shared decode clock's members); none in V0
@@ -534,12 +522,11 @@ class ServingLoop:
                 self._sample(s, now)
 
     def _pure_decodes(self, batch: list[tuple[_Seq, int]]) -> bool:
-        """Every running request decodes one token, each past its first (a decode run may start)."""
-        d = self._decoded
-        if d is not None and d[0] is batch:  # _decodes' batch, as it left it: one token each
-            return d[1] == len(self.running) and d[5]
-        return (len(batch) == len(self.running) and sum(k for _, k in batch) == len(batch)
-                and all(s.generated for s, _ in batch))
+        """Every running request decodes one token, each past its first (a decode run may start): V1's members
+        (``_ndec``) and ``batch``'s requests."""
+        if type(batch) is _EveryRunning:  # V0 on the clock: every running request, each a member (past its first)
+            return self.cohort.size == len(self.running)
+        return len(batch) + self._ndec == len(self.running) and all(k == 1 and s.generated for s, k in batch)
 
     def _sample(self, s: _Seq, now: float) -> None:
         s.generated += 1
@@ -563,41 +550,50 @@ class ServingLoop:
             self.sink(s)
 
     def _decode_run(self):
-        """Decode steps of an unchanging batch, taken together (the step shapes are known in advance).
+        """Decode steps of an unchanging batch, taken together (the step shapes are known in advance); both
+        engines' (V1 brings its requests outside the cohort in: ``_on_clock``).
 
         The batch cannot change until a request finishes, a request arrives, or a block runs out;
         until then the scheduler would pick the same requests every step, so the loop needs no
         per-request work per step. Blocks for the first step were already allocated by _schedule.
         """
-        run, cohort = self.running, self.cohort
-        if cohort.size:  # on the clock: every running request is a member
-            self._decoded = None
-            steps = yield from self._decode_steps(*cohort.plan(self.free_blocks))
-            self.free_blocks -= cohort.run_blocks(steps)
-            assert self.free_blocks >= 0, "the run's plan checked the free blocks"
+        pool, cohort = self.pool, self.cohort
+        if self._on_clock():  # every running request is a member
+            steps = yield from self._decode_steps(*cohort.plan(pool.free))
+            pool.take(cohort.run_blocks(steps))
+            assert pool.free >= 0, "the run's plan checked the free blocks"
             now = self.env.now
             for s in cohort.advance(steps):  # sampled, released and handed on in running order
                 self._finish(s, now)
             return
-        steps = yield from self._decode_steps(*self._decode_plan(self.free_blocks))
-        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are
-        # free), its tokens, and the last step's sample (_sample: every one of them has its first token)
-        bs, now, free, done = self.cfg.block_size, self.env.now, self.free_blocks, []
+        steps = yield from self._decode_steps(*self._decode_plan(pool.free))
+        # then, per request: the blocks of the run's other steps (_grow; the plan made sure they are free; taken
+        # before any finished request's are freed: the same blocks, since they were free before), its tokens (with
+        # prefix caching, its full blocks hashed), and the last step's sample (_sample: each has its first token)
+        bs, now, run, caching = self.cfg.block_size, self.env.now, self.running, self.cfg.prefix_caching
+        taken, done = 0, []
         for s in run:
             need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
             if need > 0:
-                free -= need
+                taken += need
                 s.blocks += need
             s.computed += steps
             s.generated += steps
+            if caching:
+                s.hashed = s.computed // bs
             if s.generated >= s.output_len:
                 done.append(s)
-        self.free_blocks = free
-        assert free >= 0, "the run's plan checked the free blocks"
+        assert taken <= pool.free, "the run's plan checked the free blocks"
+        pool.take(taken)
         if done:
             run[:] = [s for s in run if s.generated < s.output_len]
             for s in done:  # in running order
                 self._ended(s, now)
+
+    def _on_clock(self) -> bool:
+        """Whether the decode run about to start is the cohort's (every running request a member): V0 on its
+        clock (_clock_decodes made them all members)."""
+        return self.cohort.size > 0
 
     def _wall(self, res, seqs: int) -> float:
         """A step's wall time: its forward pass (V1 adds the host's work around it)."""
@@ -607,20 +603,16 @@ class ServingLoop:
         """(batch size, steps until a running request finishes but no more than the ``free`` blocks allow,
         KV tokens read by the first step) of a decode run of the whole running batch."""
         bs = self.cfg.block_size
-        d, self._decoded = self._decoded, None
-        if d is not None:  # _decodes walked this batch (the whole running batch: _pure_decodes)
-            _, B, n, kv, slack, _ = d
-        else:
-            n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
-            for s in self.running:
-                g = s.generated
-                if s.output_len - g < n:
-                    n = s.output_len - g
-                k = s.req.prompt_len + g
-                kv += k
-                e = k + bs - 1 - s.blocks * bs
-                slack[e] = slack.get(e, 0) + 1
-            B = len(self.running)
+        n, kv, slack = math.inf, 0, {}  # steps until the first request finishes; KV tokens; see below
+        for s in self.running:
+            g = s.generated
+            if s.output_len - g < n:
+                n = s.output_len - g
+            k = s.req.prompt_len + g
+            kv += k
+            e = k + bs - 1 - s.blocks * bs
+            slack[e] = slack.get(e, 0) + 1
+        B = len(self.running)
         if slack and min(slack) >= 0 and max(slack) < bs:  # every request holds just its tokens' blocks
             return B, _steps_that_fit(n, slack, bs, free), kv
         return B, _most_steps(n, lambda m: _extra_blocks(slack, m - 1, bs), free), kv
@@ -638,15 +630,11 @@ class ServingLoop:
         while True:
             dt = self._wall(res, B)
             t0, k = t, 0
-            if arrival == math.inf:  # no arrival to stop at: the same additions, in C
-                t, k = reduce(add, repeat(dt, count), t), count
-            if k < count or t == math.inf:
-                t, k = t0, 0
-                while k < count:
-                    t += dt
-                    k += 1
-                    if t >= arrival:
-                        break
+            while k < count:
+                t += dt
+                k += 1
+                if t >= arrival:
+                    break
             if rec is not None and rec[0] is res:
                 rec[3] += k
             else:
@@ -682,6 +670,30 @@ class ServingLoop:
             for _ in range(k):
                 steps.append((t, t + dt, "decode", size))
                 t += dt
+
+
+class _Blocks:
+    """V0's KV blocks: how many are free (V0 keeps nothing of a freed block; V1's BlockPool, sim/serving_v1.py,
+    keeps their prefix-cache hashes, behind the same ``free``, ``take`` and ``give_back``)."""
+
+    __slots__ = ("free",)
+
+    def __init__(self, blocks: int):
+        self.free = blocks
+
+    def take(self, n: int) -> None:
+        self.free -= n
+
+    def give_back(self, s: _Seq) -> None:
+        """Every block of ``s`` freed."""
+        self.free += s.blocks
+        s.blocks = 0
+
+
+def _kind(shape: StepShape) -> str:
+    """What the records call a step: "decode" (every request one token), "prefill" (none one token: V1's
+    members, one token each, make a step mixed) or "mixed"."""
+    return "decode" if shape.decode_only else ("mixed" if shape.decodes else "prefill")
 
 
 def _admission(s: _Seq) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections import deque
 
 from .costs import StepShape
-from .serving import EngineConfig, Pipeline, ServingLoop, _admission, _Seq
+from .serving import EngineConfig, Pipeline, ServingLoop, _admission, _kind, _Seq
 from .step import CountingEnvironment
 
 # Host seconds per engine step outside the forward pass: scheduling, building the input tensors,
@@ -138,7 +138,8 @@ class V1ServingLoop(ServingLoop):
     that need a block; V1 schedules the members (``_ndec``, one token each) beside the requests still
     prefilling (``others``) in one step, and preempts only request by request (``_schedule_each``).
     The loop is ServingLoop._engine with V1's hand-off of arrivals (``_handed_over``), step shape and
-    samples (``_shape``, ``_advance``).
+    samples (``_shape``, ``_advance``); a decode run is ServingLoop._decode_run, on the cohort (``_on_clock``)
+    or, without it, request by request.
 
     Exact (no approximation): tests/test_serving_v1_fast.py holds both to the reference engine."""
 
@@ -150,23 +151,9 @@ class V1ServingLoop(ServingLoop):
         self.pool = BlockPool(self.total_blocks, engine.prefix_caching, engine.block_size)
         self.occupancy: list[tuple[float, int, int]] = []  # (time, running, waiting) at each step
         self.cached_tokens = 0  # prompt/recompute tokens served from the prefix cache
-        self.admitted = 0  # admissions so far (numbers them: running requests are in that order)
         self.lazy = lazy and self.pipeline is None  # the shared decode clock (self.cohort)
         self.others: list[_Seq] = []  # running requests outside the cohort, in running order
         self._ndec = 0  # members scheduled in the step being built (all of them, or none)
-
-    # ---- blocks ----
-    def _release(self, s: _Seq) -> None:
-        self.pool.give_back(s)
-
-    def _allocate(self, s: _Seq, tokens: int) -> bool:
-        need = self._blocks_for(tokens) - s.blocks
-        if need > self.pool.free:
-            return False
-        if need > 0:
-            self.pool.take(need)
-            s.blocks += need
-        return True
 
     # ---- the shared decode clock (serving._Cohort) ----
     def _pin_all(self) -> None:
@@ -202,7 +189,7 @@ class V1ServingLoop(ServingLoop):
             # are all taken from the free queue's head, in any order.
             bs = cfg.block_size
             left = cfg.max_num_batched_tokens - members
-            need = len(cohort.phase[-cohort.tick % bs]) if members else 0  # cohort.needers(), inlined
+            need = len(cohort.needers())  # the members' blocks for this step (none when there are none)
             batch = []
             fits = left >= 0
             if fits and self.others:
@@ -226,7 +213,6 @@ class V1ServingLoop(ServingLoop):
                 if need:
                     pool.take(need)
                 cohort.taken = bool(members)
-                decodes_only = True
                 for s, n in batch:
                     c = s.computed + n
                     more = -(-c // bs) - s.blocks
@@ -234,10 +220,8 @@ class V1ServingLoop(ServingLoop):
                         s.blocks += more
                     if cfg.prefix_caching:
                         s.hashed = c // bs
-                    if n != 1 or not s.generated:
-                        decodes_only = False
                 self._ndec = members
-                return self._admit(batch, left, decodes_only, False)
+                return self._admit(batch, left, False)
             self._pin_all()
         self._ndec = 0
         return self._schedule_each()
@@ -250,10 +234,9 @@ class V1ServingLoop(ServingLoop):
         preempted = False
         i = 0
         running, bs, caching = self.running, cfg.block_size, cfg.prefix_caching
-        decodes_only = True  # every scheduled request a decode past its first token (so far)
         while i < len(running) and budget > 0:
             s = running[i]
-            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _allocate inlined; full blocks hashed
+            known = s.req.prompt_len + s.generated  # s.known, s.uncomputed and _grow inlined; full blocks hashed
             c = s.computed
             n = known - c
             if n > budget:
@@ -268,9 +251,8 @@ class V1ServingLoop(ServingLoop):
                     s.blocks += need
                 else:
                     scheduled = True
-                    while not self._allocate(s, c + n):
-                        victim = running.pop()  # FCFS: the last running request
-                        self._preempt(victim)
+                    while not self._grow(s, c + n):
+                        victim = self._preempt_last()  # FCFS: the last running request
                         preempted = True
                         if victim is s:  # nothing left to preempt but itself
                             scheduled = False
@@ -278,16 +260,13 @@ class V1ServingLoop(ServingLoop):
                     if not scheduled:
                         break
             if caching:
-                s.hashed = (c + n if c + n < known else known) // bs
+                s.hashed = (c + n) // bs  # the full blocks once scheduled (n <= known - c)
             batch.append((s, n))
             budget -= n
             i += 1
-            if n != 1 or not s.generated:
-                decodes_only = False
-        return self._admit(batch, budget, decodes_only, preempted)
+        return self._admit(batch, budget, preempted)
 
-    def _admit(self, batch: list[tuple[_Seq, int]], budget: int, decodes_only: bool,
-               preempted: bool) -> list[tuple[_Seq, int]]:
+    def _admit(self, batch: list[tuple[_Seq, int]], budget: int, preempted: bool) -> list[tuple[_Seq, int]]:
         """Waiting requests into ``batch`` while the budget, max_num_seqs and the free blocks allow (none
         after a preemption: scheduler.py, ``if not preempted_reqs``)."""
         cfg, pool, bs = self.cfg, self.pool, self.cfg.block_size
@@ -295,7 +274,7 @@ class V1ServingLoop(ServingLoop):
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 s = self.waiting[0]
                 hit = pool.hits(s)
-                known = s.req.prompt_len + s.generated  # s.known; _blocks_for and _allocate inlined below
+                known = s.req.prompt_len + s.generated  # s.known; _blocks_for and _grow inlined below
                 c = hit * bs
                 n = known - c
                 if not cfg.chunked_prefill and n > budget:
@@ -318,30 +297,20 @@ class V1ServingLoop(ServingLoop):
                     pool.take(need - hit)
                     s.blocks = need
                 if cfg.prefix_caching:
-                    s.hashed = (c + n if c + n < known else known) // bs
+                    s.hashed = (c + n) // bs  # the full blocks once scheduled (n <= known - c)
                 self.waiting.popleft()
                 self.running.append(s)
                 if self.lazy:
                     self.others.append(s)
                 batch.append((s, n))
                 budget -= n
-                if n != 1 or not s.generated:  # (a returning request may need one token: a decode)
-                    decodes_only = False
         self.fast_forward = self.bulk and not preempted  # read by _engine
-        self._decodes_only = decodes_only and len(batch) + self._ndec == len(self.running)
         if self.trace_steps:
             self.occupancy.append((self.env.now, len(self.running), len(self.waiting)))
         return batch
 
-    def _pure_decodes(self, batch) -> bool:
-        return self._decodes_only  # found by _schedule's pass over the running requests
-
     def _preempt(self, victim: _Seq) -> None:
-        self._release(victim)
-        victim.computed = 0
-        victim.preempted += 1
-        self.preemptions += 1
-        self.waiting.appendleft(victim)
+        super()._preempt(victim)
         if self.lazy:
             self.others.remove(victim)
 
@@ -379,13 +348,13 @@ class V1ServingLoop(ServingLoop):
         seqs = ndec + len(batch)
         return StepShape(seqs, tokens, pairs, kv, tokens == seqs, dec, dkv)
 
-    def _advance(self, batch: list[tuple[_Seq, int]], now: float, ticks: int = 1) -> None:
-        """After a step (or a decode run of ``ticks`` steps): the members move on ``ticks`` tokens when
-        scheduled (``_ndec``), ``batch``'s requests by their tokens; whoever completed its sequence
-        samples, in running order (finished requests free their blocks in that order)."""
+    def _advance(self, batch: list[tuple[_Seq, int]], now: float) -> None:
+        """After a step: the members move on a token when scheduled (``_ndec``), ``batch``'s requests by their
+        tokens; whoever completed its sequence samples, in running order (finished requests free their blocks
+        in that order)."""
         done = []
         if self._ndec:
-            done = self.cohort.advance(ticks)
+            done = self.cohort.advance(1)
             for s in done:
                 s.generated -= 1  # its last token is sampled below
         for s, k in batch:
@@ -405,47 +374,22 @@ class V1ServingLoop(ServingLoop):
             elif s.off is None and s in self.others:
                 self.others.remove(s)
 
-    # ---- one step: the forward pass and the host's work around it ----
+    # ---- one step: the forward pass and the host's work around it (ServingLoop._step takes _wall) ----
     def _wall(self, res, seqs: int) -> float:
         host = step_host(seqs)
         return max(res.time, host) if self.cfg.async_scheduling else res.time + host
 
-    def _step(self, shape: StepShape):
-        res = self.sm.run(shape)
-        yield self.env.timeout(self._wall(res, shape.seqs))
-        return res
-
-    def _decode_run(self):
-        """Decode steps of the whole running batch until a request finishes, a request arrives or the
-        free blocks would run out (then the scheduler decides again). Blocks for the first step were
-        allocated by _schedule."""
-        if self.lazy:
-            cohort = self.cohort
-            cohort.taken = True
-            for s in self.others:  # all decodes (their first step's blocks taken): they join the clock
-                cohort.join(s)
-            self.others.clear()
-            self._ndec = cohort.size  # every running request
-            steps = yield from self._decode_steps(*cohort.plan(self.pool.free))
-            blocks = cohort.run_blocks(steps)
-            if blocks:
-                self.pool.take(blocks)
-            self._advance((), self.env.now, steps)
-            return
-        bs, run = self.cfg.block_size, self.running
-        steps = yield from self._decode_steps(*self._decode_plan(self.pool.free))
-        pool, caching, now = self.pool, self.cfg.prefix_caching, self.env.now
-        for s in list(run):  # _allocate, the hashed blocks and _sample's common case inlined
-            need = -(-(s.req.prompt_len + s.generated + steps - 1) // bs) - s.blocks
-            if need > 0:
-                assert need <= pool.free, "the run checked the free blocks"
-                pool.take(need)
-                s.blocks += need
-            s.computed += steps
-            s.generated += steps - 1
-            if caching:
-                s.hashed = s.computed // bs
-            self._sample(s, now)
+    def _on_clock(self) -> bool:
+        """With the cohort (``lazy``), the decode run (ServingLoop._decode_run) is the cohort's: the requests
+        outside it, all decodes now (their first step's blocks taken), join it first."""
+        if not self.lazy:
+            return False
+        cohort = self.cohort
+        cohort.taken = True
+        for s in self.others:
+            cohort.join(s)
+        self.others.clear()
+        return True
 
 
 class V1PipelinedServing(V1ServingLoop):
@@ -496,8 +440,7 @@ class V1PipelinedServing(V1ServingLoop):
     def _batch(self, shape: StepShape, tagged):
         t0 = self.env.now
         res = yield from self.pipeline.step(shape)
-        kind = "decode" if shape.decode_only else ("prefill" if all(k > 1 for _, k, _ in tagged) else "mixed")
-        self._record(res, t0, self.env.now, kind, len(tagged))
+        self._record(res, t0, self.env.now, _kind(shape), len(tagged))
         for s, k, preempted in tagged:
             if s.preempted == preempted and s.computed == s.known and s in self.running:
                 self._sample(s, self.env.now)

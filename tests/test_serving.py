@@ -19,8 +19,8 @@ from offloadlab.errors import ConfigError, DoesNotFitError, OffloadLabError
 from offloadlab.policy import NoOffload, Prefetch, VllmCopy, interval
 from offloadlab.specs import GiB, HardwareSpec, ModelSpec
 from offloadlab.sim import EngineConfig, plan_memory, simulate
-from offloadlab.sim.costs import cost_model
-from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _most_steps, _steps_that_fit
+from offloadlab.sim.costs import StepShape, cost_model
+from offloadlab.sim.serving import WATERMARK, ServingLoop, _extra_blocks, _kind, _most_steps, _steps_that_fit
 from offloadlab.sim.step import StepModel
 from offloadlab.sim.workload import Request, Workload, fixed, make_workload
 
@@ -55,9 +55,9 @@ class CheckedLoop(ServingLoop):
     V0's shared decode clock by its counters from the clock: ``ServingLoop.counters``)."""
 
     def _check(self):
-        assert 0 <= self.free_blocks <= self.total_blocks
+        assert 0 <= self.pool.free <= self.total_blocks
         held = sum(self.counters(s)[2] for s in self.seqs)
-        assert held + self.free_blocks == self.total_blocks, "blocks leaked or double-freed"
+        assert held + self.pool.free == self.total_blocks, "blocks leaked or double-freed"
         self.max_used = max(getattr(self, "max_used", 0), held)
 
     def _check_queues(self):
@@ -153,7 +153,7 @@ def test_every_request_finishes_and_blocks_never_overflow(sc):
     policy, eng, requests, kv_tokens = sc
     loop = run_loop(policy, eng, requests, kv_tokens, fast_forward=True)
     assert len(loop.seqs) == len(requests) and loop.unfinished == 0
-    assert loop.free_blocks == loop.total_blocks  # everything released at the end
+    assert loop.pool.free == loop.total_blocks  # everything released at the end
     assert loop.max_used <= loop.total_blocks
     assert not loop.running and not loop.waiting
     for s in loop.seqs:
@@ -568,7 +568,7 @@ def test_chunked_prefill_preempts_instead_of_stalling():
     reqs = [Request(0, 150, 20, 0.0), Request(1, 150, 20, 0.0)]
     loop.run(reqs)
     assert all(s.generated == 20 for s in loop.seqs)
-    assert loop.preemptions >= 1 and loop.free_blocks == loop.total_blocks
+    assert loop.preemptions >= 1 and loop.pool.free == loop.total_blocks
     for t0, t1, kind, n in loop.steps:
         assert n >= 1
 
@@ -627,3 +627,13 @@ def test_a_burst_handed_over_whole_serves_as_one_handed_over_request_by_request(
     for k, v in whole.summary.items():
         if k not in ("wall_s", "simpy_events"):
             assert v == one_by_one.summary[k] or (v != v and one_by_one.summary[k] != one_by_one.summary[k]), k
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 500)), min_size=1, max_size=12))
+def test_a_steps_kind_read_off_its_shape_is_the_batch_rule(seqs):
+    """The records' step kind from the StepShape (decode_only, decodes) is the rule the engines applied to the
+    batch: decode when every request adds one token, prefill when none does, mixed otherwise."""
+    news = [k for k, _ in seqs]
+    rule = "decode" if all(k == 1 for k in news) else ("prefill" if all(k > 1 for k in news) else "mixed")
+    assert _kind(StepShape.of(seqs)) == rule
