@@ -13,7 +13,6 @@ No pandas: a command that prints a replay's summary does not pay its import.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +21,7 @@ import numpy as np
 
 from .checks import is_int, is_number
 from .errors import ConfigError
-from .fileio import read_csv_table, read_text
+from .fileio import read_csv_table, read_json_lines
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
 _INT64_MAX = 2**63 - 1
@@ -65,17 +64,8 @@ def read_requests(path: str | Path, fields: Sequence[str] = REQUEST_FIELDS) -> d
     cols: dict[str, list] = {f: [] for f in fields}
     seen: dict[str, int] = {}  # request_id -> the line that has it
     rows = 0
-    for n, line in enumerate(read_text(file, "JSON-lines file").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in read_json_lines(file):
         where = f"{file}, line {n}"
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise ConfigError("row", line[:60], f"a JSON object ({msg})", source=where) from None
-        if not isinstance(row, dict):
-            raise ConfigError("row", line[:60], "a JSON object", source=where)
         for f in fields:
             if f not in row:
                 raise ConfigError(f, None, "present", source=where)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..checks import is_int as _is_int, is_number as _is_real
 from ..errors import ConfigError
-from ..fileio import atomic_write_text, host_memory_available, read_text
+from ..fileio import atomic_write_text, host_memory_available, read_json_lines, read_text, shortened
 from ..serving_files import read_requests
 
 if TYPE_CHECKING:
@@ -472,38 +472,23 @@ class RequestStream:
 # ----------------------------------------------------------------------------------------------
 # Reading workload files
 # ----------------------------------------------------------------------------------------------
-def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | None, Any]]:
-    """Yield ``(row, record, error, raw)`` per data row (1-based; blank lines are skipped).
-
-    ``record`` is None for a malformed row; ``error`` then says what was expected and ``raw`` is
-    the row as read.
-    """
-    suffix = path.suffix.lower()
-    text = read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")
-    if suffix in (".jsonl", ".ndjson"):
-        row = 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            row += 1
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                yield row, None, f"a JSON object per line ({getattr(e, 'msg', 'nested too deeply')})", line
-                continue
-            if isinstance(rec, dict):
-                yield row, rec, None, line
-            else:
-                yield row, None, "a JSON object per line", line
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        for row, rec in _csv_rows(reader, str(path)):
-            if None in rec:
-                n_fields = len(reader.fieldnames or [])
-                raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
-                yield row, None, f"{n_fields} comma-separated fields, as in the header", ",".join(raw)
-                continue
-            yield row, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}, None, None
+def _records(path: Path) -> Iterator[tuple[int, str, Mapping[str, Any]]]:
+    """Yield ``(row, where, record)`` per data row: ``row`` 1-based (blank lines skipped), ``where`` the
+    file and the row's place for errors (JSONL: its line, offloadlab/fileio.py ``read_json_lines``; CSV: its
+    row, the header not counted). A malformed row is a ConfigError naming it."""
+    src = str(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for row, (line, rec) in enumerate(read_json_lines(path, "CSV or JSONL workload file"), start=1):
+            yield row, f"{src}, line {line}", rec
+        return
+    reader = csv.DictReader(io.StringIO(read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")))
+    for row, rec in _csv_rows(reader, src):
+        where = f"{src}, row {row}"
+        if None in rec:
+            raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
+            raise ConfigError("row", shortened(",".join(raw)),
+                              f"{len(reader.fieldnames or [])} comma-separated fields, as in the header", source=where)
+        yield row, where, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}
 
 
 def _csv_rows(reader: csv.DictReader, src: str) -> Iterator[tuple[int, dict]]:
@@ -546,8 +531,9 @@ def from_file(path: str | Path) -> Workload:
     Required columns/keys: ``prompt_len`` and ``output_len`` (integers >= 1). Optional:
     ``arrival`` (seconds >= 0; all 0 when absent) and ``id`` (unique integers >= 0; the row order
     0, 1, ... when absent). Optional fields are present in every row or in none. Other columns are
-    ignored. Any problem raises :class:`ConfigError` naming the file, the row (1-based, counting
-    data rows, not the header or blank lines) and the field. The workload is named after the file.
+    ignored. Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row, 1-based,
+    counting data rows, not the header or blank lines; a JSONL file's line) and the field. Blank lines
+    are skipped (ids by row order count data rows only). The workload is named after the file.
     """
     p = Path(path)
     src = str(p)
@@ -556,11 +542,7 @@ def from_file(path: str | Path) -> Workload:
     requests: list[Request] = []
     has: dict[str, bool] = {}
     seen_ids: set[int] = set()
-    for row, rec, error, raw_row in _records(p):
-        where = f"{src}, row {row}"
-        if rec is None:
-            shown = raw_row if len(raw_row) <= 60 else raw_row[:57] + "..."
-            raise ConfigError("row", shown, error or "a well-formed row", source=where)
+    for row, where, rec in _records(p):
         if not has:
             has = {k: k in rec for k in ("id", "arrival")}
         values: dict[str, Any] = {}

@@ -276,9 +276,13 @@ CSV_HEAD = "prompt_len,output_len,arrival\n"
          '{"prompt_len": 3, "output_len": 1, "arrival": 1}\n{"prompt_len": 3, "output_len": 1}\n', "arrival", 2),
         ("notjson.jsonl", '{"prompt_len": 3, "output_len": 1}\nnot json\n', "row", 2),
         ("list.jsonl", "[1, 2]\n", "row", 1),
+        # JSONL: the file's line, blank lines counted (offloadlab/fileio.py read_json_lines)
+        ("blank_notjson.jsonl", '{"prompt_len": 3, "output_len": 1}\n\n \nnot json\n', "row", 4),
+        ("blank_missing.jsonl", '\n{"prompt_len": 3, "output_len": 1}\n\n{"prompt_len": 3}\n', "output_len", 4),
     ],
 )
 def test_malformed_files_raise_config_error_naming_file_field_row(tmp_path, name, text, field, row):
+    """The place named: a CSV's data row (the header and blank lines not counted), a JSONL file's line."""
     p = tmp_path / name
     p.write_text(text)
     with pytest.raises(ConfigError) as e:
@@ -287,7 +291,7 @@ def test_malformed_files_raise_config_error_naming_file_field_row(tmp_path, name
     assert str(p) in msg
     assert e.value.field == field and field in msg
     if row is not None:
-        assert f"row {row}" in msg
+        assert f"{'line' if name.endswith('.jsonl') else 'row'} {row}: " in msg
 
 
 def test_from_file_missing_path(tmp_path):
