@@ -137,8 +137,13 @@ def serving_requests(path: str | Path | ServingRun) -> list[dict]:
     """The run's requests as a workload: request_id, prompt_len, output_len, arrival (s after the
     first request was queued), in file order."""
     run = path if isinstance(path, ServingRun) else load_serving_run(path)
-    cols = ["request_id", "prompt_len", "output_len", "arrival"]
-    return [dict(zip(cols, r)) for r in zip(*(run.columns[c].tolist() for c in cols))]
+    return _records(run.columns, ["request_id", "prompt_len", "output_len", "arrival"])
+
+
+def _records(columns: dict, names: list[str]) -> list[dict]:
+    """One dict per row of these equal-length numpy columns, ``names`` only, as Python values (json.dumps
+    writes them; a numpy integer it could not)."""
+    return [dict(zip(names, row)) for row in zip(*(columns[c].tolist() for c in names))]
 
 
 def workload_of(run: ServingRun):
@@ -260,8 +265,7 @@ class ServingComparison:
 
     def json_dict(self) -> dict:
         cols = ["request_id"] + [f"{w}_{m}_s" for m in METRICS for w in ("measured", "predicted")]
-        return {"requests": [dict(zip(cols, r)) for r in zip(*(self.columns[c].tolist() for c in cols))],
-                "summary": self.summary}
+        return {"requests": _records(self.columns, cols), "summary": self.summary}
 
 
 def _stats(v: np.ndarray) -> dict:
