@@ -97,16 +97,8 @@ def read_requests(path: str | Path, fields: Sequence[str] = REQUEST_FIELDS) -> d
     return out
 
 
-# the cells pandas' read_csv reads as missing (its default na_values): NaN in a column of numbers
-_MISSING = frozenset(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"])
-
-
 def _number(cell: str) -> float | None:
-    """A CSV cell as a number, as pandas' read_csv reads one (no digit separators; its missing-value words
-    are NaN), else None."""
-    if cell in _MISSING:
-        return math.nan
+    """A CSV cell as a number as pandas' read_csv reads one (no digit separators), else None."""
     if "_" in cell:
         return None
     try:
@@ -116,9 +108,10 @@ def _number(cell: str) -> float | None:
 
 
 def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) -> dict[str, np.ndarray] | None:
-    """``path``/timeseries.csv (None when absent) as columns under its header (blank lines skipped; a short
-    row's missing cells are empty): a column of numbers as floats (integers when every cell is one), any
-    other column as text. The ``need`` columns must be present, every cell a finite number."""
+    """``path``/timeseries.csv (None when absent): its ``need`` columns, in the file's order (blank lines
+    skipped), each as pandas' read_csv types it: integers when every cell is written as one, else floats.
+    They must be present, every cell a finite number; the other columns are not read (the replay's plot
+    draws t, running and waiting)."""
     file = Path(path) / "timeseries.csv"
     if not file.is_file():
         return None
@@ -126,19 +119,17 @@ def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) 
     if not set(need) <= set(header):
         raise ConfigError("columns", sorted(header), f"at least {list(need)}", source=str(file))
     at = {name: header.index(name) for name in need}
+    nums: dict[str, list[float]] = {name: [] for name in need}
     for line, cells in rows:  # the first bad cell in file order
         for name, j in at.items():
             v = _number(cells[j])
             if v is None or not math.isfinite(v):
                 raise ConfigError(name, cells[j], "a finite number", source=f"{file}, line {line}")
+            nums[name].append(v)
     out: dict[str, np.ndarray] = {}
-    for j, name in enumerate(header):
-        cells = [r[j] for _, r in rows]
-        nums = [_number(c) for c in cells]
-        if all(v is not None for v in nums):  # integers (pandas' int64) when every cell is written as one
-            ints = all(math.isfinite(v) and abs(v) <= 2**53 and v.is_integer() and not set(c.lower()) & set(".e")
-                       for c, v in zip(cells, nums))
-            out[name] = np.array(nums, dtype=np.int64 if ints else np.float64)
-        else:
-            out[name] = np.array(cells, dtype=object)
+    for name in sorted(need, key=at.get):
+        j, col = at[name], nums[name]
+        ints = all(abs(v) <= 2**53 and v.is_integer() and not set(cells[j].lower()) & set(".e")
+                   for (_, cells), v in zip(rows, col))  # pandas' int64: every cell written as an integer
+        out[name] = np.array(col, dtype=np.int64 if ints else np.float64)
     return out

@@ -69,7 +69,7 @@ def is_serving_run(path: str | Path) -> bool:
 class ServingRun:
     """A serving run as read: ``columns`` (numpy arrays in file order: request_id, prompt_len, output_len,
     queued_ts, first_token_ts, last_token_ts, arrival, and the measured ttft, tpot, e2e) and, when the run
-    has one, ``timeseries_columns`` (timeseries.csv's columns); ``requests`` and ``timeseries`` are the same
+    has one, ``timeseries_columns`` (timeseries.csv's t, running and waiting); ``requests`` and ``timeseries`` are the same
     as DataFrames, made when first asked for (a replay's printed summary needs no pandas)."""
 
     path: Path
