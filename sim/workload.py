@@ -339,8 +339,9 @@ def longbench_multi_news(
       ``mu = ln(prompt_mean) - sigma**2 / 2`` so that the *distribution* mean equals
       ``prompt_mean``; samples are rounded and clipped to ``[16, max_prompt]`` (no upper clip
       when ``max_prompt`` is None). The default cap, 7,680 = 8,192 - 512, keeps every request
-      within a max_model_len of 8,192, as LongBench truncates long inputs to the model's window. The sample mean of 200 requests is within a few percent of
-      ``prompt_mean`` (its standard error is about 4 %);
+      within a max_model_len of 8,192, as LongBench truncates long inputs to the model's window. The
+      sample mean of 200 requests is within a few percent of ``prompt_mean`` (its standard error is
+      about 4 %);
     * the published average (2,113) is in *words*; it is used as a token count as published;
     * every request decodes exactly ``output_len`` tokens (default 512, the published cap),
       i.e. generation is assumed to run to the limit -- the worst case for decode time.
@@ -824,7 +825,6 @@ def make_workload(
     if not isinstance(name, str) or not name:
         raise ConfigError("workload", kind, expected)
     key = name.lower()
-    from_trace = False
     if key == "sharegpt":
         allow("tokenizer", "output_len", "source")
         wl = sharegpt(n or DEFAULT_N, seed=seed, **kw)
@@ -853,12 +853,10 @@ def make_workload(
             if n > wl.n:
                 raise ConfigError("n", n, f"at most the {wl.n} requests in the file", source=name)
             wl = wl.head(n)
-        from_trace = True
     else:
         raise ConfigError("workload", kind, expected)
 
     if rate is not None:
         wl = wl.with_arrivals(vllm_arrivals(wl.n, rate, burstiness, seed))  # the i-th time to the i-th smallest id
-    elif not from_trace:
-        wl = wl.with_arrivals(all_at_once(wl.n))
+    # else: a generator's requests all arrive at t = 0 already (_build), a file's keep their own times
     return wl.with_max_concurrency(max_concurrency)

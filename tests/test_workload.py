@@ -311,6 +311,16 @@ def test_make_workload_kinds():
     assert {(r.prompt_len, r.output_len) for r in w.requests} == {(100, 8)}
 
 
+@pytest.mark.parametrize("kind, kw", [("multi_news", {}), ("fixed", {"prompt_len": 5, "output_len": 3}),
+                                      ("sharegpt_8k", {}), ("sharegpt", {"source": "table"})])
+def test_make_workload_without_a_rate_is_the_generators_own_at_t0(kind, kw):
+    """Without --rate a synthetic workload is its generator's, every request at t = 0 in id order (the
+    generators make them so: no second pass re-times them)."""
+    w = make_workload(kind, n=30, seed=3, **kw)
+    assert [r.id for r in w.requests] == list(range(30)) and {r.arrival for r in w.requests} == {0.0}
+    assert w.requests == w.with_arrivals(all_at_once(30)).requests
+
+
 def test_make_workload_rate_sets_poisson_arrivals_keeping_lengths():
     base = make_workload("sharegpt_8k", n=2000, seed=5)
     timed = make_workload("sharegpt_8k", n=2000, seed=5, rate=10.0)
