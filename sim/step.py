@@ -552,10 +552,10 @@ def join_mode(cost, shape: StepShape) -> str:
 class StepModel:
     """Step times for one (model, placement, cost model), memoized.
 
-    Steps whose per-layer costs fall in the same relative bin (width ``quantum``, 0.2% by default: at most 0.1% off)
-    are identical steps: the second costs a dictionary look-up, not a SimPy run. ``quantum=0``
-    keys on the exact costs. This is how a whole
-    workload of thousands of steps stays fast.
+    Steps whose per-layer costs fall in the same relative bin (width ``quantum``, 0.2% by default: at
+    most 0.1% off) are identical steps: the second costs a dictionary look-up, not a simulation.
+    ``quantum=0`` keys on the exact costs. This is how a whole workload of thousands of steps stays
+    fast.
     """
 
     def __init__(self, placement: Placement, cost, quantum: float = 2e-3, join: str | None = None):
@@ -565,18 +565,13 @@ class StepModel:
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
         self._plans: dict[str, Recurrence] = {}  # join mode -> the lane recurrence's plan (simulate_layers)
-        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
+        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for _binned_costs
         self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
         # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
         self._decode_bins: dict[int, tuple[list, list, list]] = {}
-        self.simulated = 0  # SimPy runs
-        self.events = 0  # SimPy events over all runs
-
-    def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
-        """The binned per-layer costs of a step, and its binned head seconds."""
-        gpu, host, tail, comm, head = self._binned_costs(shape)
-        return LayerCost(gpu, host, tail, comm), head
+        self.simulated = 0  # steps simulated (memo misses and traced steps: the recurrence or SimPy)
+        self.events = 0  # SimPy events over all of them (the recurrence takes none)
 
     def _binned_costs(self, shape: StepShape) -> tuple[float, float, float, float, float]:
         """(GPU, host, tail, all-reduce seconds of one layer, head seconds), each binned (``_bin``)."""
