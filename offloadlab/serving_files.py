@@ -5,7 +5,8 @@ A serving run (the layout of shared/data/serving/, LLMServingSim's bench format)
 queued_ts, first_token_ts, last_token_ts; one monotonic clock, seconds) and optionally ``timeseries.csv``
 (one row per tick: t, running, waiting, ...). The simulator's workload source (sim/workload.py
 ``from_serving_run``: lengths and queue times) and validation's replay (validation/serving_run.py: every
-field) read the rows here, each asking for the fields it needs; a field not asked for is not checked.
+field; of timeseries.csv, the columns its plot draws) read them here, each asking for the fields it
+needs; a field or column not asked for is not checked.
 
 Every problem is one ConfigError in one style: the file and line as its source, then the field, its
 value and what was expected (``.../requests.jsonl, line 3: output_toks=0: expected an integer >= 1``).
