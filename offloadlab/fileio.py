@@ -102,16 +102,21 @@ def host_memory_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def read_json_object(path: str | os.PathLike, name: str, what: str = "JSON file") -> dict[str, Any]:
-    """A JSON file whose top level is an object; bad JSON or another top level is a ConfigError
-    naming the file as ``name`` (with the line), the path as its source."""
+def read_json_object(path: str | os.PathLike, name: str, what: str = "JSON file",
+                     expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file whose top level is an object; bad JSON (nested too deeply included) or another top level
+    (``expected`` words what it should be) is a ConfigError naming the file as ``name`` (with the line),
+    the path as its source."""
     p = Path(path)
     try:
         data = json.loads(read_text(p, what))
     except json.JSONDecodeError as e:
         raise ConfigError(name, f"line {e.lineno}", f"valid JSON ({e.msg})", source=str(p)) from None
+    except RecursionError:
+        raise ConfigError(name, "nested too deeply", "JSON nested less deeply (Python's parser stops near "
+                          "1,000 levels)", source=str(p)) from None
     if not isinstance(data, dict):
-        raise ConfigError(name, type(data).__name__, "a JSON object", source=str(p))
+        raise ConfigError(name, type(data).__name__, expected, source=str(p))
     return data
 
 

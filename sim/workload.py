@@ -30,7 +30,8 @@ import numpy as np
 
 from ..checks import is_int as _is_int, is_number as _is_real
 from ..errors import ConfigError
-from ..fileio import atomic_write_text, host_memory_available, read_json_lines, read_text, shortened
+from ..fileio import (atomic_write_text, host_memory_available, read_json_lines, read_json_object, read_text,
+                      shortened)
 from ..serving_files import read_requests
 
 if TYPE_CHECKING:
@@ -620,12 +621,8 @@ def from_vllm_result(path: str | Path) -> Workload:
     src = str(p)
     if not p.is_file():
         raise ConfigError("path", src, "an existing vLLM benchmark result JSON file")
-    try:
-        data = json.loads(read_text(p, "vLLM benchmark result JSON file"))
-    except json.JSONDecodeError as e:
-        raise ConfigError("file", src, f"valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("file", src, "a JSON object (vllm bench serve --save-result)")
+    data = read_json_object(p, "file", "vLLM benchmark result JSON file",
+                            "a JSON object (vllm bench serve --save-result)")
     inputs = _int_list(data, "input_lens", src, 1)
     outputs = _int_list(data, "output_lens", src, 0)
     n = len(inputs)

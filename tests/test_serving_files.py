@@ -140,6 +140,15 @@ def test_a_byte_order_mark_is_read_past_by_every_reader(tmp_path):
     assert [(r.prompt_len, r.output_len) for r in from_file(wl).requests] == [(5, 2)]
 
 
+def test_a_meta_json_nested_too_deeply_is_one_error(tmp_path):
+    d = write_run(tmp_path / "run", [{"request_id": 1, "input_toks": 5, "output_toks": 2, "queued_ts": 1.0,
+                                      "first_token_ts": 2.0, "last_token_ts": 3.0}])
+    (d / "meta.json").write_text("[" * 100000)
+    with pytest.raises(ConfigError) as e:
+        load_serving_run(d)
+    assert str(e.value).startswith(f"{d / 'meta.json'}: meta.json='nested too deeply': expected JSON nested less")
+
+
 def test_a_directory_without_its_files_is_named_alike_by_both(tmp_path):
     for read in (load_serving_run, from_serving_run):
         with pytest.raises(ConfigError, match=r"meta.json=None: expected present in the serving-run directory"):

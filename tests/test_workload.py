@@ -24,6 +24,7 @@ from offloadlab.sim.workload import (
     fixed,
     from_dataset_stats,
     from_file,
+    from_vllm_result,
     longbench_multi_news,
     make_workload,
     poisson,
@@ -292,6 +293,20 @@ def test_malformed_files_raise_config_error_naming_file_field_row(tmp_path, name
     assert e.value.field == field and field in msg
     if row is not None:
         assert f"{'line' if name.endswith('.jsonl') else 'row'} {row}: " in msg
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "file='line 1': expected valid JSON (Expecting property name"),
+    ("[1, 2]", "file='list': expected a JSON object (vllm bench serve --save-result)"),
+    ("[" * 100000, "file='nested too deeply': expected JSON nested less deeply"),
+])
+def test_a_vllm_result_that_is_no_json_object_is_one_error_naming_the_file(tmp_path, text, needle):
+    """fileio.read_json_object reads it, as a serving run's meta.json (a deep nesting was a RecursionError)."""
+    p = tmp_path / "r.json"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        from_vllm_result(p)
+    assert str(e.value).startswith(f"{p}: {needle}")
 
 
 def test_from_file_missing_path(tmp_path):
