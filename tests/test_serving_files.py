@@ -107,7 +107,8 @@ def test_a_bad_cell_is_named_by_file_line_field_and_value_alike_by_both(rows, wh
 
 
 @pytest.mark.parametrize("line,tail", [
-    ("{not json", "row='{not json': expected a JSON object per line (Expecting property name enclosed in double quotes)"),
+    ("{not json",
+     "row='{not json': expected a JSON object per line (Expecting property name enclosed in double quotes)"),
     ("[1, 2]", "row='[1, 2]': expected a JSON object per line"),
     ("[" * 5000, f"row='{'[' * 57}...': expected a JSON object per line (nested too deeply)"),
 ])
