@@ -1,5 +1,6 @@
-"""Reading config files (YAML/JSON) and writing results atomically (temp file, then rename); the host's
-available memory (/proc/meminfo), which the simulator and the runtime both check."""
+"""Reading config files (YAML/JSON), CSV tables and JSON-lines files with one-line errors, and writing
+results atomically (temp file, then rename); the host's available memory (/proc/meminfo), which the
+simulator and the runtime both check."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ from .errors import ConfigError
 
 def read_csv_table(path: str | os.PathLike, pad: bool = True) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """A CSV file as (header, [(line number, cells)]): blank lines skipped, a short row's missing cells
-    empty (``pad``; else the row as written, for a reader that requires every cell); a row longer than the header, a malformed file, no header or a repeated column name is a
-    one-line ConfigError naming the file and line."""
+    empty (``pad``; else the row as written, for a reader that requires every cell); a row longer than
+    the header, a malformed file, no header or a repeated column name is a one-line ConfigError naming
+    the file and line."""
     import csv
     import io
 
@@ -44,6 +46,31 @@ def read_csv_table(path: str | os.PathLike, pad: bool = True) -> tuple[list[str]
         dup = next(c for i, c in enumerate(header) if c in header[:i])
         raise ConfigError("columns", header, f"distinct names ({dup!r} twice)", source=str(file))
     return header, rows
+
+
+def read_json_lines(path: str | os.PathLike, what: str = "JSON-lines file") -> Iterator[tuple[int, dict[str, Any]]]:
+    """A JSON-lines file's objects, one a line, as (line number, object) in file order: blank lines skipped,
+    a byte-order mark allowed. A line that is not a JSON object is a one-line ConfigError naming the file
+    and line (``row``: the line, cut to 60 characters). Lazy: a caller checking each object in turn
+    reports the first problem in file order, whichever check finds it."""
+    file = Path(path)
+    for n, line in enumerate(read_text(file, what, encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            raise ConfigError("row", shortened(line), f"a JSON object per line ({why})",
+                              source=f"{file}, line {n}") from None
+        if not isinstance(row, dict):
+            raise ConfigError("row", shortened(line), "a JSON object per line", source=f"{file}, line {n}")
+        yield n, row
+
+
+def shortened(text: str, width: int = 60) -> str:
+    """``text`` as an error shows a row of a file: at most ``width`` characters, "..." where cut."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def read_text(path: str | os.PathLike, what: str = "file", encoding: str = "utf-8") -> str:
@@ -75,16 +102,21 @@ def host_memory_available() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def read_json_object(path: str | os.PathLike, name: str, what: str = "JSON file") -> dict[str, Any]:
-    """A JSON file whose top level is an object; bad JSON or another top level is a ConfigError
-    naming the file as ``name`` (with the line), the path as its source."""
+def read_json_object(path: str | os.PathLike, name: str, what: str = "JSON file",
+                     expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file whose top level is an object; bad JSON (nested too deeply included) or another top level
+    (``expected`` words what it should be) is a ConfigError naming the file as ``name`` (with the line),
+    the path as its source."""
     p = Path(path)
     try:
         data = json.loads(read_text(p, what))
     except json.JSONDecodeError as e:
         raise ConfigError(name, f"line {e.lineno}", f"valid JSON ({e.msg})", source=str(p)) from None
+    except RecursionError:
+        raise ConfigError(name, "nested too deeply", "JSON nested less deeply (Python's parser stops near "
+                          "1,000 levels)", source=str(p)) from None
     if not isinstance(data, dict):
-        raise ConfigError(name, type(data).__name__, "a JSON object", source=str(p))
+        raise ConfigError(name, type(data).__name__, expected, source=str(p))
     return data
 
 

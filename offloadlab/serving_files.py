@@ -5,7 +5,8 @@ A serving run (the layout of shared/data/serving/, LLMServingSim's bench format)
 queued_ts, first_token_ts, last_token_ts; one monotonic clock, seconds) and optionally ``timeseries.csv``
 (one row per tick: t, running, waiting, ...). The simulator's workload source (sim/workload.py
 ``from_serving_run``: lengths and queue times) and validation's replay (validation/serving_run.py: every
-field) read the rows here, each asking for the fields it needs; a field not asked for is not checked.
+field; of timeseries.csv, the columns its plot draws) read them here, each asking for the fields it
+needs; a field or column not asked for is not checked.
 
 Every problem is one ConfigError in one style: the file and line as its source, then the field, its
 value and what was expected (``.../requests.jsonl, line 3: output_toks=0: expected an integer >= 1``).
@@ -13,7 +14,6 @@ No pandas: a command that prints a replay's summary does not pay its import.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +22,7 @@ import numpy as np
 
 from .checks import is_int, is_number
 from .errors import ConfigError
-from .fileio import read_csv_table, read_text
+from .fileio import read_csv_table, read_json_lines
 
 REQUEST_FIELDS = ("request_id", "input_toks", "output_toks", "queued_ts", "first_token_ts", "last_token_ts")
 _INT64_MAX = 2**63 - 1
@@ -65,17 +65,8 @@ def read_requests(path: str | Path, fields: Sequence[str] = REQUEST_FIELDS) -> d
     cols: dict[str, list] = {f: [] for f in fields}
     seen: dict[str, int] = {}  # request_id -> the line that has it
     rows = 0
-    for n, line in enumerate(read_text(file, "JSON-lines file").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in read_json_lines(file):
         where = f"{file}, line {n}"
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
-            msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-            raise ConfigError("row", line[:60], f"a JSON object ({msg})", source=where) from None
-        if not isinstance(row, dict):
-            raise ConfigError("row", line[:60], "a JSON object", source=where)
         for f in fields:
             if f not in row:
                 raise ConfigError(f, None, "present", source=where)
@@ -107,16 +98,8 @@ def read_requests(path: str | Path, fields: Sequence[str] = REQUEST_FIELDS) -> d
     return out
 
 
-# the cells pandas' read_csv reads as missing (its default na_values): NaN in a column of numbers
-_MISSING = frozenset(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-                      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"])
-
-
 def _number(cell: str) -> float | None:
-    """A CSV cell as a number, as pandas' read_csv reads one (no digit separators; its missing-value words
-    are NaN), else None."""
-    if cell in _MISSING:
-        return math.nan
+    """A CSV cell as a number as pandas' read_csv reads one (no digit separators), else None."""
     if "_" in cell:
         return None
     try:
@@ -126,9 +109,10 @@ def _number(cell: str) -> float | None:
 
 
 def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) -> dict[str, np.ndarray] | None:
-    """``path``/timeseries.csv (None when absent) as columns under its header (blank lines skipped; a short
-    row's missing cells are empty): a column of numbers as floats (integers when every cell is one), any
-    other column as text. The ``need`` columns must be present, every cell a finite number."""
+    """``path``/timeseries.csv (None when absent): its ``need`` columns, in the file's order (blank lines
+    skipped), each as pandas' read_csv types it: integers when every cell is written as one, else floats.
+    They must be present, every cell a finite number; the other columns are not read (the replay's plot
+    draws t, running and waiting)."""
     file = Path(path) / "timeseries.csv"
     if not file.is_file():
         return None
@@ -136,19 +120,17 @@ def read_timeseries(path: str | Path, need: Sequence[str] = TIMESERIES_COLUMNS) 
     if not set(need) <= set(header):
         raise ConfigError("columns", sorted(header), f"at least {list(need)}", source=str(file))
     at = {name: header.index(name) for name in need}
+    nums: dict[str, list[float]] = {name: [] for name in need}
     for line, cells in rows:  # the first bad cell in file order
         for name, j in at.items():
             v = _number(cells[j])
             if v is None or not math.isfinite(v):
                 raise ConfigError(name, cells[j], "a finite number", source=f"{file}, line {line}")
+            nums[name].append(v)
     out: dict[str, np.ndarray] = {}
-    for j, name in enumerate(header):
-        cells = [r[j] for _, r in rows]
-        nums = [_number(c) for c in cells]
-        if all(v is not None for v in nums):  # integers (pandas' int64) when every cell is written as one
-            ints = all(math.isfinite(v) and abs(v) <= 2**53 and v.is_integer() and not set(c.lower()) & set(".e")
-                       for c, v in zip(cells, nums))
-            out[name] = np.array(nums, dtype=np.int64 if ints else np.float64)
-        else:
-            out[name] = np.array(cells, dtype=object)
+    for name in sorted(need, key=at.get):
+        j, col = at[name], nums[name]
+        ints = all(abs(v) <= 2**53 and v.is_integer() and not set(cells[j].lower()) & set(".e")
+                   for (_, cells), v in zip(rows, col))  # pandas' int64: every cell written as an integer
+        out[name] = np.array(col, dtype=np.int64 if ints else np.float64)
     return out

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import os
 import time
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -342,15 +343,20 @@ def start_corners(reduce: Callable[[RunResult], Any], model, gpu, policy, worklo
     corner=c, trace_steps=False)``); the returned function waits for them and gives ``(reduce(low),
     reduce(high))``. ``executor`` (a ``concurrent.futures`` Executor): each corner is one task, run beside
     the other and beside whatever this process does until it calls the function; ``reduce`` runs where
-    the corner ran (with a process pool: a module-level function, and only its value comes back). None:
-    both run here, one after the other, when the function is called. Model and GPU are resolved here,
-    so names from a user catalog need not exist in the workers."""
+    the corner ran (with a process pool: a module-level function, and only its value comes back); a
+    corner's error is raised once both have ended (none is left running). None: both run here, one after
+    the other, when the function is called. Model and GPU are resolved here, so names from a user catalog
+    need not exist in the workers."""
     args = (get_model(model), get_gpu(gpu), policy, workload, engine)
     kws = [dict(profile=profile, cost_kw=cost_kw, trace_steps=False, corner=c) for c in CORNERS]
     if executor is None:
         return lambda: tuple(reduce(simulate(*args, **kw)) for kw in kws)
     futures = [executor.submit(_corner_task, reduce, args, kw) for kw in kws]
-    return lambda: tuple(f.result() for f in futures)
+
+    def results() -> tuple[Any, Any]:
+        wait(futures)
+        return tuple(f.result() for f in futures)
+    return results
 
 
 def band_of(low: dict, high: dict) -> dict:

@@ -110,7 +110,7 @@ def _joins(placement: Placement, passes: int, join: str) -> tuple[dict, dict]:
 
 def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfer, copy_slowdown: float = 1.0,
                     trace: bool = False, wrap: bool = False, engine: str = "auto", uva_read=None,
-                    join: str = "eager", pre_attention: float = 0.0) -> StepResult:
+                    join: str = "eager", pre_attention: float = 0.0, plans: dict | None = None) -> StepResult:
     """Simulate one forward pass of ``placement.layers`` identical layers (then the LM head).
 
     ``wrap``: prefetch keeps copying across steps (vLLM's prefetch backend preloads the first
@@ -138,7 +138,9 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
 
     ``engine``: "simpy" runs the lanes as SimPy processes; "auto" (the default) takes the same lanes
     through ``lane_recurrence`` when no trace is asked for and no transfer ever shares the link or
-    changes a compute span's speed (the common case), else SimPy.
+    changes a compute span's speed (``recurrence_applies``: the common case), else SimPy. ``plans``: where
+    the recurrence's plans (``Recurrence``) for this placement, ``transfer`` and ``wrap`` are kept, by join
+    mode, to be built once for many calls (a StepModel's); None: built for this call.
     """
     if join not in JOINS:
         raise ConfigError("join", join, f"one of {JOINS}")
@@ -146,7 +148,12 @@ def simulate_layers(placement: Placement, layer: LayerCost, head: float, transfe
         raise ConfigError("engine", engine, "'auto' or 'simpy'")
     uva_read = uva_read or transfer
     if engine == "auto" and not trace and recurrence_applies(placement, layer, copy_slowdown):
-        return lane_recurrence(placement, layer, head, transfer, wrap, uva_read, join, pre_attention)
+        plan = None if plans is None else plans.get(join)
+        if plan is None:
+            plan = Recurrence(placement, transfer, wrap, join)
+            if plans is not None:
+                plans[join] = plan
+        return plan.run(layer, head, uva_read, pre_attention)
     return _Lanes(placement, layer, head, transfer, copy_slowdown, trace, wrap, uva_read, join, pre_attention).run()
 
 
@@ -545,10 +552,10 @@ def join_mode(cost, shape: StepShape) -> str:
 class StepModel:
     """Step times for one (model, placement, cost model), memoized.
 
-    Steps whose per-layer costs fall in the same relative bin (width ``quantum``, 0.2% by default: at most 0.1% off)
-    are identical steps: the second costs a dictionary look-up, not a SimPy run. ``quantum=0``
-    keys on the exact costs. This is how a whole
-    workload of thousands of steps stays fast.
+    Steps whose per-layer costs fall in the same relative bin (width ``quantum``, 0.2% by default: at
+    most 0.1% off) are identical steps: the second costs a dictionary look-up, not a simulation.
+    ``quantum=0`` keys on the exact costs. This is how a whole workload of thousands of steps stays
+    fast.
     """
 
     def __init__(self, placement: Placement, cost, quantum: float = 2e-3, join: str | None = None):
@@ -557,19 +564,14 @@ class StepModel:
             raise ConfigError("join", join, f"one of {JOINS} or None (by the step: see join_mode)")
         self.join = join
         self._cache: dict[tuple, StepResult] = {}
-        self._plans: dict[str, Recurrence] = {}  # join mode -> the lane recurrence's plan (see _simulate)
-        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for layer_cost
+        self._plans: dict[str, Recurrence] = {}  # join mode -> the lane recurrence's plan (simulate_layers)
+        self._binned: dict[float, float] = {}  # seconds -> _bin(seconds, quantum), for _binned_costs
         self._monotone = bool(getattr(cost, "context_monotone", False))  # see decodes
         # decode steps, where the cost model is context_monotone: sequences -> (starts, ends, keys), the
         # disjoint KV-token intervals found to share one memo key, by start (see _decode_key)
         self._decode_bins: dict[int, tuple[list, list, list]] = {}
-        self.simulated = 0  # SimPy runs
-        self.events = 0  # SimPy events over all runs
-
-    def layer_cost(self, shape: StepShape) -> tuple[LayerCost, float]:
-        """The binned per-layer costs of a step, and its binned head seconds."""
-        gpu, host, tail, comm, head = self._binned_costs(shape)
-        return LayerCost(gpu, host, tail, comm), head
+        self.simulated = 0  # steps simulated (memo misses and traced steps: the recurrence or SimPy)
+        self.events = 0  # SimPy events over all of them (the recurrence takes none)
 
     def _binned_costs(self, shape: StepShape) -> tuple[float, float, float, float, float]:
         """(GPU, host, tail, all-reduce seconds of one layer, head seconds), each binned (``_bin``)."""
@@ -703,14 +705,9 @@ class StepModel:
         if self.placement.mechanism == "uva":
             uva_read = lambda b, tokens=shape.tokens: self.cost.uva_read(b, tokens)  # noqa: E731
         join, pre = key[-2] or "eager", key[-1] or 0.0  # no wrap (join None): no copies to join
-        if not trace and recurrence_applies(self.placement, layer, self.cost.copy_slowdown):
-            plan = self._plans.get(join)  # simulate_layers' recurrence, its plan built once per join mode
-            if plan is None:
-                plan = self._plans[join] = Recurrence(self.placement, self.cost.transfer, self.placement.wrap, join)
-            res = plan.run(layer, head, uva_read or self.cost.transfer, pre)
-        else:
-            res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
-                                  wrap=self.placement.wrap, uva_read=uva_read, join=join, pre_attention=pre)
+        res = simulate_layers(self.placement, layer, head, self.cost.transfer, self.cost.copy_slowdown, trace,
+                              wrap=self.placement.wrap, uva_read=uva_read, join=join, pre_attention=pre,
+                              plans=self._plans)
         self.simulated += 1
         self.events += res.events
         if not trace:

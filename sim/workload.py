@@ -30,7 +30,8 @@ import numpy as np
 
 from ..checks import is_int as _is_int, is_number as _is_real
 from ..errors import ConfigError
-from ..fileio import atomic_write_text, host_memory_available, read_text
+from ..fileio import (atomic_write_text, host_memory_available, read_json_lines, read_json_object, read_text,
+                      shortened)
 from ..serving_files import read_requests
 
 if TYPE_CHECKING:
@@ -339,8 +340,9 @@ def longbench_multi_news(
       ``mu = ln(prompt_mean) - sigma**2 / 2`` so that the *distribution* mean equals
       ``prompt_mean``; samples are rounded and clipped to ``[16, max_prompt]`` (no upper clip
       when ``max_prompt`` is None). The default cap, 7,680 = 8,192 - 512, keeps every request
-      within a max_model_len of 8,192, as LongBench truncates long inputs to the model's window. The sample mean of 200 requests is within a few percent of
-      ``prompt_mean`` (its standard error is about 4 %);
+      within a max_model_len of 8,192, as LongBench truncates long inputs to the model's window. The
+      sample mean of 200 requests is within a few percent of ``prompt_mean`` (its standard error is
+      about 4 %);
     * the published average (2,113) is in *words*; it is used as a token count as published;
     * every request decodes exactly ``output_len`` tokens (default 512, the published cap),
       i.e. generation is assumed to run to the limit -- the worst case for decode time.
@@ -472,38 +474,23 @@ class RequestStream:
 # ----------------------------------------------------------------------------------------------
 # Reading workload files
 # ----------------------------------------------------------------------------------------------
-def _records(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | None, str | None, Any]]:
-    """Yield ``(row, record, error, raw)`` per data row (1-based; blank lines are skipped).
-
-    ``record`` is None for a malformed row; ``error`` then says what was expected and ``raw`` is
-    the row as read.
-    """
-    suffix = path.suffix.lower()
-    text = read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")
-    if suffix in (".jsonl", ".ndjson"):
-        row = 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            row += 1
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                yield row, None, f"a JSON object per line ({getattr(e, 'msg', 'nested too deeply')})", line
-                continue
-            if isinstance(rec, dict):
-                yield row, rec, None, line
-            else:
-                yield row, None, "a JSON object per line", line
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        for row, rec in _csv_rows(reader, str(path)):
-            if None in rec:
-                n_fields = len(reader.fieldnames or [])
-                raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
-                yield row, None, f"{n_fields} comma-separated fields, as in the header", ",".join(raw)
-                continue
-            yield row, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}, None, None
+def _records(path: Path) -> Iterator[tuple[int, str, Mapping[str, Any]]]:
+    """Yield ``(row, where, record)`` per data row: ``row`` 1-based (blank lines skipped), ``where`` the
+    file and the row's place for errors (JSONL: its line, offloadlab/fileio.py ``read_json_lines``; CSV: its
+    row, the header not counted). A malformed row is a ConfigError naming it."""
+    src = str(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        for row, (line, rec) in enumerate(read_json_lines(path, "CSV or JSONL workload file"), start=1):
+            yield row, f"{src}, line {line}", rec
+        return
+    reader = csv.DictReader(io.StringIO(read_text(path, "CSV or JSONL workload file", encoding="utf-8-sig")))
+    for row, rec in _csv_rows(reader, src):
+        where = f"{src}, row {row}"
+        if None in rec:
+            raw = [v for k, v in rec.items() if k is not None] + list(rec[None])
+            raise ConfigError("row", shortened(",".join(raw)),
+                              f"{len(reader.fieldnames or [])} comma-separated fields, as in the header", source=where)
+        yield row, where, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in rec.items()}
 
 
 def _csv_rows(reader: csv.DictReader, src: str) -> Iterator[tuple[int, dict]]:
@@ -546,8 +533,9 @@ def from_file(path: str | Path) -> Workload:
     Required columns/keys: ``prompt_len`` and ``output_len`` (integers >= 1). Optional:
     ``arrival`` (seconds >= 0; all 0 when absent) and ``id`` (unique integers >= 0; the row order
     0, 1, ... when absent). Optional fields are present in every row or in none. Other columns are
-    ignored. Any problem raises :class:`ConfigError` naming the file, the row (1-based, counting
-    data rows, not the header or blank lines) and the field. The workload is named after the file.
+    ignored. Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row, 1-based,
+    counting data rows, not the header or blank lines; a JSONL file's line) and the field. Blank lines
+    are skipped (ids by row order count data rows only). The workload is named after the file.
     """
     p = Path(path)
     src = str(p)
@@ -556,11 +544,7 @@ def from_file(path: str | Path) -> Workload:
     requests: list[Request] = []
     has: dict[str, bool] = {}
     seen_ids: set[int] = set()
-    for row, rec, error, raw_row in _records(p):
-        where = f"{src}, row {row}"
-        if rec is None:
-            shown = raw_row if len(raw_row) <= 60 else raw_row[:57] + "..."
-            raise ConfigError("row", shown, error or "a well-formed row", source=where)
+    for row, where, rec in _records(p):
         if not has:
             has = {k: k in rec for k in ("id", "arrival")}
         values: dict[str, Any] = {}
@@ -637,12 +621,8 @@ def from_vllm_result(path: str | Path) -> Workload:
     src = str(p)
     if not p.is_file():
         raise ConfigError("path", src, "an existing vLLM benchmark result JSON file")
-    try:
-        data = json.loads(read_text(p, "vLLM benchmark result JSON file"))
-    except json.JSONDecodeError as e:
-        raise ConfigError("file", src, f"valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("file", src, "a JSON object (vllm bench serve --save-result)")
+    data = read_json_object(p, "file", "vLLM benchmark result JSON file",
+                            "a JSON object (vllm bench serve --save-result)")
     inputs = _int_list(data, "input_lens", src, 1)
     outputs = _int_list(data, "output_lens", src, 0)
     n = len(inputs)
@@ -842,7 +822,6 @@ def make_workload(
     if not isinstance(name, str) or not name:
         raise ConfigError("workload", kind, expected)
     key = name.lower()
-    from_trace = False
     if key == "sharegpt":
         allow("tokenizer", "output_len", "source")
         wl = sharegpt(n or DEFAULT_N, seed=seed, **kw)
@@ -871,12 +850,10 @@ def make_workload(
             if n > wl.n:
                 raise ConfigError("n", n, f"at most the {wl.n} requests in the file", source=name)
             wl = wl.head(n)
-        from_trace = True
     else:
         raise ConfigError("workload", kind, expected)
 
     if rate is not None:
         wl = wl.with_arrivals(vllm_arrivals(wl.n, rate, burstiness, seed))  # the i-th time to the i-th smallest id
-    elif not from_trace:
-        wl = wl.with_arrivals(all_at_once(wl.n))
+    # else: a generator's requests all arrive at t = 0 already (_build), a file's keep their own times
     return wl.with_max_concurrency(max_concurrency)

@@ -121,6 +121,69 @@ def test_compare_tabulates_policies_with_bounds_flags_and_misfits(tmp_path, caps
     assert df.loc[1, "vllm_flags"].endswith("--offload-group-size 2 --offload-num-in-group 1 --offload-prefetch-step 2")
 
 
+class _SlowRecordingExecutor:
+    """A thread pool whose tasks take longer (0.05 s more, every second one 0.2 s: a band's high corner
+    ends after its low one), recording at each submit the tasks submitted before that were still running."""
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool, self.futures, self.running = ThreadPoolExecutor(2), [], []
+
+    def submit(self, fn, *args, **kw):
+        import time
+
+        self.running.append([i for i, f in enumerate(self.futures) if not f.done()])
+        pause = 0.2 if len(self.futures) % 2 else 0.05
+        self.futures.append(self.pool.submit(lambda: (time.sleep(pause), fn(*args, **kw))[1]))
+        return self.futures[-1]
+
+
+def test_compare_collects_a_failed_policys_corners_before_the_next_policy(monkeypatch, capsys):
+    """A policy that fails (vllm:100 offloads more than the model has) had its band's corners started on
+    the workers: both are waited for (sim.start_corners), not left running beside the next policy's."""
+    import contextlib
+
+    import offloadlab.apps.cli as cli
+
+    ex = _SlowRecordingExecutor()
+    monkeypatch.setattr(cli, "_band_pool", lambda a: contextlib.nullcontext(ex))
+    args = ["compare", "--requests", "10", "--policy", "vllm:100", "--policy", "none", "--policy", "vllm:200"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cpu_offload_gb=100" in out and "cpu_offload_gb=200" in out and "compute-bound" in out
+    assert len(ex.futures) == 6 and all(f.done() for f in ex.futures)  # two corners a policy
+    assert ex.running[0::2] == [[]] * 3  # none still running when the next policy's were submitted
+    ex.pool.shutdown()
+
+
+def test_a_command_loads_each_profile_file_once(tmp_path, monkeypatch, capsys):
+    """--profile's files are read once, before any work, and the Profiles passed on (the description, the
+    run, its band's corners, every policy), not read again by each."""
+    import offloadlab.apps.pool as pool
+    from offloadlab.profile import Profile
+
+    monkeypatch.setattr(pool, "usable_cores", lambda: 1)  # the corners (and the paper's plot) in this process
+    loads = []
+    real = Profile.load.__func__
+
+    def counted(cls, path, *a, **kw):
+        loads.append(str(path))
+        return real(cls, path, *a, **kw)
+
+    monkeypatch.setattr(Profile, "load", classmethod(counted))
+    probe = "validation/traces/h100_llama8b_probe.json"
+    prof = ["--profile", "validation/traces/profiles/h100_llama-3.1-8b_v0", "--profile", probe]
+    for args in (["run", "--requests", "10", "--gpu", "h100"], ["compare", "--requests", "10", "--gpu", "h100"],
+                 ["step", "--gpu", "h100"], ["paper", "--requests", "4", "--gpu", "h100", "--quiet", "--out",
+                                             str(tmp_path)],
+                 ["validate", "validation/traces/serving/rtx4090_llama-3.1-8b"], ["validate", probe]):
+        loads.clear()
+        assert main(args + prof) == 0, args
+        assert loads == [prof[1], prof[3]], args
+    capsys.readouterr()
+
+
 def test_vllm_command_line_brings_its_engine_flags(tmp_path, capsys):
     out = tmp_path / "r.json"
     line = "vllm serve meta-llama/Llama-3.1-70B -tp 2 --max-model-len 4096 --cpu-offload-gb 8"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from offloadlab.errors import ConfigError
 from offloadlab.serving_files import REQUEST_FIELDS, read_requests, read_timeseries
-from offloadlab.sim.workload import from_serving_run
+from offloadlab.sim.workload import from_file, from_serving_run
 from offloadlab.validation.serving_run import load_serving_run, serving_requests
 
 RUN = Path(__file__).resolve().parents[1] / "validation" / "traces" / "serving" / "rtx4090_llama-3.1-8b"
@@ -107,17 +107,47 @@ def test_a_bad_cell_is_named_by_file_line_field_and_value_alike_by_both(rows, wh
 
 
 @pytest.mark.parametrize("line,tail", [
-    ("{not json", "row='{not json': expected a JSON object (Expecting property name enclosed in double quotes)"),
-    ("[1, 2]", "row='[1, 2]': expected a JSON object"),
-    ("[" * 5000, "expected a JSON object (nested too deeply)"),
+    ("{not json",
+     "row='{not json': expected a JSON object per line (Expecting property name enclosed in double quotes)"),
+    ("[1, 2]", "row='[1, 2]': expected a JSON object per line"),
+    ("[" * 5000, f"row='{'[' * 57}...': expected a JSON object per line (nested too deeply)"),
 ])
-def test_a_row_that_is_not_an_object_is_one_error_alike_by_both(tmp_path, line, tail):
+def test_a_line_that_is_not_an_object_is_one_error_alike_by_every_reader(tmp_path, line, tail):
+    """One JSON-lines reader (offloadlab/fileio.py read_json_lines) for a serving run's requests and a JSONL
+    workload file: the same error, naming the file's line (blank lines counted)."""
+    d = write_run(tmp_path / "run", ["", {"request_id": 1, "input_toks": 5, "output_toks": 2, "queued_ts": 1.0,
+                                          "first_token_ts": 2.0, "last_token_ts": 3.0}, line])
+    wl = tmp_path / "w.jsonl"
+    wl.write_text('\n{"prompt_len": 5, "output_len": 2}\n' + line + "\n")
+    for read, path, file in ((load_serving_run, d, d / "requests.jsonl"), (from_serving_run, d, d / "requests.jsonl"),
+                             (from_file, wl, wl)):
+        with pytest.raises(ConfigError) as e:
+            read(path)
+        assert str(e.value) == f"{file}, line 3: {tail}"
+
+
+def test_a_byte_order_mark_is_read_past_by_every_reader(tmp_path):
+    """A JSON-lines file saved with a UTF-8 byte-order mark (some Windows editors write one) reads as without."""
+    rows = [{"request_id": "a", "input_toks": 5, "output_toks": 2, "queued_ts": 1.0, "first_token_ts": 2.0,
+             "last_token_ts": 3.0}, {"request_id": "b", "input_toks": 7, "output_toks": 1, "queued_ts": 1.5,
+                                     "first_token_ts": 2.5, "last_token_ts": 2.5}]
+    plain, bom = write_run(tmp_path / "plain", rows), write_run(tmp_path / "bom", rows)
+    (bom / "requests.jsonl").write_bytes(b"\xef\xbb\xbf" + (plain / "requests.jsonl").read_bytes())
+    for f in REQUEST_FIELDS + ("arrival",):
+        assert read_requests(bom)[f].tolist() == read_requests(plain)[f].tolist()
+    assert from_serving_run(bom).requests == from_serving_run(plain).requests
+    wl = tmp_path / "w.jsonl"
+    wl.write_bytes(b'\xef\xbb\xbf{"prompt_len": 5, "output_len": 2}\n')
+    assert [(r.prompt_len, r.output_len) for r in from_file(wl).requests] == [(5, 2)]
+
+
+def test_a_meta_json_nested_too_deeply_is_one_error(tmp_path):
     d = write_run(tmp_path / "run", [{"request_id": 1, "input_toks": 5, "output_toks": 2, "queued_ts": 1.0,
-                                      "first_token_ts": 2.0, "last_token_ts": 3.0}, line])
-    for read in (load_serving_run, from_serving_run):
-        with pytest.raises(ConfigError, match="line 2: ") as e:
-            read(d)
-        assert str(e.value).startswith(f"{d / 'requests.jsonl'}, line 2: ") and tail in str(e.value)
+                                      "first_token_ts": 2.0, "last_token_ts": 3.0}])
+    (d / "meta.json").write_text("[" * 100000)
+    with pytest.raises(ConfigError) as e:
+        load_serving_run(d)
+    assert str(e.value).startswith(f"{d / 'meta.json'}: meta.json='nested too deeply': expected JSON nested less")
 
 
 def test_a_directory_without_its_files_is_named_alike_by_both(tmp_path):
@@ -132,7 +162,7 @@ def test_a_directory_without_its_files_is_named_alike_by_both(tmp_path):
         read_requests(tmp_path / "absent")
 
 
-# ---- timeseries.csv: the columns pandas' read_csv gives (the replay's plot draws them) ----
+# ---- timeseries.csv: the columns the replay's plot draws, as pandas' read_csv gives them ----
 cells = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(-1e6, 1e6).map(repr),
                   st.integers(0, 99).map(lambda i: f"{i}.0"))
 
@@ -141,8 +171,8 @@ cells = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(-1e6, 1e6).map(
 @given(extra=st.lists(st.sampled_from(["kv_cache_pct", "gen_throughput", "note"]), unique=True, max_size=2),
        n=st.integers(0, 6), data=st.data())
 def test_timeseries_columns_are_pandas_own(extra, n, data):
-    header = ["t", "running", "waiting", *extra]
-    extra_cells = cells | st.sampled_from(["", "NA", "nan"])  # missing values: NaN, as pandas reads them
+    header = data.draw(st.permutations(["t", "running", "waiting", *extra]))
+    extra_cells = cells | st.sampled_from(["", "NA", "nan", "x_1"])  # other columns: anything, never read
     rows = [[data.draw(st.sampled_from(["a", "b c"]) if c == "note" else extra_cells if c in extra else cells)
              for c in header] for _ in range(n)]
     text = "\n".join(",".join(r) for r in [header, *rows]) + "\n"
@@ -150,9 +180,9 @@ def test_timeseries_columns_are_pandas_own(extra, n, data):
     d.mkdir(exist_ok=True)
     (d / "timeseries.csv").write_text(text)
     cols = read_timeseries(d)
-    frame = pd.read_csv(io.StringIO(text))
-    assert list(cols) == list(frame.columns)
-    for c in header:
+    frame = pd.read_csv(io.StringIO(text), usecols=["t", "running", "waiting"])
+    assert list(cols) == list(frame.columns)  # t, running, waiting in the file's order; nothing else
+    for c in frame.columns:
         mine, theirs = cols[c], frame[c].to_numpy()
         if n:  # an empty column's dtype is pandas' guess
             assert mine.dtype.kind == theirs.dtype.kind, (c, mine.dtype, theirs.dtype)
@@ -161,7 +191,7 @@ def test_timeseries_columns_are_pandas_own(extra, n, data):
 
 def test_the_stored_runs_timeseries_is_read_as_pandas_reads_it():
     run = load_serving_run(RUN)
-    frame = pd.read_csv(RUN / "timeseries.csv")
+    frame = pd.read_csv(RUN / "timeseries.csv", usecols=["t", "running", "waiting"])
     assert run.timeseries.equals(frame)
     assert list(run.timeseries_columns) == list(frame.columns)
     assert read_timeseries(RUN.parent) is None  # no timeseries.csv: none

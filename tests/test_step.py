@@ -345,6 +345,26 @@ def test_the_lane_recurrence_equals_the_simpy_model(case):
         assert fast.busy[lane] == pytest.approx(sim.busy[lane], rel=1e-9, abs=EPS), lane
 
 
+@settings(max_examples=60, deadline=None)
+@given(recurrence_cases(), st.floats(0.5, 2.0))
+def test_a_kept_recurrence_plan_gives_what_a_fresh_one_gives(case, scale):
+    """simulate_layers(plans=...) (a StepModel's): one plan per join mode, built at the first call and run
+    again for other layer costs, to the last bit what a plan built for each call gives; a SimPy run
+    (a trace) neither builds nor uses one."""
+    placement, cost, head, tr, uva_read, join, pre = case
+    plans: dict = {}
+    other = LayerCost(cost.gpu * scale, cost.host, cost.tail * scale, cost.link_comm * scale)
+    kw = dict(wrap=placement.wrap, uva_read=uva_read, join=join, pre_attention=pre)
+    for c in (cost, other, cost):
+        kept = simulate_layers(placement, c, head, tr, plans=plans, **kw)
+        fresh = simulate_layers(placement, c, head, tr, **kw)
+        assert (kept.time, kept.busy, kept.stall) == (fresh.time, fresh.busy, fresh.stall)
+    assert list(plans) == [join]
+    plan = plans[join]
+    simulate_layers(placement, other, head, tr, trace=True, plans=plans, **kw)
+    assert plans == {join: plan}
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 80), st.floats(1e-7, 1e-2), st.floats(1e-7, 1e-2), st.floats(0.0, 1e-3),
        st.sampled_from([0.0, 1e-6, 3e-5]), st.floats(0.0, 1e-2))

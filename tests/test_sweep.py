@@ -58,6 +58,27 @@ def test_key_covers_every_input_and_the_workload():
     assert "interval k=2 buf=2" in base.label and "A100-SXM4-40GB" in base.label
 
 
+def test_a_config_looks_up_its_model_and_gpu_once(monkeypatch):
+    """The catalog look-ups of a SimConfig (its fields never change) are made once, at construction, not
+    again for its key, row, job and label; a replaced config looks up its own."""
+    calls = []
+    for name in ("get_gpu", "get_model"):
+        real = getattr(sw, name)
+        monkeypatch.setattr(sw, name, lambda x, real=real, name=name: (calls.append(name), real(x))[1])
+    c = SimConfig(model="llama-3.1-8b", gpu="h100", policy="interval:2", engine={"kv_cache_dtype": "fp8"},
+                  host_link_bw=32e9)
+    assert sorted(calls) == ["get_gpu", "get_model"]
+    for _ in range(2):
+        c.key(longbench_multi_news(n=4)), c.inputs(), c.job(), c.label  # noqa: B018
+    assert len(calls) == 2
+    assert c.hardware.name == "H100-SXM5-80GB" and c.hardware.host_link_bw == 32e9
+    from offloadlab.catalog import get_model
+
+    assert c.model_spec.kv_bytes_per_token * 2 == get_model("llama-3.1-8b").kv_bytes_per_token  # fp8: not counted
+    a100 = c.replace(gpu="A100-SXM4-40GB")
+    assert a100.hardware.name == "A100-SXM4-40GB" and a100.hardware.host_link_bw == 32e9 and len(calls) == 4
+
+
 def test_bad_configs_fail_at_construction_naming_the_field():
     with pytest.raises(ConfigError, match="config field"):
         grid(bandwidth=[1, 2])

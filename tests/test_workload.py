@@ -24,6 +24,7 @@ from offloadlab.sim.workload import (
     fixed,
     from_dataset_stats,
     from_file,
+    from_vllm_result,
     longbench_multi_news,
     make_workload,
     poisson,
@@ -276,9 +277,13 @@ CSV_HEAD = "prompt_len,output_len,arrival\n"
          '{"prompt_len": 3, "output_len": 1, "arrival": 1}\n{"prompt_len": 3, "output_len": 1}\n', "arrival", 2),
         ("notjson.jsonl", '{"prompt_len": 3, "output_len": 1}\nnot json\n', "row", 2),
         ("list.jsonl", "[1, 2]\n", "row", 1),
+        # JSONL: the file's line, blank lines counted (offloadlab/fileio.py read_json_lines)
+        ("blank_notjson.jsonl", '{"prompt_len": 3, "output_len": 1}\n\n \nnot json\n', "row", 4),
+        ("blank_missing.jsonl", '\n{"prompt_len": 3, "output_len": 1}\n\n{"prompt_len": 3}\n', "output_len", 4),
     ],
 )
 def test_malformed_files_raise_config_error_naming_file_field_row(tmp_path, name, text, field, row):
+    """The place named: a CSV's data row (the header and blank lines not counted), a JSONL file's line."""
     p = tmp_path / name
     p.write_text(text)
     with pytest.raises(ConfigError) as e:
@@ -287,7 +292,21 @@ def test_malformed_files_raise_config_error_naming_file_field_row(tmp_path, name
     assert str(p) in msg
     assert e.value.field == field and field in msg
     if row is not None:
-        assert f"row {row}" in msg
+        assert f"{'line' if name.endswith('.jsonl') else 'row'} {row}: " in msg
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "file='line 1': expected valid JSON (Expecting property name"),
+    ("[1, 2]", "file='list': expected a JSON object (vllm bench serve --save-result)"),
+    ("[" * 100000, "file='nested too deeply': expected JSON nested less deeply"),
+])
+def test_a_vllm_result_that_is_no_json_object_is_one_error_naming_the_file(tmp_path, text, needle):
+    """fileio.read_json_object reads it, as a serving run's meta.json (a deep nesting was a RecursionError)."""
+    p = tmp_path / "r.json"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        from_vllm_result(p)
+    assert str(e.value).startswith(f"{p}: {needle}")
 
 
 def test_from_file_missing_path(tmp_path):
@@ -305,6 +324,16 @@ def test_make_workload_kinds():
         assert lengths(make_workload(d, n=20, seed=4)) == lengths(from_dataset_stats(d, 20, seed=4))
     w = make_workload("multi_news", n=10, sigma=0.0, prompt_mean=100, output_len=8)
     assert {(r.prompt_len, r.output_len) for r in w.requests} == {(100, 8)}
+
+
+@pytest.mark.parametrize("kind, kw", [("multi_news", {}), ("fixed", {"prompt_len": 5, "output_len": 3}),
+                                      ("sharegpt_8k", {}), ("sharegpt", {"source": "table"})])
+def test_make_workload_without_a_rate_is_the_generators_own_at_t0(kind, kw):
+    """Without --rate a synthetic workload is its generator's, every request at t = 0 in id order (the
+    generators make them so: no second pass re-times them)."""
+    w = make_workload(kind, n=30, seed=3, **kw)
+    assert [r.id for r in w.requests] == list(range(30)) and {r.arrival for r in w.requests} == {0.0}
+    assert w.requests == w.with_arrivals(all_at_once(30)).requests
 
 
 def test_make_workload_rate_sets_poisson_arrivals_keeping_lengths():

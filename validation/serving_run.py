@@ -69,8 +69,9 @@ def is_serving_run(path: str | Path) -> bool:
 class ServingRun:
     """A serving run as read: ``columns`` (numpy arrays in file order: request_id, prompt_len, output_len,
     queued_ts, first_token_ts, last_token_ts, arrival, and the measured ttft, tpot, e2e) and, when the run
-    has one, ``timeseries_columns`` (timeseries.csv's columns); ``requests`` and ``timeseries`` are the same
-    as DataFrames, made when first asked for (a replay's printed summary needs no pandas)."""
+    has one, ``timeseries_columns`` (timeseries.csv's t, running and waiting); ``requests`` and
+    ``timeseries`` are the same as DataFrames, made when first asked for (a replay's printed summary needs
+    no pandas)."""
 
     path: Path
     meta: dict
@@ -128,17 +129,27 @@ def load_serving_run(path: str | Path) -> ServingRun:
     q, first, last, n = raw["queued_ts"], raw["first_token_ts"], raw["last_token_ts"], raw["output_toks"]
     cols = {"request_id": raw["request_id"], "prompt_len": raw["input_toks"], "output_len": n, "queued_ts": q,
             "first_token_ts": first, "last_token_ts": last, "arrival": raw["arrival"],
-            # as shared/data/README.md defines them (a one-token output's TPOT divides by 1)
-            "ttft": first - q, "tpot": (last - first) / np.maximum(1, n - 1), "e2e": last - q}
+            "ttft": first - q, "tpot": _tpot(first, last, n), "e2e": last - q}  # as shared/data/README.md has them
     return ServingRun(d, meta, cols, read_timeseries(d))
+
+
+def _tpot(first: np.ndarray, last: np.ndarray, output_len: np.ndarray) -> np.ndarray:
+    """Seconds per output token after the first, as the run defines TPOT, measured or predicted (a one-token
+    output's divides by 1, not NaN)."""
+    return (last - first) / np.maximum(1, output_len - 1)
 
 
 def serving_requests(path: str | Path | ServingRun) -> list[dict]:
     """The run's requests as a workload: request_id, prompt_len, output_len, arrival (s after the
     first request was queued), in file order."""
     run = path if isinstance(path, ServingRun) else load_serving_run(path)
-    cols = ["request_id", "prompt_len", "output_len", "arrival"]
-    return [dict(zip(cols, r)) for r in zip(*(run.columns[c].tolist() for c in cols))]
+    return _records(run.columns, ["request_id", "prompt_len", "output_len", "arrival"])
+
+
+def _records(columns: dict, names: list[str]) -> list[dict]:
+    """One dict per row of these equal-length numpy columns, ``names`` only, as Python values (json.dumps
+    writes them; a numpy integer it could not)."""
+    return [dict(zip(names, row)) for row in zip(*(columns[c].tolist() for c in names))]
 
 
 def workload_of(run: ServingRun):
@@ -260,8 +271,7 @@ class ServingComparison:
 
     def json_dict(self) -> dict:
         cols = ["request_id"] + [f"{w}_{m}_s" for m in METRICS for w in ("measured", "predicted")]
-        return {"requests": [dict(zip(cols, r)) for r in zip(*(self.columns[c].tolist() for c in cols))],
-                "summary": self.summary}
+        return {"requests": _records(self.columns, cols), "summary": self.summary}
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -308,10 +318,10 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
 
 def _predicted(res) -> dict[str, np.ndarray]:
     """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
-    defines them (a one-token output's TPOT divides by 1, not NaN); ``preemptions`` beside them."""
+    defines them; ``preemptions`` beside them."""
     pred = res.columns  # in id order (sim/metrics.py request_columns)
-    tpot = (pred["finish"] - pred["first_token"]) / np.maximum(1, pred["output_len"] - 1)
-    return {"ttft": pred["ttft"], "tpot": tpot, "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
+    return {"ttft": pred["ttft"], "tpot": _tpot(pred["first_token"], pred["finish"], pred["output_len"]),
+            "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
 
 
 def _corner_ends(n: int, res) -> dict:
@@ -331,15 +341,13 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     the throughput and the makespan a band, and saying whether the measured value falls inside.
     ``executor`` (a ``concurrent.futures`` Executor): run the two corners on it, beside the replay itself
     (``offloadlab.sim.start_corners``); None: here, after it."""
-    from functools import partial
-
     from ..sim import simulate, start_corners
 
     plan = run if isinstance(run, ReplayPlan) else plan_replay(run, **resolve)
     run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
     wl = workload_of(run)
     n = len(run.columns["request_id"])
-    corners = start_corners(partial(_corner_ends, n), m, hw, None, wl, eng, profile=plan.profile,
+    corners = start_corners(functools.partial(_corner_ends, n), m, hw, None, wl, eng, profile=plan.profile,
                             cost_kw=plan.cost_kw, executor=executor) if band else None
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
     pred = _predicted(res)

@@ -46,7 +46,7 @@ def _say_profile(a, model) -> None:
     if a.profile:
         from ..sim import describe_profile
 
-        print("profile: " + describe_profile(model, a.gpu, a.profile, getattr(a, "tensor_parallel", 1) or 1,
+        print("profile: " + describe_profile(model, a.gpu, a.profiles, getattr(a, "tensor_parallel", 1) or 1,
                                              getattr(a, "pipeline_parallel", 1) or 1))
 
 
@@ -306,7 +306,7 @@ def cmd_paper(a) -> None:
     out = a.outputs.directory("--out", a.out, ["paper_results.csv", "paper_memory.csv", "paper.png"])
     model = _model(a)
     _say_profile(a, model)
-    res = paper_rows(model, a.gpu, a.requests, a.seed, a.profile, progress=not a.quiet)
+    res = paper_rows(model, a.gpu, a.requests, a.seed, a.profiles, progress=not a.quiet)
     mem = memory_rows(model, a.gpu)
     # the figure's data go to the painter first: it draws while this process prints and writes the tables
     plot = ("paper_figure", as_lists(res), as_lists(mem),  # plain columns: the painter needs no pandas
@@ -358,9 +358,9 @@ def cmd_run(a) -> None:
     model, eng = _model(a), _engine(a)
     _say_profile(a, model)
     with _band_pool(a) as pool:
-        band = None if a.no_band else start_band(model, a.gpu, policy, wl, eng, profile=a.profile,
+        band = None if a.no_band else start_band(model, a.gpu, policy, wl, eng, profile=a.profiles,
                                                  cost_kw=getattr(a, "cost_kw", None), executor=pool)
-        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profile, cost_kw=getattr(a, "cost_kw", None),
+        r = simulate(model, a.gpu, policy, wl, eng, profile=a.profiles, cost_kw=getattr(a, "cost_kw", None),
                      trace_steps=bool(a.trace))  # the step list only for --trace
         band = {} if band is None else band()
     if eng.tensor_parallel * eng.pipeline_parallel > 1:
@@ -405,14 +405,18 @@ def cmd_compare(a) -> None:
     rows = []
     with _band_pool(a) as pool:
         for p in policies:
+            band = None
             try:
-                band = None if a.no_band else start_band(model, a.gpu, p, wl, eng, profile=a.profile,
+                band = None if a.no_band else start_band(model, a.gpu, p, wl, eng, profile=a.profiles,
                                                          cost_kw=getattr(a, "cost_kw", None), executor=pool)
-                r = simulate(model, a.gpu, p, wl, eng, profile=a.profile, trace_steps=False,
+                r = simulate(model, a.gpu, p, wl, eng, profile=a.profiles, trace_steps=False,
                              cost_kw=getattr(a, "cost_kw", None)).row()
                 if band is not None:
                     r = _with_band(r, band())
             except OffloadLabError as e:  # one policy that does not fit is a row, not the end of the table
+                if band is not None and pool is not None:  # its corners, started on the workers: collected
+                    with contextlib.suppress(OffloadLabError):  # (they fail alike), not left running
+                        band()
                 r = {"policy": p.label, "error": str(e)}
             rows.append({**r, "vllm_flags": format_vllm(p, eng)})
             _warn_slot_race(p, model, eng)
@@ -447,7 +451,7 @@ def cmd_optimize(a) -> None:
     r = optimize(model, a.gpu, wl, _engine(a), objective=a.objective, min_kv_tokens=a.min_kv_tokens,
                  max_ttft_p99_s=a.max_ttft_p99, max_tpot_p99_s=a.max_tpot_p99, mechanisms=mech,
                  executor=_executor(a), cache_dir=a.cache_dir,
-                 profile=a.profile,  # SimConfig takes the list: one path, or a tuple of several
+                 profile=a.profile,  # the paths, which the table's rows name (SimConfig loads each once more)
                  progress=not a.quiet, band=not a.no_band)
     print(f"{a.model} on {a.gpu}, workload {a.workload} ({len(wl.requests)} requests), mode {a.mode}; "
           f"{len(r.table)} candidates, {int(r.table['feasible'].sum())} feasible\n")
@@ -504,7 +508,7 @@ def cmd_step(a) -> None:
 
     model, policy = _model(a), _policy(a)
     _say_profile(a, model)
-    kw = dict(batch=a.batch, new_tokens=a.new_tokens, context=a.context, profile=a.profile,
+    kw = dict(batch=a.batch, new_tokens=a.new_tokens, context=a.context, profile=a.profiles,
               tensor_parallel=a.tensor_parallel, pipeline_parallel=a.pipeline_parallel)
     r = simulate_step(model, a.gpu, policy, **kw)
     lo, hi = (simulate_step(model, a.gpu, policy, corner=c, **kw).time for c in ("low", "high"))
@@ -562,7 +566,6 @@ def _report_probe(a, f: str, probe, source):
 
 
 def cmd_validate(a) -> None:
-    from ..profile import load_profiles
     from ..validation import ProbeFile, stored_measurements
     from ..validation.serving_run import format_comparison, is_serving_run, plan_replay, replay_serving_run
 
@@ -576,9 +579,9 @@ def cmd_validate(a) -> None:
         raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
                           "own shapes)")
     # everything read and resolved before anything is simulated
-    source = load_profiles(a.profile) if a.profile and len(runs) != len(files) else None
+    source = a.profiles if len(runs) != len(files) else None
     probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
-    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profile, vllm_version=a.vllm_version)
+    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profiles, vllm_version=a.vllm_version)
              for f in runs}
     frames, replays = [], []
     with _band_pool(a) if plans else contextlib.nullcontext() as pool:
@@ -779,11 +782,11 @@ def main(argv: list[str] | None = None) -> int:
 
                     load_catalog_file(args.catalog)
                 _settle_engine(args)
-                if getattr(args, "profile", None) is not None:  # a bad file fails here, not in one row of a table
-                    from ..profile import Profile
+                args.profiles = None  # --profile's files, loaded once: a Profile, or a tuple of several
+                if getattr(args, "profile", None):  # a bad file fails here, not in one row of a table
+                    from ..profile import load_profiles
 
-                    for path in args.profile if isinstance(args.profile, list) else [args.profile]:
-                        Profile.load(path)
+                    args.profiles = load_profiles(args.profile)
                 args.fn(args)
         stdout.flush()
     except OffloadLabError as e:

@@ -36,6 +36,7 @@ rows were simulated serially, in a pool, on Dask, or read from the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -280,13 +281,13 @@ class SimConfig:
             fields["engine"] = dataclasses.replace(base, **eng)
         return SimConfig(**fields)
 
-    # ---- resolved inputs -----------------------------------------------------------------------
-    @property
+    # ---- resolved inputs (each looked up once: the fields never change) ------------------------
+    @functools.cached_property
     def model_spec(self) -> ModelSpec:
         """The model, with the engine's KV-cache dtype applied (as the simulator lays it out)."""
         return get_model(self.model).with_kv_cache_dtype(self.engine.kv_cache_dtype)
 
-    @property
+    @functools.cached_property
     def hardware(self) -> HardwareSpec:
         """The GPU spec, with the host-link override applied."""
         hw = get_gpu(self.gpu)
