@@ -892,7 +892,8 @@ class Calibrated:
             # the host link (no NVLink: LayerCost.link_comm) a factor of its own, else weighed in with the rest
             f_ar = _sym(_quad(BAND_STRUCTURE, xfer)) if self._allreduce else allreduce_band(rf)
             own = rf.model.tensor_parallel > 1 and not rf.hw.gpu_link_bw
-            for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att)) + ((("allreduce", f_ar),) * (not own)):
+            classes = [("elementwise", _sym(w_meas)), ("attention", f_att)] + ([] if own else [("allreduce", f_ar)])
+            for name, f in classes:
                 t = parts[name]
                 lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
             return Band((lo / total, hi / total), host, copy, f_ar if own else None)
