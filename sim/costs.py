@@ -163,11 +163,14 @@ BAND_TRANSFER_LINK = 0.05
 
 @dataclass(frozen=True)
 class Band:
-    """(low, high) multiplicative factors on a step's cost components: GPU time, host launch time, copy time."""
+    """(low, high) multiplicative factors on a step's cost components: GPU time, host launch time, copy time;
+    ``comm``: on a layer's all-reduces over the host link (``LayerCost.link_comm``), where they have their
+    own evidence, ``gpu`` then being the factor on the rest of its GPU time (None: ``gpu`` on all of it)."""
 
     gpu: tuple[float, float]
     host: tuple[float, float]
     copy: tuple[float, float]
+    comm: tuple[float, float] | None = None
 
 
 def _sym(w: float) -> tuple[float, float]:
@@ -210,6 +213,28 @@ def attention_kernel(gpu: HardwareSpec) -> str:
 # datasheet-only GPU band (datasheet_gpu) and the attention factor a Calibrated cost gives datasheet attention.
 FA2_REREAD = 0.28
 
+# All-reduce between GPUs without NVLink (Roofline.allreduce_seconds), from public measurements on four
+# machines (validation/traces/allreduce/: NCCL on 2x RTX 2080 Ti over host memory, PCIe Gen3; 4x V100 on a
+# PLX switch, Gen3; 4 and 8 RTX PRO 6000 Server Edition on Broadcom switches and 8 RTX PRO 6000 Max-Q on
+# three switches, Gen5; 64 KiB-16 MiB; `python -m offloadlab.validation.allreduce`, tests/test_allreduce.py
+# recomputes them): the ring's traffic per GPU moves at PCIE_ALLREDUCE_RATE of the host link's datasheet
+# rate per direction (the median of the tables that resolve it: 0.25, 0.51, 0.78) and each of its 2 (n-1)
+# steps costs PCIE_ALLREDUCE_HOP (median over five tables, 1.2-10 us). What runs: vLLM
+# (vllm/distributed/device_communicators/custom_all_reduce.py) disables its custom all-reduce on more than
+# two GPUs without NVLink (NCCL's ring then) and, on two GPUs with peer access, runs it below max_size (8 MiB)
+# as one stage (csrc/custom_all_reduce.cuh: world_size 2 -> cross_device_reduce_1stage, each GPU reading its
+# peer's whole buffer: the ring's traffic at n = 2); no public measurement of that kernel over PCIe was found,
+# so one model stands for both. Each table's median measured / model lies in BAND_ALLREDUCE_PCIE (rounded out).
+PCIE_ALLREDUCE_RATE = 0.51
+PCIE_ALLREDUCE_HOP = 4.4e-6
+BAND_ALLREDUCE_PCIE = (0.35, 2.05)
+
+
+def allreduce_band(rf: "Roofline") -> tuple[float, float]:
+    """(low, high) factors on an unmeasured all-reduce's time: BAND_ALLREDUCE_PCIE without NVLink, else
+    the datasheet GPU band (see DATASHEET_GPU_HIGH)."""
+    return datasheet_gpu(rf) if rf.hw.gpu_link_bw else BAND_ALLREDUCE_PCIE
+
 
 @dataclass(frozen=True)
 class Roofline:
@@ -240,7 +265,7 @@ class Roofline:
     # KV-cache-write custom ops (~3 launches of ~10 us through Python; an ASSUMPTION, not measured)
     piecewise_launch_per_layer: float = 30e-6
     copy_slowdown: float = 1.0
-    allreduce_latency: float = 5e-6  # seconds per ring hop
+    allreduce_latency: float = 5e-6  # seconds per ring hop over NVLink (PCIe: PCIE_ALLREDUCE_HOP)
     link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
     uva_tile_m: int = 64  # token rows per host read of a UVA-offloaded weight (module doc: assumption)
     # how a step's attention kernels read the KV cache (ATTENTION_KERNELS; sim/vllm_engine.attention_kernel
@@ -333,9 +358,13 @@ class Roofline:
         return self.allreduce_seconds(self.model.hidden_state_bytes(tokens), tp)
 
     def allreduce_seconds(self, nbytes: float, gpus: int) -> float:
-        """A ring all-reduce of ``nbytes`` over ``gpus`` GPUs of this kind."""
-        bw = self.hw.gpu_link_bw or self.hw.host_link_bw
-        return 2 * (gpus - 1) / gpus * nbytes / bw + 2 * (gpus - 1) * self.allreduce_latency
+        """A ring all-reduce of ``nbytes`` over ``gpus`` GPUs of this kind: 2 (gpus-1) steps, each GPU
+        sending 2 (gpus-1)/gpus x ``nbytes``; over NVLink at its datasheet rate and allreduce_latency a
+        step, over PCIe at the measured PCIE_ALLREDUCE_RATE of the host link's and PCIE_ALLREDUCE_HOP."""
+        steps = 2 * (gpus - 1)
+        if self.hw.gpu_link_bw:
+            return steps / gpus * nbytes / self.hw.gpu_link_bw + steps * self.allreduce_latency
+        return steps / gpus * nbytes / (PCIE_ALLREDUCE_RATE * self.hw.host_link_bw) + steps * PCIE_ALLREDUCE_HOP
 
     def link_comm_time(self, s: StepShape) -> float:
         """Seconds of a layer's all-reduces that cross the GPU's host (PCIe) link, competing with
@@ -399,14 +428,16 @@ class Roofline:
         return f"datasheet roofline of {self.model.name} on {self.hw.name} (no profile)"
 
     def band(self, s: StepShape) -> Band:
-        """Datasheet only: the widest band (see DATASHEET_*): one of two, by whether ``s`` replays a graph."""
+        """Datasheet only: the widest band (see DATASHEET_*): one of two, by whether ``s`` replays a graph;
+        all-reduces over the host link (tensor parallelism without NVLink) at their own (allreduce_band)."""
         return self._bands[self.replays_graph(s)]
 
     @functools.cached_property
     def _bands(self) -> tuple[Band, Band]:
         """``band``'s two values (eager, graph replay), made once: a corner run asks for one per cost."""
         gpu, copy = datasheet_gpu(self), _sym(_quad(BAND_STRUCTURE, DATASHEET_COPY))
-        return Band(gpu, DATASHEET_LAUNCH, copy), Band(gpu, (0.5, 2.0), copy)
+        comm = allreduce_band(self) if self.model.tensor_parallel > 1 and not self.hw.gpu_link_bw else None
+        return Band(gpu, DATASHEET_LAUNCH, copy, comm), Band(gpu, (0.5, 2.0), copy, comm)
 
 
 NEAR = 32.0  # a measured shape "near" a step: token counts within this factor (else: no row near, an error)
@@ -857,12 +888,15 @@ class Calibrated:
                 kind, ratio = self._attention.lookup(s)
                 parts["attention"] *= ratio
                 f_att = ev["attention"].get(kind, f_att)
-            # all-reduce: measured (Profile.allreduce of this degree) or the datasheet's ring model
-            f_ar = _sym(_quad(BAND_STRUCTURE, xfer)) if self._allreduce else datasheet_gpu(rf)
-            for name, f in (("elementwise", _sym(w_meas)), ("attention", f_att), ("allreduce", f_ar)):
+            # all-reduce: measured (Profile.allreduce of this degree) or the ring model (allreduce_band); over
+            # the host link (no NVLink: LayerCost.link_comm) a factor of its own, else weighed in with the rest
+            f_ar = _sym(_quad(BAND_STRUCTURE, xfer)) if self._allreduce else allreduce_band(rf)
+            own = rf.model.tensor_parallel > 1 and not rf.hw.gpu_link_bw
+            classes = [("elementwise", _sym(w_meas)), ("attention", f_att)] + ([] if own else [("allreduce", f_ar)])
+            for name, f in classes:
                 t = parts[name]
                 lo, hi, total = lo + t * f[0], hi + t * f[1], total + t
-            return Band((lo / total, hi / total), host, copy)
+            return Band((lo / total, hi / total), host, copy, f_ar if own else None)
         return Band(datasheet_gpu(rf), host, copy)
 
     @property
@@ -1046,7 +1080,10 @@ class Corner:
     def layer(self, s: StepShape) -> LayerCost:
         c, b = self.base.layer(s), self.base.band(s)
         g = b.gpu[self.side]
-        return LayerCost(c.gpu * g, c.host * b.host[self.side], c.tail, c.link_comm * g)
+        if b.comm is None:
+            return LayerCost(c.gpu * g, c.host * b.host[self.side], c.tail, c.link_comm * g)
+        comm = c.link_comm * b.comm[self.side]  # the all-reduces over the host link at their own factor
+        return LayerCost((c.gpu - c.link_comm) * g + comm, c.host * b.host[self.side], c.tail, comm)
 
     def head(self, s: StepShape) -> float:
         return self.base.head(s) * self.base.band(s).gpu[self.side]

@@ -175,17 +175,21 @@ def test_a_step_of_several_prompt_chunks_is_costed_as_one_chunk_at_their_mean_co
     assert table.ratio(s) == table._interpolate(2, (600, 2000.0, 8, 1023.0))
 
 
-def test_an_all_reduce_no_profile_measured_gets_the_datasheet_band(pro6000):
-    """The bundles time one GPU's shard, no all-reduce: at TP 2 its term is the datasheet ring model's, and so
-    is its band (wider than with the same all-reduce measured)."""
+def test_an_all_reduce_no_profile_measured_gets_the_ring_models_band(pro6000):
+    """The bundles time one GPU's shard, no all-reduce: at TP 2 its term is the ring model's over PCIe, and so
+    is its band (BAND_ALLREDUCE_PCIE, wider than with the same all-reduce measured). Over the host link (no
+    NVLink) the all-reduces carry their factor apart (Band.comm); the rest of the layer's is the same."""
+    from offloadlab.sim.costs import BAND_ALLREDUCE_PCIE
+
     rf = _roofline("RTX-PRO-6000-Blackwell-96GB", 2)
     sizes = [2.0 ** k for k in range(10, 28)]
     rows = tuple((b, 2, rf.allreduce_seconds(b, 2)) for b in sizes)  # measured exactly as the ring model says
     unmeasured, measured = Calibrated(rf, pro6000), Calibrated(rf, dataclasses.replace(pro6000, allreduce=rows))
     for s in (StepShape.decode(64, 64 * 1000), StepShape.uniform(1, 2048, 0)):
         assert unmeasured.gpu_host(s)[0] == pytest.approx(measured.gpu_host(s)[0], rel=1e-9)
-        (lo, hi), (mlo, mhi) = unmeasured.band(s).gpu, measured.band(s).gpu
-        assert lo < mlo and hi > mhi
+        assert unmeasured.band(s).gpu == measured.band(s).gpu
+        (lo, hi), (mlo, mhi) = unmeasured.band(s).comm, measured.band(s).comm
+        assert (lo, hi) == BAND_ALLREDUCE_PCIE and lo < mlo and hi > mhi
 
 
 @pytest.mark.parametrize("bundle,tp", [(RTX4090, 1), (PRO6000, 1), (PRO6000, 2)])
