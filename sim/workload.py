@@ -17,6 +17,7 @@ Times are in seconds, lengths in tokens.
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import math
@@ -527,13 +528,27 @@ def _parse_arrival(raw: Any) -> float | None:
     return float(raw)
 
 
+def _check_near_misses(rec: Mapping[str, Any], has: Mapping[str, bool], where: str, word: str) -> None:
+    """An optional column left out while another column's name is close to it (``arrival_s``, ``arrival_time``,
+    ``Arrival``, ``ID``) is a ConfigError: ignored, it would silently give every request t = 0 (or ids by row)."""
+    others = [k for k in rec if k not in FILE_COLUMNS]
+    for field, present in has.items():
+        if present:
+            continue
+        near = [k for k in others if k.lower().startswith(field)
+                or difflib.get_close_matches(field, [k.lower()], n=1, cutoff=0.8)]
+        if near:
+            raise ConfigError(word, near[0], f"{field!r} (a {word} named {near[0]!r} would be ignored, and "
+                              f"with it the requests' {field}: rename it)", source=where)
+
+
 def from_file(path: str | Path) -> Workload:
     """Read requests from a CSV (header row) or JSONL (``.jsonl``/``.ndjson``, one object a line).
 
     Required columns/keys: ``prompt_len`` and ``output_len`` (integers >= 1). Optional:
     ``arrival`` (seconds >= 0; all 0 when absent) and ``id`` (unique integers >= 0; the row order
     0, 1, ... when absent). Optional fields are present in every row or in none. Other columns are
-    ignored. Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row, 1-based,
+    ignored, unless an optional field is absent and another column's name is close to it (``arrival_s``). Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row, 1-based,
     counting data rows, not the header or blank lines; a JSONL file's line) and the field. Blank lines
     are skipped (ids by row order count data rows only). The workload is named after the file.
     """
@@ -541,12 +556,14 @@ def from_file(path: str | Path) -> Workload:
     src = str(p)
     if not p.is_file():
         raise ConfigError("path", src, "an existing CSV or JSONL workload file")
+    word = "column" if p.suffix.lower() == ".csv" else "key"
     requests: list[Request] = []
     has: dict[str, bool] = {}
     seen_ids: set[int] = set()
     for row, where, rec in _records(p):
         if not has:
             has = {k: k in rec for k in ("id", "arrival")}
+            _check_near_misses(rec, has, where, word)
         values: dict[str, Any] = {}
         for field in FILE_COLUMNS:
             optional = field in has
@@ -556,7 +573,7 @@ def from_file(path: str | Path) -> Workload:
                 if optional:
                     continue
                 found = ", ".join(map(str, rec)) or "none"
-                raise ConfigError(field, None, f"a {'column' if p.suffix.lower() == '.csv' else 'key'} "
+                raise ConfigError(field, None, f"a {word} "
                                   f"named {field!r} (found: {found})", source=where)
             raw = rec[field]
             if field == "arrival":

@@ -251,6 +251,34 @@ def test_from_file_optional_columns_and_extra_columns(tmp_path):
     assert lengths(from_file(j)) == [(1, 6, 2, 0.0), (0, 5, 1, 2.5)]
 
 
+@pytest.mark.parametrize("column, field", [("arrival_s", "arrival"), ("arrival_time", "arrival"), ("Arrival", "arrival"),
+                                           ("arival", "arrival"), ("ID", "id"), ("ids", "id")])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_from_file_a_column_close_to_an_absent_optional_one_is_an_error(tmp_path, column, field, suffix):
+    # Ignored, 'arrival_s' would silently put every request at t = 0.
+    p = tmp_path / f"w{suffix}"
+    if suffix == ".csv":
+        p.write_text(f"prompt_len,output_len,{column}\n10,2,1\n")
+    else:
+        p.write_text(json.dumps({"prompt_len": 10, "output_len": 2, column: 1}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        from_file(p)
+    msg = str(e.value)
+    assert repr(column) in msg and repr(field) in msg and ("column" if suffix == ".csv" else "key") in msg
+    assert "rename" in msg
+
+
+@pytest.mark.parametrize("header", ["prompt_len,output_len,request_id,timestamp,note",
+                                    "prompt_len,output_len,arrival,arrival_s,id,ids"])
+def test_from_file_columns_far_from_or_beside_the_optional_ones_are_ignored(tmp_path, header):
+    p = tmp_path / "w.csv"
+    n = header.count(",") + 1
+    p.write_text(header + "\n" + ",".join(["7"] * n) + "\n")
+    (r,) = from_file(p).requests
+    assert (r.prompt_len, r.output_len) == (7, 7)
+    assert r.arrival == (7.0 if "arrival," in header else 0.0)
+
+
 CSV_HEAD = "prompt_len,output_len,arrival\n"
 
 
