@@ -162,6 +162,46 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(sig)  # now, to the handler that was in place
 
 
+def _nearest_existing(p: Path) -> Path:
+    q = p.absolute()
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    return q
+
+
+def check_place(flag: str, path: str, p: Path) -> None:
+    """The nearest existing ancestor of ``p`` is a directory this process may create entries in (a ConfigError
+    naming option ``flag`` and ``path`` if not), checked before long work whose result ``p`` will hold."""
+    anc = _nearest_existing(p.parent)
+    if not anc.is_dir():
+        raise ConfigError(flag, path, f"a path under a directory ({anc} is a file)")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(flag, path, f"a path where files can be written ({anc}: permission denied)")
+    # what access() cannot tell (root on a read-only or special file system, such as /proc): make a file there
+    try:
+        with signals_held():
+            fd, tmp = temp_beside(anc / ".offloadlab-check")
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(flag, path, f"a path where files can be written ({anc}: {e.strerror})") from None
+
+
+def check_output_file(flag: str, path: str | os.PathLike) -> Path:
+    """``path`` (named by option ``flag``) can become a regular file: not empty, not a directory, device or
+    pipe, in a place files can be made (missing directories above it are made when it is written)."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise ConfigError(flag, text, "a file path (it is empty)")
+    p = Path(text)
+    if p.is_dir():
+        raise ConfigError(flag, text, "a file path, not a directory")
+    if p.exists() and not p.is_file():
+        raise ConfigError(flag, text, "a regular file path (it is a device, pipe or socket)")
+    check_place(flag, text, p)
+    return p
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False) -> Path:
     """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
 

@@ -31,6 +31,7 @@ import torch
 
 from offloadlab.catalog import get_model
 from offloadlab.errors import ConfigError, OffloadLabError
+from offloadlab.fileio import check_output_file
 from offloadlab.policy import NoOffload
 from offloadlab.profile import SHAPE_FIELDS, Profile
 from offloadlab.specs import ModelSpec
@@ -255,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        check_output_file("--out", args.out)  # before minutes of measuring, not after
         if args.device is None and not args.tiny and not torch.cuda.is_available():
             # the default asks for a GPU: a whole model's layers on this CPU take minutes and its RAM
             raise ConfigError("device", None, f"a CUDA device, but torch {torch.__version__} sees none: --device "

@@ -137,13 +137,13 @@ def test_a_file_system_that_refuses_new_files_is_found_before_the_work(tmp_path,
     """access() says yes to root on a read-only or special file system (/proc): the check makes a file there."""
     import errno
 
-    import offloadlab.apps.outputs as outputs
+    import offloadlab.fileio as fileio
     import offloadlab.sim as sim
 
     def refuse(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(outputs, "temp_beside", refuse)
+    monkeypatch.setattr(fileio, "temp_beside", refuse)
     monkeypatch.setattr(sim, "simulate", lambda *a, **k: pytest.fail("simulated before checking the output path"))
     assert main(["run", "--requests", "4", "--json", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err

@@ -161,6 +161,18 @@ def test_microbench_without_cuda_asks_for_a_device_before_measuring(tmp_path, mo
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("where", ["dir", "under_file", "empty"])
+def test_microbench_checks_its_out_path_before_measuring(tmp_path, monkeypatch, capsys, where):
+    """Minutes of measuring must not end in a path that cannot be written."""
+    (tmp_path / "f").write_text("x")
+    out = {"dir": str(tmp_path), "under_file": str(tmp_path / "f" / "p.json"), "empty": " "}[where]
+    monkeypatch.setattr(microbench, "run", lambda *a, **k: pytest.fail("measured before checking --out"))
+    assert microbench.main(["--tiny", "--device", "cpu", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"--out={out!r}" in err and err.count("\n") == 1
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["f"]
+
+
 def test_probe_file_has_the_public_format(tmp_path):
     data = probe.measure(SPEC, "cpu", grid=((1, 8, 0), (2, 1, 8)), sizes_mib=(1,), reps=1,
                          policies=probe.default_policies(SPEC.layers))

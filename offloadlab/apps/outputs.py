@@ -19,31 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..fileio import signals_held, temp_beside
-
-
-def _nearest_existing(p: Path) -> Path:
-    q = p.absolute()
-    while not q.exists() and q != q.parent:
-        q = q.parent
-    return q
-
-
-def _check_place(flag: str, path: str, p: Path) -> None:
-    """The nearest existing ancestor of ``p`` is a directory this process may create entries in."""
-    anc = _nearest_existing(p.parent)
-    if not anc.is_dir():
-        raise ConfigError(flag, path, f"a path under a directory ({anc} is a file)")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise ConfigError(flag, path, f"a path where files can be written ({anc}: permission denied)")
-    # what access() cannot tell (root on a read-only or special file system, such as /proc): make a file there
-    try:
-        with signals_held():
-            fd, tmp = temp_beside(anc / ".offloadlab-check")
-            os.close(fd)
-            os.unlink(tmp)
-    except OSError as e:
-        raise ConfigError(flag, path, f"a path where files can be written ({anc}: {e.strerror})") from None
+from ..fileio import check_output_file, check_place, signals_held, temp_beside
 
 
 class OutputSet:
@@ -58,14 +34,7 @@ class OutputSet:
     def file(self, flag: str, path: str | os.PathLike) -> Path:
         """Register an output file named by option ``flag``; a bad path is a ConfigError now."""
         text = os.fspath(path)
-        if not text.strip():
-            raise ConfigError(flag, text, "a file path (it is empty)")
-        p = Path(text)
-        if p.is_dir():
-            raise ConfigError(flag, text, "a file path, not a directory")
-        if p.exists() and not p.is_file():
-            raise ConfigError(flag, text, "a regular file path (it is a device, pipe or socket)")
-        _check_place(flag, text, p)
+        p = check_output_file(flag, path)
         key = p.absolute()
         if key in self._flags and self._flags[key] != flag:
             raise ConfigError(flag, text, f"a path no other output uses (it is also {self._flags[key]}'s)")
@@ -80,7 +49,7 @@ class OutputSet:
         p = Path(text)
         if p.exists() and not p.is_dir():
             raise ConfigError(flag, text, "a directory (it is a file)")
-        _check_place(flag, text, p / "x")
+        check_place(flag, text, p / "x")
         for n in names:
             self.file(flag, p / n)
         return p
