@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import ConfigError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json_object
 
 if TYPE_CHECKING:  # pandas only where a frame is built: importing it takes 0.3 s
     import pandas as pd
@@ -223,12 +223,7 @@ class Trace:
         p = Path(path)
         if not p.is_file():
             raise ConfigError("path", src, "an existing trace file", source=src)
-        try:
-            doc = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError("file", src, f"valid JSON ({e})", source=src) from None
-        if not isinstance(doc, dict):
-            raise ConfigError("file", type(doc).__name__, "a JSON object at the top level", source=src)
+        doc = read_json_object(p, "file", "trace file", "a JSON object at the top level")
         if "schema" not in doc:
             raise ConfigError("schema", None, f"{SCHEMA!r} (key missing)", source=src)
         if doc["schema"] != SCHEMA:

@@ -10,13 +10,13 @@ expected one.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from offloadlab.errors import ConfigError
+from offloadlab.fileio import read_json_object
 from offloadlab.specs import ModelSpec
 
 from .model import Arch
@@ -106,7 +106,7 @@ class CheckpointWeights:
     def _check_config(self, cfg_path: Path, truncate: bool) -> Arch | None:
         if not cfg_path.is_file():
             return None
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json_object(cfg_path, "config.json", "Hugging Face config.json")
         for key, field in _CONFIG_FIELDS.items():
             if key not in cfg or (key == "head_dim" and cfg[key] is None):
                 continue

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ..checks import is_int as _is_int, is_number as _is_real
+from ..checks import check_int, is_int as _is_int, is_number as _is_real
 from ..errors import ConfigError
 from ..fileio import (atomic_write_text, host_memory_available, read_json_lines, read_json_object, read_text,
                       shortened)
@@ -115,9 +115,7 @@ DEFAULT_N = MULTI_NEWS_REQUESTS
 # Validation helpers
 # ----------------------------------------------------------------------------------------------
 def _check_int(field: str, v: object, minimum: int, source: str | None = None) -> int:
-    if not _is_int(v) or v < minimum:
-        raise ConfigError(field, v, f"an integer >= {minimum}", source=source)
-    return int(v)
+    return int(check_int(field, v, minimum, source=source))  # a Python int (numpy's pass the check)
 
 
 def _check_seed(seed: object) -> int:

@@ -323,6 +323,7 @@ def with_doc(mutate):
     (lambda p: p.write_text("this is not json"), "file"),
     (truncated, "file"),
     (lambda p: p.write_text("[1, 2]"), "file"),
+    (lambda p: p.write_text("[" * 100000), "file"),  # a RecursionError traceback before
     (with_doc(lambda d: d.pop("schema")), "schema"),
     (with_doc(lambda d: d.update(schema="offloadlab.trace/99")), "schema"),
     (with_doc(lambda d: d.pop("spans")), "spans"),

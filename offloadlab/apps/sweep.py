@@ -435,7 +435,7 @@ class _Cache:
             return None
         try:
             entry = json.loads((self.dir / f"{key}.json").read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # unreadable, half a file, or not ours: a miss
             return None
         if not isinstance(entry, dict) or entry.get("key") != key or entry.get("code") != CODE_FINGERPRINT:
             return None
