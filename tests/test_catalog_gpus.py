@@ -55,6 +55,7 @@ def test_rtx_4090_datasheet_row():
     ("NVIDIA RTX A6000", "RTX-A6000-48GB"),  # once matched to the RTX 4090 by its "RTX" alone
     ("NVIDIA A10", "A10-24GB"),
     ("NVIDIA GH200 480GB", "GH200-96GB"),
+    ("NVIDIA GH200 144G HBM3e", "GH200-144GB"),  # was the 96 GB part, at its HBM3's 4.0 TB/s
     ("AMD Instinct MI300X", "MI300X-192GB"),
     ("NVIDIA GeForce RTX 3090", "RTX-3090-24GB"),
 ])

@@ -53,13 +53,14 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 # Host memory per GPU node where a catalog note says it; otherwise HardwareSpec's default.
-_HOST_MEMORY = {"GH200-96GB": 480 * GB}
+_HOST_MEMORY = {"GH200-96GB": 480 * GB, "GH200-144GB": 480 * GB}
 # The node each GPU usually comes in (ASSUMPTIONS, not datasheet facts; override in a catalog file):
 # (GPUs per node, GPUs sharing one host link, network GB/s per GPU between nodes). 8-GPU HGX boards
 # put two GPUs behind each PCIe switch and give each GPU a 400 Gb/s NIC; the paper's Polaris node
 # has 4 A100-40GB on one host, each on its own x16 link, and two 200 Gb/s Slingshot NICs for the
 # four; GH200 is one superchip per NVLink-C2C link with one 200 Gb/s NIC.
-_NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "L40S-48GB": (8, 2, 50),
+_NODES = {"A100-SXM4-40GB": (4, 1, 12.5), "GH200-96GB": (1, 1, 25), "GH200-144GB": (1, 1, 25),
+          "L40S-48GB": (8, 2, 50),
           "H100-PCIe-80GB": (8, 2, 50),
           # workstation cards: up to 4 in one tower, each on its own x16 link, a 100 Gb/s NIC
           "RTX-4090-24GB": (4, 1, 12.5), "RTX-5090-32GB": (4, 1, 12.5), "RTX-6000-Ada-48GB": (4, 1, 12.5),
@@ -72,7 +73,7 @@ _COMPUTE_CAPABILITY = {
     "A10-24GB": 8.6, "A10G-24GB": 8.6, "RTX-A6000-48GB": 8.6, "RTX-3090-24GB": 8.6,
     "L4-24GB": 8.9, "L40-48GB": 8.9, "L40S-48GB": 8.9, "RTX-4090-24GB": 8.9, "RTX-6000-Ada-48GB": 8.9,
     "H100-SXM5-80GB": 9.0, "H100-PCIe-80GB": 9.0, "H100-NVL-94GB": 9.0, "H200-SXM-141GB": 9.0,
-    "H200-NVL-141GB": 9.0, "H20-96GB": 9.0, "GH200-96GB": 9.0,
+    "H200-NVL-141GB": 9.0, "H20-96GB": 9.0, "GH200-96GB": 9.0, "GH200-144GB": 9.0,
     "B200-180GB": 10.0, "RTX-5090-32GB": 12.0, "RTX-PRO-6000-Blackwell-96GB": 12.0,
 }
 # Short names people type.
@@ -98,7 +99,7 @@ _DEVICE_NAMES = {
     "NVIDIA RTX PRO 6000 Blackwell Server Edition": "RTX-PRO-6000-Blackwell-96GB",
     "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition": "RTX-PRO-6000-Blackwell-96GB",
     "NVIDIA L4": "L4-24GB", "NVIDIA L40": "L40-48GB", "NVIDIA L40S": "L40S-48GB", "NVIDIA A10G": "A10G-24GB",
-    "NVIDIA H100 NVL": "H100-NVL-94GB", "NVIDIA H20": "H20-96GB",
+    "NVIDIA H100 NVL": "H100-NVL-94GB", "NVIDIA H20": "H20-96GB", "NVIDIA GH200 144G HBM3e": "GH200-144GB",
 }
 _TABLES = ("hardware.csv", "hardware_more.csv")
 
