@@ -145,6 +145,26 @@ def test_replay_json_rows_and_summary(tmp_path, capsys):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_no_band_skips_the_corner_replays_and_changes_nothing_else(tmp_path, capsys, monkeypatch):
+    import offloadlab.sim as sim
+
+    d = small_run(tmp_path)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["validate", str(d), "--json", str(a)]) == 0
+    assert "band (every cost" in capsys.readouterr().out
+    calls = []
+    real = sim.simulate
+    monkeypatch.setattr(sim, "simulate", lambda *x, **k: calls.append(k.get("corner")) or real(*x, **k))
+    assert main(["validate", str(d), "--json", str(b), "--no-band"]) == 0
+    out = capsys.readouterr().out
+    assert calls == [None] and "band (" not in out and "inside" not in out
+    with_band, without = json.loads(a.read_text()), json.loads(b.read_text())
+    assert without["requests"] == with_band["requests"]
+    assert without["summary"] == {k: v for k, v in with_band["summary"].items()
+                                  if not k.startswith(("band_", "inside_band_"))}
+    assert "serving-run directories only" in _error(capsys, ["validate", "--no-band"])  # probes: nothing to skip
+
+
 def test_engine_kwargs_absent_take_the_versions_defaults(tmp_path):
     d = small_run(tmp_path, meta={"engine_kwargs": {"model": "meta-llama/Llama-3.1-8B", "max_num_seqs": None}})
     plan = plan_replay(d)

@@ -393,8 +393,8 @@ def format_comparison(c: ServingComparison) -> str:
              f"{e.max_num_batched_tokens}, chunked prefill {'on' if e.chunked_prefill else 'off'}, prefix caching "
              f"{'on' if e.prefix_caching else 'off'}, async scheduling {'on' if e.async_scheduling else 'off'}); "
              f"{s['requests']} requests replayed", "",
-             f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}  band (every cost at the low / "
-             "high end of its evidence)"]
+             f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}"
+             + ("  band (every cost at the low / high end of its evidence)" if "band_lo_ttft_mean_s" in s else "")]
 
     def band(name: str, scale: float = 1.0, fmt: str = ".3f") -> str:
         if f"band_lo_{name}" not in s:

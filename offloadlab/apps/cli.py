@@ -575,6 +575,9 @@ def cmd_validate(a) -> None:
         raise ConfigError("--json/--plot", a.json or a.plot, "one kind of input: probe files or serving-run directories")
     if a.vllm_version and len(runs) != len(files):
         raise ConfigError("--vllm-version", a.vllm_version, "serving-run directories only (probe files have no engine)")
+    if a.no_band and len(runs) != len(files):
+        raise ConfigError("--no-band", True, "serving-run directories only (a probe row's band comes with its "
+                          "prediction, no extra run)")
     if a.leave_one_shape_out and (a.profile or runs):
         raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
                           "own shapes)")
@@ -587,7 +590,8 @@ def cmd_validate(a) -> None:
     with _band_pool(a) if plans else contextlib.nullcontext() as pool:
         for f in files:
             if f in plans:
-                c = replay_serving_run(plans[f], executor=pool, trace_steps=bool(a.plot))  # steps: --plot's
+                c = replay_serving_run(plans[f], executor=pool, trace_steps=bool(a.plot),  # steps: --plot's
+                                       band=not a.no_band)
                 print(format_comparison(c) + "\n")
                 replays.append(c)
                 continue
@@ -739,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="probes: every row with measured_ms and predicted_ms; serving runs: "
                                   "{requests: [...], summary: {...}}")
     p.add_argument("--plot", help="write a predicted-vs-measured PNG (serving runs: CDFs and running/waiting over time)")
+    p.add_argument("--no-band", action="store_true",
+                   help="serving runs: skip the two extra replays that give each mean and the throughput a band")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",
