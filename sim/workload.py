@@ -641,10 +641,11 @@ def poisson(n: int, rate: float, seed: int = 0) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
-# vLLM's benchmark client changed how it times requests (get_request). Up to 0.8.x (read: 0.8.3's
-# benchmarks/benchmark_serving.py, the copy its release tarball ships, stored at vllm-project/vllm 0049e29c; the
-# 0.6-era copy has the same loop with np.random.exponential, the same draws as gamma of shape 1) it sends a
-# request, then sleeps one gamma gap: the first request goes at t = 0 and the last gap is never slept. From
+# vLLM's benchmark client changed how it times requests (get_request). Up to 0.8.x (read: benchmarks/
+# benchmark_serving.py at vllm-project/vllm 0049e29c, April 2025, just after the v0.8.3 tag -- the same get_request,
+# seeding and result keys as a 0.8.3 run's log and file show; the 0.6-era copy at 8668d7c has the same loop with
+# np.random.exponential, the same draws as gamma of shape 1) it sends a request, then sleeps one gamma gap: the
+# first request goes at t = 0 and the last gap is never slept. From
 # vllm/benchmarks/serve.py (``vllm bench serve``) it precomputes one gap per request, the first request waits
 # one, and the times are rescaled to end at n / rate. Where between 0.8.3 and that code the change came was not
 # read: versions before GAPS_BEFORE_FIRST_SINCE are ASSUMED to time requests as 0.8.3 does.
