@@ -33,7 +33,7 @@ from ..checks import check_int, is_int as _is_int, is_number as _is_real
 from ..errors import ConfigError
 from ..fileio import (atomic_write_text, host_memory_available, read_json_lines, read_json_object, read_text,
                       shortened)
-from ..serving_files import read_requests
+from ..serving_files import read_requests, read_vllm_result
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -597,30 +597,6 @@ def from_file(path: str | Path) -> Workload:
 # ----------------------------------------------------------------------------------------------
 # Replaying recorded runs
 # ----------------------------------------------------------------------------------------------
-def _int_list(data: Mapping[str, Any], key: str, src: str, minimum: int) -> list[int]:
-    v = data.get(key)
-    if not isinstance(v, list) or not v:
-        raise ConfigError(key, type(v).__name__ if v is not None else None, "a non-empty list of token counts",
-                          source=src)
-    for i, x in enumerate(v):
-        if not _is_int(x) or x < minimum:
-            raise ConfigError(f"{key}[{i}]", x, f"an integer >= {minimum}", source=src)
-    return [int(x) for x in v]
-
-
-def _real_list(data: Mapping[str, Any], key: str, src: str, n: int) -> list[float] | None:
-    v = data.get(key)
-    if v is None:
-        return None
-    if not isinstance(v, list) or len(v) != n:
-        raise ConfigError(key, f"{type(v).__name__} of {len(v) if isinstance(v, list) else '?'}",
-                          f"a list of {n} numbers, one per request", source=src)
-    for i, x in enumerate(v):
-        if not _is_real(x) or not math.isfinite(x):
-            raise ConfigError(f"{key}[{i}]", x, "a finite number of seconds", source=src)
-    return [float(x) for x in v]
-
-
 def from_vllm_result(path: str | Path) -> Workload:
     """The requests of a ``vllm bench serve --save-result`` JSON file, in the order vLLM sent them.
 
@@ -629,36 +605,14 @@ def from_vllm_result(path: str | Path) -> Workload:
     (checked to be per-request lists), and, in newer vLLM, ``start_times`` (when each request was sent,
     ``time.perf_counter``) and ``queue_times`` (how long it waited for ``--max-concurrency``). Arrivals are
     ``start_times - queue_times`` (when each was ready), from the first; a file without ``start_times`` has no
-    arrival times and gives all requests ``t = 0`` (give ``rate`` to re-time it). Failed requests (output 0)
-    are left out. Request ids are the positions in the file.
+    arrival times and gives all requests ``t = 0`` (give ``rate`` to re-time it). Failed requests
+    (output 0 or an error text) are left out. Request ids are the positions in the file.
     """
-    p = Path(path)
-    src = str(p)
-    if not p.is_file():
-        raise ConfigError("path", src, "an existing vLLM benchmark result JSON file")
-    data = read_json_object(p, "file", "vLLM benchmark result JSON file",
-                            "a JSON object (vllm bench serve --save-result)")
-    inputs = _int_list(data, "input_lens", src, 1)
-    outputs = _int_list(data, "output_lens", src, 0)
-    n = len(inputs)
-    if len(outputs) != n:
-        raise ConfigError("output_lens", f"{len(outputs)} entries", f"{n}, as many as input_lens", source=src)
-    for key in ("ttfts", "itls"):
-        v = data.get(key)
-        if v is not None and (not isinstance(v, list) or len(v) != n):
-            raise ConfigError(key, f"{type(v).__name__}", f"a list of {n} entries, one per request", source=src)
-    starts = _real_list(data, "start_times", src, n)
-    queues = _real_list(data, "queue_times", src, n)
-    if starts is None:
-        ready = [0.0] * n
-    else:
-        ready = [s - (q or 0.0) for s, q in zip(starts, queues or [0.0] * n)]
-        t0 = min(ready)
-        ready = [t - t0 for t in ready]
-    reqs = tuple(Request(i, pl, ol, t) for i, (pl, ol, t) in enumerate(zip(inputs, outputs, ready)) if ol > 0)
-    if not reqs:
-        raise ConfigError("output_lens", 0, "at least one request that generated tokens", source=src)
-    return Workload(p.stem or "vllm-result", reqs)
+    r = read_vllm_result(path, timed=False)  # offloadlab/serving_files.py: read and checked there
+    ready = r["ready"] if r["ready"] is not None else np.zeros(len(r["ok"]))
+    reqs = tuple(Request(int(i), int(r["input_lens"][i]), int(r["output_lens"][i]), float(ready[i]))
+                 for i in np.flatnonzero(r["ok"]))
+    return Workload(Path(path).stem or "vllm-result", reqs)
 
 
 def from_serving_run(path: str | Path) -> Workload:
@@ -702,8 +656,21 @@ def poisson(n: int, rate: float, seed: int = 0) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
-def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -> np.ndarray:
-    """``n`` send times as ``vllm bench serve --request-rate rate --burstiness b --seed seed`` makes them.
+# vLLM's benchmark client changed how it times requests (get_request). Up to 0.8.x (read: benchmarks/
+# benchmark_serving.py at vllm-project/vllm 0049e29c, April 2025, just after the v0.8.3 tag -- the same get_request,
+# seeding and result keys as a 0.8.3 run's log and file show; the 0.6-era copy at 8668d7c has the same loop with
+# np.random.exponential, the same draws as gamma of shape 1) it sends a request, then sleeps one gamma gap: the
+# first request goes at t = 0 and the last gap is never slept. From
+# vllm/benchmarks/serve.py (``vllm bench serve``) it precomputes one gap per request, the first request waits
+# one, and the times are rescaled to end at n / rate. Where between 0.8.3 and that code the change came was not
+# read: versions before GAPS_BEFORE_FIRST_SINCE are ASSUMED to time requests as 0.8.3 does.
+GAPS_BEFORE_FIRST_SINCE = (0, 10, 0)
+
+
+def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0, version: str | None = None
+                  ) -> np.ndarray:
+    """``n`` send times as ``vllm bench serve --request-rate rate --burstiness b --seed seed`` makes them
+    (``version``: the vLLM whose benchmark client sent them; None: the newest form).
 
     From vllm/benchmarks/serve.py (get_request, and main_async's ``np.random.seed(args.seed)``):
 
@@ -715,8 +682,13 @@ def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
     * then every time is scaled so that the last one is exactly ``n / rate`` (vLLM does so "to stabilize the
       throughput data from different random seeds"; absent in vLLM <= 0.10's benchmarks/benchmark_serving.py).
 
+    Before ``GAPS_BEFORE_FIRST_SINCE`` (vLLM 0.8.3's benchmarks/benchmark_serving.py get_request: yield the
+    request, then ``np.random.gamma`` and sleep): times are ``[0, cumsum(gaps[:n - 1])]`` from the same seeded
+    draws, not rescaled.
+
     With the same seed the times equal vLLM's own (the ShareGPT sampler draws from Python's ``random``, not
-    numpy, so numpy's stream is untouched before the arrivals are drawn).
+    numpy, so numpy's stream is untouched before the arrivals are drawn; 0.8.3's ShareGPTDataset too,
+    benchmarks/benchmark_dataset.py).
     """
     n = _check_int("n", n, 1)
     if not _is_real(rate) or math.isnan(rate) or not rate > 0:
@@ -724,17 +696,27 @@ def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0) -
     if not _is_real(burstiness) or math.isnan(burstiness) or not burstiness > 0:
         raise ConfigError("burstiness", burstiness, "a number > 0 (1: Poisson; inf: evenly spaced)")
     seed = _check_seed(seed)
+    sleep_after = version is not None and _version(version) < GAPS_BEFORE_FIRST_SINCE
     if math.isinf(rate):
         return np.zeros(n, dtype=np.float64)
+    draws = n - 1 if sleep_after else n
     if math.isinf(burstiness):
-        gaps = np.full(n, 1.0 / rate)
+        gaps = np.full(draws, 1.0 / rate)
     else:
         # RandomState(seed) is np.random.seed(seed)'s generator; its size=n draws equal n single draws
-        gaps = np.random.RandomState(seed).gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=n)
+        gaps = np.random.RandomState(seed).gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=draws)
+    if sleep_after:
+        return np.concatenate(([0.0], np.cumsum(gaps)))
     t = np.cumsum(gaps)
     if t[-1] > 0:
         t *= (n / rate) / t[-1]
     return t
+
+
+def _version(version: str) -> tuple[int, int, int]:
+    from .vllm_engine import parse_version  # the engine's module, imported when a version is given
+
+    return parse_version(version)
 
 
 def _arrival_seed(seed: int) -> int:

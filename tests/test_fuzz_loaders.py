@@ -15,6 +15,7 @@ import math
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -76,6 +77,35 @@ def test_any_bytes_give_typed_errors_only(data, suffix):
     _only_typed_errors(ProbeFile.load, p)
     _only_typed_errors(from_file, p)
     _only_typed_errors(from_vllm_result, p)
+    _only_typed_errors(load_serving_run, p)  # a .json file: read as a vLLM benchmark result
+
+
+# ---------------------------------------------------------------- vLLM benchmark result files (validate RESULT.json)
+RESULT = {"model_id": "meta-llama/Llama-3.1-8B", "request_rate": 2.0, "burstiness": 1.0, "max_concurrency": None,
+          "duration": 3.0, "input_lens": [12, 30], "output_lens": [3, 0], "ttfts": [0.1, 0.0],
+          "itls": [[0.01, 0.02], []], "errors": ["", "failed"]}
+SIDE = {"model": "meta-llama/Llama-3.1-8B", "vllm_version": "0.8.3", "benchmark_seed": 0,
+        "hardware": {"device_name": "NVIDIA H100 80GB HBM3", "device_count": 8}}
+result_paths = ([("r", k) for k in RESULT] + [("r", k, 0) for k in ("input_lens", "output_lens", "ttfts", "itls",
+                                                                     "errors")]
+                + [("r", "itls", 0, 1), ("s", "vllm_version"), ("s", "benchmark_seed"), ("s", "hardware"),
+                   ("s", "hardware", "device_count"), ("s", "engine_kwargs")])
+
+
+@FUZZ
+@given(path=st.sampled_from(result_paths), value=values)
+def test_result_files_with_one_field_replaced_give_typed_errors_only(path, value):
+    doc = {"r": RESULT, "s": SIDE}
+    d = _mutated(doc, path, value)
+    p = _write("res.json", json.dumps(d["r"]).encode())
+    _write("res.meta.json", json.dumps(d["s"]).encode())
+    run = _only_typed_errors(load_serving_run, p)
+    if run is not None:
+        assert len(run.columns["ttft"]) >= 1 and np.isfinite(run.columns["arrival"]).all()
+    from offloadlab.validation.serving_run import plan_replay
+
+    _only_typed_errors(plan_replay, p)
+    (Path(_DIR.name) / "res.meta.json").unlink()
 
 
 @FUZZ

@@ -13,20 +13,29 @@ per request, in file order; sim/workload.py ``workload_from_columns``, as ``--wo
 ``serving_requests`` lists the same rows with their request_id. ``replay_serving_run`` simulates the requests on
 the engine the run used (sim/vllm_engine.py: that vLLM version's defaults for whatever
 engine_kwargs leaves unset) and compares request by request.
+
+A ``vllm bench serve --save-result --save-detailed`` JSON file is a run too (``load_vllm_result_run``): its
+requests become the same columns, measured as vLLM's benchmark client measures them (TTFT = ttfts[i], from
+sending the request to its first streamed token; e2e = TTFT + sum(itls[i]); TPOT as above), and what the file
+does not say -- vLLM version, engine arguments, GPU -- comes from a sidecar ``RESULT.meta.json`` in meta.json's
+form (model, vllm_version, engine_kwargs, hardware) and the same overrides (--gpu, --model, --vllm-version).
+From there the replay is the run directory's.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..checks import is_int
 from ..catalog import get_gpu, gpu_for_device, model_for_hf_id  # model_for_hf_id: this module's name for it too
 from ..errors import ConfigError, UnknownNameError
 from ..fileio import read_json_object
-from ..serving_files import check_run_dir, read_requests, read_timeseries
+from ..serving_files import check_run_dir, is_vllm_result, read_requests, read_timeseries, read_vllm_result
 from ..specs import HardwareSpec, ModelSpec
 
 if TYPE_CHECKING:
@@ -57,12 +66,18 @@ CUDAGRAPH_MODES = {0: "none", 1: "piecewise_only", 2: "full", (2, 0): "decode", 
                    "NONE": "none", "PIECEWISE": "piecewise_only", "FULL": "full", "FULL_DECODE_ONLY": "decode",
                    "FULL_AND_PIECEWISE": "piecewise"}
 METRICS = ("ttft", "tpot", "e2e")
+# where each kind of run's times come from (printed with its replay)
+MEASURED_BY = {"server": "server-side: the engine's timestamps (TTFT from queued_ts, the request entering the engine)",
+               "client": "client-side: vLLM's benchmark client (TTFT from sending the HTTP request to its first "
+                         "streamed token, e2e = TTFT + the inter-token gaps; makespan = the benchmark's duration); "
+                         "predicted from the request reaching the engine"}
 STATS = ("mean", "p50", "p90", "p99")
 
 
 def is_serving_run(path: str | Path) -> bool:
-    """A serving run is a directory; a probe is a file."""
-    return Path(path).is_dir()
+    """A serving run is a directory, or a vLLM benchmark result file (a JSON object with ``input_lens``); a
+    probe is any other file."""
+    return Path(path).is_dir() or is_vllm_result(path)
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,12 @@ class ServingRun:
     meta: dict
     columns: dict = field(repr=False)
     timeseries_columns: dict | None = field(default=None, compare=False, repr=False)
+    # a benchmark result file's: the client's measured duration (else the makespan is the requests' span),
+    # its --max-concurrency, the failed requests left out, and how it was read (printed with the replay)
+    duration_s: float | None = None
+    max_concurrency: int | None = None
+    failed: int = 0
+    notes: tuple = ()
 
     @functools.cached_property
     def requests(self) -> pd.DataFrame:
@@ -117,9 +138,12 @@ class ServingRun:
         return self.meta.get("resolved_config") or {}
 
 
-def load_serving_run(path: str | Path) -> ServingRun:
+def load_serving_run(path: str | Path, vllm_version: str | None = None) -> ServingRun:
     """Read and check a run directory (offloadlab/serving_files.py: every field of every request, and
-    timeseries.csv); every problem is one ConfigError naming the file, line and field."""
+    timeseries.csv), or a vLLM benchmark result file (``load_vllm_result_run``; ``vllm_version`` overrides its
+    sidecar's); every problem is one ConfigError naming the file, line and field."""
+    if Path(path).is_file():
+        return load_vllm_result_run(path, vllm_version)
     d = check_run_dir(path)
     meta = read_json_object(d / "meta.json", "meta.json")
     kw = meta.get("engine_kwargs")
@@ -131,6 +155,72 @@ def load_serving_run(path: str | Path) -> ServingRun:
             "first_token_ts": first, "last_token_ts": last, "arrival": raw["arrival"],
             "ttft": first - q, "tpot": _tpot(first, last, n), "e2e": last - q}  # as shared/data/README.md has them
     return ServingRun(d, meta, cols, read_timeseries(d))
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """RESULT.json's sidecar: RESULT.meta.json beside it."""
+    p = Path(path)
+    return p.with_name(p.stem + ".meta.json")
+
+
+def load_vllm_result_run(path: str | Path, vllm_version: str | None = None) -> ServingRun:
+    """A ``vllm bench serve --save-result --save-detailed`` file as a ServingRun.
+
+    Requests in file order (request_id = the position), the failed ones (0 tokens or an error text) left out
+    and counted. Measured as vLLM's benchmark client measures them: TTFT = ttfts[i], e2e = TTFT + sum(itls[i]),
+    TPOT = (e2e - TTFT) / (output - 1) (vLLM's ``(latency - ttft) / (output_len - 1)``; NaN for a one-token output,
+which vLLM's calculate_metrics leaves out of TPOT, as the replay's TPOT figures do then). Arrivals:
+    ``start_times - queue_times`` when the file has them; else regenerated from request_rate, burstiness and
+    the seed as that vLLM version's client drew them (sim/workload.py ``vllm_arrivals``; request_rate inf: all
+    at t = 0), the seed being the sidecar's ``benchmark_seed`` or the benchmark's default 0 (vLLM's --seed;
+    result files do not record it). The sidecar (``sidecar_path``; optional) is meta.json's form: model,
+    vllm_version, engine_kwargs, kv_cache, hardware (device_name, device_count, device_total_memory_bytes);
+    the model defaults to the file's model_id.
+    """
+    from ..sim.workload import vllm_arrivals
+
+    p = Path(path)
+    r = read_vllm_result(p)
+    side = sidecar_path(p)
+    meta = read_json_object(side, side.name) if side.is_file() else {}
+    src = str(side)
+    for key, kind in (("engine_kwargs", dict), ("kv_cache", dict), ("hardware", dict)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise ConfigError(key, meta[key], "an object", source=src)
+    if not meta.get("model") and r["model_id"]:
+        meta = {**meta, "model": r["model_id"]}
+    seed = r["seed"] if r["seed"] is not None else meta.get("benchmark_seed", 0)
+    if not is_int(seed, 0):
+        raise ConfigError("benchmark_seed", seed, "the benchmark's --seed: an integer >= 0", source=src)
+    ok = r["ok"]
+    n_all = len(ok)
+    if r["ready"] is not None:
+        arrival_all = r["ready"]
+        how = "arrivals: start_times - queue_times"
+    else:
+        rate = r["request_rate"]
+        if rate is None:
+            raise ConfigError("request_rate", None, "a rate (or \"inf\") when the file has no start_times: the "
+                              "arrivals are regenerated from it", source=str(p))
+        version = vllm_version or meta.get("vllm_version")
+        if not version and not math.isinf(rate):
+            raise ConfigError("vllm_version", None, "the vLLM version whose client sent the requests (its "
+                              f"arrival timing differs by version): in {side.name} or --vllm-version", source=src)
+        arrival_all = vllm_arrivals(n_all, rate, r["burstiness"], seed, version)
+        said = r["seed"] is not None or "benchmark_seed" in meta
+        how = ("arrivals: all at t = 0 (request_rate inf)" if math.isinf(rate) else
+               f"arrivals: regenerated as vLLM {version}'s client drew them (request_rate {rate:g}, burstiness "
+               f"{r['burstiness']:g}, seed {seed}{'' if said else ' = the benchmark default'})")
+    idx = np.flatnonzero(ok)
+    arrival = arrival_all[idx] - arrival_all[idx].min()
+    ttft, e2e, n = r["ttft"][idx], r["e2e"][idx], r["output_lens"][idx]
+    first, last = arrival + ttft, arrival + e2e
+    cols = {"request_id": np.array([str(i) for i in idx], dtype=object), "prompt_len": r["input_lens"][idx],
+            "output_len": n, "queued_ts": arrival, "first_token_ts": first, "last_token_ts": last, "arrival": arrival,
+            "ttft": ttft, "tpot": np.where(n > 1, _tpot(first, last, n), np.nan), "e2e": e2e}
+    notes = (how, f"failed requests left out: {n_all - len(idx)} of {n_all}")
+    return ServingRun(p, meta, cols, None, duration_s=r["duration"], max_concurrency=r["max_concurrency"],
+                      failed=n_all - len(idx), notes=notes)
 
 
 def _tpot(first: np.ndarray, last: np.ndarray, output_len: np.ndarray) -> np.ndarray:
@@ -157,7 +247,8 @@ def workload_of(run: ServingRun):
     from ..sim.workload import workload_from_columns
 
     c = run.columns
-    return workload_from_columns(run.path.name, c["prompt_len"], c["output_len"], c["arrival"])
+    wl = workload_from_columns(run.path.name, c["prompt_len"], c["output_len"], c["arrival"])
+    return wl.with_max_concurrency(run.max_concurrency)
 
 
 # ---- what ran: model, GPU, engine ----
@@ -171,28 +262,46 @@ def resolve_model(run: ServingRun, model: str | ModelSpec | None = None) -> Mode
     hf_id = run.meta.get("model") or run.engine_kwargs.get("model")
     if not hf_id:
         raise ConfigError("model", None, "a model id in meta.json, or --model NAME|config.json",
-                          source=str(run.path / "meta.json"))
+                          source=str(_meta_path(run)))
     return model_for_hf_id(hf_id)
 
 
 def resolve_gpu(run: ServingRun, gpu: str | HardwareSpec | None = None) -> HardwareSpec:
     """--gpu, else meta.json's hardware.device_name; the device's memory as measured when recorded
-    (vLLM sizes the KV cache from torch's total, which the datasheet's "24 GB" is not exactly)."""
+    (vLLM sizes the KV cache from torch's total, which the datasheet's "24 GB" is not exactly). The node:
+    ``hardware.device_count`` when recorded (the GPUs the run's node showed), else the catalog's assumption
+    for the GPU (offloadlab/catalog ``_NODES``: e.g. 4 A100-SXM4-40GB, as the paper's Polaris node)."""
     if gpu is not None:
-        return get_gpu(gpu)
+        return _node(run, get_gpu(gpu))
     name = run.device_name
     if not name:
         raise ConfigError("hardware.device_name", None, "the GPU's name in meta.json, or give one with --gpu NAME "
-                          "(see `offloadlab list`; add yours with --catalog FILE)", source=str(run.path / "meta.json"))
+                          "(see `offloadlab list`; add yours with --catalog FILE)", source=str(_meta_path(run)))
     try:
         hw = gpu_for_device(name)
     except UnknownNameError as e:
         raise ConfigError("hardware.device_name", name, "a GPU in the catalog: give one with --gpu NAME (see "
-                          "`offloadlab list`) or add it with --catalog FILE", source=str(run.path / "meta.json")) from None
+                          "`offloadlab list`) or add it with --catalog FILE", source=str(_meta_path(run))) from None
     mem = run.device_memory_bytes
     if isinstance(mem, (int, float)) and mem > 0:
         hw = hw.replace(memory_bytes=float(mem))
-    return hw
+    return _node(run, hw)
+
+
+def _node(run: ServingRun, hw: HardwareSpec) -> HardwareSpec:
+    """``hw`` in a node of ``hardware.device_count`` GPUs when the run records it (an integer >= 1)."""
+    count = (run.meta.get("hardware") or {}).get("device_count")
+    if count is None:
+        return hw
+    if not is_int(count, 1, 1024):
+        raise ConfigError("hardware.device_count", count, "the number of GPUs in the run's node: an integer >= 1",
+                          source=str(_meta_path(run)))
+    return hw.replace(gpus_per_node=int(count), gpus_per_host_link=min(hw.gpus_per_host_link, int(count)))
+
+
+def _meta_path(run: ServingRun) -> Path:
+    """Where a run's meta facts were read: meta.json in its directory, a result file's sidecar."""
+    return sidecar_path(run.path) if run.path.is_file() else run.path / "meta.json"
 
 
 def _cudagraph_mode(value, src: str) -> str:
@@ -211,7 +320,7 @@ def engine_settings(run: ServingRun) -> dict:
     """engine_kwargs as vllm_engine settings (absent or null: the version's default); a kwarg that
     would change the simulation but is not modelled is an error, not ignored."""
     out = {}
-    src = str(run.path / "meta.json")
+    src = str(_meta_path(run))
     kwargs = run.engine_kwargs
     for k, v in kwargs.items():
         if k in ENGINE_KWARGS:
@@ -271,12 +380,16 @@ class ServingComparison:
 
     def json_dict(self) -> dict:
         cols = ["request_id"] + [f"{w}_{m}_s" for m in METRICS for w in ("measured", "predicted")]
-        return {"requests": _records(self.columns, cols), "summary": self.summary}
+        rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                for r in _records(self.columns, cols)]  # a one-token output's TPOT: null, not NaN (invalid JSON)
+        return {"requests": rows, "summary": self.summary}
 
 
 def _stats(v: np.ndarray) -> dict:
-    return {"mean": float(np.mean(v)), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
-            "p99": float(np.percentile(v, 99))}
+    """Mean and percentiles of the requests that have the metric (NaN: left out, as vLLM's benchmark leaves
+    one-token outputs out of TPOT)."""
+    return {"mean": float(np.nanmean(v)), "p50": float(np.nanpercentile(v, 50)),
+            "p90": float(np.nanpercentile(v, 90)), "p99": float(np.nanpercentile(v, 99))}
 
 
 @dataclass(frozen=True)
@@ -298,7 +411,7 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
     from ..sim.vllm_engine import parse_version, vllm_engine
 
     if not isinstance(run, ServingRun):
-        run = load_serving_run(run)
+        run = load_serving_run(run, vllm_version)
     m, hw = resolve_model(run, model), resolve_gpu(run, gpu)
     version = vllm_version or run.vllm_version
     try:
@@ -307,7 +420,7 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
         if vllm_version:
             raise ConfigError("--vllm-version", vllm_version, "a vLLM version such as 0.19.0") from None
         raise ConfigError("vllm_version", version, "the run's vLLM version in meta.json (such as 0.19.0), or "
-                          "--vllm-version X.Y.Z", source=str(run.path / "meta.json")) from None
+                          "--vllm-version X.Y.Z", source=str(_meta_path(run))) from None
     eng, cost_kw = vllm_engine(version, hw, m, **engine_settings(run))
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
         from ..profile import load_profiles
@@ -316,19 +429,22 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
     return ReplayPlan(run, m, hw, eng, cost_kw, version, profile)
 
 
-def _predicted(res) -> dict[str, np.ndarray]:
+def _predicted(res, tpot_counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-request TTFT, TPOT and e2e of a simulated run (METRICS), in request-id order, as the run
-    defines them; ``preemptions`` beside them."""
+    defines them (``tpot_counted``: the requests whose TPOT the run counts, the others NaN); ``preemptions``
+    beside them."""
     pred = res.columns  # in id order (sim/metrics.py request_columns)
-    return {"ttft": pred["ttft"], "tpot": _tpot(pred["first_token"], pred["finish"], pred["output_len"]),
-            "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
+    tpot = _tpot(pred["first_token"], pred["finish"], pred["output_len"])
+    if tpot_counted is not None:
+        tpot = np.where(tpot_counted, tpot, np.nan)
+    return {"ttft": pred["ttft"], "tpot": tpot, "e2e": pred["e2e"], "preemptions": pred["preemptions"]}
 
 
-def _corner_ends(n: int, res) -> dict:
+def _corner_ends(n: int, tpot_counted: np.ndarray, res) -> dict:
     """What the band needs of one corner's replay of ``n`` requests: each metric's mean, makespan, throughput."""
-    p = _predicted(res)
+    p = _predicted(res, tpot_counted)
     span = float(res.summary["makespan_s"])
-    return {**{f"{mtr}_mean_s": float(np.mean(p[mtr])) for mtr in METRICS}, "makespan_s": span,
+    return {**{f"{mtr}_mean_s": float(np.nanmean(p[mtr])) for mtr in METRICS}, "makespan_s": span,
             "throughput_rps": n / span}
 
 
@@ -347,21 +463,24 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
     run, m, hw, eng, version = plan.run, plan.model, plan.gpu, plan.engine, plan.version
     wl = workload_of(run)
     n = len(run.columns["request_id"])
-    corners = start_corners(functools.partial(_corner_ends, n), m, hw, None, wl, eng, profile=plan.profile,
+    counted = ~np.isnan(run.columns["tpot"])  # a result file's one-token outputs have no TPOT (vLLM's benchmark)
+    corners = start_corners(functools.partial(_corner_ends, n, counted), m, hw, None, wl, eng, profile=plan.profile,
                             cost_kw=plan.cost_kw, executor=executor) if band else None
     res = simulate(m, hw, None, wl, eng, profile=plan.profile, cost_kw=plan.cost_kw, trace_steps=trace_steps)
-    pred = _predicted(res)
+    pred = _predicted(res, counted)
     meas = run.columns
     rows = {"request_id": meas["request_id"], "prompt_len": meas["prompt_len"], "output_len": meas["output_len"],
             "arrival_s": meas["arrival"], **{f"measured_{mtr}_s": meas[mtr] for mtr in METRICS},
             **{f"predicted_{mtr}_s": pred[mtr] for mtr in METRICS}, "predicted_preemptions": pred["preemptions"]}
     summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
-                     "scheduler": eng.scheduler, "requests": n}
+                     "scheduler": eng.scheduler, "requests": n, "failed_requests": run.failed,
+                     "measured_by": MEASURED_BY["client" if run.path.is_file() else "server"]}
     for mtr in METRICS:
         for who in ("measured", "predicted"):
             for k, v in _stats(rows[f"{who}_{mtr}_s"]).items():
                 summary[f"{who}_{mtr}_{k}_s"] = v
-    makespan_m = float(meas["last_token_ts"].max() - meas["queued_ts"].min())
+    # a benchmark client's duration when it recorded one (vLLM's benchmark: first send to last response)
+    makespan_m = run.duration_s or float(meas["last_token_ts"].max() - meas["queued_ts"].min())
     makespan_p = float(res.summary["makespan_s"])
     out_tokens = int(meas["output_len"].sum())
     summary.update(measured_makespan_s=makespan_m, predicted_makespan_s=makespan_p,
@@ -392,7 +511,10 @@ def format_comparison(c: ServingComparison) -> str:
              f"({e.scheduler.upper()} engine: max_num_seqs {e.max_num_seqs}, max_num_batched_tokens "
              f"{e.max_num_batched_tokens}, chunked prefill {'on' if e.chunked_prefill else 'off'}, prefix caching "
              f"{'on' if e.prefix_caching else 'off'}, async scheduling {'on' if e.async_scheduling else 'off'}); "
-             f"{s['requests']} requests replayed", "",
+             f"{s['requests']} requests replayed"
+             + (f"; tensor parallel {e.tensor_parallel}, pipeline parallel {e.pipeline_parallel} in a node of "
+                f"{c.gpu.gpus_per_node}" if e.tensor_parallel * e.pipeline_parallel > 1 else ""),
+             f"measured {s['measured_by']}", *c.run.notes, "",
              f"{'metric':16s} {'measured':>11s} {'predicted':>11s} {'error':>8s}"
              + ("  band (every cost at the low / high end of its evidence)" if "band_lo_ttft_mean_s" in s else "")]
 

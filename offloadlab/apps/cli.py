@@ -729,9 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(fn=cmd_memory)
     p = sub.add_parser("validate", help="predict a probe file's rows from its components (or from --profile), or "
-                                        "replay a real serving run (a directory: meta.json + requests.jsonl); compare")
-    p.add_argument("files", nargs="*", help="probe JSON files or serving-run directories (default: the stored "
-                                            "probes in validation/traces)")
+                                        "replay a real serving run (a directory: meta.json + requests.jsonl; or a "
+                                        "vllm bench serve --save-result --save-detailed JSON file, with "
+                                        "RESULT.meta.json beside it or the flags below for what it does not "
+                                        "record); compare")
+    p.add_argument("files", nargs="*", help="probe JSON files, serving-run directories or vLLM benchmark result "
+                                            "files (default: the stored probes in validation/traces)")
     p.add_argument("--gpu", help="catalog GPU to use for the roofline (default: from the file's device name)")
     p.add_argument("--model", help="catalog model or a Hugging Face config.json (default: the file's; a run's Hugging "
                                    "Face id maps to the catalog)")
@@ -739,7 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "alone (none of the files' own rows); serving runs: calibrated costs instead of the roofline")
     p.add_argument("--leave-one-shape-out", action="store_true",
                    help="held-out check: predict each (B, T, C) from a calibration without it")
-    p.add_argument("--vllm-version", help="serving runs: the vLLM version whose engine replays it (default: meta.json's)")
+    p.add_argument("--vllm-version", help="serving runs: the vLLM version whose engine replays it (and, for a result "
+                                          "file without start_times, whose client timed its requests; default: "
+                                          "meta.json's or the sidecar's)")
     p.add_argument("--json", help="probes: every row with measured_ms and predicted_ms; serving runs: "
                                   "{requests: [...], summary: {...}}")
     p.add_argument("--plot", help="write a predicted-vs-measured PNG (serving runs: CDFs and running/waiting over time)")
