@@ -54,6 +54,9 @@ class EngineConfig:
     # vLLM >= 0.8). The fields below apply to V1 only; sim/vllm_engine.py sets them per vLLM version.
     scheduler: str = "v0"
     prefix_caching: bool = False  # full-block hashes: a preempted request finds its own blocks again
+    # the prefix cache starts holding every request's full prompt blocks, as an earlier run of the same requests
+    # left it (a benchmark sweep sending the same prompts at each rate to one server): V1 with prefix_caching
+    prefix_cache_warm: bool = False
     reserve_full_isl: bool = False  # admit a waiting request only if its whole sequence's blocks are free
     async_scheduling: bool = False  # the host prepares step n+1 while the GPU runs step n
     # vLLM's --kv-cache-dtype: "auto" keeps the model's, fp8* one byte per element (specs.KV_CACHE_DTYPES;
@@ -82,6 +85,9 @@ class EngineConfig:
         if self.scheduler == "v0" and (self.prefix_caching or self.reserve_full_isl or self.async_scheduling):
             raise ConfigError("scheduler", self.scheduler, "'v1' for prefix_caching, reserve_full_isl or "
                               "async_scheduling (V1 engine features)")
+        if self.prefix_cache_warm and not (self.prefix_caching and self.pipeline_parallel == 1):
+            raise ConfigError("prefix_cache_warm", True, "prefix_caching on (V1) and one pipeline stage (a warm "
+                              "cache is modelled for one engine's block pool)")
 
 
 class _Seq:

@@ -15,10 +15,12 @@ What it models, and the vLLM file each rule comes from:
 - block 0 is the null block: ``num_gpu_blocks - 1`` are usable (vllm/v1/core/block_pool.py);
 - prefix caching: full blocks are hashed when scheduled; freed blocks go to the tail of one LRU free
   queue, a request's in reverse order, keeping their hash until a new allocation pops them from
-  the head (block_pool.py, ``FreeKVCacheBlockQueue``, ``get_new_blocks``); a (re-)admitted request
-  reuses the longest run of its own full blocks still cached, at most ``num_tokens - 1`` tokens
-  (kv_cache_manager.py, ``get_computed_blocks``). Requests are assumed to share no prefix with each
-  other (token counts carry no token ids), so caching pays off when a preempted request returns;
+  the head (vllm/v1/core/kv_cache_utils.py ``FreeKVCacheBlockQueue``, used by block_pool.py
+  ``get_new_blocks``); a (re-)admitted request reuses the longest run of its own full blocks still
+  cached, at most ``num_tokens - 1`` tokens (kv_cache_manager.py, ``get_computed_blocks``). Requests
+  are assumed to share no prefix with each other (token counts carry no token ids), so caching pays
+  off when a preempted request returns, or from the start when an earlier run of the same requests
+  left their prompts cached (``EngineConfig.prefix_cache_warm``, ``BlockPool.warm``);
 - the host's work per step (scheduling, input preparation, sampling, output processing) runs
   beside the GPU's step with async scheduling (vllm/v1/core/sched/async_scheduler.py), before it
   otherwise.
@@ -100,10 +102,26 @@ class BlockPool:
     def hits(self, s: _Seq) -> int:
         """Full blocks of ``s``'s previous admission still cached, from its first (at most
         ``num_tokens - 1`` tokens: the last token is always computed to sample from)."""
-        if not self.caching or not s.gen:
+        if not self.caching:
             return 0
-        run = self.cached.get((s.req.id, s.gen))
+        run = self.cached.get((s.req.id, s.gen))  # admission 0: only what warm() left
         return min(run[0], (s.known - 1) // self.block_size) if run else 0
+
+    def warm(self, prompts: list[tuple[int, int]]) -> None:
+        """Before the run: cache ``(request id, full prompt blocks)`` as an earlier run of the same requests
+        left them, freed in this order (the oldest first). Never-used blocks stay at the head of the queue,
+        popped first, then the oldest cached; what the pool cannot hold was evicted, the oldest first (of a
+        request cut in two, its first blocks stay, as eviction from the head takes a run's last blocks).
+        A request then finds its prompt's blocks at its first admission (key: admission 0), at most
+        ``prompt - 1`` tokens (``hits``)."""
+        assert self.caching and not self.cached and self.free == self.runs[0][0], "warm() is for a fresh pool"
+        room, kept = self.free, []
+        for rid, n in reversed(prompts):
+            if n > 0 and room:
+                kept.append([min(n, room), (rid, 0)])
+                room -= kept[-1][0]
+        self.runs = deque(([[room, None]] if room else []) + kept[::-1])
+        self.cached = {run[1]: run for run in kept}
 
     def touch(self, s: _Seq, n: int) -> None:
         """Take ``s``'s first ``n`` cached blocks out of the queue (they are its again); its other
@@ -154,6 +172,13 @@ class V1ServingLoop(ServingLoop):
         self.lazy = lazy and self.pipeline is None  # the shared decode clock (self.cohort)
         self.others: list[_Seq] = []  # running requests outside the cohort, in running order
         self._ndec = 0  # members scheduled in the step being built (all of them, or none)
+
+    def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
+        if self.cfg.prefix_cache_warm:  # the cache as an earlier run of these requests left it (EngineConfig)
+            requests = list(requests)
+            bs = self.cfg.block_size
+            self.pool.warm([(r.id, r.prompt_len // bs) for r in sorted(requests, key=lambda r: (r.arrival, r.id))])
+        super().run(requests, max_concurrency, sink)
 
     # ---- the shared decode clock (serving._Cohort) ----
     def _pin_all(self) -> None:

@@ -165,6 +165,24 @@ def test_no_band_skips_the_corner_replays_and_changes_nothing_else(tmp_path, cap
     assert "serving-run directories only" in _error(capsys, ["validate", "--no-band"])  # probes: nothing to skip
 
 
+def test_warm_prefix_cache_replay_serves_prompts_from_the_cache(tmp_path, capsys):
+    d = small_run(tmp_path)
+    cold, warm = tmp_path / "cold.json", tmp_path / "warm.json"
+    assert main(["validate", str(d), "--no-band", "--json", str(cold)]) == 0
+    assert main(["validate", str(d), "--no-band", "--json", str(warm), "--warm-prefix-cache"]) == 0
+    c, w = (json.loads(p.read_text())["summary"] for p in (cold, warm))
+    assert c["predicted_prefix_cached_tokens"] == 0
+    assert w["predicted_prefix_cached_tokens"] == sum((100 + 50 * i - 1) // 16 * 16 for i in range(5))
+    assert w["predicted_ttft_mean_s"] < c["predicted_ttft_mean_s"]
+    capsys.readouterr()
+    meta = json.loads((RUN / "meta.json").read_text())
+    (tmp_path / "off").mkdir()
+    off = small_run(tmp_path / "off", meta={"engine_kwargs": {**meta["engine_kwargs"], "enable_prefix_caching": False}})
+    assert "--warm-prefix-cache=True: expected a run with prefix caching on" in _error(
+        capsys, ["validate", str(off), "--warm-prefix-cache"])
+    assert "serving runs only" in _error(capsys, ["validate", "--warm-prefix-cache"])
+
+
 def test_engine_kwargs_absent_take_the_versions_defaults(tmp_path):
     d = small_run(tmp_path, meta={"engine_kwargs": {"model": "meta-llama/Llama-3.1-8B", "max_num_seqs": None}})
     plan = plan_replay(d)

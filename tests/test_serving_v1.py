@@ -103,6 +103,65 @@ def test_prefix_cache_makes_recompute_after_preemption_cheaper():
     assert runs[True][1] < runs[False][1]  # fewer tokens computed again
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=st.lists(st.tuples(st.integers(1, 200), st.integers(1, 30), st.floats(0, 0.05)), min_size=1, max_size=10),
+       budget=st.integers(16, 96), seqs=st.integers(1, 6))
+def test_a_warm_prefix_cache_serves_every_prompt_but_its_last_partial_block(reqs, budget, seqs):
+    """Room for every prompt's cached blocks and every request at once: each finds its full prompt blocks at its
+    first admission, at most prompt - 1 tokens (vLLM recomputes the last token to sample from)."""
+    wl = [Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)]
+    blocks = 1 + sum(p // 16 + -(-(p + o) // 16) for p, o, _ in reqs)
+    lp = loop(v1(max_num_batched_tokens=budget, max_num_seqs=seqs, prefix_cache_warm=True), blocks * 16)
+    lp.run(wl)
+    hit = {r.id: (r.prompt_len - 1) // 16 * 16 for r in wl}
+    assert lp.cached_tokens == sum(hit.values())
+    first = {}
+    for b in lp.batches:
+        for rid, _, computed in b:
+            first.setdefault(rid, computed)
+    assert first == hit  # each request's first step starts past its cached tokens
+    for s in lp.seqs:
+        assert s.generated == s.req.output_len and s.preempted == 0
+    assert lp.pool.free == blocks - 1
+    cold = loop(v1(max_num_batched_tokens=budget, max_num_seqs=seqs), blocks * 16)
+    cold.run(wl)
+    assert cold.cached_tokens == 0
+    prompt = {r.id: r.prompt_len for r in wl}
+
+    def prefilled(run):  # prompt tokens computed (prefill chunks are always scheduled steps, never a decode run)
+        return sum(min(k, prompt[rid] - c) for b in run.batches for rid, k, c in b if c < prompt[rid])
+    assert prefilled(lp) == prefilled(cold) - sum(hit.values()) == sum(prompt.values()) - sum(hit.values())
+
+
+def test_a_warm_pool_keeps_the_latest_prompts_and_hands_out_never_used_blocks_first():
+    from offloadlab.sim.serving import _Seq
+    from offloadlab.sim.serving_v1 import BlockPool
+
+    pool = BlockPool(8, True, 16)  # 7 usable
+    pool.warm([(0, 3), (1, 3), (2, 3)])  # freed in this order: request 0's oldest, so it loses 2 of its 3 blocks
+    seqs = {i: _Seq(Request(i, 4 * 16 + 1, 1, 0.0), 1) for i in range(3)}
+    assert [pool.hits(seqs[i]) for i in range(3)] == [1, 3, 3] and pool.free == 7
+    pool.take(1)  # the head: request 0's last cached block
+    assert [pool.hits(seqs[i]) for i in range(3)] == [0, 3, 3]
+    pool.take(1)  # then request 1's highest block
+    assert [pool.hits(seqs[i]) for i in range(3)] == [0, 2, 3]
+    roomy = BlockPool(12, True, 16)  # 11 usable: 2 never used, popped before any cached block
+    roomy.warm([(0, 3), (1, 3), (2, 3)])
+    roomy.take(2)
+    assert [roomy.hits(seqs[i]) for i in range(3)] == [3, 3, 3]
+    short = _Seq(Request(3, 32, 1, 0.0), 1)  # a 2-block prompt finds at most 1 block: 31 tokens, not 32
+    fresh = BlockPool(12, True, 16)
+    fresh.warm([(3, 2)])
+    assert fresh.hits(short) == 1
+
+
+def test_a_warm_prefix_cache_needs_prefix_caching_on_one_engine():
+    with pytest.raises(ConfigError, match="prefix_cache_warm"):
+        v1(prefix_caching=False, prefix_cache_warm=True)
+    with pytest.raises(ConfigError, match="prefix_cache_warm"):
+        v1(pipeline_parallel=2, prefix_cache_warm=True)
+
+
 def test_v1_needs_a_v1_scheduler_for_its_features():
     with pytest.raises(ConfigError, match="scheduler"):
         EngineConfig(prefix_caching=True)

@@ -23,6 +23,7 @@ From there the replay is the run directory's.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -406,8 +407,10 @@ class ReplayPlan:
 
 
 def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None = None,
-                model: str | ModelSpec | None = None, profile=None, vllm_version: str | None = None) -> ReplayPlan:
-    """Resolve the model, GPU, vLLM version and engine of ``run``; every bad input raises here."""
+                model: str | ModelSpec | None = None, profile=None, vllm_version: str | None = None,
+                prefix_cache_warm: bool = False) -> ReplayPlan:
+    """Resolve the model, GPU, vLLM version and engine of ``run``; every bad input raises here.
+    ``prefix_cache_warm``: the server had served these prompts before (EngineConfig.prefix_cache_warm)."""
     from ..sim.vllm_engine import parse_version, vllm_engine
 
     if not isinstance(run, ServingRun):
@@ -422,6 +425,11 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
         raise ConfigError("vllm_version", version, "the run's vLLM version in meta.json (such as 0.19.0), or "
                           "--vllm-version X.Y.Z", source=str(_meta_path(run))) from None
     eng, cost_kw = vllm_engine(version, hw, m, **engine_settings(run))
+    if prefix_cache_warm:
+        if not eng.prefix_caching:
+            raise ConfigError("--warm-prefix-cache", True, f"a run with prefix caching on (its vLLM {version} engine "
+                              "has it off)", source=str(_meta_path(run)))
+        eng = dataclasses.replace(eng, prefix_cache_warm=True)
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
         from ..profile import load_profiles
 

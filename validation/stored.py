@@ -19,6 +19,11 @@ class StoredMeasurement:
     provenance: dict
     replay: dict  # what the replay is told beside the run's own files (e.g. gpu: a run without hardware facts)
 
+    @property
+    def band_misses(self) -> tuple[str, ...]:
+        """Summary figures the entry says its band does not hold (index.yaml ``band_misses``, with its reason)."""
+        return tuple(self.provenance.get("band_misses") or ())
+
 
 def stored_measurements() -> list[StoredMeasurement]:
     folder = Path(str(resources.files(__package__).joinpath("traces")))
@@ -36,9 +41,9 @@ def stored_measurements() -> list[StoredMeasurement]:
         elif not isinstance(tol, dict) or not {"mape", "max_abs_error"} <= set(tol):
             raise ConfigError(f"[{i}].tolerance", tol, "{mape: x, max_abs_error: y}", source=str(index))
         replay = e.get("replay") or {}
-        if not isinstance(replay, dict) or not set(replay) <= {"gpu", "model", "profile"}:
-            raise ConfigError(f"[{i}].replay", replay, "{gpu: NAME, model: NAME, profile: PATH} (any of them)",
-                              source=str(index))
+        if not isinstance(replay, dict) or not set(replay) <= {"gpu", "model", "profile", "prefix_cache_warm"}:
+            raise ConfigError(f"[{i}].replay", replay, "{gpu: NAME, model: NAME, profile: PATH, prefix_cache_warm: "
+                              "BOOL} (any of them)", source=str(index))
         prov = {k: v for k, v in e.items() if k not in ("file", "kind", "gpu", "tolerance", "replay")}
         out.append(StoredMeasurement(folder / e["file"], e["kind"], e["gpu"], tol, prov, replay))
     return out

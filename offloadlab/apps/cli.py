@@ -584,8 +584,10 @@ def cmd_validate(a) -> None:
     # everything read and resolved before anything is simulated
     source = a.profiles if len(runs) != len(files) else None
     probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
-    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profiles, vllm_version=a.vllm_version)
-             for f in runs}
+    if a.warm_prefix_cache and len(runs) != len(files):
+        raise ConfigError("--warm-prefix-cache", True, "serving runs only (probe files have no engine)")
+    plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profiles, vllm_version=a.vllm_version,
+                            prefix_cache_warm=a.warm_prefix_cache) for f in runs}
     frames, replays = [], []
     with _band_pool(a) if plans else contextlib.nullcontext() as pool:
         for f in files:
@@ -750,6 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a predicted-vs-measured PNG (serving runs: CDFs and running/waiting over time)")
     p.add_argument("--no-band", action="store_true",
                    help="serving runs: skip the two extra replays that give each mean and the throughput a band")
+    p.add_argument("--warm-prefix-cache", action="store_true",
+                   help="serving runs: the server had served these prompts before (a rate sweep sending the same "
+                        "prompts again): every request's full prompt blocks start in the prefix cache")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",
