@@ -265,7 +265,11 @@ class Roofline:
     # KV-cache-write custom ops (~3 launches of ~10 us through Python; an ASSUMPTION, not measured)
     piecewise_launch_per_layer: float = 30e-6
     copy_slowdown: float = 1.0
-    allreduce_latency: float = 5e-6  # seconds per ring hop over NVLink (PCIe: PCIE_ALLREDUCE_HOP)
+    # seconds per ring hop over NVLink (PCIe: PCIE_ALLREDUCE_HOP): an assumption. Public H100 measurements
+    # (validation/traces/allreduce/nvlink_allreduce.csv) give NCCL ~1.9 us a step at 0.56 of the link and
+    # vLLM's one-stage kernel (what it runs below 256 KiB at TP 8) ~6 us a call; kept until an A100 or TP 8
+    # measurement exists: applied to A100 they flip the held-out A100 TP 8 run from +20% to -21% TPOT (README there)
+    allreduce_latency: float = 5e-6
     link_share: float = 1.0  # GPUs copying at once over this GPU's host link (tensor parallelism)
     uva_tile_m: int = 64  # token rows per host read of a UVA-offloaded weight (module doc: assumption)
     # how a step's attention kernels read the KV cache (ATTENTION_KERNELS; sim/vllm_engine.attention_kernel

@@ -144,3 +144,76 @@ def test_a_pcie_corner_stays_context_monotone(seqs, ctx, more, side):
     a = k.layer(StepShape.decode(seqs, seqs * (ctx + 1)))
     b = k.layer(StepShape.decode(seqs, seqs * (ctx + 1) + more))
     assert b.gpu >= a.gpu and b.link_comm == a.link_comm and not math.isnan(a.gpu)
+
+
+# --- over NVLink: stored and fitted (validation/traces/allreduce/nvlink_allreduce.csv), not behind a constant ---
+
+@pytest.fixture(scope="module")
+def nvlink_rows():
+    return ev.load(ev.NVLINK_TABLE)
+
+
+def test_the_nvlink_fit_is_what_the_readme_states(nvlink_rows):
+    """Per path over NVLink (H100): NCCL's ring at 0.56 of the datasheet and 1.9 us a step; vLLM's
+    one-stage kernel 5.9 us a call and its (n-1) x bytes at 0.81; its two-stage kernel 12.1 us and the
+    ring's traffic at 0.54; every table within 0.89-1.11 of its path's model."""
+    d = ev.derive_nvlink(nvlink_rows)
+    got = {k: (round(v.rate, 2), round(v.hop * 1e6, 1)) for k, v in d.items()}
+    assert got == {"nccl": (0.56, 1.9), "vllm custom 1stage": (0.81, 5.9), "vllm custom 2stage": (0.54, 12.1)}
+    for v in d.values():
+        assert 0.88 <= v.band[0] <= v.band[1] <= 1.12, v.band
+
+
+def test_the_nvlink_evidence_is_h100_only_where_fitted(nvlink_rows):
+    """Fitted: two sources on H100 (4, 6 and 8 GPUs); the A100 rows (2 GPUs, 32-64 B) and the 2 MiB row
+    ten times its neighbours are stored, not fitted."""
+    fitted = [r for p in ev.NVLINK_PATHS.values() for t in ev.tables(nvlink_rows, p).values() for r in t]
+    assert {r.gpu for r in fitted} == {"H100 80GB HBM3"} and len({r.url for r in fitted}) == 2
+    assert {r.gpus for r in fitted} == {4, 6, 8} and all(r.link == 450e9 for r in fitted)
+    a100 = [r for r in nvlink_rows if r.gpu.startswith("A100")]
+    assert a100 and all(r.bytes < ev.FIT_BYTES[0] and r.link == 300e9 for r in a100)
+    outliers = [r for r in nvlink_rows if r.path.startswith("outlier:")]
+    assert [r.bytes for r in outliers] == [2 * 1024 * 1024] and not any(r in fitted for r in outliers)
+    assert all(r.url.startswith("https://github.com/") and r.pcie_gen is None for r in nvlink_rows)
+
+
+def test_the_nvlink_ring_charged_today_is_slower_than_every_measured_one_up_to_1_mib(nvlink_rows):
+    """Roofline.allreduce_seconds over NVLink (2 (n-1) steps of allreduce_latency, the ring's traffic at the
+    datasheet rate) is slower than every fitted H100 all-reduce of up to 1 MiB, NCCL's or vLLM's: the
+    evidence the constants are kept in spite of (see the README of validation/traces/allreduce/)."""
+    rf = Roofline(get_model("llama-3.1-70b").shard(8), get_gpu("h100"))
+    small = [r for p in ev.NVLINK_PATHS.values() for t in ev.tables(nvlink_rows, p).values() for r in t
+             if r.bytes <= 1024 * 1024]
+    assert len(small) >= 12
+    for r in small:
+        assert rf.allreduce_seconds(r.bytes, r.gpus) > r.seconds, r
+
+
+@pytest.mark.parametrize("path,traffic,steps", [
+    ("vllm custom 1stage", 7 * 65536, 1),
+    ("vllm custom 2stage", 2 * 7 / 8 * 65536, 1),
+    ("nccl (vllm pynccl)", 2 * 7 / 8 * 65536, 14),
+])
+def test_each_nvlink_path_moves_its_own_traffic(path, traffic, steps):
+    """csrc/custom_all_reduce.cuh: the one-stage kernel reads every peer's whole buffer after one
+    synchronisation; the two-stage kernel moves the ring's traffic (reduce-scatter, all-gather) in one
+    call; NCCL's ring takes 2 (n-1) steps."""
+    r = ev.Row("https://github.com/a/b", "GPU", 8, None, path, 65536, 1e-5, 450e9)
+    assert r.traffic == pytest.approx(traffic, rel=1e-12) and r.steps == steps and r.link == 450e9
+
+
+@pytest.mark.parametrize("edit,field", [
+    ("8,450,nccl,65536,20.5", None),
+    ("8,0,nccl,65536,20.5", "nvlink_gbs"),
+    ("8,fast,nccl,65536,20.5", "row"),
+    ("1,450,nccl,65536,20.5", "gpus"),
+])
+def test_a_bad_nvlink_row_is_one_clear_error(tmp_path, edit, field):
+    f = tmp_path / "t.csv"
+    f.write_text("url,gpu,gpus,nvlink_gbs,path,bytes,us\nhttps://github.com/a/b,GPU," + edit + "\n")
+    if field is None:
+        assert ev.load(f)[0].link == 450e9
+        return
+    with pytest.raises(ConfigError, match=field) as e:
+        ev.load(f)
+    assert "line 2" in str(e.value)
