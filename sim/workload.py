@@ -17,7 +17,6 @@ Times are in seconds, lengths in tokens.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
 import math
@@ -529,6 +528,8 @@ def _parse_arrival(raw: Any) -> float | None:
 def _check_near_misses(rec: Mapping[str, Any], has: Mapping[str, bool], where: str, word: str) -> None:
     """An optional column left out while another column's name is close to it (``arrival_s``, ``arrival_time``,
     ``Arrival``, ``ID``) is a ConfigError: ignored, it would silently give every request t = 0 (or ids by row)."""
+    import difflib  # only here: a command that reads no workload file does not import it
+
     others = [k for k in rec if k not in FILE_COLUMNS]
     for field, present in has.items():
         if present:
