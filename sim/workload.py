@@ -271,6 +271,8 @@ class Workload:
 
     def with_max_concurrency(self, max_concurrency: int | None) -> Workload:
         """The same requests sent by a client that keeps at most ``max_concurrency`` outstanding."""
+        if max_concurrency == self.max_concurrency and type(max_concurrency) is type(self.max_concurrency):
+            return self  # frozen: the same workload, not checked and sorted again
         return Workload(self.name, self.requests, max_concurrency)
 
     def head(self, n: int) -> Workload:
@@ -290,6 +292,8 @@ class Workload:
                 continue
             out.append(Request(r.id, *_fit(r.prompt_len, r.output_len, max_model_len), r.arrival))
             changed += 1
+        if not changed:
+            return self, 0  # frozen: the same workload, not checked and sorted again
         return Workload(self.name, tuple(out), self.max_concurrency), changed
 
     # ---- files ---------------------------------------------------------------------------------
