@@ -36,7 +36,6 @@ not model (``--enforce-eager``, ``--enable-prefix-caching``, ``--port``, ...).
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import re
 import shlex
@@ -135,7 +134,10 @@ def unmodelled_flags(args: str | list[str]) -> list[str]:
         # a prefix of a modelled flag: vLLM's argparse may take it as an abbreviation, or refuse it as
         # ambiguous; either way this tool asks for the whole name rather than guess
         near = [m for m in modelled if m.startswith(name) and len(name) > 3]
-        near = near or difflib.get_close_matches(name, modelled, n=1, cutoff=0.85)
+        if not near:
+            import difflib  # only to name the flag meant
+
+            near = difflib.get_close_matches(name, modelled, n=1, cutoff=0.85)
         if near or "offload" in name:
             hint = f"did you mean {near[0]}?" if near else "one of " + ", ".join(m for m in modelled if "offload" in m)
             raise ConfigError("--vllm", name, f"a vLLM flag ({hint})")

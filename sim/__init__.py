@@ -12,7 +12,6 @@ from .run import (BAND_METRICS, RunResult, band_of, describe_profile, layout, pe
                   simulate_band, simulate_step, start_band, start_corners)
 from .serving import EngineConfig
 from .step import StepModel, StepResult, simulate_layers
-from . import sharegpt
 from .workload import Request, Workload, longbench_multi_news, make_workload
 
 __all__ = [
@@ -20,3 +19,12 @@ __all__ = [
     "StepResult", "StepShape", "Workload", "cost_model", "longbench_multi_news", "make_workload", "layout",
     "plan_memory", "per_gpu", "serving_memory", "simulate", "simulate_band", "simulate_layers", "simulate_step", "start_band", "start_corners",
 ]
+
+
+def __getattr__(name: str):
+    """``sharegpt`` (its dataset readers, hashlib) imported when first used: only its workloads need it."""
+    if name == "sharegpt":  # import_module, not ``from . import``: that asks this module for the name again
+        import importlib
+
+        return importlib.import_module(f"{__name__}.sharegpt")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,7 +56,6 @@ import bisect
 import dataclasses
 import functools
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,6 +170,14 @@ class Band:
     host: tuple[float, float]
     copy: tuple[float, float]
     comm: tuple[float, float] | None = None
+
+
+def _median(xs):
+    """``statistics.median(xs)``, imported here: its import (fractions) is 3 ms of every command, and only
+    calibrated costs take a median."""
+    import statistics
+
+    return statistics.median(xs)
 
 
 def _sym(w: float) -> tuple[float, float]:
@@ -700,7 +707,7 @@ class Calibrated:
             else:
                 bound = [sec for b, t, c, sec in lp.layer_times
                          if launch_src.roofline.gpu_time(StepShape.uniform(b, t, c)) < 0.5 * sec]
-                launch = statistics.median(bound) if bound else launch
+                launch = _median(bound) if bound else launch
         set_("_launch", launch)
 
         # whole-layer efficiencies (probe and microbenchmark Profiles): measured / the measured GPU's
@@ -839,7 +846,7 @@ class Calibrated:
         else:
             # one measurement (or a launch time given without its rows) says nothing of the spread:
             # 30%, twice the 0.68-0.86 ms spread of the H100 probe's launch-bound rows
-            spread = (max(bound) - min(bound)) / 2 / statistics.median(bound) if len(bound) > 1 else BAND_LAUNCH_ONE
+            spread = (max(bound) - min(bound)) / 2 / _median(bound) if len(bound) > 1 else BAND_LAUNCH_ONE
             ev["launch"] = _sym(_quad(BAND_STRUCTURE, spread))
         return ev
 

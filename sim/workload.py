@@ -195,6 +195,15 @@ class Workload:
             raise ConfigError("Workload.requests.id", dup, "ids unique within a workload")
         object.__setattr__(self, "requests", tuple(sorted(reqs, key=lambda r: (r.arrival, r.id))))
 
+    def __reduce__(self):
+        """Pickled as four columns, not one object per request: what a process pool sends a worker (the
+        band's corners, a sweep's configurations) is a few lists, read back without checking or sorting
+        again (they were checked and sorted when this workload was made). 2,000 requests: about 1 ms each
+        way instead of 12-16 ms."""
+        rs = self.requests
+        return _workload_unpickled, (self.name, [r.id for r in rs], [r.prompt_len for r in rs],
+                                     [r.output_len for r in rs], [r.arrival for r in rs], self.max_concurrency)
+
     # ---- views --------------------------------------------------------------------------------
     @property
     def n(self) -> int:
@@ -260,6 +269,8 @@ class Workload:
 
     def with_max_concurrency(self, max_concurrency: int | None) -> Workload:
         """The same requests sent by a client that keeps at most ``max_concurrency`` outstanding."""
+        if max_concurrency == self.max_concurrency and type(max_concurrency) is type(self.max_concurrency):
+            return self  # frozen: the same workload, not checked and sorted again
         return Workload(self.name, self.requests, max_concurrency)
 
     def head(self, n: int) -> Workload:
@@ -279,6 +290,8 @@ class Workload:
                 continue
             out.append(Request(r.id, *_fit(r.prompt_len, r.output_len, max_model_len), r.arrival))
             changed += 1
+        if not changed:
+            return self, 0  # frozen: the same workload, not checked and sorted again
         return Workload(self.name, tuple(out), self.max_concurrency), changed
 
     # ---- files ---------------------------------------------------------------------------------
@@ -302,10 +315,28 @@ class Workload:
         return atomic_write_text(p, text)
 
 
+def _workload_unpickled(name: str, ids: list, prompts: list, outputs: list, arrivals: list,
+                        max_concurrency: int | None) -> Workload:
+    """The Workload ``Workload.__reduce__`` pickled: its requests as they were (same values, same order)."""
+    made = Request._made
+    wl = object.__new__(Workload)
+    object.__setattr__(wl, "name", name)
+    object.__setattr__(wl, "requests", tuple(map(made, ids, prompts, outputs, arrivals)))
+    object.__setattr__(wl, "max_concurrency", max_concurrency)
+    return wl
+
+
 # ----------------------------------------------------------------------------------------------
 # Length generators (every request arrives at t = 0)
 # ----------------------------------------------------------------------------------------------
 def _build(name: str, prompts: np.ndarray, outputs: np.ndarray) -> Workload:
+    prompts, outputs = np.asarray(prompts), np.asarray(outputs)
+    if (prompts.dtype.kind in "iu" and outputs.dtype.kind in "iu" and prompts.shape == outputs.shape
+            and prompts.ndim == 1 and (prompts.size == 0 or (prompts.min() >= 1 and outputs.min() >= 1))):
+        # integer draws >= 1: the requests Request(i, int(p), int(o), 0.0) would make, without checking each
+        made = Request._made
+        return Workload(name, tuple(made(i, p, o, 0.0) for i, (p, o) in enumerate(zip(prompts.tolist(),
+                                                                                      outputs.tolist()))))
     return Workload(name, tuple(
         Request(i, int(p), int(o), 0.0) for i, (p, o) in enumerate(zip(prompts, outputs))
     ))

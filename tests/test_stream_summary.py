@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offloadlab.errors import ConfigError
-from offloadlab.metrics import PERCENTILES, LogHistogram, StreamSummary, summarize, with_latencies
+from offloadlab.metrics import PERCENTILES, LogHistogram, StreamSummary, percentiles, summarize, with_latencies
 from offloadlab.policy import NoOffload
 from offloadlab.sim import EngineConfig, simulate
 from offloadlab.sim.workload import Request, RequestStream, Workload
@@ -121,3 +121,28 @@ def test_a_too_long_request_deep_in_a_stream_is_the_same_one_line_error():
                  engine, requests="summary", trace_steps=False)
     assert e.value.field.endswith("prompt_len+output_len") and "at most max_model_len=3000" in str(e.value)
     assert not str(e.value).startswith("request 0 ")  # not the first request: raised inside the process
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(st.one_of(st.floats(allow_nan=False, width=64), st.integers(-5, 5).map(float), st.just(math.nan)),
+                       min_size=1, max_size=60),
+       ps=st.lists(st.one_of(st.sampled_from(PERCENTILES), st.floats(0, 100)), min_size=1, max_size=5))
+def test_percentiles_are_numpys_bit_for_bit(values, ps):
+    # summarize's percentiles (metrics.percentiles: numpy's linear method without np.percentile, whose first
+    # call imports numpy.ma) are numpy's own to the bit: ties, infinities, subnormals, NaN, any p in [0, 100]
+    v = np.array(values)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = [float(np.percentile(v, p)) for p in ps]
+    got = percentiles(v, ps)
+    assert [x.hex() for x in got] == [x.hex() for x in want]
+
+
+def test_a_run_summary_imports_no_numpy_ma():
+    import subprocess
+    import sys
+
+    code = ("import sys; from offloadlab.sim import simulate, make_workload; "
+            "simulate('llama-3.1-8b', 'A100-SXM4-40GB', None, make_workload('multi_news', n=20)); "
+            "print('numpy.ma' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

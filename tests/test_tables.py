@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,3 +109,32 @@ def test_the_short_commands_import_no_pandas(argv, tmp_path):
             "sys.exit(10 if 'pandas' in sys.modules else rc)" % (argv,))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:] + ("\npandas was imported" if done.returncode == 10 else "")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads in /proc")
+@pytest.mark.parametrize("given", [None, "3"])
+def test_the_program_runs_on_one_blas_thread_unless_told_otherwise(given):
+    """cli.console: numpy's OpenBLAS would start a spinning thread per core beside the run and its corners."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given:
+        env["OPENBLAS_NUM_THREADS"] = given
+    code = ("import os, sys; from offloadlab.apps import cli; sys.argv = ['offloadlab', 'run', '--requests', '20', "
+            "'--no-band']; rc = cli.console(); threads = open('/proc/self/status').read().split('Threads:')[1].split()[0]; "
+            "print(os.environ['OPENBLAS_NUM_THREADS'], threads, file=sys.stderr); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    blas, threads = done.stderr.split()[-2:]
+    assert blas == (given or "1")
+    if not given:
+        assert threads == "1"
+
+
+def test_run_imports_only_what_it_uses():
+    """`run` of a generated workload: no numpy.ma (np.percentile's), statistics (a calibrated cost's median),
+    difflib (a misspelt --vllm flag) or ShareGPT's readers; each is milliseconds of a 0.4 s command."""
+    lazy = ("numpy.ma", "statistics", "difflib", "offloadlab.sim.sharegpt")
+    code = ("import sys; from offloadlab.apps.cli import main; rc = main(['run', '--requests', '50']); "
+            "print(sorted(m for m in %r if m in sys.modules)); sys.exit(rc)" % (lazy,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"

@@ -215,6 +215,35 @@ def test_poisson_rejects_bad_rate(rate):
         poisson(10, rate, 0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    reqs=st.lists(st.tuples(st.integers(1, 10**6), st.integers(1, 10**6),
+                            st.floats(0, 1e7, allow_nan=False, allow_infinity=False)), min_size=1, max_size=40),
+    limit=st.one_of(st.none(), st.integers(1, 64)),
+)
+def test_a_pickled_workload_comes_back_equal_in_the_same_order(reqs, limit):
+    # Workload.__reduce__ sends columns to a worker process (the band's corners): the same requests, same
+    # types (ints, float arrivals to the bit), same order, same limit
+    import pickle
+
+    w = Workload("w", tuple(Request(i, p, o, a) for i, (p, o, a) in enumerate(reqs)), limit)
+    back = pickle.loads(pickle.dumps(w))
+    assert back == w and back.requests == w.requests and back.max_concurrency == limit
+    assert [tuple(map(type, (r.id, r.prompt_len, r.output_len, r.arrival))) for r in back.requests] == \
+        [(int, int, int, float)] * len(reqs)
+    assert [r.arrival.hex() for r in back.requests] == [r.arrival.hex() for r in w.requests]
+
+
+@pytest.mark.parametrize("make", [lambda: longbench_multi_news(n=500, seed=3), lambda: fixed(7, 3, 2),
+                                  lambda: from_dataset_stats("sharegpt_8k", 400, seed=1)])
+def test_generated_requests_are_those_the_checked_constructor_makes(make):
+    # the generators' integer draws skip Request's per-field checks (workload._build): the same requests
+    w = make()
+    assert w.requests == tuple(Request(r.id, r.prompt_len, r.output_len, r.arrival) for r in w.requests)
+    assert all(type(r.prompt_len) is int and type(r.output_len) is int and type(r.arrival) is float
+               for r in w.requests)
+
+
 # ---- files -----------------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(

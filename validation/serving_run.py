@@ -36,6 +36,7 @@ from ..checks import is_int
 from ..catalog import get_gpu, gpu_for_device, model_for_hf_id  # model_for_hf_id: this module's name for it too
 from ..errors import ConfigError, UnknownNameError
 from ..fileio import read_json_object
+from ..metrics import percentiles
 from ..serving_files import check_run_dir, is_vllm_result, read_requests, read_timeseries, read_vllm_result
 from ..specs import HardwareSpec, ModelSpec
 
@@ -388,9 +389,12 @@ class ServingComparison:
 
 def _stats(v: np.ndarray) -> dict:
     """Mean and percentiles of the requests that have the metric (NaN: left out, as vLLM's benchmark leaves
-    one-token outputs out of TPOT)."""
-    return {"mean": float(np.nanmean(v)), "p50": float(np.nanpercentile(v, 50)),
-            "p90": float(np.nanpercentile(v, 90)), "p99": float(np.nanpercentile(v, 99))}
+    one-token outputs out of TPOT; none: NaN)."""
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "p99": math.nan}
+    p50, p90, p99 = percentiles(v, (50, 90, 99))  # np.nanpercentile's, without its import of numpy.ma
+    return {"mean": float(np.mean(v)), "p50": p50, "p90": p90, "p99": p99}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,15 @@ from typing import Iterator
 from .signals import worker_init
 
 
+#: While a pool is ``owned``, the thread holding the GIL hands it over within this many seconds when another
+#: thread asks (Python's switch interval, 5 ms by default). The pool's own threads (its manager, its queue's
+#: feeder) carry each task to the workers and each result back, while the main thread computes (the run
+#: beside the band's corners): at 5 ms every such hand-off waited up to 5 ms for the GIL, and the corners
+#: started 20-40 ms after their workers. A thread that waits (on a pipe, a lock) asks for nothing, so a
+#: command whose only busy thread is the main one loses nothing to the shorter interval.
+HANDOFF_S = 0.0005
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its CPU affinity where the OS says, else the machine's count)."""
     import os
@@ -74,13 +83,18 @@ class OwnPool:
 def owned(workers: int, preload: tuple[str, ...] = ("offloadlab.sim",)) -> Iterator[ProcessPoolExecutor]:
     """``with owned(2) as pool:`` a process pool for the block; an exception (KeyboardInterrupt, SIGTERM's
     ``Terminated``, an error) kills its workers before it propagates: no task is worth waiting for."""
+    import sys
+
     own = OwnPool(workers, preload)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(min(switch, HANDOFF_S))
     try:
         yield own.pool
     except BaseException:
         own.kill()
         raise
     finally:
+        sys.setswitchinterval(switch)
         own.close()
 
 
