@@ -46,17 +46,11 @@ def main(run: str | Path = RUN) -> None:
     row(" + the device's total memory as measured (= validate)", final)
     blocks = final.run.measured_kv_blocks
     if blocks:
-        # diagnostic: shift the fixed overhead so the computed KV cache is the measured one
-        from offloadlab.sim.run import serving_memory
-        from offloadlab.policy import NoOffload
-
-        mem = serving_memory(final.model, final.gpu, NoOffload(), eng)
-        extra = (mem.kv_blocks - blocks) * eng.block_size * final.model.kv_bytes_per_token
-        forced = dataclasses.replace(eng, overhead_bytes=eng.overhead_bytes + extra)
+        # diagnostic: the KV cache the run recorded (validate --recorded-kv-cache: vLLM's num_gpu_blocks_override)
+        forced = dataclasses.replace(eng, num_gpu_blocks_override=blocks)
         row(f"diagnostic: KV cache forced to the measured {blocks} blocks", dataclasses.replace(final, engine=forced))
         row("diagnostic: and GEMMs at 87% of peak (this GPU's prefill)",
             dataclasses.replace(final, engine=forced, cost_kw={**kw, "matmul_eff": 0.87}))
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

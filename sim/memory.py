@@ -62,12 +62,18 @@ def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, lo
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
                 max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
                 overhead: float = 0.5 * GiB, gpus: int = 1, logit_bytes: float = V0_LOGIT_BYTES,
-                kv_cache_bytes: float | None = None) -> MemoryPlan:
+                kv_cache_bytes: float | None = None, num_blocks: int | None = None) -> MemoryPlan:
     """Lay out one GPU's memory; raise DoesNotFitError naming what does not fit. ``gpus`` GPUs of
     a node (tensor parallelism) pin their offloaded shards in the same host memory. ``kv_cache_bytes``
     (vLLM's kv_cache_memory_bytes): the KV cache is that, not what the profiled budget leaves, and
     gpu_memory_utilization is ignored (vllm/v1/worker/gpu_worker.py ``determine_available_memory``
-    returns it as given); the rest must still fit in the GPU's memory."""
+    returns it as given); the rest must still fit in the GPU's memory. ``num_blocks`` (vLLM's
+    num_gpu_blocks_override): the KV cache is that many blocks, in place of either (vllm/v1/core/
+    kv_cache_utils.py replaces the block count the budget gives with it)."""
+    given = ("num_gpu_blocks_override" if num_blocks is not None
+             else "kv_cache_memory_bytes" if kv_cache_bytes is not None else None)  # what set the KV cache
+    if num_blocks is not None:
+        kv_cache_bytes = num_blocks * block_size * model.kv_bytes_per_token
     resident = model.weight_total_bytes - placement.offloaded_bytes
     staging = placement.staging_bytes
     act = activation_peak(model, max_batched_tokens, max_seqs, logit_bytes)
@@ -78,7 +84,7 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
         capacity, kv = resident + staging + act + overhead + kv_cache_bytes, float(kv_cache_bytes)
         if capacity > hw.memory_bytes:
             raise DoesNotFitError(
-                f"kv_cache_memory_bytes={kv_cache_bytes / GiB:.2f} GiB does not fit on {hw.name}: weights "
+                f"{given}: a {kv_cache_bytes / GiB:.2f} GiB KV cache does not fit on {hw.name}: weights "
                 f"{resident / GiB:.2f} + staging {staging / GiB:.2f} + activations {act / GiB:.2f} + overhead "
                 f"{overhead / GiB:.2f} + KV cache exceed its {hw.memory_bytes / GiB:.2f} GiB")
     per_token = model.kv_bytes_per_token
@@ -98,9 +104,9 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
     if kv_tokens < need:
         raise DoesNotFitError(
             f"{model.name} on {hw.name} with this policy does not fit: {capacity / GiB:.2f} GiB usable "
-            f"({'kv_cache_memory_bytes given' if kv_cache_bytes is not None else f'gpu_memory_utilization={gpu_memory_utilization}'}) - weights {resident / GiB:.2f} - staging "
+            f"({f'{given} given' if given else f'gpu_memory_utilization={gpu_memory_utilization}'}) - weights {resident / GiB:.2f} - staging "
             f"{staging / GiB:.2f} - activations {act / GiB:.2f} - overhead {overhead / GiB:.2f} leaves "
             f"{max(kv, 0) / GiB:.2f} GiB = {kv_tokens} KV tokens, fewer than max_model_len={max_model_len}; "
             f"offload more, lower max_model_len, or raise "
-            + ("kv_cache_memory_bytes" if kv_cache_bytes is not None else "gpu_memory_utilization"))
+            + (given or "gpu_memory_utilization"))
     return plan

@@ -144,7 +144,7 @@ def _memory(lay: Layout, placements: list[Placement], engine: EngineConfig) -> M
                          max_model_len=engine.max_model_len, block_size=engine.block_size,
                          overhead=engine.overhead_bytes, gpus=engine.tensor_parallel,
                          logit_bytes=V1_SAMPLER_BYTES_PER_LOGIT if engine.scheduler == "v1" else V0_LOGIT_BYTES,
-                         kv_cache_bytes=engine.kv_cache_memory_bytes)
+                         kv_cache_bytes=engine.kv_cache_memory_bytes, num_blocks=engine.num_gpu_blocks_override)
              for m, p in zip(lay.stages, placements)]
     if len(plans) == 1:
         return plans[0]

@@ -65,6 +65,10 @@ class EngineConfig:
     # vLLM's kv_cache_memory_bytes: the KV cache per GPU in bytes, in place of what
     # gpu_memory_utilization leaves (sim/memory.py plan_memory); None: profiled as usual
     kv_cache_memory_bytes: float | None = None
+    # vLLM's num_gpu_blocks_override: the KV cache per GPU is this many blocks, whatever the memory budget
+    # gives (vllm/v1/core/kv_cache_utils.py, which replaces the profiled block count with it; it wins over
+    # kv_cache_memory_bytes); None: the budget's blocks
+    num_gpu_blocks_override: int | None = None
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -78,6 +82,8 @@ class EngineConfig:
             raise ConfigError("mode", self.mode, "'prefill+decode' or 'prefill-only'")
         if self.kv_cache_memory_bytes is not None and not self.kv_cache_memory_bytes > 0:
             raise ConfigError("kv_cache_memory_bytes", self.kv_cache_memory_bytes, "bytes > 0, or None")
+        if self.num_gpu_blocks_override is not None:
+            check_int("num_gpu_blocks_override", self.num_gpu_blocks_override, 1)
         if not self.overhead_bytes >= 0:
             raise ConfigError("overhead_bytes", self.overhead_bytes, "bytes >= 0")
         if self.scheduler not in ("v0", "v1"):

@@ -522,6 +522,31 @@ def test_explicit_kv_cache_bytes_replace_the_profiled_budget():
         EngineConfig(kv_cache_memory_bytes=0)
 
 
+@settings(max_examples=40, deadline=None)
+@given(blocks=st.integers(1, 200_000), util=st.floats(0.05, 1.0), block_size=st.sampled_from([8, 16, 32]))
+def test_num_gpu_blocks_override_is_the_block_count(blocks, util, block_size):
+    """vLLM's num_gpu_blocks_override (vllm/v1/core/kv_cache_utils.py): exactly that many blocks, whatever the
+    budget or kv_cache_memory_bytes give, while the rest fits; beyond the GPU's memory: does not fit, named."""
+    m, h100 = get_model("llama-3.1-8b"), get_gpu("H100-SXM5-80GB")
+    kw = dict(gpu_memory_utilization=util, max_batched_tokens=2048, max_seqs=256, max_model_len=block_size,
+              block_size=block_size, kv_cache_bytes=GiB)
+    per_block = block_size * m.kv_bytes_per_token
+    try:
+        p = plan_memory(m, h100, NoOffload().place(m), num_blocks=blocks, **kw)
+    except DoesNotFitError as e:
+        assert "num_gpu_blocks_override" in str(e)
+        assert m.weight_total_bytes + blocks * per_block > h100.memory_bytes - GiB  # only a cache that cannot fit
+        return
+    assert p.kv_blocks == blocks and p.kv_cache == blocks * per_block
+    assert p.capacity <= h100.memory_bytes
+
+
+def test_num_gpu_blocks_override_must_be_a_count():
+    for bad in (0, -3, 2.5, "100"):
+        with pytest.raises(ConfigError, match="num_gpu_blocks_override"):
+            EngineConfig(num_gpu_blocks_override=bad)
+
+
 def test_a_policy_that_does_not_fit_raises():
     m, a100 = get_model("llama-3.1-70b"), get_gpu("A100-SXM4-40GB")
     with pytest.raises(DoesNotFitError) as e:

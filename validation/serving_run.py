@@ -50,7 +50,7 @@ ENGINE_KWARGS = {"max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_
                  "enable_prefix_caching": "prefix_caching", "tensor_parallel_size": "tensor_parallel",
                  "pipeline_parallel_size": "pipeline_parallel", "enforce_eager": "enforce_eager",
                  "async_scheduling": "async_scheduling", "kv_cache_dtype": "kv_cache_dtype",
-                 "kv_cache_memory_bytes": "kv_cache_memory_bytes"}
+                 "kv_cache_memory_bytes": "kv_cache_memory_bytes", "num_gpu_blocks_override": "num_gpu_blocks_override"}
 # engine kwargs that do not change what is simulated (LLMServingSim's bench runner records all of these)
 IGNORED_KWARGS = {"model", "seed", "dtype", "tokenizer", "served_model_name", "trust_remote_code", "revision",
                   "load_format",  # "dummy" (random weights) runs the same kernels on a dense model
@@ -412,9 +412,11 @@ class ReplayPlan:
 
 def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None = None,
                 model: str | ModelSpec | None = None, profile=None, vllm_version: str | None = None,
-                prefix_cache_warm: bool = False) -> ReplayPlan:
+                prefix_cache_warm: bool = False, recorded_kv_cache: bool = False) -> ReplayPlan:
     """Resolve the model, GPU, vLLM version and engine of ``run``; every bad input raises here.
-    ``prefix_cache_warm``: the server had served these prompts before (EngineConfig.prefix_cache_warm)."""
+    ``prefix_cache_warm``: the server had served these prompts before (EngineConfig.prefix_cache_warm).
+    ``recorded_kv_cache``: the KV cache is the blocks the run recorded (meta.json kv_cache.num_gpu_blocks),
+    as vLLM's num_gpu_blocks_override fixes it, not the memory model's: the timing model checked alone."""
     from ..sim.vllm_engine import parse_version, vllm_engine
 
     if not isinstance(run, ServingRun):
@@ -434,6 +436,11 @@ def plan_replay(run: ServingRun | str | Path, *, gpu: str | HardwareSpec | None 
             raise ConfigError("--warm-prefix-cache", True, f"a run with prefix caching on (its vLLM {version} engine "
                               "has it off)", source=str(_meta_path(run)))
         eng = dataclasses.replace(eng, prefix_cache_warm=True)
+    if recorded_kv_cache:
+        if not is_int(run.measured_kv_blocks, 1):
+            raise ConfigError("--recorded-kv-cache", True, "a run whose meta.json records kv_cache.num_gpu_blocks "
+                              f"(this one: {run.measured_kv_blocks!r})", source=str(_meta_path(run)))
+        eng = dataclasses.replace(eng, num_gpu_blocks_override=run.measured_kv_blocks)
     if profile is not None:  # a Profile, a path, or several (each loaded now: bad files fail before simulating)
         from ..profile import load_profiles
 
@@ -549,6 +556,8 @@ def format_comparison(c: ServingComparison) -> str:
                  f"{s['error_makespan_s']:+8.1%}" + band("makespan_s", fmt=".1f"))
     mb = s["measured_kv_blocks"]
     kv_err = f"{s['predicted_kv_blocks'] / mb - 1:+8.1%}" if mb else ""
+    given = e.num_gpu_blocks_override
+    kv_err = f"{kv_err}  (given: num_gpu_blocks_override={given})" if given is not None else kv_err
     lines.append(f"{'KV blocks':16s} {mb if mb is not None else 'n/a':>11} {s['predicted_kv_blocks']:11d} {kv_err}")
     lines.append(f"{'preemptions':16s} {'n/a':>11s} {s['predicted_preemptions']:11d}")
     return "\n".join(lines)

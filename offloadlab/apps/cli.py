@@ -586,8 +586,11 @@ def cmd_validate(a) -> None:
     probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
     if a.warm_prefix_cache and len(runs) != len(files):
         raise ConfigError("--warm-prefix-cache", True, "serving runs only (probe files have no engine)")
+    if a.recorded_kv_cache and len(runs) != len(files):
+        raise ConfigError("--recorded-kv-cache", True, "serving runs only (probe files have no KV cache)")
     plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profiles, vllm_version=a.vllm_version,
-                            prefix_cache_warm=a.warm_prefix_cache) for f in runs}
+                            prefix_cache_warm=a.warm_prefix_cache, recorded_kv_cache=a.recorded_kv_cache)
+             for f in runs}
     frames, replays = [], []
     with _band_pool(a) if plans else contextlib.nullcontext() as pool:
         for f in files:
@@ -755,6 +758,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-prefix-cache", action="store_true",
                    help="serving runs: the server had served these prompts before (a rate sweep sending the same "
                         "prompts again): every request's full prompt blocks start in the prefix cache")
+    p.add_argument("--recorded-kv-cache", action="store_true",
+                   help="serving runs: replay on the KV blocks the run recorded (meta.json kv_cache.num_gpu_blocks, "
+                        "as vLLM's num_gpu_blocks_override), not the memory model's: the timing model alone")
     p.add_argument("--catalog", help="a YAML/JSON file adding models and GPUs")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("bench", help="measure this GPU into a Profile (runtime microbenchmark; needs torch)",
