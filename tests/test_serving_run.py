@@ -162,7 +162,7 @@ def test_no_band_skips_the_corner_replays_and_changes_nothing_else(tmp_path, cap
     assert without["requests"] == with_band["requests"]
     assert without["summary"] == {k: v for k, v in with_band["summary"].items()
                                   if not k.startswith(("band_", "inside_band_"))}
-    assert "serving-run directories only" in _error(capsys, ["validate", "--no-band"])  # probes: nothing to skip
+    assert "serving runs only" in _error(capsys, ["validate", "--no-band"])  # probes: nothing to skip
 
 
 def test_warm_prefix_cache_replay_serves_prompts_from_the_cache(tmp_path, capsys):

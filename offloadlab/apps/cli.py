@@ -575,19 +575,17 @@ def cmd_validate(a) -> None:
         raise ConfigError("--json/--plot", a.json or a.plot, "one kind of input: probe files or serving-run directories")
     if a.vllm_version and len(runs) != len(files):
         raise ConfigError("--vllm-version", a.vllm_version, "serving-run directories only (probe files have no engine)")
-    if a.no_band and len(runs) != len(files):
-        raise ConfigError("--no-band", True, "serving-run directories only (a probe row's band comes with its "
-                          "prediction, no extra run)")
+    for flag, given, why in (("--no-band", a.no_band, "a probe row's band comes with its prediction, no extra run"),
+                             ("--warm-prefix-cache", a.warm_prefix_cache, "probe files have no engine"),
+                             ("--recorded-kv-cache", a.recorded_kv_cache, "probe files have no KV cache")):
+        if given and len(runs) != len(files):
+            raise ConfigError(flag, True, f"serving runs only ({why})")
     if a.leave_one_shape_out and (a.profile or runs):
         raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
                           "own shapes)")
     # everything read and resolved before anything is simulated
     source = a.profiles if len(runs) != len(files) else None
     probes = {f: ProbeFile.load(f, gpu=a.gpu, model=a.model) for f in files if f not in runs}
-    if a.warm_prefix_cache and len(runs) != len(files):
-        raise ConfigError("--warm-prefix-cache", True, "serving runs only (probe files have no engine)")
-    if a.recorded_kv_cache and len(runs) != len(files):
-        raise ConfigError("--recorded-kv-cache", True, "serving runs only (probe files have no KV cache)")
     plans = {f: plan_replay(f, gpu=a.gpu, model=a.model, profile=a.profiles, vllm_version=a.vllm_version,
                             prefix_cache_warm=a.warm_prefix_cache, recorded_kv_cache=a.recorded_kv_cache)
              for f in runs}
