@@ -578,9 +578,10 @@ def from_file(path: str | Path) -> Workload:
     Required columns/keys: ``prompt_len`` and ``output_len`` (integers >= 1). Optional:
     ``arrival`` (seconds >= 0; all 0 when absent) and ``id`` (unique integers >= 0; the row order
     0, 1, ... when absent). Optional fields are present in every row or in none. Other columns are
-    ignored, unless an optional field is absent and another column's name is close to it (``arrival_s``). Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row, 1-based,
-    counting data rows, not the header or blank lines; a JSONL file's line) and the field. Blank lines
-    are skipped (ids by row order count data rows only). The workload is named after the file.
+    ignored, unless an optional field is absent and another column's name is close to it
+    (``arrival_s``). Any problem raises :class:`ConfigError` naming the file, the place (a CSV's row,
+    1-based, counting data rows, not the header or blank lines; a JSONL file's line) and the field.
+    Blank lines are skipped (ids by row order count data rows only). The workload is named after the file.
     """
     p = Path(path)
     src = str(p)
