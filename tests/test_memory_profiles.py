@@ -68,6 +68,29 @@ def test_neither_total_nor_usable_memory_is_an_error_and_usable_alone_is_enough(
     assert r.memory_gib == pytest.approx(75.23 / 0.95)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(mp.COLUMNS), st.text(max_size=12).filter(lambda t: "," not in t and "\n" not in t
+                                                                   and "\r" not in t and '"' not in t))
+def test_any_one_cell_gives_a_row_or_a_config_error_and_the_comparison_only_typed_errors(column, value):
+    """A row with one cell replaced by any text loads (and compares) or is a ConfigError; nothing else."""
+    import tempfile
+    from pathlib import Path
+
+    from offloadlab.errors import OffloadLabError
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "p.csv"
+        f.write_text(HEADER + "\n" + _with(column, value) + "\n")
+        try:
+            (r,) = mp.load(f)
+        except ConfigError:
+            return
+    try:
+        mp.compare(r)
+    except OffloadLabError:
+        pass
+
+
 def test_a_missing_column_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="columns"):
         mp.load(write(tmp_path, HEADER.replace(",kv_gib", ""), GOOD.replace(",58.11", "")))
