@@ -13,7 +13,7 @@ from offloadlab.validation import memory_profiles as mp
 
 HEADER = ",".join(mp.COLUMNS)
 GOOD = ("https://github.com/o/r/issues/1,2025-01-01,0.19.0,V1,H100,H100-SXM5-80GB,79.19,,0.95,"
-        "meta-llama/Llama-3.1-8B-Instruct,llama-3.1-8b,bf16,1,8192,1024,8192,yes,14.99,0.25,1.89,58.11,"
+        "meta-llama/Llama-3.1-8B-Instruct,llama-3.1-8b,bf16,1,8192,1024,8192,yes,no,14.99,0.25,1.89,58.11,"
         "476016 tokens,a note")
 
 
@@ -38,7 +38,7 @@ def test_a_good_row_reads_as_written(tmp_path):
     assert (r.engine, r.tp, r.max_num_batched_tokens, r.max_num_seqs, r.chunked_prefill) == ("V1", 1, 8192, 1024, True)
     assert (r.total_gib, r.usable_gib, r.activation_peak_gib, r.kv_gib, r.kv_tokens) == (79.19, None, 1.89, 58.11,
                                                                                             476016)
-    assert r.memory_gib == 79.19 and r.line == 2
+    assert r.memory_gib == 79.19 and r.line == 2 and r.enforce_eager is False
 
 
 def _with(column, value):
@@ -51,7 +51,7 @@ def _with(column, value):
     ("engine", "V2"), ("gpu_memory_utilization", "1.5"), ("gpu_memory_utilization", "0"), ("tp", "0"),
     ("tp", "two"), ("max_num_seqs", "1.5"), ("activation_peak_gib", "-1"), ("kv_tokens_or_blocks", "476016"),
     ("kv_tokens_or_blocks", "12 pages"), ("catalog_model", "llama-9"), ("catalog_gpu", "H900"),
-    ("weights_dtype", "fp4"), ("chunked_prefill", "maybe"), ("url", "github.com/o/r"), ("model", ""),
+    ("weights_dtype", "fp4"), ("chunked_prefill", "maybe"), ("enforce_eager", "true"), ("url", "github.com/o/r"), ("model", ""),
 ])
 def test_a_bad_cell_names_file_line_and_column(tmp_path, column, value):
     f = write(tmp_path, HEADER, GOOD, _with(column, value))
@@ -115,7 +115,7 @@ def test_the_stored_evidence_spans_engines_gpus_and_tensor_parallelism(rows):
 BASE = mp.Row(url="https://github.com/o/r/issues/1", date="", vllm_version="0.19.0", engine="V1", gpu="H100",
               catalog_gpu="H100-SXM5-80GB", total_gib=79.19, usable_gib=None, gpu_memory_utilization=0.9,
               model="m", catalog_model="llama-3.1-8b", weights_dtype="bf16", tp=1, max_num_batched_tokens=8192,
-              max_num_seqs=1024, max_model_len=8192, chunked_prefill=True, weights_gib=None, non_torch_gib=None,
+              max_num_seqs=1024, max_model_len=8192, chunked_prefill=True, enforce_eager=None, weights_gib=None, non_torch_gib=None,
               activation_peak_gib=None, kv_gib=None, kv_tokens=None, notes="")
 
 

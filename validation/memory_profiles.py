@@ -45,7 +45,7 @@ from ..specs import GiB
 TABLE = Path(__file__).parent / "traces" / "memory" / "vllm_memory_profiles.csv"
 COLUMNS = ("url", "date", "vllm_version", "engine", "gpu", "catalog_gpu", "total_gpu_memory_gib", "usable_gib",
            "gpu_memory_utilization", "model", "catalog_model", "weights_dtype", "tp", "max_num_batched_tokens",
-           "max_num_seqs", "max_model_len", "chunked_prefill", "weights_gib", "non_torch_gib", "activation_peak_gib",
+           "max_num_seqs", "max_model_len", "chunked_prefill", "enforce_eager", "weights_gib", "non_torch_gib", "activation_peak_gib",
            "kv_gib", "kv_tokens_or_blocks", "notes")
 ENGINES = ("V0", "V1")
 WEIGHT_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4")
@@ -74,6 +74,7 @@ class Row:
     max_num_seqs: int
     max_model_len: int
     chunked_prefill: bool
+    enforce_eager: bool | None  # None: not given
     weights_gib: float | None
     non_torch_gib: float | None
     activation_peak_gib: float | None
@@ -120,6 +121,8 @@ def load(path: str | Path = TABLE) -> list[Row]:
             raise ConfigError("weights_dtype", v["weights_dtype"], "one of " + ", ".join(WEIGHT_DTYPES), source=where)
         if v["chunked_prefill"] not in ("yes", "no"):
             raise ConfigError("chunked_prefill", v["chunked_prefill"], "yes or no", source=where)
+        if v["enforce_eager"] not in ("yes", "no", ""):
+            raise ConfigError("enforce_eager", v["enforce_eager"], "yes, no or empty (not given)", source=where)
         for name in ("model", "gpu", "vllm_version"):
             if not v[name]:
                 raise ConfigError(name, v[name], "not empty", source=where)
@@ -150,7 +153,8 @@ def load(path: str | Path = TABLE) -> list[Row]:
             kv_tokens = int(m[1]) * (BLOCK_SIZE if m[2] == "blocks" else 1)
         rows.append(Row(v["url"], v["date"], v["vllm_version"], v["engine"], v["gpu"], v["catalog_gpu"], total,
                         usable, util, v["model"], v["catalog_model"], v["weights_dtype"], **ints,
-                        chunked_prefill=v["chunked_prefill"] == "yes", **logged, kv_tokens=kv_tokens,
+                        chunked_prefill=v["chunked_prefill"] == "yes",
+                        enforce_eager={"yes": True, "no": False}.get(v["enforce_eager"]), **logged, kv_tokens=kv_tokens,
                         notes=v["notes"], line=line))
     return rows
 
