@@ -26,6 +26,7 @@ from offloadlab.profile import Profile
 from offloadlab.sim.workload import from_file, from_serving_run, from_vllm_result
 from offloadlab.specs import HardwareSpec, ModelSpec
 from offloadlab.validation import ProbeFile, error_summary, predict_probe
+from offloadlab.validation.memory_profiles import load as load_memory_profiles
 from offloadlab.validation.serving_run import load_serving_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,7 @@ def test_any_bytes_give_typed_errors_only(data, suffix):
     _only_typed_errors(from_file, p)
     _only_typed_errors(from_vllm_result, p)
     _only_typed_errors(load_serving_run, p)  # a .json file: read as a vLLM benchmark result
+    _only_typed_errors(load_memory_profiles, p)
 
 
 # ---------------------------------------------------------------- vLLM benchmark result files (validate RESULT.json)

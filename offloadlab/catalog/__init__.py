@@ -38,6 +38,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-3.2-3b", layers=28, hidden=3072, heads=24, intermediate=8192, tied_embeddings=True,
                   vocab=128256, head_dim=128, kv_heads=8),
         # Qwen3 dense (Qwen/Qwen3-*: per-head q/k RMSNorm, no biases, 40,960 positions)
+        ModelSpec("qwen3-0.6b", layers=28, hidden=1024, heads=16, intermediate=3072, tied_embeddings=True, **_QWEN3),
         ModelSpec("qwen3-8b", layers=36, hidden=4096, heads=32, intermediate=12288, **_QWEN3),
         ModelSpec("qwen3-14b", layers=40, hidden=5120, heads=40, intermediate=17408, **_QWEN3),
         ModelSpec("qwen3-32b", layers=64, hidden=5120, heads=64, intermediate=25600, **_QWEN3),
