@@ -51,17 +51,31 @@ V1_SAMPLER_BYTES_PER_LOGIT = 18
 V0_LOGIT_BYTES = 4  # V0: the fp32 logits
 
 
-def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, logit_bytes: float = V0_LOGIT_BYTES
-                    ) -> float:
-    """Peak activation bytes of one step: one layer's live tensors plus ``logit_bytes`` per logit of
-    each sequence (on the stage that holds the LM head)."""
-    logits = max_seqs * model.vocab * logit_bytes if model.has_head else 0
-    return max_batched_tokens * model.activation_bytes_per_token() + logits
+def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, scheduler: str = "v0") -> float:
+    """The activation bytes vLLM's start-up profiling holds at its peak (what it keeps out of the KV cache).
+
+    V0: one layer's live tensors at ``max_batched_tokens`` plus the fp32 logits of ``max_seqs`` sequences
+    (the shard's vocabulary), added. V1: the larger of its two phases, which run one after the other
+    (vllm/v1/worker/gpu_model_runner.py ``profile_run``: ``_dummy_run(max_num_tokens)``, then
+    ``_dummy_sampler_run`` on the last hidden states): the forward's live tensors, or the kept hidden states
+    plus the sampler's ``V1_SAMPLER_BYTES_PER_LOGIT`` per logit of ``max_seqs`` rows over the WHOLE vocabulary
+    on every GPU of a tensor-parallel group (vllm/model_executor/layers/logits_processor.py
+    ``_gather_logits`` gathers the vocabulary shards before sampling). Public start-up logs of vLLM 0.19
+    (validation/traces/memory/) show that shape: Llama-3.1-8B logs the same peak at TP 1, 2 and 4.
+    A pipeline stage without the LM head holds the forward's tensors only."""
+    forward = max_batched_tokens * model.activation_bytes_per_token()
+    if not model.has_head:
+        return forward
+    if scheduler == "v1":
+        vocab = model.vocab * model.tensor_parallel  # the shard's vocabulary x TP: the whole (padded) one
+        return max(forward, model.hidden_state_bytes(max_batched_tokens)
+                   + max_seqs * vocab * V1_SAMPLER_BYTES_PER_LOGIT)
+    return forward + max_seqs * model.vocab * V0_LOGIT_BYTES
 
 
 def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu_memory_utilization: float,
                 max_batched_tokens: int, max_seqs: int, max_model_len: int, block_size: int = 16,
-                overhead: float = 0.5 * GiB, gpus: int = 1, logit_bytes: float = V0_LOGIT_BYTES,
+                overhead: float = 0.5 * GiB, gpus: int = 1, scheduler: str = "v0",
                 kv_cache_bytes: float | None = None, num_blocks: int | None = None) -> MemoryPlan:
     """Lay out one GPU's memory; raise DoesNotFitError naming what does not fit. ``gpus`` GPUs of
     a node (tensor parallelism) pin their offloaded shards in the same host memory. ``kv_cache_bytes``
@@ -76,7 +90,7 @@ def plan_memory(model: ModelSpec, hw: HardwareSpec, placement: Placement, *, gpu
         kv_cache_bytes = num_blocks * block_size * model.kv_bytes_per_token
     resident = model.weight_total_bytes - placement.offloaded_bytes
     staging = placement.staging_bytes
-    act = activation_peak(model, max_batched_tokens, max_seqs, logit_bytes)
+    act = activation_peak(model, max_batched_tokens, max_seqs, scheduler)
     if kv_cache_bytes is None:
         capacity = gpu_memory_utilization * hw.memory_bytes
         kv = capacity - resident - staging - act - overhead

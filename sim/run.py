@@ -16,7 +16,7 @@ from ..profile import Profile, load_profiles
 from ..specs import GiB, HardwareSpec, ModelSpec
 from ..trace import Span, Trace, idle_lanes
 from .costs import Corner, StepShape, cost_model
-from .memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, MemoryPlan, plan_memory
+from .memory import MemoryPlan, plan_memory
 from ..metrics import StreamSummary
 from .metrics import request_columns, summarize
 from .parallel import Layout
@@ -143,7 +143,7 @@ def _memory(lay: Layout, placements: list[Placement], engine: EngineConfig) -> M
                          max_batched_tokens=engine.max_num_batched_tokens, max_seqs=engine.max_num_seqs,
                          max_model_len=engine.max_model_len, block_size=engine.block_size,
                          overhead=engine.overhead_bytes, gpus=engine.tensor_parallel,
-                         logit_bytes=V1_SAMPLER_BYTES_PER_LOGIT if engine.scheduler == "v1" else V0_LOGIT_BYTES,
+                         scheduler=engine.scheduler,
                          kv_cache_bytes=engine.kv_cache_memory_bytes, num_blocks=engine.num_gpu_blocks_override)
              for m, p in zip(lay.stages, placements)]
     if len(plans) == 1:

@@ -12,8 +12,7 @@ field the source does not give is empty; nothing in it is computed here. Its REA
 comes from.
 
 ``compare`` sets each row beside the project's model, as a simulation of that deployment would size it:
-the activation peak ``activation_peak`` gives (the tensor-parallel shard's, V1's or V0's bytes per
-logit), the fixed overhead (EngineConfig.overhead_bytes) against the logged non-torch memory, and the KV
+the activation peak ``activation_peak`` gives (the tensor-parallel shard's, by V1's or V0's rule), the fixed overhead (EngineConfig.overhead_bytes) against the logged non-torch memory, and the KV
 cache ``plan_memory`` leaves (no offload, the row's memory as the GPU's) against the logged KV GiB (or,
 where only those are logged, KV tokens or blocks). The KV is compared only for 16-bit weights (the
 catalog's); a quantized row still checks the activation and the non-torch memory. ``implied bytes per
@@ -192,14 +191,14 @@ class Comparison:
 
 def compare(row: Row) -> Comparison:
     """The project's memory model for ``row``'s deployment (module docstring)."""
-    from ..sim.memory import V0_LOGIT_BYTES, V1_SAMPLER_BYTES_PER_LOGIT, activation_peak, plan_memory
+    from ..sim.memory import activation_peak, plan_memory
     from ..sim.serving import EngineConfig
 
     whole = get_model(row.catalog_model)
     shard = whole.shard(row.tp)
-    logit_bytes = V1_SAMPLER_BYTES_PER_LOGIT if row.engine == "V1" else V0_LOGIT_BYTES
+    scheduler = row.engine.lower()  # "v1" / "v0"
     overhead = EngineConfig().overhead_bytes
-    act = activation_peak(shard, row.max_num_batched_tokens, row.max_num_seqs, logit_bytes)
+    act = activation_peak(shard, row.max_num_batched_tokens, row.max_num_seqs, scheduler)
     kv_gib = kv_tokens = None
     if row.weights_dtype in SIXTEEN_BIT:
         hw = dataclasses.replace(get_gpu(row.catalog_gpu), memory_bytes=row.memory_gib * GiB)
@@ -208,7 +207,7 @@ def compare(row: Row) -> Comparison:
             plan = plan_memory(shard, hw, NoOffload().place(shard), gpu_memory_utilization=row.gpu_memory_utilization,
                                max_batched_tokens=row.max_num_batched_tokens, max_seqs=row.max_num_seqs,
                                max_model_len=1, block_size=BLOCK_SIZE, overhead=overhead, gpus=row.tp,
-                               logit_bytes=logit_bytes)
+                               scheduler=scheduler)
             kv_gib, kv_tokens = plan.kv_cache / GiB, plan.kv_tokens
         except DoesNotFitError:
             kv_gib, kv_tokens = 0.0, 0
