@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import DoesNotFitError
+from ..errors import ConfigError, DoesNotFitError
 from ..policy import Placement
 from ..specs import GiB, HardwareSpec, ModelSpec
 
@@ -63,6 +63,8 @@ def activation_peak(model: ModelSpec, max_batched_tokens: int, max_seqs: int, sc
     ``_gather_logits`` gathers the vocabulary shards before sampling). Public start-up logs of vLLM 0.19
     (validation/traces/memory/) show that shape: Llama-3.1-8B logs the same peak at TP 1, 2 and 4.
     A pipeline stage without the LM head holds the forward's tensors only."""
+    if scheduler not in ("v0", "v1"):
+        raise ConfigError("scheduler", scheduler, "'v0' or 'v1' (vLLM's engine generation)")
     forward = max_batched_tokens * model.activation_bytes_per_token()
     if not model.has_head:
         return forward

@@ -541,6 +541,13 @@ def test_num_gpu_blocks_override_is_the_block_count(blocks, util, block_size):
     assert p.capacity <= h100.memory_bytes
 
 
+def test_an_unknown_engine_generation_is_named():
+    m = get_model("llama-3.1-8b")
+    with pytest.raises(ConfigError, match="scheduler='v2'"):
+        plan_memory(m, get_gpu("H100-SXM5-80GB"), NoOffload().place(m), gpu_memory_utilization=0.9,
+                    max_batched_tokens=2048, max_seqs=256, max_model_len=4096, scheduler="v2")
+
+
 def test_num_gpu_blocks_override_must_be_a_count():
     for bad in (0, -3, 2.5, "100"):
         with pytest.raises(ConfigError, match="num_gpu_blocks_override"):
