@@ -162,15 +162,15 @@ def _names(flag: str, names: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))  # a set in vLLM: duplicates collapse, order kept for labels
 
 
-def parse_version(v) -> tuple[int, int] | None:
-    """``"0.25.1"`` -> (0, 25); None stays None (version unknown)."""
+def parse_version(v) -> tuple[int, int, int] | None:
+    """``"0.19.0"``, ``"v0.7.3"``, ``"0.10.1.dev3+g..."`` -> (major, minor, patch), the one reading of a vLLM
+    version (compared with (0, 25) and the like as tuples); None stays None (version unknown)."""
     if v is None:
         return None
-    parts = str(v).strip().lstrip("v").split(".")
-    try:
-        return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
-    except ValueError:
-        raise ConfigError("vllm_version", v, "a vLLM version such as '0.25.1'") from None
+    m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(v).strip())
+    if not m:
+        raise ConfigError("vllm_version", v, "a vLLM version such as 0.19.0")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
 def _flag(env: dict[str, str], name: str) -> bool:

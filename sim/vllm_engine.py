@@ -7,10 +7,9 @@ default names the vLLM file it comes from.
 """
 from __future__ import annotations
 
-import re
-
 from ..errors import ConfigError
 from ..specs import GiB, HardwareSpec, ModelSpec
+from ..vllm_flags import parse_version  # the one reading of a vLLM version
 from .costs import GRAPH_MODES, attention_kernel
 from .serving import EngineConfig
 
@@ -23,16 +22,16 @@ ASYNC_SCHEDULING_SINCE = (0, 19, 0)  # VllmConfig resolves async_scheduling=None
 ENTRY_POINTS = ("serve", "llm")
 
 
-def parse_version(version: str) -> tuple[int, int, int]:
-    """"0.19.0", "v0.7.3", "0.10.1.dev3+g..." -> (major, minor, patch)."""
-    m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(version).strip())
-    if not m:
-        raise ConfigError("vllm_version", version, "a vLLM version such as 0.19.0")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+def _version(version: str) -> tuple[int, int, int]:
+    """``version`` read (offloadlab/vllm_flags.py parse_version); an engine needs one, None is an error."""
+    v = parse_version(version)
+    if v is None:
+        raise ConfigError("vllm_version", None, "a vLLM version such as 0.19.0")
+    return v
 
 
 def engine_generation(version: str) -> str:
-    return "v1" if parse_version(version) >= V1_SINCE else "v0"
+    return "v1" if _version(version) >= V1_SINCE else "v0"
 
 
 def batch_defaults(gpu: HardwareSpec, entry_point: str = "serve", gpu_memory_bytes: float | None = None
@@ -67,7 +66,7 @@ def vllm_engine(version: str, gpu: HardwareSpec, model: ModelSpec | None = None,
     unknown = sorted(set(given) - set(EngineConfig.__dataclass_fields__))
     if unknown:
         raise ConfigError(unknown[0], given[unknown[0]], f"an engine setting ({', '.join(EngineConfig.__dataclass_fields__)})")
-    v = parse_version(version)
+    v = _version(version)
     if engine_generation(version) == "v0":
         # V0 (the paper's 0.7) is modelled without prefix caching; settings only V1 has are left out
         v0 = {k: v for k, v in given.items() if k not in ("prefix_caching", "reserve_full_isl", "async_scheduling")}

@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..fileio import (atomic_write_text, host_memory_available, read_json_lines, read_json_object, read_text,
                       shortened)
 from ..serving_files import read_requests, read_vllm_result
+from ..vllm_flags import parse_version
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -729,7 +730,7 @@ def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0, v
     if not _is_real(burstiness) or math.isnan(burstiness) or not burstiness > 0:
         raise ConfigError("burstiness", burstiness, "a number > 0 (1: Poisson; inf: evenly spaced)")
     seed = _check_seed(seed)
-    sleep_after = version is not None and _version(version) < GAPS_BEFORE_FIRST_SINCE
+    sleep_after = version is not None and parse_version(version) < GAPS_BEFORE_FIRST_SINCE
     if math.isinf(rate):
         return np.zeros(n, dtype=np.float64)
     draws = n - 1 if sleep_after else n
@@ -744,12 +745,6 @@ def vllm_arrivals(n: int, rate: float, burstiness: float = 1.0, seed: int = 0, v
     if t[-1] > 0:
         t *= (n / rate) / t[-1]
     return t
-
-
-def _version(version: str) -> tuple[int, int, int]:
-    from .vllm_engine import parse_version  # the engine's module, imported when a version is given
-
-    return parse_version(version)
 
 
 def _arrival_seed(seed: int) -> int:
