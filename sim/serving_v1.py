@@ -175,9 +175,9 @@ class V1ServingLoop(ServingLoop):
 
     def run(self, requests, max_concurrency: int | None = None, sink=None) -> None:
         if self.cfg.prefix_cache_warm:  # the cache as an earlier run of these requests left it (EngineConfig)
-            requests = list(requests)
+            requests = list(requests)  # walked twice: every prompt is in the cache before the first arrives
             bs = self.cfg.block_size
-            self.pool.warm([(r.id, r.prompt_len // bs) for r in sorted(requests, key=lambda r: (r.arrival, r.id))])
+            self.pool.warm([(r.id, r.prompt_len // bs) for r in requests])  # in (arrival, id) order, as run() takes them
         super().run(requests, max_concurrency, sink)
 
     # ---- the shared decode clock (serving._Cohort) ----

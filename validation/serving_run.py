@@ -94,8 +94,10 @@ class ServingRun:
     meta: dict
     columns: dict = field(repr=False)
     timeseries_columns: dict | None = field(default=None, compare=False, repr=False)
-    # a benchmark result file's: the client's measured duration (else the makespan is the requests' span),
-    # its --max-concurrency, the failed requests left out, and how it was read (printed with the replay)
+    # a benchmark result file's: where its times were measured ("client": vLLM's benchmark client; "server": the
+    # engine's timestamps, a run directory's), the client's measured duration (else the makespan is the
+    # requests' span), its --max-concurrency, the failed requests left out, and how it was read (printed)
+    measured_by: str = "server"
     duration_s: float | None = None
     max_concurrency: int | None = None
     failed: int = 0
@@ -221,7 +223,7 @@ which vLLM's calculate_metrics leaves out of TPOT, as the replay's TPOT figures 
             "output_len": n, "queued_ts": arrival, "first_token_ts": first, "last_token_ts": last, "arrival": arrival,
             "ttft": ttft, "tpot": np.where(n > 1, _tpot(first, last, n), np.nan), "e2e": e2e}
     notes = (how, f"failed requests left out: {n_all - len(idx)} of {n_all}")
-    return ServingRun(p, meta, cols, None, duration_s=r["duration"], max_concurrency=r["max_concurrency"],
+    return ServingRun(p, meta, cols, None, measured_by="client", duration_s=r["duration"], max_concurrency=r["max_concurrency"],
                       failed=n_all - len(idx), notes=notes)
 
 
@@ -303,7 +305,7 @@ def _node(run: ServingRun, hw: HardwareSpec) -> HardwareSpec:
 
 def _meta_path(run: ServingRun) -> Path:
     """Where a run's meta facts were read: meta.json in its directory, a result file's sidecar."""
-    return sidecar_path(run.path) if run.path.is_file() else run.path / "meta.json"
+    return sidecar_path(run.path) if run.measured_by == "client" else run.path / "meta.json"
 
 
 def _cudagraph_mode(value, src: str) -> str:
@@ -493,7 +495,7 @@ def replay_serving_run(run: ServingRun | ReplayPlan | str | Path, *, trace_steps
             **{f"predicted_{mtr}_s": pred[mtr] for mtr in METRICS}, "predicted_preemptions": pred["preemptions"]}
     summary: dict = {"run": str(run.path), "model": m.name, "gpu": hw.name, "vllm_version": version,
                      "scheduler": eng.scheduler, "requests": n, "failed_requests": run.failed,
-                     "measured_by": MEASURED_BY["client" if run.path.is_file() else "server"]}
+                     "measured_by": MEASURED_BY[run.measured_by]}
     for mtr in METRICS:
         for who in ("measured", "predicted"):
             for k, v in _stats(rows[f"{who}_{mtr}_s"]).items():
