@@ -213,7 +213,7 @@ def compare(row: Row) -> Comparison:
             kv_gib, kv_tokens = 0.0, 0
     implied = None
     if row.engine == "V1" and row.activation_peak_gib is not None:
-        hidden_states = row.max_num_batched_tokens * whole.hidden * 2  # bf16 [tokens, hidden], whole on each GPU
+        hidden_states = whole.hidden_state_bytes(row.max_num_batched_tokens)  # [tokens, hidden], whole on each GPU
         implied = (row.activation_peak_gib * GiB - hidden_states) / (row.max_num_seqs * whole.vocab)
     return Comparison(row, act / GiB, overhead / GiB, kv_gib, kv_tokens, implied)
 

@@ -573,13 +573,12 @@ def cmd_validate(a) -> None:
     runs = [f for f in files if is_serving_run(f)]
     if runs and len(runs) != len(files) and (a.json or a.plot):
         raise ConfigError("--json/--plot", a.json or a.plot, "one kind of input: probe files or serving-run directories")
-    if a.vllm_version and len(runs) != len(files):
-        raise ConfigError("--vllm-version", a.vllm_version, "serving-run directories only (probe files have no engine)")
-    for flag, given, why in (("--no-band", a.no_band, "a probe row's band comes with its prediction, no extra run"),
+    for flag, given, why in (("--vllm-version", a.vllm_version, "probe files have no engine"),
+                             ("--no-band", a.no_band, "a probe row's band comes with its prediction, no extra run"),
                              ("--warm-prefix-cache", a.warm_prefix_cache, "probe files have no engine"),
                              ("--recorded-kv-cache", a.recorded_kv_cache, "probe files have no KV cache")):
         if given and len(runs) != len(files):
-            raise ConfigError(flag, True, f"serving runs only ({why})")
+            raise ConfigError(flag, given, f"serving runs only ({why})")
     if a.leave_one_shape_out and (a.profile or runs):
         raise ConfigError("--leave-one-shape-out", True, "probe files without --profile (it holds out the file's "
                           "own shapes)")
